@@ -1,0 +1,3 @@
+from kvmotion.cli.main import main
+
+main()

@@ -1,0 +1,63 @@
+"""`kvmotion lab ...` and `kvmotion demo`: the datacenter on one machine."""
+
+from __future__ import annotations
+
+import asyncio
+
+import typer
+
+from kvmotion.cli.output import console, print_json
+from kvmotion.lab import demo as demo_mod
+from kvmotion.lab import topology
+
+app = typer.Typer(help="The lab: hosts, networks and datastores in network namespaces.")
+
+
+def _log(msg: str) -> None:
+    console.print(f"  {msg}", highlight=False)
+
+
+@app.command("up")
+def up(hosts: int = typer.Option(2, "--hosts", "-n", min=2, max=8, help="how many hosts")) -> None:
+    """Build the lab (idempotent): hosts 172.16.0.172.., networks, datastores, agents."""
+    demo_mod.ensure_image(_log)
+    state = topology.lab_up(hosts, log=_log)
+    for host in state.hosts:
+        console.print(
+            f"host {host.name}: agent {host.agent_url}, migration {host.migration_address}"
+        )
+
+
+@app.command("down")
+def down() -> None:
+    """Remove everything the lab made: namespaces, links, agents, VMs, files."""
+    topology.lab_down(log=_log)
+    console.print("lab is down")
+
+
+@app.command("status")
+def status(json_out: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
+    """What the lab has now."""
+    st = topology.lab_status()
+    if json_out:
+        print_json(st)
+        return
+    if st is None:
+        console.print("no lab is up (run `kvmotion lab up`)")
+        raise typer.Exit(1)
+    console.print(st)
+
+
+@app.command("shape")
+def shape(
+    host: str = typer.Argument(..., help="host name (management address), e.g. 172.16.0.172"),
+    mbit: float | None = typer.Option(None, help="link speed in Mbit/s; omit to remove shaping"),
+) -> None:
+    """Shape a host's migration link to a speed (tc), or remove the shaping."""
+    topology.shape_link(host, mbit)
+    console.print(f"{host}: migration link {'unshaped' if mbit is None else f'{mbit:g} Mbit/s'}")
+
+
+def demo() -> None:
+    """The seed's lab: bring it up, boot a VM on each host, reach both from the user's machine."""
+    asyncio.run(demo_mod.run_demo(_log))

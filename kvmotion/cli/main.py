@@ -1,0 +1,39 @@
+"""`kvmotion ...`: the command line. Synchronous at its edge only; the services are asyncio.
+
+Exit codes: 0 success, 1 execution failed, 2 usage, 3 refused (precondition; nothing changed),
+4 not found, 5 unauthorized.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+
+from kvmotion.cli import host_cmds, image_cmds, lab_cmds
+from kvmotion.cli.output import fail
+from kvmotion.errors import KvmotionError
+
+app = typer.Typer(
+    name="kvmotion",
+    help="Live-migrate running QEMU VMs between hosts (vMotion for QEMU).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+app.add_typer(host_cmds.app, name="host")
+app.add_typer(image_cmds.app, name="image")
+app.add_typer(lab_cmds.app, name="lab")
+app.command("demo")(lab_cmds.demo)
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        app()
+    except KvmotionError as exc:
+        fail(exc)

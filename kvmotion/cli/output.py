@@ -1,0 +1,52 @@
+"""How the CLI speaks: one-line errors that say what to do, exit codes by error kind, JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from typing import Any, NoReturn
+
+from pydantic import BaseModel
+from rich.console import Console
+
+from kvmotion.errors import (
+    KvmotionError,
+    NotFound,
+    PreconditionError,
+    Unauthorized,
+)
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def exit_code(exc: KvmotionError) -> int:
+    if isinstance(exc, Unauthorized):
+        return 5
+    if isinstance(exc, NotFound):
+        return 4
+    if isinstance(exc, PreconditionError):
+        return 3
+    return 1
+
+
+def fail(exc: KvmotionError) -> NoReturn:
+    err_console.print(f"[bold red]error[/] ({exc.code}): {exc.message}", highlight=False)
+    sys.exit(exit_code(exc))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def print_json(value: Any) -> None:
+    print(json.dumps(_plain(value), indent=2, default=str))

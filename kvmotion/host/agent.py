@@ -1,0 +1,299 @@
+"""The host agent's core: the VMs registered on this host and what can be done to them.
+
+I/O-bound but HTTP-free: the REST layer (:mod:`kvmotion.host.api`) is a thin shell over this.
+Registrations live in the run dir (``<run_dir>/vms/<uuid>/registration.json``, pointing at the
+VM's record on its datastore), so an agent that restarts finds its VMs, and the QEMUs still running,
+again, and never starts a second copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmotion.errors import Conflict, ExecutionError, InsufficientResources, NotFound
+from kvmotion.host import facts, taps
+from kvmotion.host.config import HostConfig
+from kvmotion.host.datastores import DatastoreInfo, Datastores
+from kvmotion.host.vm import PowerState, VirtualMachine, VmEnvironment, VmInfo
+from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
+from kvmotion.qemu.accel import AccelChoice, choose_accelerator
+
+log = logging.getLogger(__name__)
+
+PROBE_IMAGE = "kvmotion-guest"
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    name: str
+    bridge: str
+    present: bool
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    name: str
+    hostname: str
+    management_address: str
+    migration_address: str | None
+    cpu: facts.CpuFacts
+    memory: facts.MemoryFacts
+    accel: str
+    accel_reason: str
+    qemu_version: str
+    machine_type: str
+    default_cpu_model: str
+    datastores: list[DatastoreInfo]
+    networks: list[NetworkInfo]
+    vms: int
+    vms_powered_on: int
+
+
+class HostAgent:
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self.datastores = Datastores(config.datastores)
+        self.vms: dict[str, VirtualMachine] = {}  # by uuid
+        self.accel = AccelChoice("tcg", "not probed yet")
+        self.qemu_version = "unknown"
+        self._create_lock = asyncio.Lock()
+
+    # -- start and stop ------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Probe the accelerator, then re-attach every registered VM."""
+        image = self.config.image_dir / PROBE_IMAGE if self.config.image_dir else None
+        self.accel = await choose_accelerator(
+            image / "vmlinuz" if image else None,
+            image / "initrd.img" if image else None,
+            forced=self.config.accel,
+        )
+        self.qemu_version = await facts.qemu_version()
+        log.info(
+            "host %s: accelerator %s (%s)", self.config.name, self.accel.accel, self.accel.reason
+        )
+        self.config.vms_run_dir.mkdir(parents=True, exist_ok=True)
+        for reg in sorted(self.config.vms_run_dir.glob("*/registration.json")):
+            try:
+                config_path = Path(json.loads(reg.read_text())["config_path"])
+                vm = self._make_vm(
+                    VmConfig.model_validate_json(config_path.read_text()), config_path
+                )
+            except (OSError, ValueError, KeyError) as exc:
+                log.error("cannot load registration %s: %s (left as is)", reg, exc)
+                continue
+            self.vms[vm.config.uuid] = vm
+            await vm.attach()
+
+    async def close(self) -> None:
+        """Let go of every VM without stopping any (they outlive the agent)."""
+        for vm in self.vms.values():
+            await vm.detach()
+
+    def _env(self) -> VmEnvironment:
+        return VmEnvironment(
+            datastores=self.datastores,
+            bridges={n.name: n.bridge for n in self.config.networks},
+            image_dir=self.config.image_dir,
+            accel=self.accel.accel,
+        )
+
+    def _make_vm(self, config: VmConfig, config_path: Path) -> VirtualMachine:
+        return VirtualMachine(
+            config, config_path, self.config.vms_run_dir / config.uuid, self._env()
+        )
+
+    # -- look-ups ------------------------------------------------------------------------------
+    def get(self, ref: str) -> VirtualMachine:
+        """A VM by uuid or name. Raises NotFound."""
+        if ref in self.vms:
+            return self.vms[ref]
+        for vm in self.vms.values():
+            if vm.config.name == ref:
+                return vm
+        raise NotFound(f"no VM {ref[:80]!r} on host {self.config.name}", code="vm_not_found")
+
+    async def list(self) -> list[VmInfo]:
+        return [await vm.info() for vm in sorted(self.vms.values(), key=lambda v: v.config.name)]
+
+    async def facts(self) -> HostFacts:
+        memory = facts.read_memory()
+        return HostFacts(
+            name=self.config.name,
+            hostname=facts.hostname(),
+            management_address=self.config.management_address,
+            migration_address=self.config.migration_address,
+            cpu=facts.read_cpu(),
+            memory=memory,
+            accel=self.accel.accel,
+            accel_reason=self.accel.reason,
+            qemu_version=self.qemu_version,
+            machine_type=self.config.machine_type,
+            default_cpu_model=self.config.default_cpu_model,
+            datastores=self.datastores.all_info(),
+            networks=[
+                NetworkInfo(n.name, n.bridge, taps.bridge_exists(n.bridge))
+                for n in self.config.networks
+            ],
+            vms=len(self.vms),
+            vms_powered_on=sum(vm.state is PowerState.POWERED_ON for vm in self.vms.values()),
+        )
+
+    # -- create, register, delete ------------------------------------------------------------
+    async def create(self, req: VmCreateRequest) -> VmInfo:
+        """Create a VM's folder, disks and record on its datastore, and register it here.
+
+        Raises NotFound (datastore, network, image), Conflict (name taken here or on the
+        datastore), InsufficientResources (memory, space). Nothing is created on error.
+        """
+        async with self._create_lock:
+            self._check_new(req)
+            config = VmConfig.from_request(
+                req, cpu_model=self.config.default_cpu_model, machine_type=self.config.machine_type
+            )
+            folder = self.datastores.resolve(req.datastore, req.name)
+            created: list[Path] = []
+            try:
+                folder.mkdir(parents=True)
+                created.append(folder)
+                for disk in config.disks:
+                    path = self.datastores.resolve(disk.datastore, disk.path)
+                    if path.parent != folder:
+                        path.parent.mkdir(parents=True)
+                        created.append(path.parent)
+                    await _qemu_img(
+                        "create", "-q", "-f", disk.format, str(path), f"{disk.size_mib}M"
+                    )
+                config_path = folder / "vm.json"
+                config_path.write_text(config.model_dump_json(indent=2))
+                vm = self._register(config, config_path)
+            except BaseException:
+                for path in reversed(created):
+                    shutil.rmtree(path, ignore_errors=True)
+                raise
+            log.info("created VM %s (%s) on %s", config.name, config.uuid, req.datastore)
+            return await vm.info()
+
+    def _check_new(self, req: VmCreateRequest) -> None:
+        if any(vm.config.name == req.name for vm in self.vms.values()):
+            raise Conflict(
+                f"a VM named {req.name!r} already exists on this host", code="name_taken"
+            )
+        folder = self.datastores.resolve(req.datastore, req.name)
+        if folder.exists():
+            raise Conflict(
+                f"datastore {req.datastore!r} already has a folder {req.name!r} "
+                "(another VM, maybe on another host): choose another name",
+                code="name_taken",
+            )
+        for disk in req.disks:
+            self.datastores.get(disk.datastore or req.datastore)
+        bridges = {n.name for n in self.config.networks}
+        for nic in req.nics:
+            if nic.network not in bridges:
+                raise NotFound(
+                    f"network {nic.network!r} does not exist on host {self.config.name} "
+                    f"(it has: {', '.join(sorted(bridges)) or 'none'})",
+                    code="network_not_found",
+                )
+        image_dir = self.config.image_dir
+        if req.boot_image is not None and (
+            image_dir is None or not (image_dir / req.boot_image / "vmlinuz").exists()
+        ):
+            raise NotFound(
+                f"boot image {req.boot_image!r} is not installed on this host "
+                "(run `kvmotion image build`)",
+                code="image_not_found",
+            )
+        available = facts.read_memory().available_bytes
+        if req.memory_mib * 2**20 > available:
+            raise InsufficientResources(
+                f"VM needs {req.memory_mib} MiB of memory but host {self.config.name} has "
+                f"{available // 2**20} MiB available: choose less memory or another host",
+                code="insufficient_memory",
+            )
+        need: dict[str, int] = {}
+        for disk in req.disks:
+            ds = disk.datastore or req.datastore
+            need[ds] = need.get(ds, 0) + disk.size_mib * 2**20
+        for ds, size in need.items():
+            free = self.datastores.info(ds).free_bytes
+            if size > free:
+                raise InsufficientResources(
+                    f"disks need {size // 2**20} MiB on datastore {ds!r}, which has "
+                    f"{free // 2**20} MiB free: choose smaller disks or another datastore",
+                    code="insufficient_space",
+                )
+
+    def _register(self, config: VmConfig, config_path: Path) -> VirtualMachine:
+        vm = self._make_vm(config, config_path)
+        vm.run_dir.mkdir(parents=True, exist_ok=True)
+        (vm.run_dir / "registration.json").write_text(json.dumps({"config_path": str(config_path)}))
+        self.vms[config.uuid] = vm
+        return vm
+
+    async def delete(self, ref: str) -> None:
+        """Delete a powered-off VM: its record, disks and folder. Raises Conflict if it runs."""
+        vm = self.get(ref)
+        async with vm.lock:
+            if vm.state is not PowerState.POWERED_OFF:
+                raise Conflict(
+                    f"VM {vm.config.name} is {vm.state}: shut it down before deleting it",
+                    code="wrong_state",
+                )
+            for disk in vm.config.disks:
+                self.datastores.resolve(disk.datastore, disk.path).unlink(missing_ok=True)
+            folder = vm.config_path.parent
+            vm.config_path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+            shutil.rmtree(vm.run_dir, ignore_errors=True)
+            del self.vms[vm.config.uuid]
+            log.info("deleted VM %s", vm.config.name)
+
+    # -- power ---------------------------------------------------------------------------------
+    async def power_on(self, ref: str) -> VmInfo:
+        vm = self.get(ref)
+        async with vm.lock:
+            need = vm.config.memory_mib * 2**20
+            available = facts.read_memory().available_bytes
+            if vm.state is PowerState.POWERED_OFF and need > available:
+                raise InsufficientResources(
+                    f"VM {vm.config.name} needs {vm.config.memory_mib} MiB; host has "
+                    f"{available // 2**20} MiB available",
+                    code="insufficient_memory",
+                )
+            await vm.power_on()
+            return await vm.info()
+
+    async def shutdown(self, ref: str, timeout: float) -> tuple[VmInfo, str]:
+        vm = self.get(ref)
+        async with vm.lock:
+            how = await vm.shutdown(timeout)
+            return await vm.info(), how
+
+    async def power_off(self, ref: str) -> VmInfo:
+        vm = self.get(ref)
+        async with vm.lock:
+            await vm.power_off()
+            return await vm.info()
+
+    async def reset(self, ref: str) -> VmInfo:
+        vm = self.get(ref)
+        async with vm.lock:
+            await vm.reset()
+            return await vm.info()
+
+
+async def _qemu_img(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise ExecutionError(f"qemu-img {args[0]} failed: {out.decode().strip()}", code="qemu_img")

@@ -1,0 +1,109 @@
+"""Client of a host agent's HTTP API, for the center, the CLI and tests.
+
+HTTP failures are converted here, once: a host that does not answer is :class:`HostUnreachable`;
+an error body becomes the domain error of its status, with the agent's code and message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from kvmotion.errors import (
+    Conflict,
+    ExecutionError,
+    HostUnreachable,
+    InsufficientResources,
+    InvalidInput,
+    KvmotionError,
+    NotFound,
+    Unauthorized,
+)
+
+_BY_STATUS: dict[int, type[KvmotionError]] = {
+    401: Unauthorized,
+    404: NotFound,
+    409: Conflict,
+    422: InvalidInput,
+    507: InsufficientResources,
+}
+
+
+def error_from_response(response: httpx.Response, what: str) -> KvmotionError:
+    try:
+        body = response.json()["error"]
+        code, message = str(body["code"]), str(body["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", f"{what}: HTTP {response.status_code} {response.text[:200]}"
+    cls = _BY_STATUS.get(response.status_code, ExecutionError)
+    return cls(message, code=code)
+
+
+class AgentClient:
+    """``async with AgentClient(url, token) as agent: await agent.list_vms()``."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+            trust_env=False,  # never route lab or host traffic through a proxy
+        )
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(
+        self, method: str, path: str, json: Any = None, timeout: float | None = None
+    ) -> Any:
+        what = f"{method} {self.base_url}{path}"
+        try:
+            kwargs: dict[str, Any] = {"json": json}
+            if timeout is not None:
+                kwargs["timeout"] = timeout
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise HostUnreachable(f"host agent at {self.base_url} did not answer: {exc!r}") from exc
+        if response.status_code >= 400:
+            raise error_from_response(response, what)
+        return None if response.status_code == 204 else response.json()
+
+    async def health(self) -> Any:
+        return await self.request("GET", "/v1/health")
+
+    async def facts(self) -> Any:
+        return await self.request("GET", "/v1/host")
+
+    async def list_vms(self) -> Any:
+        return await self.request("GET", "/v1/vms")
+
+    async def get_vm(self, vm: str) -> Any:
+        return await self.request("GET", f"/v1/vms/{vm}")
+
+    async def create_vm(self, spec: dict[str, Any]) -> Any:
+        return await self.request("POST", "/v1/vms", json=spec, timeout=120)
+
+    async def delete_vm(self, vm: str) -> None:
+        await self.request("DELETE", f"/v1/vms/{vm}")
+
+    async def power_on(self, vm: str) -> Any:
+        return await self.request("POST", f"/v1/vms/{vm}/power-on", timeout=120)
+
+    async def shutdown(self, vm: str, timeout_s: float = 60) -> Any:
+        return await self.request(
+            "POST", f"/v1/vms/{vm}/shutdown", json={"timeout_s": timeout_s}, timeout=timeout_s + 30
+        )
+
+    async def power_off(self, vm: str) -> Any:
+        return await self.request("POST", f"/v1/vms/{vm}/power-off", timeout=60)
+
+    async def reset(self, vm: str) -> Any:
+        return await self.request("POST", f"/v1/vms/{vm}/reset")

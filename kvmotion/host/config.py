@@ -1,0 +1,77 @@
+"""A host agent's configuration: who it is, where it listens, what it can see.
+
+The same file describes a lab host (written by ``kvmotion lab up``) and a real machine (written by
+an admin, e.g. ``/etc/kvmotion/host.json``). Nothing here knows whether it runs in a namespace.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvmotion.errors import InvalidInput
+
+DEFAULT_AGENT_PORT = 8700
+
+
+class DatastoreConfig(BaseModel):
+    """A directory holding VM folders. ``shared`` means other hosts see the same path."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    path: Path
+    shared: bool = False
+
+
+class NetworkConfig(BaseModel):
+    """A VM network: a named bridge that exists on every host that offers the network."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    bridge: str
+
+
+class HostConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    management_address: str
+    migration_address: str | None = None
+    port: int = DEFAULT_AGENT_PORT
+    token: str = Field(repr=False)
+    run_dir: Path
+    datastores: list[DatastoreConfig] = []
+    networks: list[NetworkConfig] = []
+    # Where the guest image (kernel, initrd) lives; VMs may boot it directly.
+    image_dir: Path | None = None
+    # Force an accelerator ("kvm" or "tcg") instead of probing; None means probe.
+    accel: str | None = None
+    # CPU model QEMU gives VMs that do not ask for one.
+    default_cpu_model: str = "qemu64"
+    machine_type: str = "pc-q35-7.2"
+
+    @classmethod
+    def load(cls, path: Path) -> HostConfig:
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"cannot read host config {path}: {exc}") from exc
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=2))
+        path.chmod(0o600)
+
+    # Run-dir layout, shared by the agent and by `lab down` (which must find QEMU pids).
+    @property
+    def vms_run_dir(self) -> Path:
+        return self.run_dir / "vms"
+
+
+def qemu_pidfiles(run_dir: Path) -> list[Path]:
+    """Pidfiles of every QEMU an agent with this run dir started (alive or not)."""
+    return sorted((run_dir / "vms").glob("*/qemu.pid"))

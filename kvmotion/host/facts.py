@@ -1,0 +1,68 @@
+"""Host facts: what a center needs to know about a host to place and move VMs.
+
+Read from /proc and QEMU; parsed once into frozen records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvmotion.qemu.cmdline import QEMU_BINARY
+
+
+@dataclass(frozen=True)
+class CpuFacts:
+    vendor: str
+    model_name: str
+    count: int
+    flags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class MemoryFacts:
+    total_bytes: int
+    available_bytes: int
+
+
+def read_cpu(cpuinfo: str | None = None) -> CpuFacts:
+    text = cpuinfo if cpuinfo is not None else Path("/proc/cpuinfo").read_text()
+    first = text.split("\n\n", 1)[0]
+    fields = {}
+    for line in first.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return CpuFacts(
+        vendor=fields.get("vendor_id", "unknown"),
+        model_name=fields.get("model name", "unknown"),
+        count=len(re.findall(r"^processor\s*:", text, re.M)) or (os.cpu_count() or 1),
+        flags=tuple(sorted(fields.get("flags", "").split())),
+    )
+
+
+def read_memory(meminfo: str | None = None) -> MemoryFacts:
+    text = meminfo if meminfo is not None else Path("/proc/meminfo").read_text()
+    values = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            values[key] = int(parts[0]) * 1024
+    return MemoryFacts(values.get("MemTotal", 0), values.get("MemAvailable", 0))
+
+
+async def qemu_version() -> str:
+    proc = await asyncio.create_subprocess_exec(
+        QEMU_BINARY, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    out, _ = await proc.communicate()
+    match = re.search(rb"version (\S+)", out)
+    return match.group(1).decode() if match else "unknown"
+
+
+def hostname() -> str:
+    return socket.gethostname()

@@ -1,0 +1,285 @@
+"""One VM as its host runs it: power state, QEMU process, QMP session, taps.
+
+The power state is an enum with guarded transitions; every operation takes the VM's lock. A VM's
+QEMU outlives the agent: :meth:`VirtualMachine.detach` lets go of it, :meth:`attach` finds it
+again. A watcher task notices when QEMU ends (guest powered off, crash, kill) and cleans up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from kvmotion.errors import Conflict, InvalidInput, NotFound, QemuError
+from kvmotion.host import taps
+from kvmotion.host.datastores import Datastores
+from kvmotion.host.vmconfig import VmConfig
+from kvmotion.qemu.cmdline import DiskLaunch, NicLaunch, QemuLaunch
+from kvmotion.qemu.process import QemuProcess
+from kvmotion.qemu.qmp import QmpSession
+
+log = logging.getLogger(__name__)
+
+BASE_KERNEL_ARGS = "console=ttyS0 panic=-1"
+
+
+class PowerState(StrEnum):
+    POWERED_OFF = "poweredOff"
+    POWERING_ON = "poweringOn"
+    POWERED_ON = "poweredOn"
+    POWERING_OFF = "poweringOff"
+
+
+_TRANSITIONS: dict[PowerState, set[PowerState]] = {
+    PowerState.POWERED_OFF: {PowerState.POWERING_ON},
+    PowerState.POWERING_ON: {PowerState.POWERED_ON, PowerState.POWERED_OFF},
+    PowerState.POWERED_ON: {PowerState.POWERING_OFF, PowerState.POWERED_OFF},
+    PowerState.POWERING_OFF: {PowerState.POWERED_OFF, PowerState.POWERED_ON},
+}
+
+
+@dataclass(frozen=True)
+class VmEnvironment:
+    """What a host gives its VMs."""
+
+    datastores: Datastores
+    bridges: dict[str, str]  # network name -> bridge
+    image_dir: Path | None
+    accel: str
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    uuid: str
+    name: str
+    power_state: str
+    qemu_status: str | None
+    pid: int | None
+    config_path: str
+    config: VmConfig
+
+
+class VirtualMachine:
+    def __init__(self, config: VmConfig, config_path: Path, run_dir: Path, env: VmEnvironment):
+        self.config = config
+        self.config_path = config_path
+        self.run_dir = run_dir
+        self.env = env
+        self.state = PowerState.POWERED_OFF
+        self.process: QemuProcess | None = None
+        self.qmp: QmpSession | None = None
+        self.lock = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
+        self.log = log.getChild(config.name)
+
+    # -- paths and launch description --------------------------------------------------------
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+    def _set_state(self, new: PowerState) -> None:
+        if new is not self.state and new not in _TRANSITIONS[self.state]:
+            raise Conflict(
+                f"VM {self.config.name} is {self.state}; cannot go to {new}", code="wrong_state"
+            )
+        self.state = new
+
+    def launch(self, *, incoming: bool = False) -> QemuLaunch:
+        cfg = self.config
+        kernel = initrd = None
+        if cfg.boot_image is not None:
+            if self.env.image_dir is None:
+                raise NotFound("this host has no image directory", code="image_not_found")
+            kernel = self.env.image_dir / cfg.boot_image / "vmlinuz"
+            initrd = self.env.image_dir / cfg.boot_image / "initrd.img"
+            if not kernel.exists() or not initrd.exists():
+                raise NotFound(
+                    f"boot image {cfg.boot_image!r} is not in {self.env.image_dir} on this host "
+                    "(run `kvmotion image build` and install it there)",
+                    code="image_not_found",
+                )
+        disks = tuple(
+            DiskLaunch(f"disk{i}", self.env.datastores.resolve(d.datastore, d.path), d.format)
+            for i, d in enumerate(cfg.disks)
+        )
+        nics = []
+        for i, nic in enumerate(cfg.nics):
+            if nic.network not in self.env.bridges:
+                raise NotFound(
+                    f"network {nic.network!r} does not exist on this host", code="network_not_found"
+                )
+            nics.append(NicLaunch(f"net{i}", taps.tap_name(cfg.uuid, i), nic.mac))
+        return QemuLaunch(
+            name=cfg.name,
+            uuid=cfg.uuid,
+            vcpus=cfg.vcpus,
+            memory_mib=cfg.memory_mib,
+            machine_type=cfg.machine_type,
+            accel=self.env.accel,
+            cpu_model=cfg.cpu_model,
+            qmp_socket=self.qmp_socket,
+            pidfile=self.pidfile,
+            console_log=self.console_log,
+            kernel=kernel,
+            initrd=initrd,
+            append=f"{BASE_KERNEL_ARGS} {cfg.kernel_args}".strip(),
+            disks=disks,
+            nics=tuple(nics),
+            incoming=incoming,
+        )
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def power_on(self) -> None:
+        """Start QEMU and let the guest run. Raises Conflict unless powered off."""
+        if self.state is not PowerState.POWERED_OFF:
+            raise Conflict(f"VM {self.config.name} is already {self.state}", code="wrong_state")
+        if QemuProcess.find(self.pidfile, self.config.uuid) is not None:
+            raise Conflict(f"VM {self.config.name} already has a QEMU running", code="wrong_state")
+        launch = self.launch()
+        for disk in launch.disks:
+            if not disk.path.exists():
+                raise NotFound(
+                    f"disk {disk.path} of {self.config.name} is missing", code="disk_missing"
+                )
+        self._set_state(PowerState.POWERING_ON)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.console_log.unlink(missing_ok=True)
+            for i, nic in enumerate(self.config.nics):
+                await taps.create_tap(
+                    taps.tap_name(self.config.uuid, i), self.env.bridges[nic.network]
+                )
+            self.process = await QemuProcess.start(launch)
+            await self._connect()
+        except BaseException:
+            await self._cleanup_after_exit(kill=True)
+            raise
+        self._set_state(PowerState.POWERED_ON)
+
+    async def attach(self) -> bool:
+        """Find this VM's QEMU left running by an earlier agent. True if it runs."""
+        process = QemuProcess.find(self.pidfile, self.config.uuid)
+        if process is None:
+            await self._remove_taps()
+            return False
+        self.process = process
+        try:
+            await self._connect()
+        except QemuError:
+            self.log.warning("QEMU pid %d runs but QMP does not answer", process.pid)
+        self.state = PowerState.POWERED_ON
+        self.log.info("re-attached to running QEMU pid %d", process.pid)
+        return True
+
+    async def _connect(self) -> None:
+        assert self.process is not None
+        self.qmp = QmpSession(self.qmp_socket, self.config.name)
+        await self.qmp.connect(timeout=10)
+        self._watcher = asyncio.create_task(
+            self._watch(self.process), name=f"watch-{self.config.name}"
+        )
+
+    async def _watch(self, process: QemuProcess) -> None:
+        await process.wait_exit(None)
+        self.log.info("QEMU pid %d ended", process.pid)
+        if self.process is process:
+            await self._cleanup_after_exit(kill=False)
+            self.state = PowerState.POWERED_OFF
+
+    async def _cleanup_after_exit(self, *, kill: bool) -> None:
+        if self.qmp is not None:
+            await self.qmp.close()
+            self.qmp = None
+        if kill and self.process is not None:
+            await self.process.kill()
+        self.process = None
+        await self._remove_taps()
+        self.pidfile.unlink(missing_ok=True)
+        self.state = PowerState.POWERED_OFF
+
+    async def _remove_taps(self) -> None:
+        for i in range(len(self.config.nics)):
+            await taps.delete_tap(taps.tap_name(self.config.uuid, i))
+
+    async def shutdown(self, timeout: float = 60.0) -> str:
+        """Ask the guest to power off (ACPI); past ``timeout``, power off hard. Says which."""
+        if self.state is not PowerState.POWERED_ON or self.process is None:
+            raise Conflict(f"VM {self.config.name} is {self.state}", code="wrong_state")
+        if timeout < 0:
+            raise InvalidInput("timeout must be >= 0")
+        self._set_state(PowerState.POWERING_OFF)
+        process = self.process
+        with contextlib.suppress(QemuError):
+            if self.qmp is not None:
+                await self.qmp.execute("system_powerdown")
+        if await process.wait_exit(timeout):
+            await self._stopped(process)
+            return "guest"
+        self.log.warning("guest did not power off in %.0f s: powering off hard", timeout)
+        await self._hard_stop(process)
+        return "hard"
+
+    async def power_off(self) -> None:
+        """Power off at once (pull the plug): QMP quit, then SIGKILL."""
+        if self.state is not PowerState.POWERED_ON or self.process is None:
+            raise Conflict(f"VM {self.config.name} is {self.state}", code="wrong_state")
+        self._set_state(PowerState.POWERING_OFF)
+        await self._hard_stop(self.process)
+
+    async def _hard_stop(self, process: QemuProcess) -> None:
+        with contextlib.suppress(QemuError):
+            if self.qmp is not None:
+                await self.qmp.execute("quit", timeout=5)
+        if not await process.wait_exit(5):
+            await process.kill()
+        await self._stopped(process)
+
+    async def _stopped(self, process: QemuProcess) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+            self._watcher = None
+        if self.process is process:
+            await self._cleanup_after_exit(kill=False)
+
+    async def reset(self) -> None:
+        if self.state is not PowerState.POWERED_ON or self.qmp is None:
+            raise Conflict(f"VM {self.config.name} is {self.state}", code="wrong_state")
+        await self.qmp.execute("system_reset")
+
+    async def detach(self) -> None:
+        """Let go of QEMU without stopping it (the agent is stopping)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        if self.qmp is not None:
+            await self.qmp.close()
+
+    async def info(self) -> VmInfo:
+        status = None
+        if self.state is PowerState.POWERED_ON and self.qmp is not None:
+            with contextlib.suppress(QemuError):
+                status = (await self.qmp.query_status()).status
+        return VmInfo(
+            uuid=self.config.uuid,
+            name=self.config.name,
+            power_state=str(self.state),
+            qemu_status=status,
+            pid=self.process.pid if self.process else None,
+            config_path=str(self.config_path),
+            config=self.config,
+        )

@@ -1,0 +1,108 @@
+"""Choosing the accelerator: KVM only if a real Linux guest boots under it, else TCG.
+
+On some machines /dev/kvm opens and firmware runs, yet a Linux kernel hangs at boot under KVM. So
+the probe boots the guest image with ``kvmotion.probe=1`` (its init prints a marker and powers off)
+and waits for the marker with a deadline. The answer is cached per machine, keyed by everything
+that could change it (QEMU binary, host kernel, probe image).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kvmotion.qemu.cmdline import QEMU_BINARY
+
+log = logging.getLogger(__name__)
+
+PROBE_MARKER = b"KVMOTION-PROBE-OK"
+DEFAULT_CACHE = Path("/var/cache/kvmotion/accel-probe.json")
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: str  # "kvm" or "tcg"
+    reason: str
+
+
+def _probe_key(kernel: Path, initrd: Path) -> str:
+    qemu = shutil.which(QEMU_BINARY) or QEMU_BINARY
+    parts = [platform.release()]
+    for path in (Path(qemu), kernel, initrd):
+        try:
+            st = path.stat()
+            parts.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            parts.append(f"{path}:missing")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+async def _boots_under_kvm(kernel: Path, initrd: Path, deadline: float) -> bool:
+    argv = [
+        QEMU_BINARY, "-machine", "q35,accel=kvm", "-cpu", "host", "-m", "128M",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", "console=ttyS0 panic=-1 kvmotion.probe=1",
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    seen = b""
+    try:
+        async with asyncio.timeout(deadline):
+            while chunk := await proc.stdout.read(4096):
+                seen = (seen + chunk)[-4096:]
+                if PROBE_MARKER in seen:
+                    return True
+        return False
+    except TimeoutError:
+        return False
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+
+
+async def choose_accelerator(
+    kernel: Path | None,
+    initrd: Path | None,
+    *,
+    forced: str | None = None,
+    cache: Path = DEFAULT_CACHE,
+    deadline: float = 15.0,
+) -> AccelChoice:
+    """Pick "kvm" or "tcg" for this host, saying why."""
+    if forced is not None:
+        return AccelChoice(forced, f"set in the host config ({forced})")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return AccelChoice("tcg", "/dev/kvm is not available")
+    if kernel is None or initrd is None or not kernel.exists() or not initrd.exists():
+        return AccelChoice("tcg", "no guest image to probe KVM with (run `kvmotion image build`)")
+    key = _probe_key(kernel, initrd)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        cached = json.loads(cache.read_text())
+        if cached["key"] == key:
+            return AccelChoice(**cached["choice"])
+    log.info("probing KVM: booting the guest image with a %.0f s deadline", deadline)
+    if await _boots_under_kvm(kernel, initrd, deadline):
+        choice = AccelChoice("kvm", "a Linux guest booted under KVM")
+    else:
+        choice = AccelChoice(
+            "tcg", f"/dev/kvm opens but a Linux guest did not boot under KVM in {deadline:.0f} s"
+        )
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "choice": asdict(choice)}))
+    return choice

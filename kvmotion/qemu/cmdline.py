@@ -1,0 +1,97 @@
+"""QEMU command lines, built as a pure function of a launch description.
+
+Device ids and order are a function of the VM's config alone, so that a destination QEMU started
+from the same config has the same device tree as the source: a migration requirement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+QEMU_BINARY = "qemu-system-x86_64"
+
+
+@dataclass(frozen=True)
+class DiskLaunch:
+    node: str  # block node name, e.g. "disk0"
+    path: Path
+    fmt: str = "qcow2"
+
+
+@dataclass(frozen=True)
+class NicLaunch:
+    ident: str  # e.g. "net0"
+    tap: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class QemuLaunch:
+    """Everything that decides a QEMU command line."""
+
+    name: str
+    uuid: str
+    vcpus: int
+    memory_mib: int
+    machine_type: str
+    accel: str
+    cpu_model: str
+    qmp_socket: Path
+    pidfile: Path
+    console_log: Path
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str = ""
+    disks: tuple[DiskLaunch, ...] = ()
+    nics: tuple[NicLaunch, ...] = ()
+    # Destination of a migration: wait for `migrate-incoming`, stay paused until `cont`.
+    incoming: bool = False
+    extra: tuple[str, ...] = field(default_factory=tuple)
+
+
+def build_command(launch: QemuLaunch, binary: str = QEMU_BINARY) -> list[str]:
+    """Return the argv that starts ``launch`` daemonized, with QMP on a unix socket."""
+    argv = [
+        binary,
+        "-name", f"guest={launch.name},debug-threads=on",
+        "-uuid", launch.uuid,
+        "-machine", f"{launch.machine_type},accel={launch.accel}",
+        "-cpu", launch.cpu_model,
+        "-smp", str(launch.vcpus),
+        "-m", f"{launch.memory_mib}M",
+        "-nodefaults", "-no-user-config",
+        "-display", "none",
+        "-chardev", f"file,id=console0,path={launch.console_log}",
+        "-serial", "chardev:console0",
+        "-chardev", f"socket,id=qmp0,path={launch.qmp_socket},server=on,wait=off",
+        "-mon", "chardev=qmp0,mode=control",
+        "-pidfile", str(launch.pidfile),
+        "-daemonize",
+        "-msg", "timestamp=on",
+    ]  # fmt: skip
+    if launch.kernel is not None:
+        argv += ["-kernel", str(launch.kernel)]
+        if launch.initrd is not None:
+            argv += ["-initrd", str(launch.initrd)]
+        argv += ["-append", launch.append]
+    for index, disk in enumerate(launch.disks):
+        argv += [
+            "-blockdev",
+            f"driver=file,filename={disk.path},node-name={disk.node}-file,"
+            "cache.direct=off,aio=threads",
+            "-blockdev",
+            f"driver={disk.fmt},file={disk.node}-file,node-name={disk.node}",
+            "-device",
+            f"virtio-blk-pci,drive={disk.node},id=virtio-{disk.node}"
+            + (",bootindex=1" if index == 0 else ""),
+        ]
+    for nic in launch.nics:
+        argv += [
+            "-netdev", f"tap,id={nic.ident},ifname={nic.tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev={nic.ident},mac={nic.mac},id={nic.ident}-dev",
+        ]  # fmt: skip
+    if launch.incoming:
+        argv += ["-incoming", "defer", "-S"]
+    argv += list(launch.extra)
+    return argv

@@ -1,0 +1,117 @@
+"""A typed QMP session over ``qemu.qmp``: the only place kvmotion talks QMP.
+
+QMP errors (``ExecuteError``, connection and protocol errors) become :class:`QemuError` here, once.
+Replies are JSON at this edge; callers that need structure parse them into dataclasses right away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient, QMPError
+
+from kvmotion.errors import QemuError
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class VmStatus:
+    """``query-status``: QEMU's run state (running, paused, prelaunch, inmigrate...)."""
+
+    status: str
+    running: bool
+
+    @classmethod
+    def parse(cls, reply: JSON) -> VmStatus:
+        return cls(status=str(reply["status"]), running=bool(reply["running"]))
+
+
+class QmpSession:
+    """One QMP connection to one QEMU. Use ``async with QmpSession.open(path):``."""
+
+    def __init__(self, socket_path: Path, name: str) -> None:
+        self.socket_path = socket_path
+        self.name = name
+        self._client = QMPClient(name)
+        self._client.logger = log.getChild(name)
+        # QEMU's own chatter at INFO is noise for agent logs.
+        self._client.logger.setLevel(logging.WARNING)
+
+    @classmethod
+    @asynccontextmanager
+    async def open(
+        cls, socket_path: Path, name: str, timeout: float = 10.0
+    ) -> AsyncIterator[QmpSession]:
+        session = cls(socket_path, name)
+        await session.connect(timeout)
+        try:
+            yield session
+        finally:
+            await session.close()
+
+    async def connect(self, timeout: float = 10.0) -> None:
+        """Connect, retrying while QEMU creates its socket, until ``timeout``.
+
+        Raises QemuError when QEMU does not answer in time.
+        """
+        deadline = asyncio.get_running_loop().time() + timeout
+        last: Exception | None = None
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                await asyncio.wait_for(self._client.connect(str(self.socket_path)), timeout=5)
+                return
+            except (QMPError, OSError, TimeoutError) as exc:
+                last = exc
+                await asyncio.sleep(0.05)
+        raise QemuError(
+            f"{self.name}: QEMU's QMP socket {self.socket_path} did not answer in {timeout:.0f} s: "
+            f"{last}"
+        ) from last
+
+    @property
+    def connected(self) -> bool:
+        return self._client.runstate.name == "RUNNING"
+
+    async def close(self) -> None:
+        try:
+            await self._client.disconnect()
+        except (QMPError, OSError) as exc:  # a QEMU that already died: nothing to close
+            log.debug("%s: disconnect: %s", self.name, exc)
+
+    async def execute(
+        self, command: str, arguments: JSON | None = None, timeout: float = 30.0
+    ) -> Any:
+        """Run one QMP command; raise QemuError with QEMU's own message on failure."""
+        try:
+            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+        except TimeoutError as exc:
+            raise QemuError(f"{self.name}: QMP {command} timed out after {timeout:.0f} s") from exc
+        except QMPError as exc:
+            raise QemuError(f"{self.name}: QMP {command} failed: {exc}", command=command) from exc
+
+    def listener(self, names: list[str] | None = None) -> EventListener:
+        """An event listener, registered; pair with :meth:`remove_listener`."""
+        lst = EventListener(names)
+        self._client.register_listener(lst)
+        return lst
+
+    def remove_listener(self, lst: EventListener) -> None:
+        self._client.remove_listener(lst)
+
+    async def disconnected(self) -> None:
+        """Return when the connection ends (QEMU exited, or close())."""
+        await self._client.runstate_changed()
+        while self._client.runstate.name == "RUNNING":
+            await self._client.runstate_changed()
+
+    async def query_status(self) -> VmStatus:
+        return VmStatus.parse(await self.execute("query-status"))

@@ -1,0 +1,46 @@
+from pathlib import Path
+
+from kvmotion.qemu.cmdline import DiskLaunch, NicLaunch, QemuLaunch, build_command
+
+
+def launch(**kw: object) -> QemuLaunch:
+    base: dict[str, object] = dict(
+        name="vm-a",
+        uuid="1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+        vcpus=2,
+        memory_mib=256,
+        machine_type="pc-q35-7.2",
+        accel="tcg",
+        cpu_model="qemu64",
+        qmp_socket=Path("/run/x/qmp.sock"),
+        pidfile=Path("/run/x/qemu.pid"),
+        console_log=Path("/run/x/console.log"),
+        kernel=Path("/img/vmlinuz"),
+        initrd=Path("/img/initrd.img"),
+        append="console=ttyS0",
+        disks=(DiskLaunch("disk0", Path("/ds/vm-a/vm-a.qcow2")),),
+        nics=(NicLaunch("net0", "kt1b4e28ba0", "52:54:00:1b:4e:28"),),
+    )
+    base.update(kw)
+    return QemuLaunch(**base)  # type: ignore[arg-type]
+
+
+def test_command_pins_machine_and_devices() -> None:
+    argv = build_command(launch())
+    joined = " ".join(argv)
+    assert "-machine pc-q35-7.2,accel=tcg" in joined
+    assert "-daemonize" in argv and "-nodefaults" in argv
+    assert "virtio-blk-pci,drive=disk0,id=virtio-disk0,bootindex=1" in joined
+    assert "virtio-net-pci,netdev=net0,mac=52:54:00:1b:4e:28,id=net0-dev" in joined
+    assert "-incoming" not in argv
+
+
+def test_destination_waits_paused_for_incoming() -> None:
+    argv = build_command(launch(incoming=True))
+    assert argv[-3:] == ["-incoming", "defer", "-S"]
+
+
+def test_same_config_same_devices_on_both_sides() -> None:
+    src = build_command(launch())
+    dst = build_command(launch(incoming=True))
+    assert src == dst[: len(src)]
