@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import typer
+from rich.table import Table
 
 from kvmotion.cli.output import console, print_json
 from kvmotion.lab import demo as demo_mod
@@ -37,15 +39,29 @@ def down() -> None:
 
 @app.command("status")
 def status(json_out: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
-    """What the lab has now."""
+    """What the lab has now (only looks; `lab up` repairs)."""
     st = topology.lab_status()
-    if json_out:
-        print_json(st)
-        return
     if st is None:
         console.print("no lab is up (run `kvmotion lab up`)")
         raise typer.Exit(1)
-    console.print(st)
+    if json_out:
+        print_json(dataclasses.replace(st, state=None))
+        return
+    table = Table("host", "namespace", "links", "agent", "VMs (QEMU pids)", "migration link")
+    for h in st.hosts:
+        links = "up" if h.links_up and all(h.links_up.values()) else "DOWN"
+        agent = "healthy" if h.agent_healthy else ("alive" if h.agent_alive else "DEAD")
+        rate = "unshaped" if h.migration_rate_mbit is None else f"{h.migration_rate_mbit:g} Mbit/s"
+        pids = ", ".join(map(str, h.qemu_pids)) or "-"
+        table.add_row(h.name, h.netns, links, f"{agent} (pid {h.agent_pid})", pids, rate)
+    console.print(table)
+    if st.state is not None:
+        console.print(f"client (the user): {st.state.client_address} in {st.state.client_netns}")
+        console.print(f"shared datastore: {st.state.shared_datastore}")
+    for problem in st.problems:
+        console.print(f"[red]problem:[/] {problem}")
+    if not st.ok:
+        raise typer.Exit(1)
 
 
 @app.command("shape")

@@ -289,6 +289,91 @@ class HostAgent:
             await vm.reset()
             return await vm.info()
 
+    # -- live migration ----------------------------------------------------------------------
+    def _migration_address(self) -> str:
+        if not self.config.migration_address:
+            raise Conflict(
+                f"host {self.config.name} has no migration address: give it one on the "
+                "migration (vMotion) network in its config",
+                code="no_migration_address",
+            )
+        return self.config.migration_address
+
+    async def prepare_incoming(self, config: VmConfig, config_path: Path) -> tuple[VmInfo, str]:
+        """Register ``config`` here and start its QEMU receiving on the migration address.
+
+        Raises Conflict (already here and not powered off), NotFound (a datastore, network or
+        image this host lacks), InsufficientResources. Nothing stays registered on failure.
+        """
+        address = self._migration_address()
+        existing = self.vms.get(config.uuid)
+        if existing is not None and existing.state is not PowerState.POWERED_OFF:
+            raise Conflict(f"VM {config.name} is already {existing.state} on this host")
+        for disk in config.disks:
+            path = self.datastores.resolve(disk.datastore, disk.path)
+            if not path.exists():
+                raise NotFound(
+                    f"disk {disk.path} of {config.name} is not visible on datastore "
+                    f"{disk.datastore!r} from host {self.config.name}",
+                    code="disk_not_visible",
+                )
+        available = facts.read_memory().available_bytes
+        if config.memory_mib * 2**20 > available:
+            raise InsufficientResources(
+                f"VM {config.name} needs {config.memory_mib} MiB; host {self.config.name} has "
+                f"{available // 2**20} MiB available",
+                code="insufficient_memory",
+            )
+        vm = self._register(config, config_path)
+        try:
+            async with vm.lock:
+                uri = await vm.prepare_incoming(address)
+                return await vm.info(), uri
+        except BaseException:
+            self._unregister(vm)
+            raise
+
+    def link_bandwidth_bps(self) -> int:
+        """What the migration link carries, for QEMU's max-bandwidth (not its 128 MiB/s)."""
+        mbps = facts.link_speed_mbps(self.config.migration_address)
+        return int((mbps or 10_000) * 1e6 / 8)
+
+    async def migrate(
+        self, ref: str, uri: str, downtime_limit_ms: int, max_bandwidth_bps: int | None
+    ) -> VmInfo:
+        vm = self.get(ref)
+        async with vm.lock:
+            await vm.migrate_out(
+                uri, max_bandwidth_bps or self.link_bandwidth_bps(), downtime_limit_ms
+            )
+            return await vm.info()
+
+    async def cancel_migration(self, ref: str) -> VmInfo:
+        vm = self.get(ref)
+        await vm.cancel_migration()
+        return await vm.info()
+
+    async def finish_migration(self, ref: str) -> None:
+        """Source, after success: end the paused source QEMU and forget the VM here."""
+        vm = self.get(ref)
+        async with vm.lock:
+            await vm.finish_outgoing()
+            self._unregister(vm)
+
+    async def abort_migration(self, ref: str, *, destination_gone: bool = False) -> str:
+        """Either side: undo this host's part. A destination forgets the VM."""
+        vm = self.get(ref)
+        async with vm.lock:
+            done = await vm.abort_migration(destination_gone=destination_gone)
+            if vm.state is PowerState.POWERED_OFF and done == "destination ended":
+                self._unregister(vm)
+            return done
+
+    def _unregister(self, vm: VirtualMachine) -> None:
+        """Forget a VM on this host; its record and disks stay on the datastore."""
+        shutil.rmtree(vm.run_dir, ignore_errors=True)
+        self.vms.pop(vm.config.uuid, None)
+
 
 async def _qemu_img(*args: str) -> None:
     proc = await asyncio.create_subprocess_exec(

@@ -8,21 +8,19 @@ center's token (``Authorization: Bearer ...``). Domain errors become responses i
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI
 from pydantic import BaseModel, Field
 
 from kvmotion import __version__
-from kvmotion.errors import KvmotionError, Unauthorized
 from kvmotion.host.agent import HostAgent, HostFacts
 from kvmotion.host.vm import VmInfo
-from kvmotion.host.vmconfig import VmCreateRequest
+from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
+from kvmotion.httpapi import ERROR_RESPONSES, bearer_checker, install_error_handlers
 
 log = logging.getLogger(__name__)
 
@@ -36,23 +34,26 @@ class ShutdownResult(BaseModel):
     how: str  # "guest" (ACPI) or "hard"
 
 
-class ErrorBody(BaseModel):
-    code: str
-    message: str
+class IncomingRequest(BaseModel):
+    """Destination: receive this VM (its record, read from the shared datastore by the center)."""
+
+    config: VmConfig
+    config_path: str
 
 
-def error_response(exc: KvmotionError) -> JSONResponse:
-    """The one table from domain errors to HTTP: each error class carries its status."""
-    return JSONResponse(status_code=exc.http_status, content={"error": exc.to_dict()})
+class IncomingResult(BaseModel):
+    vm: VmInfo
+    uri: str  # where the source sends: tcp:<this host's migration address>:<port>
 
 
-def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{where}: {msg}" if where else msg)
-    return "; ".join(parts) or "invalid request"
+class MigrateRequest(BaseModel):
+    uri: str = Field(pattern=r"^tcp:[0-9.]{7,15}:[0-9]{1,5}$")
+    downtime_limit_ms: int = Field(100, ge=1, le=60_000)
+    max_bandwidth_bps: int | None = Field(None, ge=1_000_000)
+
+
+class AbortResult(BaseModel):
+    done: str
 
 
 def create_app(agent: HostAgent) -> FastAPI:
@@ -68,25 +69,11 @@ def create_app(agent: HostAgent) -> FastAPI:
         title="kvmotion host agent",
         version=__version__,
         lifespan=lifespan,
-        responses={401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}},
+        responses=ERROR_RESPONSES,
     )
 
-    async def require_token(authorization: Annotated[str | None, Header()] = None) -> None:
-        expected = f"Bearer {agent.config.token}"
-        if authorization is None or not secrets.compare_digest(authorization, expected):
-            raise Unauthorized("missing or wrong token: this host accepts only its center")
-
-    @app.exception_handler(KvmotionError)
-    async def _domain_error(_: Request, exc: KvmotionError) -> JSONResponse:
-        if exc.http_status >= 500:
-            log.error("%s: %s", exc.code, exc.message)
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        content = {"error": {"code": "invalid_input", "message": _validation_message(exc)}}
-        return JSONResponse(status_code=422, content=content)
-
+    install_error_handlers(app)
+    require_token = bearer_checker(agent.config.token, "this host accepts only its center")
     auth = [Depends(require_token)]
 
     @app.get("/v1/health")
@@ -129,6 +116,27 @@ def create_app(agent: HostAgent) -> FastAPI:
     @app.post("/v1/vms/{vm}/reset", dependencies=auth)
     async def reset(vm: str) -> VmInfo:
         return await agent.reset(vm)
+
+    @app.post("/v1/migrations/incoming", dependencies=auth, status_code=201)
+    async def prepare_incoming(req: IncomingRequest) -> IncomingResult:
+        info, uri = await agent.prepare_incoming(req.config, Path(req.config_path))
+        return IncomingResult(vm=info, uri=uri)
+
+    @app.post("/v1/vms/{vm}/migrate", dependencies=auth, status_code=202)
+    async def migrate(vm: str, req: MigrateRequest) -> VmInfo:
+        return await agent.migrate(vm, req.uri, req.downtime_limit_ms, req.max_bandwidth_bps)
+
+    @app.post("/v1/vms/{vm}/migration/cancel", dependencies=auth)
+    async def cancel_migration(vm: str) -> VmInfo:
+        return await agent.cancel_migration(vm)
+
+    @app.post("/v1/vms/{vm}/migration/finish", dependencies=auth, status_code=204)
+    async def finish_migration(vm: str) -> None:
+        await agent.finish_migration(vm)
+
+    @app.post("/v1/vms/{vm}/migration/abort", dependencies=auth)
+    async def abort_migration(vm: str, destination_gone: bool = False) -> AbortResult:
+        return AbortResult(done=await agent.abort_migration(vm, destination_gone=destination_gone))
 
     return app
 

@@ -107,3 +107,27 @@ class AgentClient:
 
     async def reset(self, vm: str) -> Any:
         return await self.request("POST", f"/v1/vms/{vm}/reset")
+
+    async def prepare_incoming(self, config: dict[str, Any], config_path: str) -> Any:
+        body = {"config": config, "config_path": config_path}
+        return await self.request("POST", "/v1/migrations/incoming", json=body, timeout=120)
+
+    async def migrate(
+        self, vm: str, uri: str, downtime_limit_ms: int, max_bandwidth_bps: int | None = None
+    ) -> Any:
+        body = {
+            "uri": uri,
+            "downtime_limit_ms": downtime_limit_ms,
+            "max_bandwidth_bps": max_bandwidth_bps,
+        }
+        return await self.request("POST", f"/v1/vms/{vm}/migrate", json=body)
+
+    async def cancel_migration(self, vm: str) -> Any:
+        return await self.request("POST", f"/v1/vms/{vm}/migration/cancel", timeout=60)
+
+    async def finish_migration(self, vm: str) -> None:
+        await self.request("POST", f"/v1/vms/{vm}/migration/finish", timeout=60)
+
+    async def abort_migration(self, vm: str, *, destination_gone: bool = False) -> Any:
+        query = "?destination_gone=true" if destination_gone else ""
+        return await self.request("POST", f"/v1/vms/{vm}/migration/abort{query}", timeout=60)

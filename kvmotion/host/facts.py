@@ -66,3 +66,23 @@ async def qemu_version() -> str:
 
 def hostname() -> str:
     return socket.gethostname()
+
+
+def link_speed_mbps(address: str | None) -> float | None:
+    """Speed of the interface holding ``address`` (from /sys), or None when unknown."""
+    if not address:
+        return None
+    import json
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout
+        for link in json.loads(out):
+            if any(a.get("local") == address for a in link.get("addr_info", [])):
+                speed = int(Path(f"/sys/class/net/{link['ifname']}/speed").read_text())
+                return float(speed) if speed > 0 else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return None

@@ -17,6 +17,7 @@ from pathlib import Path
 from kvmotion.errors import Conflict, InvalidInput, NotFound, QemuError
 from kvmotion.host import taps
 from kvmotion.host.datastores import Datastores
+from kvmotion.host.migration import Incoming, MigrationView, Outgoing
 from kvmotion.host.vmconfig import VmConfig
 from kvmotion.qemu.cmdline import DiskLaunch, NicLaunch, QemuLaunch
 from kvmotion.qemu.process import QemuProcess
@@ -32,10 +33,13 @@ class PowerState(StrEnum):
     POWERING_ON = "poweringOn"
     POWERED_ON = "poweredOn"
     POWERING_OFF = "poweringOff"
+    # Destination of a live migration: QEMU runs paused, receiving; not yet the VM's owner.
+    INCOMING = "incoming"
 
 
 _TRANSITIONS: dict[PowerState, set[PowerState]] = {
-    PowerState.POWERED_OFF: {PowerState.POWERING_ON},
+    PowerState.POWERED_OFF: {PowerState.POWERING_ON, PowerState.INCOMING},
+    PowerState.INCOMING: {PowerState.POWERED_ON, PowerState.POWERED_OFF},
     PowerState.POWERING_ON: {PowerState.POWERED_ON, PowerState.POWERED_OFF},
     PowerState.POWERED_ON: {PowerState.POWERING_OFF, PowerState.POWERED_OFF},
     PowerState.POWERING_OFF: {PowerState.POWERED_OFF, PowerState.POWERED_ON},
@@ -61,6 +65,7 @@ class VmInfo:
     pid: int | None
     config_path: str
     config: VmConfig
+    migration: MigrationView | None
 
 
 class VirtualMachine:
@@ -74,6 +79,7 @@ class VirtualMachine:
         self.qmp: QmpSession | None = None
         self.lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
+        self.migration: Outgoing | Incoming | None = None
         self.log = log.getChild(config.name)
 
     # -- paths and launch description --------------------------------------------------------
@@ -145,15 +151,41 @@ class VirtualMachine:
         """Start QEMU and let the guest run. Raises Conflict unless powered off."""
         if self.state is not PowerState.POWERED_OFF:
             raise Conflict(f"VM {self.config.name} is already {self.state}", code="wrong_state")
+        await self._start(incoming=False)
+        self._set_state(PowerState.POWERED_ON)
+
+    async def prepare_incoming(self, migration_address: str) -> str:
+        """Start QEMU paused, receiving on ``migration_address``; return the URI to send to.
+
+        When the stream completes the guest resumes here at once and the VM is powered on.
+        """
+        if self.state is not PowerState.POWERED_OFF:
+            raise Conflict(
+                f"VM {self.config.name} is already {self.state} here", code="wrong_state"
+            )
+        await self._start(incoming=True)
+        assert self.qmp is not None
+        incoming = Incoming(self.qmp, self.config.name, on_resumed=self._resumed_here)
+        self.migration = incoming
+        try:
+            return await incoming.listen(migration_address)
+        except BaseException:
+            await self._cleanup_after_exit(kill=True)
+            raise
+
+    def _resumed_here(self) -> None:
+        self._set_state(PowerState.POWERED_ON)
+
+    async def _start(self, *, incoming: bool) -> None:
         if QemuProcess.find(self.pidfile, self.config.uuid) is not None:
             raise Conflict(f"VM {self.config.name} already has a QEMU running", code="wrong_state")
-        launch = self.launch()
+        launch = self.launch(incoming=incoming)
         for disk in launch.disks:
             if not disk.path.exists():
                 raise NotFound(
                     f"disk {disk.path} of {self.config.name} is missing", code="disk_missing"
                 )
-        self._set_state(PowerState.POWERING_ON)
+        self._set_state(PowerState.INCOMING if incoming else PowerState.POWERING_ON)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.console_log.unlink(missing_ok=True)
@@ -166,7 +198,6 @@ class VirtualMachine:
         except BaseException:
             await self._cleanup_after_exit(kill=True)
             raise
-        self._set_state(PowerState.POWERED_ON)
 
     async def attach(self) -> bool:
         """Find this VM's QEMU left running by an earlier agent. True if it runs."""
@@ -199,6 +230,9 @@ class VirtualMachine:
             self.state = PowerState.POWERED_OFF
 
     async def _cleanup_after_exit(self, *, kill: bool) -> None:
+        if self.migration is not None:
+            # Keep the view (a center may still read how it ended); stop watching QEMU.
+            await self.migration.close()
         if self.qmp is not None:
             await self.qmp.close()
             self.qmp = None
@@ -269,6 +303,71 @@ class VirtualMachine:
         if self.qmp is not None:
             await self.qmp.close()
 
+    # -- live migration --------------------------------------------------------------------------
+    async def migrate_out(self, uri: str, max_bandwidth_bps: int, downtime_limit_ms: int) -> None:
+        """Start sending this running VM to ``uri``. Raises Conflict if it cannot migrate now."""
+        if self.state is not PowerState.POWERED_ON or self.qmp is None:
+            raise Conflict(f"VM {self.config.name} is {self.state}: only a running VM migrates")
+        if isinstance(self.migration, Outgoing) and self.migration.running:
+            raise Conflict(f"VM {self.config.name} is already migrating", code="already_migrating")
+        status = await self.qmp.query_status()
+        if not status.running:
+            raise Conflict(f"VM {self.config.name} is {status.status} in QEMU, not running")
+        outgoing = Outgoing(self.qmp, self.config.name)
+        self.migration = outgoing
+        await outgoing.start(uri, max_bandwidth_bps, downtime_limit_ms)
+
+    def _outgoing(self) -> Outgoing:
+        if not isinstance(self.migration, Outgoing):
+            raise Conflict(f"VM {self.config.name} has no outgoing migration", code="no_migration")
+        return self.migration
+
+    async def cancel_migration(self) -> None:
+        """Cancel an outgoing migration before switchover; the VM keeps running here."""
+        await self._outgoing().cancel()
+
+    async def finish_outgoing(self) -> None:
+        """After a completed migration: end the source QEMU (the guest runs elsewhere now)."""
+        outgoing = self._outgoing()
+        if outgoing.view.phase != "completed":
+            raise Conflict(
+                f"migration of {self.config.name} is {outgoing.view.phase}, not completed",
+                code="not_completed",
+            )
+        if self.process is not None:
+            self._set_state(PowerState.POWERING_OFF)
+            await self._hard_stop(self.process)
+
+    async def abort_migration(self, *, destination_gone: bool = False) -> str:
+        """Undo this host's side of a migration. Idempotent. Says what it did.
+
+        Source: cancel and keep running. A VM whose migration completed is resumed here only
+        when the caller has seen the destination's copy ended (``destination_gone``): otherwise
+        the destination may own it, and two running copies must never exist.
+        Destination: end the receiving QEMU.
+        """
+        if isinstance(self.migration, Incoming):
+            if self.state is PowerState.POWERED_ON:
+                raise Conflict(
+                    f"VM {self.config.name} already resumed on this host: it is the owner now",
+                    code="too_late",
+                )
+            if self.process is not None:
+                await self._hard_stop(self.process)
+            return "destination ended"
+        if isinstance(self.migration, Outgoing):
+            if self.migration.view.phase == "completed":
+                if not destination_gone:
+                    raise Conflict(
+                        f"migration of {self.config.name} completed: the destination owns the VM",
+                        code="too_late",
+                    )
+                await self.migration.resume_after_completion()
+                return "source resumed (the destination's copy had ended)"
+            await self.migration.cancel()
+            return "source kept running"
+        return "nothing to abort"
+
     async def info(self) -> VmInfo:
         status = None
         if self.state is PowerState.POWERED_ON and self.qmp is not None:
@@ -282,4 +381,5 @@ class VirtualMachine:
             pid=self.process.pid if self.process else None,
             config_path=str(self.config_path),
             config=self.config,
+            migration=self.migration.view if self.migration is not None else None,
         )

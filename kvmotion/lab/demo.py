@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kvmotion.errors import ExecutionError
+from kvmotion.errors import ExecutionError, LabError
 from kvmotion.host.client import AgentClient
 from kvmotion.lab import image as image_mod
 from kvmotion.lab import netns, topology
@@ -56,7 +56,7 @@ def wait_for_guest(state: topology.LabState, ip: str, timeout: float = 90.0) -> 
             client = GuestClient(sock)
             client.ping()
             return client
-        except OSError as exc:
+        except (OSError, LabError) as exc:
             last = exc
             time.sleep(0.5)
     raise ExecutionError(
@@ -95,7 +95,7 @@ async def run_demo(log: Log) -> None:
         client.close()
         log(
             f"client {state.client_address} -> {name} on {host_name} at {ip}: "
-            f"answered (n={reply.n}, guest uptime {info.fields.get('uptime', '?')} s) "
+            f"answered (n={reply.n}, guest uptime {info.uptime_s:.0f} s) "
             f"after {time.monotonic() - t0:.1f} s"
         )
     log("demo done: two VMs run on 172.16.0.172 and 172.16.0.173 and the client reaches both")

@@ -84,7 +84,7 @@ class QmpSession:
     async def close(self) -> None:
         try:
             await self._client.disconnect()
-        except (QMPError, OSError) as exc:  # a QEMU that already died: nothing to close
+        except (QMPError, OSError, EOFError) as exc:  # QEMU already gone: nothing to close
             log.debug("%s: disconnect: %s", self.name, exc)
 
     async def execute(

@@ -1,0 +1,295 @@
+"""A host's side of a live migration: QEMU's migration driven over QMP, watched pass by pass.
+
+Source side (:class:`Outgoing`): set capabilities and parameters, ``migrate`` to the destination's
+migration address, poll ``query-migrate`` and record one sample per pre-copy pass; at
+``pre-switchover`` (the guest is stunned) do the last checks and ``migrate-continue``. After success
+the source QEMU sits in ``postmigrate`` until the center says finish (end it) or abort (resume it).
+
+Destination side (:class:`Incoming`): QEMU was started paused with ``-incoming defer``; listen on
+the migration address; when the stream completes, ``cont`` at once (the guest resumes here) and
+``announce-self`` so the VM network learns the VM's new place.
+
+Status queries never act: :meth:`Outgoing.status` only reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from qemu.qmp import EventListener
+
+from kvmotion.errors import Conflict, QemuError
+from kvmotion.qemu.qmp import QmpSession
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.05
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+ACTIVE = (
+    "setup",
+    "active",
+    "pre-switchover",
+    "device",
+    "postcopy-active",
+    "cancelling",
+    "wait-unplug",
+)
+FINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    """``query-migrate`` parsed once: the numbers a task shows."""
+
+    status: str
+    total_time_ms: int | None = None
+    setup_time_ms: int | None = None
+    downtime_ms: int | None = None
+    expected_downtime_ms: int | None = None
+    transferred_bytes: int = 0
+    remaining_bytes: int = 0
+    total_bytes: int = 0
+    dirty_pages_rate: int = 0  # pages/s
+    page_size: int = 4096
+    mbps: float = 0.0
+    passes: int = 0  # dirty-sync-count
+    throttle_pct: int = 0
+    error: str | None = None
+
+    @classmethod
+    def parse(cls, reply: dict[str, Any]) -> MigrationStats:
+        ram = reply.get("ram", {})
+        return cls(
+            status=str(reply.get("status", "none")),
+            total_time_ms=reply.get("total-time"),
+            setup_time_ms=reply.get("setup-time"),
+            downtime_ms=reply.get("downtime"),
+            expected_downtime_ms=reply.get("expected-downtime"),
+            transferred_bytes=int(ram.get("transferred", 0)),
+            remaining_bytes=int(ram.get("remaining", 0)),
+            total_bytes=int(ram.get("total", 0)),
+            dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
+            page_size=int(ram.get("page-size", 4096)),
+            mbps=float(ram.get("mbps", 0.0)),
+            passes=int(ram.get("dirty-sync-count", 0)),
+            throttle_pct=int(reply.get("cpu-throttle-percentage", 0)),
+            error=reply.get("error-desc"),
+        )
+
+    @property
+    def dirty_rate_bps(self) -> int:
+        return self.dirty_pages_rate * self.page_size
+
+
+@dataclass
+class PassSample:
+    """One pre-copy pass as the source saw it (seconds since the migration started)."""
+
+    t: float
+    pass_no: int
+    transferred_bytes: int
+    remaining_bytes: int
+    dirty_rate_bps: int
+    throughput_bps: float
+    expected_downtime_ms: int | None
+    throttle_pct: int
+
+
+@dataclass
+class MigrationView:
+    """What a host reports about a VM's migration: side, phase, samples, marks."""
+
+    side: str  # "source" or "destination"
+    phase: str  # QEMU status, or our own: "listening", "resumed", "finished", "aborted"
+    uri: str | None = None
+    stats: MigrationStats | None = None
+    samples: list[PassSample] = field(default_factory=list)
+    marks: dict[str, float] = field(default_factory=dict)  # wall-clock times of steps
+    error: str | None = None
+
+
+class Outgoing:
+    """The source side of one migration of one VM."""
+
+    def __init__(self, qmp: QmpSession, name: str) -> None:
+        self.qmp = qmp
+        self.view = MigrationView(side="source", phase="setup")
+        self.log = log.getChild(name)
+        self._task: asyncio.Task[None] | None = None
+        self._started = 0.0
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def start(self, uri: str, max_bandwidth_bps: int, downtime_limit_ms: int) -> None:
+        """Configure and start ``migrate``; the watcher runs until a final state."""
+        await self.qmp.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [
+                {"capability": "events", "state": True},
+                {"capability": "pause-before-switchover", "state": True},
+            ]},
+        )  # fmt: skip
+        await self.qmp.execute(
+            "migrate-set-parameters",
+            {"max-bandwidth": max_bandwidth_bps, "downtime-limit": downtime_limit_ms},
+        )
+        self.view.uri = uri
+        self._started = time.monotonic()
+        self.view.marks["migrate_started"] = time.time()
+        await self.qmp.execute("migrate", {"uri": uri})
+        self._task = asyncio.create_task(self._watch(), name="outgoing-migration")
+
+    async def _watch(self) -> None:
+        last_pass = -1
+        try:
+            while True:
+                stats = MigrationStats.parse(await self.qmp.execute("query-migrate"))
+                self.view.stats = stats
+                self.view.phase = stats.status
+                if stats.passes != last_pass and stats.status in ("active", "pre-switchover"):
+                    last_pass = stats.passes
+                    self.view.samples.append(self._sample(stats))
+                if stats.transferred_bytes and "first_byte" not in self.view.marks:
+                    self.view.marks["first_byte"] = time.time()
+                if stats.status == "pre-switchover":
+                    self.view.marks["stunned"] = time.time()
+                    await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+                    continue
+                if stats.status in FINAL:
+                    self.view.marks[stats.status] = time.time()
+                    self.view.error = stats.error
+                    if stats.status != "completed":
+                        await self._resume_if_paused()
+                    self.log.info("migration %s: %s", stats.status, stats.error or "")
+                    return
+                await asyncio.sleep(POLL_INTERVAL)
+        except QemuError as exc:
+            self.view.phase = "failed"
+            self.view.error = exc.message
+            self.log.error("migration watcher: %s", exc.message)
+
+    def _sample(self, stats: MigrationStats) -> PassSample:
+        return PassSample(
+            t=round(time.monotonic() - self._started, 3),
+            pass_no=stats.passes,
+            transferred_bytes=stats.transferred_bytes,
+            remaining_bytes=stats.remaining_bytes,
+            dirty_rate_bps=stats.dirty_rate_bps,
+            throughput_bps=stats.mbps * 1e6 / 8,
+            expected_downtime_ms=stats.expected_downtime_ms,
+            throttle_pct=stats.throttle_pct,
+        )
+
+    async def _resume_if_paused(self) -> None:
+        status = await self.qmp.query_status()
+        if not status.running and status.status in ("paused", "finish-migrate", "postmigrate"):
+            await self.qmp.execute("cont")
+            self.view.marks["source_resumed"] = time.time()
+
+    async def cancel(self) -> None:
+        """Cancel before switchover; the source keeps (or resumes) running. Idempotent."""
+        if self.view.phase == "completed":
+            raise Conflict("migration already completed: it cannot be cancelled", code="too_late")
+        with contextlib.suppress(QemuError):
+            await self.qmp.execute("migrate_cancel")
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), 30)
+        with contextlib.suppress(QemuError):
+            await self._resume_if_paused()
+
+    async def resume_after_completion(self) -> None:
+        """Run the guest here again after a completed migration whose destination died."""
+        status = await self.qmp.query_status()
+        if not status.running:
+            await self.qmp.execute("cont")
+            self.view.marks["source_resumed"] = time.time()
+        self.view.phase = "aborted"
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
+class Incoming:
+    """The destination side: listen, and resume the guest the moment the stream completes."""
+
+    def __init__(self, qmp: QmpSession, name: str, on_resumed: Callable[[], None]) -> None:
+        self.qmp = qmp
+        self.on_resumed = on_resumed
+        self.view = MigrationView(side="destination", phase="setup")
+        self.log = log.getChild(name)
+        self._task: asyncio.Task[None] | None = None
+        self._events: EventListener | None = None
+
+    async def listen(self, address: str) -> str:
+        """Start listening on ``address`` (the migration network); return the URI to send to."""
+        await self.qmp.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [
+                {"capability": "events", "state": True},
+                {"capability": "late-block-activate", "state": True},
+            ]},
+        )  # fmt: skip
+        # Listen for MIGRATION events before the stream can start, so none is missed.
+        self._events = self.qmp.listener(["MIGRATION"])
+        await self.qmp.execute("migrate-incoming", {"uri": f"tcp:{address}:0"})
+        info = await self.qmp.execute("query-migrate")
+        ports = [a["port"] for a in info.get("socket-address", []) if "port" in a]
+        if not ports:
+            raise QemuError(f"destination QEMU did not report its listening port: {info}")
+        uri = f"tcp:{address}:{ports[0]}"
+        self.view.uri = uri
+        self.view.phase = "listening"
+        self.view.marks["listening"] = time.time()
+        self._task = asyncio.create_task(self._watch(), name="incoming-migration")
+        return uri
+
+    async def _watch(self) -> None:
+        """Resume on the MIGRATION event ``completed`` (no polling delay in the downtime)."""
+        assert self._events is not None
+        try:
+            while True:
+                status = None
+                with contextlib.suppress(TimeoutError):
+                    event = await asyncio.wait_for(self._events.get(), 1.0)
+                    data: Any = event.get("data") or {}  # type: ignore[attr-defined]
+                    status = str(data.get("status"))
+                if status is None:  # no event for a while: look, in case one was missed
+                    status = MigrationStats.parse(await self.qmp.execute("query-migrate")).status
+                if status == "completed":
+                    await self.qmp.execute("cont")
+                    self.view.marks["resumed"] = time.time()
+                    self.view.phase = "resumed"
+                    self.on_resumed()
+                    await self.qmp.execute("announce-self", ANNOUNCE)
+                    self.view.stats = MigrationStats.parse(await self.qmp.execute("query-migrate"))
+                    self.log.info("resumed on this host and announced")
+                    return
+                if status in ("failed", "cancelled"):
+                    self.view.phase = status
+                    return
+                if status in ACTIVE:
+                    self.view.phase = status
+        except QemuError as exc:
+            # A failed incoming migration makes the destination QEMU exit.
+            self.view.phase = "failed"
+            self.view.error = exc.message
+        finally:
+            self.qmp.remove_listener(self._events)
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,69 @@
+"""What the center's and the agents' HTTP APIs share: the error table and token checking.
+
+Domain errors become responses in one place: each error class carries its status, and the body is
+always ``{"error": {"code", "message"}}``. Request bodies that do not parse are 422
+``invalid_input`` with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from kvmotion.errors import KvmotionError, Unauthorized
+
+log = logging.getLogger(__name__)
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    status: {"model": ErrorBody} for status in (401, 404, 409, 422, 502, 507)
+}
+
+
+def error_response(exc: KvmotionError) -> JSONResponse:
+    return JSONResponse(status_code=exc.http_status, content={"error": exc.to_dict()})
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}" if where else msg)
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(KvmotionError)
+    async def _domain_error(_: Request, exc: KvmotionError) -> JSONResponse:
+        if exc.http_status >= 500:
+            log.error("%s: %s", exc.code, exc.message)
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        content = {"error": {"code": "invalid_input", "message": _validation_message(exc)}}
+        return JSONResponse(status_code=422, content=content)
+
+
+def bearer_checker(token: str, who: str) -> Callable[[Request], Awaitable[None]]:
+    """A FastAPI dependency accepting only ``Authorization: Bearer <token>``."""
+    expected = f"Bearer {token}"
+
+    async def check(request: Request) -> None:
+        given = request.headers.get("authorization") or ""
+        if not secrets.compare_digest(given.encode(), expected.encode()):
+            raise Unauthorized(f"missing or wrong token: {who}")
+
+    return check

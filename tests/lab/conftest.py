@@ -1,0 +1,83 @@
+"""Lab fixtures: real namespaces, QEMU and guests. Everything made is removed, pass or fail."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvmotion.lab import netns, topology
+from kvmotion.lab.demo import ensure_image
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+
+
+def lab_possible() -> str | None:
+    if os.geteuid() != 0:
+        return "lab tests need root"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "qemu-system-x86_64 is not installed (run ./run setup)"
+    return None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    reason = lab_possible()
+    for item in items:
+        if "tests/lab/" in str(item.fspath):
+            item.add_marker(pytest.mark.lab)
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def qemu_pids_under(path: Path) -> list[int]:
+    """Live QEMU processes whose command line mentions ``path`` (the lab's directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and b"qemu-system" in argv[0] and any(str(path).encode() in a for a in argv):
+            found.append(int(proc.name))
+    return found
+
+
+def save_logs(state: topology.LabState, name: str) -> None:
+    """Keep agent logs and guest consoles for a human to read after a failure."""
+    dest = ARTIFACTS / "lab-logs" / name
+    for host in state.hosts:
+        hdir = host.run_dir.parent
+        for log in [*hdir.glob("*.log"), *host.run_dir.glob("vms/*/console.log")]:
+            target = dest / host.name / log.relative_to(hdir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(log, target)
+
+
+def assert_lab_gone(lab_dir: Path) -> None:
+    leftovers = [ns for ns in netns.list_netns() if ns.startswith("kvm-")]
+    assert leftovers == [], f"namespaces left behind: {leftovers}"
+    assert not netns.link_exists("kvm-mgmt0"), "root veth kvm-mgmt0 left behind"
+    assert qemu_pids_under(lab_dir) == [], "QEMU processes left behind"
+    assert not (lab_dir / "state.json").exists(), "lab state left behind"
+    assert not (lab_dir / "datastores").exists(), "lab datastores left behind"
+
+
+@pytest.fixture(scope="module")
+def lab(request: pytest.FixtureRequest) -> Iterator[topology.LabState]:
+    """A two-host lab with agents, for one test module; torn down and checked after it."""
+    ensure_image(lambda _msg: None)
+    lab_dir = topology.lab_dir()
+    try:
+        state = topology.lab_up(2, log=lambda _msg: None)
+        yield state
+    finally:
+        current = topology.load_state()
+        if current is not None:
+            save_logs(current, request.module.__name__.rsplit(".", 1)[-1])
+        topology.lab_down(log=lambda _msg: None)
+    assert_lab_gone(lab_dir)
