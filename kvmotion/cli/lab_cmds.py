@@ -10,7 +10,7 @@ from rich.table import Table
 
 from kvmotion.cli.output import console, print_json
 from kvmotion.lab import demo as demo_mod
-from kvmotion.lab import topology
+from kvmotion.lab import labcenter, topology
 
 app = typer.Typer(help="The lab: hosts, networks and datastores in network namespaces.")
 
@@ -24,6 +24,8 @@ def up(hosts: int = typer.Option(2, "--hosts", "-n", min=2, max=8, help="how man
     """Build the lab (idempotent): hosts 172.16.0.172.., networks, datastores, agents."""
     demo_mod.ensure_image(_log)
     state = topology.lab_up(hosts, log=_log)
+    center = labcenter.ensure_center(state, _log)
+    console.print(f"center: {center.url} (the CLI finds it through the lab's state)")
     for host in state.hosts:
         console.print(
             f"host {host.name}: agent {host.agent_url}, migration {host.migration_address}"
@@ -33,6 +35,7 @@ def up(hosts: int = typer.Option(2, "--hosts", "-n", min=2, max=8, help="how man
 @app.command("down")
 def down() -> None:
     """Remove everything the lab made: namespaces, links, agents, VMs, files."""
+    labcenter.stop_center(_log)
     topology.lab_down(log=_log)
     console.print("lab is down")
 

@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from kvmotion.cli import host_cmds, image_cmds, lab_cmds
+from kvmotion.cli import center_cmds, host_cmds, image_cmds, lab_cmds
 from kvmotion.cli.output import fail
 from kvmotion.errors import KvmotionError
 
@@ -21,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+app.add_typer(center_cmds.app, name="center")
 app.add_typer(host_cmds.app, name="host")
 app.add_typer(image_cmds.app, name="image")
 app.add_typer(lab_cmds.app, name="lab")

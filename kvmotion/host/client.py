@@ -43,13 +43,20 @@ def error_from_response(response: httpx.Response, what: str) -> KvmotionError:
 class AgentClient:
     """``async with AgentClient(url, token) as agent: await agent.list_vms()``."""
 
-    def __init__(self, base_url: str, token: str, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
             trust_env=False,  # never route lab or host traffic through a proxy
+            transport=transport,  # tests plug a fake agent in here
         )
 
     async def __aenter__(self) -> AgentClient:

@@ -154,6 +154,11 @@ def popen_in_netns(
     return proc.pid
 
 
+def adopt_child(proc: subprocess.Popen[bytes]) -> None:
+    """Track a daemon this process started elsewhere, so that pid_alive reaps it."""
+    _children[proc.pid] = proc
+
+
 # --- processes ------------------------------------------------------------------------------
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.lab import netns, topology
+from kvmotion.lab import labcenter, netns, topology
 from kvmotion.lab.demo import ensure_image
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
@@ -79,5 +79,6 @@ def lab(request: pytest.FixtureRequest) -> Iterator[topology.LabState]:
         current = topology.load_state()
         if current is not None:
             save_logs(current, request.module.__name__.rsplit(".", 1)[-1])
+        labcenter.stop_center(lambda _msg: None)
         topology.lab_down(log=lambda _msg: None)
     assert_lab_gone(lab_dir)

@@ -1,0 +1,186 @@
+"""The center's REST API (FastAPI; OpenAPI at /openapi.json). A thin shell over :class:`Center`.
+
+Every route but ``/v1/health`` needs the center's token. Errors use the shared table in
+:mod:`kvmotion.httpapi`: a refused request (precondition) is 4xx and changed nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from kvmotion import __version__
+from kvmotion.center.db import Event
+from kvmotion.center.inventory import host_dict, host_view, vm_dict, vm_view
+from kvmotion.center.service import Center
+from kvmotion.center.tasks import task_dict
+from kvmotion.host.config import DEFAULT_AGENT_PORT
+from kvmotion.host.vmconfig import VmCreateRequest, check_name
+from kvmotion.httpapi import ERROR_RESPONSES, bearer_checker, install_error_handlers
+from kvmotion.migration.executor import MigrationRequest
+from kvmotion.migration.precheck import precheck_compute
+
+
+class HostAdd(BaseModel):
+    address: str = Field(pattern=r"^[A-Za-z0-9.:-]{1,255}$")
+    token: str = Field(min_length=1, max_length=512)
+    port: int = Field(DEFAULT_AGENT_PORT, ge=1, le=65535)
+
+
+class VmCreate(BaseModel):
+    host: str = Field(max_length=255)
+    spec: VmCreateRequest
+
+
+class MigrateBody(BaseModel):
+    type: Literal["compute", "storage", "both"] = "compute"
+    host: str = Field(max_length=255)
+    downtime_ms: int = Field(100, ge=1, le=60_000)
+    max_bandwidth_bps: int | None = Field(None, ge=1_000_000)
+
+
+def create_app(center: Center) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await center.start()
+        try:
+            yield
+        finally:
+            await center.close()
+
+    app = FastAPI(
+        title="kvmotion center", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES
+    )
+    install_error_handlers(app)
+    auth = [Depends(bearer_checker(center.config.token, "the center needs its API token"))]
+    inv = center.inventory
+
+    @app.get("/v1/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    # -- hosts ---------------------------------------------------------------------------------
+    @app.post("/v1/hosts", dependencies=auth, status_code=201)
+    async def add_host(body: HostAdd) -> dict[str, Any]:
+        return host_dict(await inv.add_host(body.address, body.token, body.port))
+
+    @app.get("/v1/hosts", dependencies=auth)
+    async def list_hosts() -> list[dict[str, Any]]:
+        return [host_dict(h) for h in await inv.hosts()]
+
+    @app.get("/v1/hosts/{name}", dependencies=auth)
+    async def get_host(name: str) -> dict[str, Any]:
+        host = host_dict(await inv.host(name))
+        host["vms"] = [v.name for v in await inv.vms() if v.host and v.host.name == name]
+        return host
+
+    # -- VMs -----------------------------------------------------------------------------------
+    @app.get("/v1/vms", dependencies=auth)
+    async def list_vms() -> list[dict[str, Any]]:
+        return [vm_dict(v) for v in await inv.vms()]
+
+    @app.get("/v1/vms/{vm}", dependencies=auth)
+    async def get_vm(vm: str) -> dict[str, Any]:
+        return vm_dict(await inv.vm(vm))
+
+    @app.post("/v1/vms", dependencies=auth, status_code=201)
+    async def create_vm(body: VmCreate) -> dict[str, Any]:
+        host = await inv.host(body.host)
+        async with inv.agent(host) as agent:
+            info = await agent.create_vm(body.spec.model_dump(mode="json"))
+        return vm_dict(await inv.upsert_vm(info, host))
+
+    async def _power(vm: str, action: str, **kw: Any) -> dict[str, Any]:
+        record = await inv.vm(vm)
+        assert record.host is not None
+        async with inv.agent(record.host) as agent:
+            result = await getattr(agent, action)(record.uuid, **kw)
+        info = result.get("vm", result)
+        return vm_dict(await inv.upsert_vm(info, record.host))
+
+    @app.post("/v1/vms/{vm}/power-on", dependencies=auth)
+    async def power_on(vm: str) -> dict[str, Any]:
+        return await _power(vm, "power_on")
+
+    @app.post("/v1/vms/{vm}/shutdown", dependencies=auth)
+    async def shutdown(vm: str) -> dict[str, Any]:
+        return await _power(vm, "shutdown")
+
+    @app.post("/v1/vms/{vm}/power-off", dependencies=auth)
+    async def power_off(vm: str) -> dict[str, Any]:
+        return await _power(vm, "power_off")
+
+    @app.delete("/v1/vms/{vm}", dependencies=auth, status_code=204)
+    async def delete_vm(vm: str) -> None:
+        record = await inv.vm(vm)
+        if record.host is not None:
+            async with inv.agent(record.host) as agent:
+                await agent.delete_vm(record.uuid)
+        await inv.remove_vm(record.uuid)
+
+    # -- migrations ------------------------------------------------------------------------------
+    @app.post("/v1/vms/{vm}/migrate", dependencies=auth, status_code=202)
+    async def migrate(vm: str, body: MigrateBody) -> dict[str, Any]:
+        check_name(vm, "VM name")
+        req = MigrationRequest(vm, body.host, body.type, body.downtime_ms, body.max_bandwidth_bps)
+        task_id = await center.executor.submit(req)
+        return task_dict(await center.tasks.get(task_id))
+
+    @app.post("/v1/vms/{vm}/migrate/precheck", dependencies=auth)
+    async def precheck(vm: str, body: MigrateBody) -> dict[str, Any]:
+        """What a migration would find, without starting it (errors and warnings)."""
+        req = MigrationRequest(vm, body.host, body.type, body.downtime_ms)
+        record, source, dest, _ = await center.executor.precheck(req)
+        result = precheck_compute(
+            vm_view(record, center.executor.migrating(record.name)),
+            host_view(source),
+            host_view(dest),
+        )
+        return {
+            "ok": result.ok,
+            "errors": [e.__dict__ for e in result.errors],
+            "warnings": [w.__dict__ for w in result.warnings],
+        }
+
+    # -- tasks and events --------------------------------------------------------------------
+    @app.get("/v1/tasks", dependencies=auth)
+    async def list_tasks(limit: int = 50) -> list[dict[str, Any]]:
+        return [task_dict(t) for t in await center.tasks.list(min(max(limit, 1), 500))]
+
+    @app.get("/v1/tasks/{task_id}", dependencies=auth)
+    async def get_task(task_id: int) -> dict[str, Any]:
+        return task_dict(await center.tasks.get(task_id))
+
+    @app.post("/v1/tasks/{task_id}/cancel", dependencies=auth)
+    async def cancel_task(task_id: int) -> dict[str, Any]:
+        return task_dict(await center.tasks.request_cancel(task_id))
+
+    @app.get("/v1/events", dependencies=auth)
+    async def events(limit: int = 100) -> list[dict[str, Any]]:
+        async with center.db.session() as s:
+            rows = await s.scalars(select(Event).order_by(Event.id.desc()).limit(min(limit, 1000)))
+            return [
+                {"id": e.id, "time": e.time.isoformat(), "severity": e.severity,
+                 "message": e.message, "vm": e.vm, "host": e.host, "task_id": e.task_id}
+                for e in rows
+            ]  # fmt: skip
+
+    return app
+
+
+async def serve(center: Center) -> None:
+    import uvicorn
+
+    config = uvicorn.Config(
+        create_app(center),
+        host=center.config.listen,
+        port=center.config.port,
+        log_level="info",
+        access_log=False,
+    )
+    await uvicorn.Server(config).serve()

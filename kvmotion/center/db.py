@@ -1,0 +1,144 @@
+"""The center's inventory schema (SQLAlchemy 2, async). SQLite by default; PostgreSQL by URL.
+
+Datacenter → cluster → hosts; datastores and networks seen by hosts; VMs on hosts; tasks and
+events. JSON columns hold what agents report (host facts, VM config) and what tasks record
+(timeline, per-pass samples, summary): documents read whole, never queried inside.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Datacenter(Base):
+    __tablename__ = "datacenters"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(80), unique=True)
+
+
+class Cluster(Base):
+    __tablename__ = "clusters"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(80), unique=True)
+    datacenter_id: Mapped[int] = mapped_column(ForeignKey("datacenters.id"))
+    evc_mode: Mapped[str | None] = mapped_column(String(80), default=None)
+
+
+class HostDatastore(Base):
+    __tablename__ = "host_datastores"
+    host_id: Mapped[int] = mapped_column(
+        ForeignKey("hosts.id", ondelete="CASCADE"), primary_key=True
+    )
+    datastore_id: Mapped[int] = mapped_column(
+        ForeignKey("datastores.id", ondelete="CASCADE"), primary_key=True
+    )
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    url: Mapped[str] = mapped_column(String(255))
+    token: Mapped[str] = mapped_column(String(255))
+    cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id"), default=None)
+    connection: Mapped[str] = mapped_column(String(20), default="connected")
+    facts: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    datastores: Mapped[list[Datastore]] = relationship(
+        secondary="host_datastores", back_populates="hosts", lazy="selectin"
+    )
+
+
+class Datastore(Base):
+    __tablename__ = "datastores"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(80), unique=True)
+    shared: Mapped[bool] = mapped_column(Boolean, default=False)
+    capacity_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    free_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    hosts: Mapped[list[Host]] = relationship(
+        secondary="host_datastores", back_populates="datastores", lazy="selectin"
+    )
+
+
+class Network(Base):
+    __tablename__ = "networks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(80), unique=True)
+
+
+class Vm(Base):
+    __tablename__ = "vms"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    name: Mapped[str] = mapped_column(String(80), unique=True)
+    host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id"), default=None)
+    power_state: Mapped[str] = mapped_column(String(20), default="poweredOff")
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    config_path: Mapped[str] = mapped_column(Text, default="")
+    host: Mapped[Host | None] = relationship(lazy="selectin")
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    target: Mapped[str] = mapped_column(String(80))
+    state: Mapped[str] = mapped_column(String(20), default="queued")
+    phase: Mapped[str] = mapped_column(String(40), default="")
+    progress: Mapped[float] = mapped_column(Float, default=0.0)
+    request: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    timeline: Mapped[list[Any]] = mapped_column(default=list)
+    samples: Mapped[list[Any]] = mapped_column(default=list)
+    summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    warnings: Mapped[list[Any]] = mapped_column(default=list)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    error_code: Mapped[str | None] = mapped_column(String(80), default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+
+
+class Event(Base):
+    __tablename__ = "events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    severity: Mapped[str] = mapped_column(String(10), default="info")  # info, warning, alarm
+    message: Mapped[str] = mapped_column(Text)
+    vm: Mapped[str | None] = mapped_column(String(80), default=None)
+    host: Mapped[str | None] = mapped_column(String(255), default=None)
+    task_id: Mapped[int | None] = mapped_column(Integer, default=None)
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: AsyncEngine = create_async_engine(url)
+        self.session: async_sessionmaker[AsyncSession] = async_sessionmaker(
+            self.engine, expire_on_commit=False
+        )
+
+    async def create_all(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+
+    async def close(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,279 @@
+"""The center's inventory: hosts, datastores, networks and VMs, kept in line with the agents.
+
+Agents are the truth about what runs; the inventory is the center's memory of it. Each refresh
+reconciles the two, and never accepts silently what must not be: a VM found running on two hosts
+raises an alarm and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from kvmotion.center.db import Cluster, Database, Datacenter, Datastore, Host, Network, Vm
+from kvmotion.center.tasks import record_event
+from kvmotion.errors import Conflict, HostUnreachable, KvmotionError, NotFound
+from kvmotion.host.client import AgentClient
+from kvmotion.migration.precheck import HostView, VmView
+
+log = logging.getLogger(__name__)
+
+DEFAULT_DATACENTER = "Datacenter"
+DEFAULT_CLUSTER = "Cluster"
+
+
+def host_view(host: Host) -> HostView:
+    facts = host.facts or {}
+    models = facts.get("runnable_cpu_models")
+    return HostView(
+        name=host.name,
+        connected=host.connection == "connected",
+        migration_address=facts.get("migration_address"),
+        datastores=frozenset(d["name"] for d in facts.get("datastores", []) if d.get("accessible")),
+        networks=frozenset(n["name"] for n in facts.get("networks", []) if n.get("present")),
+        available_memory_bytes=int(facts.get("memory", {}).get("available_bytes", 0)),
+        accel=str(facts.get("accel", "unknown")),
+        cpu_vendor=str(facts.get("cpu", {}).get("vendor", "unknown")),
+        runnable_cpu_models=frozenset(models) if models is not None else None,
+    )
+
+
+def vm_view(vm: Vm, migrating: bool) -> VmView:
+    cfg = vm.config
+    return VmView(
+        name=vm.name,
+        host=vm.host.name if vm.host else None,
+        power_state=vm.power_state,
+        disk_datastores=tuple(d["datastore"] for d in cfg.get("disks", [])),
+        networks=tuple(n["network"] for n in cfg.get("nics", [])),
+        memory_mib=int(cfg.get("memory_mib", 0)),
+        cpu_model=str(cfg.get("cpu_model", "")),
+        migrating=migrating,
+    )
+
+
+def vm_dict(vm: Vm) -> dict[str, Any]:
+    return {
+        "uuid": vm.uuid,
+        "name": vm.name,
+        "host": vm.host.name if vm.host else None,
+        "power_state": vm.power_state,
+        "config": vm.config,
+        "config_path": vm.config_path,
+    }
+
+
+def host_dict(host: Host) -> dict[str, Any]:
+    return {
+        "name": host.name,
+        "url": host.url,
+        "connection": host.connection,
+        "last_seen": host.last_seen.isoformat() if host.last_seen else None,
+        "facts": host.facts,
+    }
+
+
+class Inventory:
+    def __init__(
+        self,
+        db: Database,
+        migrating: Callable[[str], bool],
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.db = db
+        self.migrating = migrating  # is a migration of this VM (by name) in flight?
+        self.transport = transport  # None: real HTTP; tests plug fake agents in here
+
+    async def ensure_defaults(self) -> None:
+        async with self.db.session() as s:
+            dc = await s.scalar(select(Datacenter).where(Datacenter.name == DEFAULT_DATACENTER))
+            if dc is None:
+                dc = Datacenter(name=DEFAULT_DATACENTER)
+                s.add(dc)
+                await s.flush()
+                s.add(Cluster(name=DEFAULT_CLUSTER, datacenter_id=dc.id))
+            await s.commit()
+
+    def agent(self, host: Host) -> AgentClient:
+        return AgentClient(host.url, host.token, transport=self.transport)
+
+    # -- hosts ---------------------------------------------------------------------------------
+    async def add_host(self, address: str, token: str, port: int) -> Host:
+        """Connect to a host's agent and add it (and its datastores, networks and VMs)."""
+        url = f"http://{address}:{port}"
+        async with AgentClient(url, token, timeout=10, transport=self.transport) as agent:
+            facts = await agent.facts()
+        async with self.db.session() as s:
+            if await s.scalar(select(Host).where(Host.name == facts["name"])) is not None:
+                raise Conflict(
+                    f"host {facts['name']} is already in the inventory", code="host_exists"
+                )
+            cluster = await s.scalar(select(Cluster).where(Cluster.name == DEFAULT_CLUSTER))
+            host = Host(name=facts["name"], url=url, token=token, facts=facts)
+            host.cluster_id = cluster.id if cluster else None
+            s.add(host)
+            await s.commit()
+        await record_event(self.db, f"host {host.name} added", host=host.name)
+        return await self.refresh_host(host.name)
+
+    async def hosts(self) -> list[Host]:
+        async with self.db.session() as s:
+            return list(await s.scalars(select(Host).order_by(Host.name)))
+
+    async def host(self, name: str) -> Host:
+        async with self.db.session() as s:
+            host = await s.scalar(select(Host).where(Host.name == name))
+            if host is None:
+                known = ", ".join(h.name for h in await s.scalars(select(Host))) or "none"
+                raise NotFound(f"no host {name[:80]!r} (known: {known})", code="host_not_found")
+            return host
+
+    async def refresh_all(self) -> None:
+        for host in await self.hosts():
+            try:
+                await self.refresh_host(host.name)
+            except KvmotionError as exc:
+                log.warning("refresh of %s failed: %s", host.name, exc.message)
+
+    async def refresh_host(self, name: str) -> Host:
+        """Fetch facts and VMs from one agent; reconcile. A silent agent is marked disconnected."""
+        host = await self.host(name)
+        try:
+            async with self.agent(host) as agent:
+                facts = await agent.facts()
+                vms = await agent.list_vms()
+        except HostUnreachable:
+            if host.connection != "disconnected":
+                await record_event(
+                    self.db, f"host {name} stopped answering", severity="warning", host=name
+                )
+            await self._set_host(name, connection="disconnected")
+            raise
+        host = await self._set_host(
+            name, connection="connected", facts=facts, last_seen=datetime.now(UTC)
+        )
+        await self._sync_datastores(host, facts)
+        await self._reconcile(host, vms)
+        return await self.host(name)
+
+    async def _set_host(self, name: str, **fields: Any) -> Host:
+        async with self.db.session() as s:
+            host = await s.scalar(select(Host).where(Host.name == name))
+            assert host is not None
+            for key, value in fields.items():
+                setattr(host, key, value)
+            await s.commit()
+            return host
+
+    async def _sync_datastores(self, host: Host, facts: dict[str, Any]) -> None:
+        async with self.db.session() as s:
+            h = await s.get(Host, host.id)
+            assert h is not None
+            seen = []
+            for info in facts.get("datastores", []):
+                ds = await s.scalar(select(Datastore).where(Datastore.name == info["name"]))
+                if ds is None:
+                    ds = Datastore(name=info["name"])
+                    s.add(ds)
+                ds.shared = bool(info.get("shared"))
+                ds.capacity_bytes = int(info.get("capacity_bytes", 0))
+                ds.free_bytes = int(info.get("free_bytes", 0))
+                if info.get("accessible"):
+                    seen.append(ds)
+            h.datastores = seen
+            for net in facts.get("networks", []):
+                if await s.scalar(select(Network).where(Network.name == net["name"])) is None:
+                    s.add(Network(name=net["name"]))
+            await s.commit()
+
+    # -- VMs -----------------------------------------------------------------------------------
+    async def vms(self) -> list[Vm]:
+        async with self.db.session() as s:
+            return list(await s.scalars(select(Vm).order_by(Vm.name)))
+
+    async def vm(self, ref: str) -> Vm:
+        async with self.db.session() as s:
+            vm = await s.scalar(select(Vm).where((Vm.name == ref) | (Vm.uuid == ref)))
+            if vm is None:
+                raise NotFound(f"no VM {ref[:80]!r} in the inventory", code="vm_not_found")
+            return vm
+
+    async def upsert_vm(self, info: dict[str, Any], host: Host) -> Vm:
+        async with self.db.session() as s:
+            vm = await s.scalar(select(Vm).where(Vm.uuid == info["uuid"]))
+            if vm is None:
+                vm = Vm(uuid=info["uuid"], name=info["name"])
+                s.add(vm)
+            vm.host_id = host.id
+            vm.power_state = info["power_state"]
+            vm.config = info["config"]
+            vm.config_path = info["config_path"]
+            await s.commit()
+        return await self.vm(info["uuid"])
+
+    async def set_vm(self, uuid: str, **fields: Any) -> None:
+        async with self.db.session() as s:
+            vm = await s.scalar(select(Vm).where(Vm.uuid == uuid))
+            if vm is not None:
+                for key, value in fields.items():
+                    setattr(vm, key, value)
+                await s.commit()
+
+    async def remove_vm(self, uuid: str) -> None:
+        async with self.db.session() as s:
+            vm = await s.scalar(select(Vm).where(Vm.uuid == uuid))
+            if vm is not None:
+                await s.delete(vm)
+                await s.commit()
+
+    async def _reconcile(self, host: Host, reported: list[dict[str, Any]]) -> None:
+        """Agents are the truth about what runs where; alarms where the truth is impossible."""
+        for info in reported:
+            if self.migrating(info["name"]):
+                continue  # the executor owns this VM's record until its migration ends
+            try:
+                known = await self.vm(info["uuid"])
+            except NotFound:
+                await self.upsert_vm(info, host)
+                continue
+            runs_here = info["power_state"] == "poweredOn" and info.get("qemu_status") == "running"
+            if known.host is None or known.host.name == host.name:
+                await self.upsert_vm(info, host)
+            elif runs_here and known.power_state == "poweredOn":
+                await self._alarm_two_copies(known, host)
+            elif runs_here:
+                await record_event(
+                    self.db,
+                    f"VM {known.name} found running on {host.name}, not on {known.host.name}: "
+                    "inventory updated",
+                    severity="warning",
+                    vm=known.name,
+                    host=host.name,
+                )
+                await self.upsert_vm(info, host)
+        names = {info["uuid"] for info in reported}
+        for vm in await self.vms():
+            gone = vm.host is not None and vm.host.name == host.name and vm.uuid not in names
+            if gone and not self.migrating(vm.name) and vm.power_state != "missing":
+                await record_event(
+                    self.db,
+                    f"VM {vm.name} is no longer registered on its host {host.name}",
+                    severity="warning",
+                    vm=vm.name,
+                    host=host.name,
+                )
+                await self.set_vm(vm.uuid, power_state="missing")
+
+    async def _alarm_two_copies(self, vm: Vm, other: Host) -> None:
+        assert vm.host is not None
+        message = (
+            f"VM {vm.name} reported running on both {vm.host.name} and {other.name}: "
+            "not accepted; check both hosts"
+        )
+        log.error(message)
+        await record_event(self.db, message, severity="alarm", vm=vm.name, host=other.name)

@@ -1,0 +1,93 @@
+"""The center: inventory, tasks, the migration executor, and the loop that keeps facts fresh."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field
+
+from kvmotion.center.db import Database
+from kvmotion.center.inventory import Inventory
+from kvmotion.center.tasks import TaskStore, record_event
+from kvmotion.errors import InvalidInput, KvmotionError
+from kvmotion.migration.executor import DEFAULT_HOST_LIMIT, Executor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CENTER_PORT = 8600
+
+
+class CenterConfig(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    listen: str = "127.0.0.1"
+    port: int = DEFAULT_CENTER_PORT
+    db_url: str = "sqlite+aiosqlite:////var/lib/kvmotion/center.db"
+    token: str = Field(repr=False)
+    refresh_interval_s: float = 5.0
+    migrations_per_host: int = DEFAULT_HOST_LIMIT
+
+    @classmethod
+    def load(cls, path: Path) -> CenterConfig:
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise InvalidInput(f"cannot read center config {path}: {exc}") from exc
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=2))
+        path.chmod(0o600)
+
+
+class Center:
+    def __init__(
+        self, config: CenterConfig, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        self.config = config
+        self.db = Database(config.db_url)
+        self.tasks = TaskStore(self.db)
+        self.inventory = Inventory(
+            self.db, migrating=lambda name: self.executor.migrating(name), transport=transport
+        )
+        self.executor = Executor(self.db, self.inventory, self.tasks, config.migrations_per_host)
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.db.create_all()
+        await self.inventory.ensure_defaults()
+        await self._fail_orphaned_tasks()
+        self._refresher = asyncio.create_task(self._refresh_loop(), name="refresh-hosts")
+
+    async def _fail_orphaned_tasks(self) -> None:
+        """Tasks a previous center left unfinished: mark them failed, saying so."""
+        for task in await self.tasks.list(limit=500):
+            if task.state in ("queued", "running"):
+                await self.tasks.update(
+                    task.id,
+                    state="error",
+                    error="the center restarted during this task; hosts were re-read",
+                    error_code="center_restarted",
+                )
+                await record_event(
+                    self.db, f"task {task.id} ended by a center restart", severity="warning"
+                )
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            with contextlib.suppress(KvmotionError):
+                await self.inventory.refresh_all()
+            await asyncio.sleep(self.config.refresh_interval_s)
+
+    async def close(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        await self.executor.close()
+        await self.db.close()

@@ -1,0 +1,135 @@
+"""Tasks: the center's record of long work (a migration), with its lifecycle and timeline.
+
+States move only forward: queued → running → success | error | cancelled. The timeline keeps the
+seed's five steps with wall-clock times; progress and per-pass samples are updated as work goes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import select
+
+from kvmotion.center.db import Database, Event, Task
+from kvmotion.errors import Conflict, NotFound
+
+
+class TaskState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCESS = "success"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+    @property
+    def final(self) -> bool:
+        return self in (TaskState.SUCCESS, TaskState.ERROR, TaskState.CANCELLED)
+
+
+_NEXT = {
+    TaskState.QUEUED: {TaskState.RUNNING, TaskState.ERROR, TaskState.CANCELLED},
+    TaskState.RUNNING: {TaskState.SUCCESS, TaskState.ERROR, TaskState.CANCELLED},
+}
+
+# The seed's five steps, as timeline step names.
+STEPS = (
+    ("requested", "1. migration requested; the user is connected to the VM on the source"),
+    ("precopy", "2. memory pre-copied to the destination; dirty pages re-sent in passes"),
+    ("stunned", "3. VM stunned on the source; last dirty pages and device state sent"),
+    ("resumed", "4. VM resumed on the destination and announced on the VM network"),
+    ("source_removed", "5. VM removed from the source host"),
+)
+
+
+def task_dict(task: Task) -> dict[str, Any]:
+    return {
+        "id": task.id,
+        "kind": task.kind,
+        "target": task.target,
+        "state": task.state,
+        "phase": task.phase,
+        "progress": round(task.progress, 1),
+        "request": task.request,
+        "timeline": task.timeline,
+        "samples": task.samples,
+        "summary": task.summary,
+        "warnings": task.warnings,
+        "error": task.error,
+        "error_code": task.error_code,
+        "cancel_requested": task.cancel_requested,
+        "created_at": task.created_at.isoformat() if task.created_at else None,
+        "finished_at": task.finished_at.isoformat() if task.finished_at else None,
+    }
+
+
+class TaskStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(self, kind: str, target: str, request: dict[str, Any]) -> Task:
+        async with self.db.session() as s:
+            task = Task(kind=kind, target=target, request=request, state=TaskState.QUEUED)
+            task.timeline = [{"step": "requested", "time": datetime.now(UTC).timestamp()}]
+            s.add(task)
+            await s.commit()
+            return task
+
+    async def get(self, task_id: int) -> Task:
+        async with self.db.session() as s:
+            task = await s.get(Task, task_id)
+            if task is None:
+                raise NotFound(f"no task {task_id}", code="task_not_found")
+            return task
+
+    async def list(self, limit: int = 50) -> list[Task]:
+        async with self.db.session() as s:
+            rows = await s.scalars(select(Task).order_by(Task.id.desc()).limit(limit))
+            return list(rows)
+
+    async def update(self, task_id: int, **fields: Any) -> Task:
+        """Set fields; a ``state`` change is checked against the lifecycle."""
+        async with self.db.session() as s:
+            task = await s.get(Task, task_id)
+            if task is None:
+                raise NotFound(f"no task {task_id}", code="task_not_found")
+            if "state" in fields:
+                old, new = TaskState(task.state), TaskState(fields["state"])
+                if new is not old and new not in _NEXT.get(old, set()):
+                    raise Conflict(f"task {task_id} is {old}; it cannot become {new}")
+                if new.final:
+                    fields.setdefault("finished_at", datetime.now(UTC))
+            for key, value in fields.items():
+                setattr(task, key, value)
+            await s.commit()
+            return task
+
+    async def mark(self, task_id: int, step: str, when: float | None = None, **extra: Any) -> None:
+        """Append a timeline step (once per step name)."""
+        task = await self.get(task_id)
+        if any(t["step"] == step for t in task.timeline):
+            return
+        entry = {"step": step, "time": when or datetime.now(UTC).timestamp(), **extra}
+        timeline = sorted([*task.timeline, entry], key=lambda t: float(t["time"]))
+        await self.update(task_id, timeline=timeline)
+
+    async def request_cancel(self, task_id: int) -> Task:
+        task = await self.get(task_id)
+        if TaskState(task.state).final:
+            raise Conflict(f"task {task_id} already ended ({task.state})", code="task_ended")
+        return await self.update(task_id, cancel_requested=True)
+
+
+async def record_event(
+    db: Database,
+    message: str,
+    *,
+    severity: str = "info",
+    vm: str | None = None,
+    host: str | None = None,
+    task_id: int | None = None,
+) -> None:
+    async with db.session() as s:
+        s.add(Event(message=message, severity=severity, vm=vm, host=host, task_id=task_id))
+        await s.commit()

@@ -1,0 +1,132 @@
+"""The lab's center: a `kvmotion center serve` in the root namespace, with the lab's hosts added.
+
+The root namespace is the lab's admin workstation: it is on the management network (172.16.0.1)
+and runs the center on 127.0.0.1, where the CLI finds it. ``lab up`` starts it (idempotent) and
+adds every lab host the way a user would (``POST /v1/hosts``); ``lab down`` stops it and removes
+its database.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+
+from kvmotion.center.service import DEFAULT_CENTER_PORT, CenterConfig
+from kvmotion.errors import LabError
+from kvmotion.lab import netns
+from kvmotion.lab.topology import LabState, lab_dir
+
+Log = Callable[[str], None]
+START_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class LabCenter:
+    url: str
+    token: str
+    pid: int
+    start_ticks: int | None
+
+
+def center_dir() -> Path:
+    return lab_dir() / "center"
+
+
+def load_center() -> LabCenter | None:
+    try:
+        return LabCenter(**json.loads((center_dir() / "state.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _running(center: LabCenter) -> bool:
+    return netns.pid_alive(center.pid) and (
+        center.start_ticks is None or netns.process_start_ticks(center.pid) == center.start_ticks
+    )
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with httpx.Client(trust_env=False, timeout=1.0) as client:
+            return client.get(f"{url}/v1/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def ensure_center(state: LabState, log: Log) -> LabCenter:
+    """Start the lab's center unless it runs, and add the lab's hosts to it."""
+    center = load_center()
+    if center is None or not _running(center):
+        center = _start(log)
+    _add_hosts(center, state, log)
+    return center
+
+
+def _start(log: Log) -> LabCenter:
+    directory = center_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    old = load_center()
+    token = old.token if old is not None else secrets.token_urlsafe(32)
+    config = CenterConfig(
+        port=DEFAULT_CENTER_PORT,
+        db_url=f"sqlite+aiosqlite:///{directory / 'center.db'}",
+        token=token,
+        refresh_interval_s=3.0,
+    )
+    config_path = directory / "center.json"
+    config.save(config_path)
+    argv = [sys.executable, "-m", "kvmotion", "center", "serve", "--config", str(config_path)]
+    with (directory / "center.log").open("ab") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True,
+        )  # fmt: skip
+    netns.adopt_child(proc)
+    center = LabCenter(
+        f"http://{config.listen}:{config.port}",
+        token,
+        proc.pid,
+        netns.process_start_ticks(proc.pid),
+    )
+    state_path = directory / "state.json"
+    state_path.write_text(json.dumps(asdict(center)))
+    state_path.chmod(0o600)
+    deadline = time.monotonic() + START_TIMEOUT
+    while not _healthy(center.url):
+        if not _running(center) or time.monotonic() > deadline:
+            raise LabError(f"the lab's center did not start; see {directory / 'center.log'}")
+        time.sleep(0.2)
+    log(f"started the center at {center.url}: pid {center.pid}")
+    return center
+
+
+def _add_hosts(center: LabCenter, state: LabState, log: Log) -> None:
+    headers = {"Authorization": f"Bearer {center.token}"}
+    with httpx.Client(base_url=center.url, headers=headers, trust_env=False, timeout=30) as http:
+        known = {h["name"] for h in http.get("/v1/hosts").raise_for_status().json()}
+        for host in state.hosts:
+            if host.name in known:
+                continue
+            body = {"address": host.management_address, "token": state.token}
+            r = http.post("/v1/hosts", json=body)
+            if r.status_code != 201:
+                raise LabError(f"the center could not add host {host.name}: {r.text[:300]}")
+            log(f"added host {host.name} to the center")
+
+
+def stop_center(log: Log) -> None:
+    center = load_center()
+    if center is not None and _running(center):
+        if not netns.terminate(center.pid, grace=5.0):
+            raise LabError(f"the lab's center (pid {center.pid}) survived SIGKILL")
+        log(f"stopped the center (pid {center.pid})")
+    shutil.rmtree(center_dir(), ignore_errors=True)

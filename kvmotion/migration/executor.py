@@ -1,0 +1,372 @@
+"""The compute migration, driven by the center across two agents, as named steps.
+
+precheck → (queue for a slot) → prepare (destination listens) → migrate (source streams over the
+migration network) → watch (passes, progress, cancel) → switchover (source agent continues at
+pre-switchover; destination resumes and announces) → finalize (the inventory records the new host
+only once the destination runs; the source QEMU is ended).
+
+Every failure goes through one idempotent :meth:`ComputeMigration.abort`: the destination QEMU is
+ended, the source keeps (or resumes) running, the task fails with the reason, the inventory is
+unchanged. Once the destination has resumed the VM it is the owner, and abort is no longer
+possible: the migration is finalized instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from kvmotion.center.db import Database, Host, Vm
+from kvmotion.center.inventory import Inventory, host_view, vm_view
+from kvmotion.center.tasks import TaskState, TaskStore, record_event
+from kvmotion.errors import Conflict, KvmotionError, NotFound, PreconditionError
+from kvmotion.migration.precheck import PrecheckResult, precheck_compute
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.1
+RESUME_TIMEOUT = 60.0
+DEFAULT_HOST_LIMIT = 2
+
+
+@dataclass(frozen=True)
+class MigrationRequest:
+    vm: str
+    dest: str
+    kind: str = "compute"
+    downtime_ms: int = 100
+    max_bandwidth_bps: int | None = None
+
+
+class Cancelled(Exception):
+    """The user cancelled the task."""
+
+
+class Slots:
+    """Per-host concurrency limit: beyond it, migrations wait (queued), never fail."""
+
+    def __init__(self, limit: int = DEFAULT_HOST_LIMIT) -> None:
+        self.limit = limit
+        self.busy: dict[str, int] = {}
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, hosts: tuple[str, ...]) -> None:
+        async with self._cond:
+            await self._cond.wait_for(lambda: all(self.busy.get(h, 0) < self.limit for h in hosts))
+            for h in hosts:
+                self.busy[h] = self.busy.get(h, 0) + 1
+
+    async def release(self, hosts: tuple[str, ...]) -> None:
+        async with self._cond:
+            for h in hosts:
+                self.busy[h] -= 1
+            self._cond.notify_all()
+
+
+class Executor:
+    """Starts and tracks migrations; one asyncio task per migration."""
+
+    def __init__(self, db: Database, inventory: Inventory, tasks: TaskStore, limit: int) -> None:
+        self.db = db
+        self.inventory = inventory
+        self.tasks = tasks
+        self.slots = Slots(limit)
+        self.active: dict[str, int] = {}  # VM name -> task id
+        self._runs: dict[int, asyncio.Task[None]] = {}
+
+    def migrating(self, vm_name: str) -> bool:
+        return vm_name in self.active
+
+    async def precheck(self, req: MigrationRequest) -> tuple[Vm, Host, Host, PrecheckResult]:
+        """Fresh facts from both hosts, then the pure precheck."""
+        vm = await self.inventory.vm(req.vm)
+        if vm.host is None:
+            raise Conflict(f"VM {vm.name} is on no known host", code="no_host")
+        dest = await self.inventory.host(req.dest)
+        source = await self.inventory.refresh_host(vm.host.name)
+        if dest.name != source.name:
+            dest = await self.inventory.refresh_host(dest.name)
+        vm = await self.inventory.vm(vm.uuid)
+        result = precheck_compute(
+            vm_view(vm, self.migrating(vm.name)), host_view(source), host_view(dest)
+        )
+        return vm, source, dest, result
+
+    async def submit(self, req: MigrationRequest) -> int:
+        """Precheck and start; returns the task id. Raises PreconditionError, changing nothing."""
+        if req.kind != "compute":
+            raise PreconditionError(
+                f"migration type {req.kind!r} is not available yet; use 'compute'",
+                code="unsupported_type",
+            )
+        if self.migrating(req.vm):
+            raise Conflict(f"VM {req.vm} is already being migrated", code="already_migrating")
+        vm, source, dest, result = await self.precheck(req)
+        if not result.ok:
+            first = result.errors[0]
+            raise PreconditionError(
+                "; ".join(e.message for e in result.errors),
+                code=first.code,
+                errors=[e.__dict__ for e in result.errors],
+            )
+        if self.migrating(vm.name):  # a request that raced us through the precheck
+            raise Conflict(f"VM {vm.name} is already being migrated", code="already_migrating")
+        task = await self.tasks.create(
+            "migrate",
+            vm.name,
+            {"type": req.kind, "vm": vm.name, "source": source.name, "dest": dest.name,
+             "downtime_ms": req.downtime_ms},
+        )  # fmt: skip
+        self.active[vm.name] = task.id
+        await self.tasks.update(task.id, warnings=[w.__dict__ for w in result.warnings])
+        run = ComputeMigration(self, task.id, vm, source, dest, req)
+        self._runs[task.id] = asyncio.create_task(run.run(), name=f"migrate-{vm.name}")
+        return task.id
+
+    async def wait(self, task_id: int) -> None:
+        if task_id in self._runs:
+            await asyncio.shield(self._runs[task_id])
+
+    async def close(self) -> None:
+        for run in self._runs.values():
+            run.cancel()
+        for run in self._runs.values():
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await run
+
+
+class ComputeMigration:
+    def __init__(
+        self, ex: Executor, task_id: int, vm: Vm, source: Host, dest: Host, req: MigrationRequest
+    ) -> None:
+        self.ex = ex
+        self.task_id = task_id
+        self.vm = vm
+        self.source = source
+        self.dest = dest
+        self.req = req
+        self.log = log.getChild(vm.name)
+        self.dest_prepared = False
+        self.migrate_started = False
+        self.resumed = False
+        self.last_view: dict[str, Any] = {}
+
+    async def _update(self, **fields: Any) -> None:
+        await self.ex.tasks.update(self.task_id, **fields)
+
+    async def _check_cancel(self) -> None:
+        if (await self.ex.tasks.get(self.task_id)).cancel_requested:
+            raise Cancelled()
+
+    async def run(self) -> None:
+        hosts = (self.source.name, self.dest.name)
+        try:
+            await self._update(phase="queued")
+            await self.ex.slots.acquire(hosts)
+            try:
+                await self._steps()
+            finally:
+                await self.ex.slots.release(hosts)
+        finally:
+            self.ex.active.pop(self.vm.name, None)
+
+    async def _steps(self) -> None:
+        try:
+            await self._check_cancel()
+            await self._update(state=TaskState.RUNNING, phase="prepare")
+            uri = await self.prepare()
+            await self._check_cancel()
+            await self.migrate(uri)
+            await self.watch()
+            await self.confirm_resumed()
+            await self.finalize()
+        except asyncio.CancelledError:
+            await self.abort("the center stopped during the migration", TaskState.ERROR)
+            raise
+        except Cancelled:
+            await self.abort("cancelled by the user", TaskState.CANCELLED)
+        except KvmotionError as exc:
+            await self.abort(exc.message, TaskState.ERROR, exc.code)
+        except Exception as exc:  # a bug must still leave the VM running somewhere
+            self.log.exception("migration failed")
+            await self.abort(f"internal error: {exc!r}", TaskState.ERROR, "internal")
+
+    async def prepare(self) -> str:
+        async with self.ex.inventory.agent(self.dest) as agent:
+            self.dest_prepared = True  # from here on, abort must clean the destination
+            result = await agent.prepare_incoming(self.vm.config, self.vm.config_path)
+        await self.ex.tasks.mark(self.task_id, "prepared", detail=f"listening at {result['uri']}")
+        return str(result["uri"])
+
+    async def migrate(self, uri: str) -> None:
+        await self._update(phase="precopy")
+        async with self.ex.inventory.agent(self.source) as agent:
+            self.migrate_started = True
+            await agent.migrate(self.vm.name, uri, self.req.downtime_ms, self.req.max_bandwidth_bps)
+
+    async def watch(self) -> None:
+        """Follow the source until QEMU completes; progress and samples flow into the task."""
+        async with self.ex.inventory.agent(self.source) as agent:
+            while True:
+                info = await agent.get_vm(self.vm.name)
+                view = info.get("migration") or {}
+                self.last_view = view
+                stats = view.get("stats") or {}
+                phase = view.get("phase", "setup")
+                await self._progress(view, stats, phase)
+                if phase == "completed":
+                    return
+                if phase in ("failed", "cancelled"):
+                    raise KvmotionError(
+                        f"QEMU migration {phase}: {view.get('error') or 'no reason given'}",
+                        code=f"migration_{phase}",
+                    )
+                # Past pre-switchover the guest is stunned: finishing beats undoing.
+                cancel = (await self.ex.tasks.get(self.task_id)).cancel_requested
+                if cancel and phase not in ("pre-switchover", "device"):
+                    raise Cancelled()
+                await asyncio.sleep(POLL_INTERVAL)
+
+    async def _progress(self, view: dict[str, Any], stats: dict[str, Any], phase: str) -> None:
+        transferred = int(stats.get("transferred_bytes", 0))
+        remaining = int(stats.get("remaining_bytes", 0))
+        total = transferred + remaining
+        progress = 100.0 * transferred / total if total and phase != "completed" else 0.0
+        if phase == "completed":
+            progress = 95.0
+        marks = view.get("marks", {})
+        if "first_byte" in marks:
+            await self.ex.tasks.mark(self.task_id, "precopy", marks["first_byte"])
+        if "stunned" in marks:
+            await self.ex.tasks.mark(self.task_id, "stunned", marks["stunned"])
+        await self._update(
+            phase="switchover" if phase in ("pre-switchover", "device") else phase,
+            progress=min(progress, 95.0),
+            samples=view.get("samples", []),
+            summary=self._summary(stats),
+        )
+
+    def _summary(self, stats: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "status": stats.get("status"),
+            "total_time_ms": stats.get("total_time_ms"),
+            "setup_time_ms": stats.get("setup_time_ms"),
+            "downtime_ms": stats.get("downtime_ms"),
+            "expected_downtime_ms": stats.get("expected_downtime_ms"),
+            "transferred_bytes": stats.get("transferred_bytes"),
+            "remaining_bytes": stats.get("remaining_bytes"),
+            "ram_total_bytes": stats.get("total_bytes"),
+            "throughput_mbps": stats.get("mbps"),
+            "passes": stats.get("passes"),
+            "dirty_rate_bps": (stats.get("dirty_pages_rate") or 0)
+            * (stats.get("page_size") or 4096),
+        }
+
+    async def confirm_resumed(self) -> None:
+        """The destination resumes the guest itself on completion; wait until it says so."""
+        await self._update(phase="resume")
+        deadline = time.monotonic() + RESUME_TIMEOUT
+        async with self.ex.inventory.agent(self.dest) as agent:
+            while time.monotonic() < deadline:
+                info = await agent.get_vm(self.vm.name)
+                view = info.get("migration") or {}
+                if info["power_state"] == "poweredOn" and info.get("qemu_status") == "running":
+                    self.resumed = True
+                    marks = view.get("marks", {})
+                    await self.ex.tasks.mark(self.task_id, "resumed", marks.get("resumed"))
+                    return
+                if (
+                    view.get("phase") in ("failed", "cancelled")
+                    or info["power_state"] == "poweredOff"
+                ):
+                    why = view.get("error") or view.get("phase")
+                    raise KvmotionError(
+                        f"the destination did not resume the VM: {why}", code="resume_failed"
+                    )
+                await asyncio.sleep(POLL_INTERVAL / 2)
+        raise KvmotionError(
+            f"the destination did not resume the VM in {RESUME_TIMEOUT:.0f} s",
+            code="resume_timeout",
+        )
+
+    async def finalize(self) -> None:
+        """Record the new host (the destination runs the VM), then end the source's copy."""
+        await self._update(phase="finalize", progress=97.0)
+        await self.ex.inventory.set_vm(self.vm.uuid, host_id=self.dest.id, power_state="poweredOn")
+        async with self.ex.inventory.agent(self.source) as agent:
+            await agent.finish_migration(self.vm.name)
+        await self.ex.tasks.mark(self.task_id, "source_removed")
+        task = await self.ex.tasks.get(self.task_id)
+        summary = dict(task.summary)
+        times = {t["step"]: float(t["time"]) for t in task.timeline}
+        summary["task_time_ms"] = round((times["source_removed"] - times["requested"]) * 1000)
+        if "stunned" in times and "resumed" in times:
+            summary["stun_to_resume_ms"] = round((times["resumed"] - times["stunned"]) * 1000)
+        if "precopy" in times:
+            summary["request_to_first_byte_ms"] = round(
+                (times["precopy"] - times["requested"]) * 1000
+            )
+        if "resumed" in times:
+            summary["resume_to_done_ms"] = round(
+                (times["source_removed"] - times["resumed"]) * 1000
+            )
+        await self._update(state=TaskState.SUCCESS, phase="done", progress=100.0, summary=summary)
+        await record_event(
+            self.ex.db,
+            f"VM {self.vm.name} migrated from {self.source.name} to {self.dest.name} "
+            f"(downtime {summary.get('downtime_ms')} ms)",
+            vm=self.vm.name,
+            host=self.dest.name,
+            task_id=self.task_id,
+        )
+        self.log.info("migrated to %s", self.dest.name)
+
+    async def abort(self, reason: str, state: TaskState, code: str | None = None) -> None:
+        """Undo what was done, idempotently; the VM keeps running on the source."""
+        self.log.warning("aborting migration: %s", reason)
+        if self.resumed:
+            # The destination runs the VM: it is the owner now. Finish instead of undoing.
+            with contextlib.suppress(KvmotionError):
+                await self.finalize()
+                return
+        notes = []
+        dest_gone = not self.dest_prepared
+        if self.dest_prepared:
+            # The destination first: once its copy is ended, the source may safely resume.
+            try:
+                async with self.ex.inventory.agent(self.dest) as agent:
+                    done = (await agent.abort_migration(self.vm.name))["done"]
+                dest_gone = True
+                notes.append(f"destination: {done}")
+            except NotFound:
+                dest_gone = True
+                notes.append("destination: nothing left")
+            except KvmotionError as exc:
+                notes.append(f"destination: {exc.message}")
+        if self.migrate_started:
+            try:
+                async with self.ex.inventory.agent(self.source) as agent:
+                    done = (await agent.abort_migration(self.vm.name, destination_gone=dest_gone))[
+                        "done"
+                    ]
+                notes.append(f"source: {done}")
+            except KvmotionError as exc:
+                notes.append(f"source: {exc.message}")
+        with contextlib.suppress(KvmotionError):
+            await self._update(
+                state=state,
+                phase="aborted",
+                error=reason + (f" ({'; '.join(notes)})" if notes else ""),
+                error_code=code or ("cancelled" if state is TaskState.CANCELLED else "failed"),
+            )
+        await record_event(
+            self.ex.db,
+            f"migration of VM {self.vm.name} to {self.dest.name} {state}: {reason}",
+            severity="warning",
+            vm=self.vm.name,
+            task_id=self.task_id,
+        )

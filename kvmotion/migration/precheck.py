@@ -1,0 +1,153 @@
+"""Compute-migration precheck: a pure function of inventory and fresh host facts.
+
+The seed's three conditions (shared storage, a migration network, compatible CPUs) plus what
+vCenter also checks (networks, memory, VM state, concurrency). Errors stop a migration; warnings
+are shown. Each finding says what to do. No I/O here: the caller gathers the facts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Finding:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PrecheckResult:
+    errors: tuple[Finding, ...] = ()
+    warnings: tuple[Finding, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+@dataclass(frozen=True)
+class HostView:
+    """What the precheck needs to know of a host, from its latest facts."""
+
+    name: str
+    connected: bool
+    migration_address: str | None
+    datastores: frozenset[str]
+    networks: frozenset[str]
+    available_memory_bytes: int
+    accel: str
+    cpu_vendor: str
+    runnable_cpu_models: frozenset[str] | None = None  # None: the host did not say
+
+
+@dataclass(frozen=True)
+class VmView:
+    name: str
+    host: str | None
+    power_state: str
+    disk_datastores: tuple[str, ...]
+    networks: tuple[str, ...]
+    memory_mib: int
+    cpu_model: str
+    migrating: bool = False
+
+
+@dataclass
+class _Findings:
+    errors: list[Finding] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+
+    def error(self, code: str, message: str) -> None:
+        self.errors.append(Finding(code, message))
+
+    def warn(self, code: str, message: str) -> None:
+        self.warnings.append(Finding(code, message))
+
+    def result(self) -> PrecheckResult:
+        return PrecheckResult(tuple(self.errors), tuple(self.warnings))
+
+
+def precheck_compute(vm: VmView, source: HostView, dest: HostView) -> PrecheckResult:
+    """Can ``vm`` move, compute only, from ``source`` to ``dest``?"""
+    f = _Findings()
+    if vm.host != source.name:
+        f.error("wrong_source", f"VM {vm.name} runs on {vm.host}, not on {source.name}")
+    if dest.name == source.name:
+        f.error(
+            "same_host",
+            f"VM {vm.name} already runs on {dest.name}: choose another host "
+            "(or a storage migration to change only its datastore)",
+        )
+    if vm.power_state != "poweredOn":
+        f.error(
+            "not_running",
+            f"VM {vm.name} is {vm.power_state}: vMotion moves running VMs; power it on first",
+        )
+    if vm.migrating:
+        f.error("already_migrating", f"VM {vm.name} is already being migrated")
+    if not dest.connected:
+        f.error("host_disconnected", f"host {dest.name} is not connected")
+    if not source.connected:
+        f.error("host_disconnected", f"host {source.name} is not connected")
+    _storage(vm, dest, f)
+    _network(vm, source, dest, f)
+    _cpu(vm, source, dest, f)
+    need = vm.memory_mib * 2**20
+    if need > dest.available_memory_bytes:
+        f.error(
+            "insufficient_memory",
+            f"host {dest.name} has {dest.available_memory_bytes // 2**20} MiB available; "
+            f"VM {vm.name} needs {vm.memory_mib} MiB",
+        )
+    elif need > dest.available_memory_bytes * 0.9:
+        f.warn("memory_tight", f"host {dest.name} would have under 10 % of its memory left")
+    return f.result()
+
+
+def _storage(vm: VmView, dest: HostView, f: _Findings) -> None:
+    for ds in sorted(set(vm.disk_datastores)):
+        if ds not in dest.datastores:
+            f.error(
+                "datastore_not_shared",
+                f"host {dest.name} does not see datastore {ds!r}, which holds disks of VM "
+                f"{vm.name}: a compute-only migration needs shared storage; migrate storage "
+                "too (type 'both') or choose a host that sees it",
+            )
+
+
+def _network(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None:
+    for host in (source, dest):
+        if not host.migration_address:
+            f.error(
+                "no_migration_network",
+                f"host {host.name} has no migration (vMotion) address: configure one on the "
+                "migration network; memory never crosses the management or VM network",
+            )
+    for net in sorted(set(vm.networks)):
+        if net not in dest.networks:
+            f.error(
+                "network_missing",
+                f"host {dest.name} has no network {net!r}, which VM {vm.name} is connected to",
+            )
+
+
+def _cpu(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None:
+    if source.accel != dest.accel:
+        f.error(
+            "accel_mismatch",
+            f"host {source.name} runs VMs under {source.accel} and {dest.name} under "
+            f"{dest.accel}: a running VM cannot change accelerator",
+        )
+    if source.cpu_vendor != dest.cpu_vendor and source.accel == "kvm":
+        f.error(
+            "cpu_vendor",
+            f"host {source.name} has {source.cpu_vendor} CPUs and {dest.name} "
+            f"{dest.cpu_vendor}: Intel and AMD never mix",
+        )
+    if dest.runnable_cpu_models is not None and vm.cpu_model not in dest.runnable_cpu_models:
+        f.error(
+            "cpu_incompatible",
+            f"host {dest.name} cannot run CPU model {vm.cpu_model} of VM {vm.name}: "
+            "set an EVC baseline both hosts support",
+        )
