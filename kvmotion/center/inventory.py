@@ -245,7 +245,7 @@ class Inventory:
             if known.host is None or known.host.name == host.name:
                 await self.upsert_vm(info, host)
             elif runs_here and known.power_state == "poweredOn":
-                await self._alarm_two_copies(known, host)
+                await self._resolve_two_reports(known, host, info)
             elif runs_here:
                 await record_event(
                     self.db,
@@ -268,6 +268,35 @@ class Inventory:
                     host=host.name,
                 )
                 await self.set_vm(vm.uuid, power_state="missing")
+
+    async def _resolve_two_reports(self, vm: Vm, other: Host, info: dict[str, Any]) -> None:
+        """``other`` runs ``vm``, which the inventory places on another host. Ask that host: a
+        copy left paused after a completed migration is finished there and ``other`` owns the
+        VM; two running copies are an alarm, and nothing changes."""
+        assert vm.host is not None
+        try:
+            async with self.agent(vm.host) as agent:
+                theirs = await agent.get_vm(vm.uuid)
+        except NotFound:
+            theirs = None
+        except HostUnreachable:
+            return  # cannot tell yet; the next refresh asks again
+        if theirs is not None and theirs.get("qemu_status") == "running":
+            await self._alarm_two_copies(vm, other)
+            return
+        phase = ((theirs or {}).get("migration") or {}).get("phase")
+        if theirs is not None and phase == "completed":
+            async with self.agent(vm.host) as agent:
+                await agent.finish_migration(vm.uuid)
+        await record_event(
+            self.db,
+            f"VM {vm.name} runs on {other.name} after a migration the center did not finish; "
+            f"inventory updated (the copy on {vm.host.name} was {phase or 'gone'})",
+            severity="warning",
+            vm=vm.name,
+            host=other.name,
+        )
+        await self.upsert_vm(info, other)
 
     async def _alarm_two_copies(self, vm: Vm, other: Host) -> None:
         assert vm.host is not None

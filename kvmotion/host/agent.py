@@ -80,15 +80,20 @@ class HostAgent:
         self.config.vms_run_dir.mkdir(parents=True, exist_ok=True)
         for reg in sorted(self.config.vms_run_dir.glob("*/registration.json")):
             try:
-                config_path = Path(json.loads(reg.read_text())["config_path"])
+                registration = json.loads(reg.read_text())
+                config_path = Path(registration["config_path"])
                 vm = self._make_vm(
                     VmConfig.model_validate_json(config_path.read_text()), config_path
                 )
             except (OSError, ValueError, KeyError) as exc:
                 log.error("cannot load registration %s: %s (left as is)", reg, exc)
                 continue
+            vm.incoming = bool(registration.get("incoming", False))
             self.vms[vm.config.uuid] = vm
-            await vm.attach()
+            if not await vm.attach() and vm.incoming:
+                # The destination of a migration that ended while we were down: not ours.
+                log.info("dropping %s: an incoming migration that never completed", vm.config.name)
+                self._unregister(vm)
 
     async def close(self) -> None:
         """Let go of every VM without stopping any (they outlive the agent)."""
@@ -230,10 +235,11 @@ class HostAgent:
                     code="insufficient_space",
                 )
 
-    def _register(self, config: VmConfig, config_path: Path) -> VirtualMachine:
+    def _register(
+        self, config: VmConfig, config_path: Path, *, incoming: bool = False
+    ) -> VirtualMachine:
         vm = self._make_vm(config, config_path)
-        vm.run_dir.mkdir(parents=True, exist_ok=True)
-        (vm.run_dir / "registration.json").write_text(json.dumps({"config_path": str(config_path)}))
+        vm.write_registration(incoming=incoming)
         self.vms[config.uuid] = vm
         return vm
 
@@ -324,7 +330,7 @@ class HostAgent:
                 f"{available // 2**20} MiB available",
                 code="insufficient_memory",
             )
-        vm = self._register(config, config_path)
+        vm = self._register(config, config_path, incoming=True)
         try:
             async with vm.lock:
                 uri = await vm.prepare_incoming(address)

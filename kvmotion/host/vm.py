@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from enum import StrEnum
@@ -17,7 +18,7 @@ from pathlib import Path
 from kvmotion.errors import Conflict, InvalidInput, NotFound, QemuError
 from kvmotion.host import taps
 from kvmotion.host.datastores import Datastores
-from kvmotion.host.migration import Incoming, MigrationView, Outgoing
+from kvmotion.host.migration import ANNOUNCE, Incoming, MigrationStats, MigrationView, Outgoing
 from kvmotion.host.vmconfig import VmConfig
 from kvmotion.qemu.cmdline import DiskLaunch, NicLaunch, QemuLaunch
 from kvmotion.qemu.process import QemuProcess
@@ -80,6 +81,7 @@ class VirtualMachine:
         self.lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
         self.migration: Outgoing | Incoming | None = None
+        self.incoming = False  # registered as a migration's destination, not yet the owner
         self.log = log.getChild(config.name)
 
     # -- paths and launch description --------------------------------------------------------
@@ -175,6 +177,7 @@ class VirtualMachine:
 
     def _resumed_here(self) -> None:
         self._set_state(PowerState.POWERED_ON)
+        self.write_registration(incoming=False)
 
     async def _start(self, *, incoming: bool) -> None:
         if QemuProcess.find(self.pidfile, self.config.uuid) is not None:
@@ -199,8 +202,20 @@ class VirtualMachine:
             await self._cleanup_after_exit(kill=True)
             raise
 
+    def write_registration(self, *, incoming: bool) -> None:
+        """Record on this host that the VM is registered here (``incoming``: not yet owned)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        body = {"config_path": str(self.config_path), "incoming": incoming}
+        (self.run_dir / "registration.json").write_text(json.dumps(body))
+        self.incoming = incoming
+
     async def attach(self) -> bool:
-        """Find this VM's QEMU left running by an earlier agent. True if it runs."""
+        """Find this VM's QEMU left running by an earlier agent. True if it runs.
+
+        A destination whose agent died mid-migration: if the stream had completed, the guest is
+        resumed here now (the source stays in postmigrate and never resumes by itself, so
+        this copy is the only one); if it had not, the VM stays incoming until the center aborts.
+        """
         process = QemuProcess.find(self.pidfile, self.config.uuid)
         if process is None:
             await self._remove_taps()
@@ -211,8 +226,23 @@ class VirtualMachine:
         except QemuError:
             self.log.warning("QEMU pid %d runs but QMP does not answer", process.pid)
         self.state = PowerState.POWERED_ON
-        self.log.info("re-attached to running QEMU pid %d", process.pid)
+        if self.incoming and self.qmp is not None:
+            await self._recover_incoming(self.qmp)
+        self.log.info("re-attached to QEMU pid %d (%s)", process.pid, self.state)
         return True
+
+    async def _recover_incoming(self, qmp: QmpSession) -> None:
+        stats = MigrationStats.parse(await qmp.execute("query-migrate"))
+        status = await qmp.query_status()
+        if stats.status == "completed" and not status.running:
+            await qmp.execute("cont")
+            await qmp.execute("announce-self", ANNOUNCE)
+            self.write_registration(incoming=False)
+            self.log.warning("resumed after an agent restart: the incoming stream had completed")
+        elif status.running:
+            self.write_registration(incoming=False)
+        else:
+            self.state = PowerState.INCOMING
 
     async def _connect(self) -> None:
         assert self.process is not None

@@ -24,6 +24,7 @@ from kvmotion.center.db import Database, Host, Vm
 from kvmotion.center.inventory import Inventory, host_view, vm_view
 from kvmotion.center.tasks import TaskState, TaskStore, record_event
 from kvmotion.errors import Conflict, KvmotionError, NotFound, PreconditionError
+from kvmotion.host.client import AgentClient
 from kvmotion.migration.precheck import PrecheckResult, precheck_compute
 
 log = logging.getLogger(__name__)
@@ -210,9 +211,13 @@ class ComputeMigration:
 
     async def watch(self) -> None:
         """Follow the source until QEMU completes; progress and samples flow into the task."""
-        async with self.ex.inventory.agent(self.source) as agent:
+        async with (
+            self.ex.inventory.agent(self.source) as agent,
+            self.ex.inventory.agent(self.dest) as dest_agent,
+        ):
             while True:
                 info = await agent.get_vm(self.vm.name)
+                await self._check_destination(dest_agent)
                 view = info.get("migration") or {}
                 self.last_view = view
                 stats = view.get("stats") or {}
@@ -230,6 +235,18 @@ class ComputeMigration:
                 if cancel and phase not in ("pre-switchover", "device"):
                     raise Cancelled()
                 await asyncio.sleep(POLL_INTERVAL)
+
+    async def _check_destination(self, dest_agent: AgentClient) -> None:
+        """The destination must stay alive while we copy to it (HostUnreachable if its agent
+        died: the migration is aborted rather than completed into a host nobody drives)."""
+        info = await dest_agent.get_vm(self.vm.name)
+        view = info.get("migration") or {}
+        if info["power_state"] == "poweredOff" or view.get("phase") in ("failed", "cancelled"):
+            why = view.get("error") or "its QEMU ended"
+            raise KvmotionError(
+                f"the destination {self.dest.name} stopped receiving: {why}",
+                code="destination_failed",
+            )
 
     async def _progress(self, view: dict[str, Any], stats: dict[str, Any], phase: str) -> None:
         transferred = int(stats.get("transferred_bytes", 0))

@@ -70,8 +70,11 @@ def assert_lab_gone(lab_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def lab(request: pytest.FixtureRequest) -> Iterator[topology.LabState]:
     """A two-host lab with agents, for one test module; torn down and checked after it."""
-    ensure_image(lambda _msg: None)
     lab_dir = topology.lab_dir()
+    # The suite owns the machine's lab: a lab left up (a demo, an earlier run) goes first.
+    labcenter.stop_center(lambda _msg: None)
+    topology.lab_down(log=lambda _msg: None)
+    ensure_image(lambda _msg: None)
     try:
         state = topology.lab_up(2, log=lambda _msg: None)
         yield state

@@ -1,0 +1,229 @@
+"""Client of the center's REST API, for the CLI and scripts; and where the CLI finds the center.
+
+One method per route of :mod:`kvmotion.center.api`. HTTP failures are converted here, once, as
+:mod:`kvmotion.host.client` does for agents: a center that does not answer is
+:class:`HostUnreachable`; an error body becomes the domain error of its status (with the center's
+code and message). Bodies are returned as the center's JSON objects: the CLI prints them raw.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from kvmotion.errors import ExecutionError, HostUnreachable, InvalidInput
+from kvmotion.host.client import error_from_response
+
+CENTER_URL_ENV = "KVMOTION_CENTER_URL"
+CENTER_TOKEN_ENV = "KVMOTION_CENTER_TOKEN"
+
+# The center waits on agents for these (see AgentClient): its answer must not be cut short.
+_CREATE_TIMEOUT = 150.0
+_POWER_ON_TIMEOUT = 150.0
+_SHUTDOWN_TIMEOUT = 120.0
+_POWER_OFF_TIMEOUT = 90.0
+_PRECHECK_TIMEOUT = 90.0  # fresh facts from two hosts
+
+JsonObject = dict[str, Any]
+
+
+def resolve_center(url: str | None, token: str | None) -> tuple[str, str]:
+    """The center's URL and token: given ones, else the environment, else the lab's center.
+
+    Raises :class:`InvalidInput` (nothing was tried) when none of these names a center, or when a
+    center is named without its token.
+    """
+    url = url or os.environ.get(CENTER_URL_ENV) or None
+    token = token or os.environ.get(CENTER_TOKEN_ENV) or None
+    if url is None or token is None:
+        from kvmotion.lab.labcenter import load_center  # only when nothing else names a center
+
+        lab = load_center()
+        if lab is not None and (url is None or url.rstrip("/") == lab.url.rstrip("/")):
+            url, token = lab.url, token or lab.token
+    if url is None:
+        raise InvalidInput(
+            "no center to talk to: pass --center URL and --token TOKEN, or set "
+            f"{CENTER_URL_ENV} and {CENTER_TOKEN_ENV} (or start the lab's with `kvmotion lab up`)",
+            code="no_center",
+        )
+    if token is None:
+        raise InvalidInput(
+            f"no token for the center at {url}: pass --token TOKEN or set {CENTER_TOKEN_ENV}",
+            code="no_center_token",
+        )
+    return url.rstrip("/"), token
+
+
+class CenterClient:
+    """``async with CenterClient(url, token) as center: await center.vms()``."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self._http = httpx.AsyncClient(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+            trust_env=False,  # never route the center's traffic through a proxy
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> CenterClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        what = f"{method} {self.url}{path}"
+        kwargs: dict[str, Any] = {"json": json, "params": params}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        try:
+            response = await self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise HostUnreachable(
+                f"the center at {self.url} did not answer: {exc!r} "
+                "(is it running? `kvmotion lab up` starts the lab's)"
+            ) from exc
+        if response.status_code >= 400:
+            raise error_from_response(response, what)
+        if response.status_code == 204:
+            return None
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise ExecutionError(
+                f"{what}: the center answered with something other than JSON: "
+                f"{response.text[:200]!r}",
+                code="bad_response",
+            ) from exc
+
+    async def _object(self, method: str, path: str, **kwargs: Any) -> JsonObject:
+        body = await self.request(method, path, **kwargs)
+        if not isinstance(body, dict):
+            raise ExecutionError(f"{method} {self.url}{path}: expected an object", code="bad_response")
+        return body
+
+    async def _list(self, path: str, **kwargs: Any) -> list[JsonObject]:
+        body = await self.request("GET", path, **kwargs)
+        if not isinstance(body, list) or not all(isinstance(x, dict) for x in body):
+            raise ExecutionError(f"GET {self.url}{path}: expected a list", code="bad_response")
+        return body
+
+    # -- health and hosts ----------------------------------------------------------------------
+    async def health(self) -> JsonObject:
+        return await self._object("GET", "/v1/health")
+
+    async def add_host(self, address: str, token: str, port: int | None = None) -> JsonObject:
+        body: JsonObject = {"address": address, "token": token}
+        if port is not None:
+            body["port"] = port
+        return await self._object("POST", "/v1/hosts", json=body)
+
+    async def hosts(self) -> list[JsonObject]:
+        return await self._list("/v1/hosts")
+
+    async def host(self, name: str) -> JsonObject:
+        return await self._object("GET", f"/v1/hosts/{_segment(name)}")
+
+    # -- VMs -----------------------------------------------------------------------------------
+    async def vms(self) -> list[JsonObject]:
+        return await self._list("/v1/vms")
+
+    async def vm(self, vm: str) -> JsonObject:
+        return await self._object("GET", f"/v1/vms/{_segment(vm)}")
+
+    async def create_vm(self, host: str, spec: JsonObject) -> JsonObject:
+        body = {"host": host, "spec": spec}
+        return await self._object("POST", "/v1/vms", json=body, timeout=_CREATE_TIMEOUT)
+
+    async def power_on(self, vm: str) -> JsonObject:
+        path = f"/v1/vms/{_segment(vm)}/power-on"
+        return await self._object("POST", path, timeout=_POWER_ON_TIMEOUT)
+
+    async def shutdown(self, vm: str) -> JsonObject:
+        path = f"/v1/vms/{_segment(vm)}/shutdown"
+        return await self._object("POST", path, timeout=_SHUTDOWN_TIMEOUT)
+
+    async def power_off(self, vm: str) -> JsonObject:
+        path = f"/v1/vms/{_segment(vm)}/power-off"
+        return await self._object("POST", path, timeout=_POWER_OFF_TIMEOUT)
+
+    async def delete_vm(self, vm: str) -> None:
+        await self.request("DELETE", f"/v1/vms/{_segment(vm)}", timeout=_POWER_OFF_TIMEOUT)
+
+    # -- migrations ----------------------------------------------------------------------------
+    async def migrate(
+        self,
+        vm: str,
+        host: str,
+        type: str = "compute",
+        downtime_ms: int = 100,
+        max_bandwidth_bps: int | None = None,
+    ) -> JsonObject:
+        """Start a migration; returns its task (202: the work goes on in the center)."""
+        body = _migrate_body(host, type, downtime_ms, max_bandwidth_bps)
+        path = f"/v1/vms/{_segment(vm)}/migrate"
+        return await self._object("POST", path, json=body, timeout=_PRECHECK_TIMEOUT)
+
+    async def precheck(
+        self,
+        vm: str,
+        host: str,
+        type: str = "compute",
+        downtime_ms: int = 100,
+        max_bandwidth_bps: int | None = None,
+    ) -> JsonObject:
+        """What a migration would find (``ok``, ``errors``, ``warnings``); starts nothing."""
+        body = _migrate_body(host, type, downtime_ms, max_bandwidth_bps)
+        path = f"/v1/vms/{_segment(vm)}/migrate/precheck"
+        return await self._object("POST", path, json=body, timeout=_PRECHECK_TIMEOUT)
+
+    # -- tasks and events ----------------------------------------------------------------------
+    async def tasks(self, limit: int = 50) -> list[JsonObject]:
+        return await self._list("/v1/tasks", params={"limit": limit})
+
+    async def task(self, task_id: int) -> JsonObject:
+        return await self._object("GET", f"/v1/tasks/{task_id}")
+
+    async def cancel_task(self, task_id: int) -> JsonObject:
+        return await self._object("POST", f"/v1/tasks/{task_id}/cancel")
+
+    async def events(self, limit: int = 100) -> list[JsonObject]:
+        return await self._list("/v1/events", params={"limit": limit})
+
+
+def _migrate_body(
+    host: str, type: str, downtime_ms: int, max_bandwidth_bps: int | None
+) -> JsonObject:
+    return {
+        "host": host,
+        "type": type,
+        "downtime_ms": downtime_ms,
+        "max_bandwidth_bps": max_bandwidth_bps,
+    }
+
+
+def _segment(value: str) -> str:
+    """A name as one path segment: a '/', '?' or '#' in it must not change the URL's meaning."""
+    return quote(value, safe="")

@@ -1,0 +1,236 @@
+"""Compute vMotion, for real: the seed's procedure with a user connected, and its failures.
+
+One lab, one center, one VM (vm-a on the shared datastore) busy dirtying memory while the client
+pings it every 10 ms over one TCP connection. What a user would check: where the VM runs, that
+the connection survived with nothing lost, that memory crossed the migration network, and that
+a failed or cancelled migration leaves the VM running where it was.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from kvmotion.lab import labcenter, netns, topology
+from kvmotion.lab.demo import GUEST_PORT, guest_ip, vm_spec, wait_for_guest
+from kvmotion.lab.guestclient import GuestClient, PingLoop, PingSummary
+from tests.lab.conftest import qemu_pids_under
+
+pytestmark = pytest.mark.lab
+
+SRC, DST = "172.16.0.172", "172.16.0.173"
+TASK_DEADLINE = 120.0
+
+
+@pytest.fixture(scope="module")
+def center(lab: topology.LabState) -> Iterator[httpx.Client]:
+    c = labcenter.ensure_center(lab, lambda _m: None)
+    headers = {"Authorization": f"Bearer {c.token}"}
+    with httpx.Client(base_url=c.url, headers=headers, trust_env=False, timeout=60) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def vm_a(lab: topology.LabState, center: httpx.Client) -> Iterator[GuestClient]:
+    """vm-a on .172 (shared datastore), guestd dirtying 16 MiB/s over 64 MiB."""
+    r = center.post("/v1/vms", json={"host": SRC, "spec": vm_spec("vm-a", 0, memory_mib=256)})
+    assert r.status_code == 201, r.text
+    assert center.post("/v1/vms/vm-a/power-on").status_code == 200
+    guest = wait_for_guest(lab, guest_ip(0))
+    guest.dirty(16, 64)
+    yield guest
+    guest.close()
+
+
+def run_task(center: httpx.Client, task_id: int, deadline: float = TASK_DEADLINE) -> dict[str, Any]:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        task: dict[str, Any] = center.get(f"/v1/tasks/{task_id}").json()
+        if task["state"] in ("success", "error", "cancelled"):
+            return task
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_id} did not end in {deadline:.0f} s")
+
+
+def migrate(center: httpx.Client, dest: str, **body: Any) -> dict[str, Any]:
+    r = center.post("/v1/vms/vm-a/migrate", json={"host": dest, **body})
+    assert r.status_code == 202, r.text
+    task: dict[str, Any] = r.json()
+    return task
+
+
+def wait_phase(center: httpx.Client, task_id: int, phases: set[str], timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        task = center.get(f"/v1/tasks/{task_id}").json()
+        if task["phase"] in phases and task["samples"]:
+            return
+        assert task["state"] in ("queued", "running"), task
+        time.sleep(0.05)
+    raise AssertionError(f"task {task_id} never reached {phases}")
+
+
+def link_bytes(ns: str, dev: str) -> tuple[int, int]:
+    [link] = netns.ip_json("-s", "link", "show", "dev", dev, ns=ns)
+    stats = link["stats64"]
+    return int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"])
+
+
+def qemus_on(host_ns: str, uuid: str) -> list[int]:
+    host_dir = topology.lab_dir() / "hosts" / host_ns
+    return [p for p in qemu_pids_under(host_dir) if uuid in " ".join(netns.process_cmdline(p))]
+
+
+def agent_vm_names(lab: topology.LabState, index: int) -> list[str]:
+    headers = {"Authorization": f"Bearer {lab.token}"}
+    with httpx.Client(trust_env=False, headers=headers, timeout=30) as http:
+        return [v["name"] for v in http.get(f"{lab.hosts[index].agent_url}/v1/vms").json()]
+
+
+def assert_runs_only_on(lab: topology.LabState, center: httpx.Client, index: int) -> None:
+    vm = center.get("/v1/vms/vm-a").json()
+    assert vm["host"] == lab.hosts[index].name and vm["power_state"] == "poweredOn"
+    assert agent_vm_names(lab, index) == ["vm-a"]
+    assert agent_vm_names(lab, 1 - index) == []
+    assert len(qemus_on(lab.hosts[index].netns, vm["uuid"])) == 1
+    assert qemus_on(lab.hosts[1 - index].netns, vm["uuid"]) == []
+
+
+def user_ping_loop(lab: topology.LabState) -> PingLoop:
+    sock = netns.connect_in_netns(lab.client_netns, guest_ip(0), GUEST_PORT, timeout=5.0)
+    return PingLoop(sock, interval=0.01, max_duration=300, owns_socket=True).start()
+
+
+def assert_user_noticed_nothing(summary: PingSummary) -> None:
+    assert summary.same_connection, f"the user's connection dropped: {summary.error}"
+    assert summary.lost == 0, f"{summary.lost} requests lost"
+    assert summary.n_monotonic, "guestd restarted: the VM was not moved live"
+    assert summary.max_gap_ms < 1000, f"longest gap {summary.max_gap_ms:.0f} ms"
+    assert summary.answered == summary.sent >= 50
+
+
+def test_seed_procedure_there_and_back(
+    lab: topology.LabState, center: httpx.Client, vm_a: GuestClient
+) -> None:
+    ping = user_ping_loop(lab)
+    try:
+        for dest_index in (1, 0):
+            src_ns = lab.hosts[1 - dest_index].netns
+            before_vmotion = link_bytes(src_ns, "vmotion0")
+            before_mgmt = link_bytes(src_ns, "mgmt0")
+            task = run_task(center, migrate(center, lab.hosts[dest_index].name)["id"])
+            assert task["state"] == "success", task["error"]
+            steps = [t["step"] for t in task["timeline"]]
+            for step in ("requested", "precopy", "stunned", "resumed", "source_removed"):
+                assert step in steps, f"timeline lacks {step}: {steps}"
+            times = {t["step"]: t["time"] for t in task["timeline"]}
+            assert times["requested"] <= times["precopy"] <= times["stunned"]
+            assert times["stunned"] <= times["resumed"] <= times["source_removed"]
+            summary = task["summary"]
+            assert summary["downtime_ms"] is not None and summary["downtime_ms"] >= 0
+            assert summary["passes"] >= 1 and task["samples"]
+            assert summary["transferred_bytes"] > 10 * 2**20
+            assert_runs_only_on(lab, center, dest_index)
+            # The memory stream crossed the migration network, not the management network.
+            sent_vmotion = link_bytes(src_ns, "vmotion0")[0] - before_vmotion[0]
+            sent_mgmt = link_bytes(src_ns, "mgmt0")[0] - before_mgmt[0]
+            assert sent_vmotion >= summary["transferred_bytes"]
+            assert sent_mgmt < summary["transferred_bytes"] / 20
+    finally:
+        ping.stop()
+        result = ping.join(timeout=30)
+    assert_user_noticed_nothing(result)
+
+
+def test_cancel_during_precopy_keeps_vm_on_source(
+    lab: topology.LabState, center: httpx.Client, vm_a: GuestClient
+) -> None:
+    # A link slower than the guest dirties memory: pre-copy cannot converge, so we can cancel.
+    topology.shape_link(SRC, 40)
+    try:
+        ping = user_ping_loop(lab)
+        task = migrate(center, DST)
+        wait_phase(center, task["id"], {"active"})
+        r = center.post(f"/v1/tasks/{task['id']}/cancel")
+        assert r.status_code == 200 and r.json()["cancel_requested"]
+        done = run_task(center, task["id"])
+        ping.stop()
+        summary = ping.join(timeout=30)
+    finally:
+        topology.shape_link(SRC, None)
+    assert done["state"] == "cancelled" and "cancelled" in done["error"]
+    assert_runs_only_on(lab, center, 0)
+    assert_user_noticed_nothing(summary)
+    assert center.post(f"/v1/tasks/{task['id']}/cancel").status_code == 409
+
+
+def test_destination_agent_killed_during_precopy(
+    lab: topology.LabState, center: httpx.Client, vm_a: GuestClient
+) -> None:
+    topology.shape_link(SRC, 40)
+    try:
+        ping = user_ping_loop(lab)
+        task = migrate(center, DST)
+        wait_phase(center, task["id"], {"active"})
+        state = topology.load_state()
+        assert state is not None and state.hosts[1].agent_pid is not None
+        os.kill(state.hosts[1].agent_pid, signal.SIGKILL)
+        done = run_task(center, task["id"])
+        ping.stop()
+        summary = ping.join(timeout=30)
+    finally:
+        topology.shape_link(SRC, None)
+        topology.lab_up(2, log=lambda _m: None)  # restarts the killed agent
+    assert done["state"] == "error"
+    assert DST in done["error"] or "did not answer" in done["error"], done["error"]
+    assert_user_noticed_nothing(summary)
+    assert_runs_only_on(lab, center, 0)
+
+
+def test_refusals_change_nothing(
+    lab: topology.LabState, center: httpx.Client, vm_a: GuestClient
+) -> None:
+    tasks_before = len(center.get("/v1/tasks").json())
+    cases = [
+        ({"host": SRC}, 409, "same_host"),
+        ({"host": "172.16.0.199"}, 404, "host_not_found"),
+        ({"host": DST, "downtime_ms": 0}, 422, "invalid_input"),
+        ({"host": DST, "type": "teleport"}, 422, "invalid_input"),
+    ]
+    for body, status, code in cases:
+        r = center.post("/v1/vms/vm-a/migrate", json=body)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]["code"] == code, r.text
+    r = center.post("/v1/vms/ghost/migrate", json={"host": DST})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "vm_not_found"
+    # A VM on a datastore the destination does not see: the precheck names it and the fix.
+    spec = vm_spec("vm-local", 3, datastore="local-172")
+    assert center.post("/v1/vms", json={"host": SRC, "spec": spec}).status_code == 201
+    r = center.post("/v1/vms/vm-local/migrate", json={"host": DST})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "not_running"
+    assert center.post("/v1/vms/vm-local/power-on").status_code == 200
+    r = center.post("/v1/vms/vm-local/migrate", json={"host": DST})
+    err = r.json()["error"]
+    assert r.status_code == 409 and err["code"] == "datastore_not_shared", r.text
+    assert "local-172" in err["message"] and "both" in err["message"]
+    assert center.post("/v1/vms/vm-local/power-off").status_code == 200
+    assert center.delete("/v1/vms/vm-local").status_code == 204
+    # A VM already migrating: the second request is refused while the first runs.
+    topology.shape_link(SRC, 40)
+    try:
+        task = migrate(center, DST)
+        wait_phase(center, task["id"], {"active"})
+        r = center.post("/v1/vms/vm-a/migrate", json={"host": DST})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "already_migrating"
+        center.post(f"/v1/tasks/{task['id']}/cancel")
+        assert run_task(center, task["id"])["state"] == "cancelled"
+    finally:
+        topology.shape_link(SRC, None)
+    assert len(center.get("/v1/tasks").json()) == tasks_before + 1
+    assert_runs_only_on(lab, center, 0)
