@@ -122,6 +122,7 @@ class Outgoing:
         self.view = MigrationView(side="source", phase="setup")
         self.log = log.getChild(name)
         self._task: asyncio.Task[None] | None = None
+        self._events: EventListener | None = None
         self._started = 0.0
 
     @property
@@ -144,14 +145,37 @@ class Outgoing:
         self.view.uri = uri
         self._started = time.monotonic()
         self.view.marks["migrate_started"] = time.time()
-        await self.qmp.execute("migrate", {"uri": uri})
+        # Events wake us the moment QEMU stops the guest at pre-switchover: every millisecond
+        # between that and migrate-continue is downtime the user sees.
+        self._events = self.qmp.listener(["MIGRATION"])
+        try:
+            await self.qmp.execute("migrate", {"uri": uri})
+        except BaseException:
+            self.qmp.remove_listener(self._events)
+            raise
         self._task = asyncio.create_task(self._watch(), name="outgoing-migration")
+
+    async def _next_status(self) -> str | None:
+        """The status of the next MIGRATION event, or None after a poll interval without one."""
+        assert self._events is not None
+        with contextlib.suppress(TimeoutError):
+            event = await asyncio.wait_for(self._events.get(), POLL_INTERVAL)
+            data: Any = event.get("data") or {}  # type: ignore[attr-defined]
+            return str(data.get("status"))
+        return None
 
     async def _watch(self) -> None:
         last_pass = -1
+        continued = False
         try:
             while True:
+                if await self._next_status() == "pre-switchover" and not continued:
+                    self.view.marks["stunned"] = time.time()
+                    await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+                    continued = True
                 stats = MigrationStats.parse(await self.qmp.execute("query-migrate"))
+                if stats.status == "completed":
+                    stats = await self._final_stats(stats)  # before anyone reads "completed"
                 self.view.stats = stats
                 self.view.phase = stats.status
                 if stats.passes != last_pass and stats.status in ("active", "pre-switchover"):
@@ -159,10 +183,10 @@ class Outgoing:
                     self.view.samples.append(self._sample(stats))
                 if stats.transferred_bytes and "first_byte" not in self.view.marks:
                     self.view.marks["first_byte"] = time.time()
-                if stats.status == "pre-switchover":
+                if stats.status == "pre-switchover" and not continued:
                     self.view.marks["stunned"] = time.time()
                     await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
-                    continue
+                    continued = True
                 if stats.status in FINAL:
                     self.view.marks[stats.status] = time.time()
                     self.view.error = stats.error
@@ -170,11 +194,22 @@ class Outgoing:
                         await self._resume_if_paused()
                     self.log.info("migration %s: %s", stats.status, stats.error or "")
                     return
-                await asyncio.sleep(POLL_INTERVAL)
         except QemuError as exc:
             self.view.phase = "failed"
             self.view.error = exc.message
             self.log.error("migration watcher: %s", exc.message)
+        finally:
+            if self._events is not None:
+                self.qmp.remove_listener(self._events)
+
+    async def _final_stats(self, stats: MigrationStats) -> MigrationStats:
+        """QEMU says ``completed`` a moment before it fills in total-time and downtime."""
+        for _ in range(20):
+            if stats.total_time_ms:
+                return stats
+            await asyncio.sleep(0.01)
+            stats = MigrationStats.parse(await self.qmp.execute("query-migrate"))
+        return stats
 
     def _sample(self, stats: MigrationStats) -> PassSample:
         return PassSample(

@@ -1,7 +1,8 @@
 """The demo of the seed's lab, and the helpers it shares with the lab tests.
 
-For now: the lab comes up, a VM boots on each of the seed's hosts (172.16.0.172 and .173) from the
-shared datastore, and the user (the client namespace) reaches guestd in both over the VM network.
+The seed's procedure, for real: the user (the client namespace) holds one TCP connection to vm-a
+on 172.16.0.172 and sends a request every 10 ms; vm-a is moved to 172.16.0.173 and back while it
+dirties memory; the demo prints each migration's five steps and the user's view of it.
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kvmotion.center.client import CenterClient
 from kvmotion.errors import ExecutionError, LabError
-from kvmotion.host.client import AgentClient
 from kvmotion.lab import image as image_mod
-from kvmotion.lab import netns, topology
-from kvmotion.lab.guestclient import GuestClient
+from kvmotion.lab import labcenter, netns, topology
+from kvmotion.lab.guestclient import GuestClient, PingLoop
 
 GUEST_PORT = 7000
 Log = Callable[[str], None]
@@ -64,39 +65,88 @@ def wait_for_guest(state: topology.LabState, ip: str, timeout: float = 90.0) -> 
     )
 
 
+STEP_TEXT = {
+    "requested": "1. vMotion requested; the user is connected to {vm} on {src}",
+    "prepared": "   {dst} is ready to receive, on its migration address",
+    "precopy": "2. memory pre-copy to {dst} started; dirty pages re-sent pass by pass",
+    "stunned": "3. {vm} stunned on {src}; last dirty pages and device state sent",
+    "resumed": "4. {vm} resumed on {dst} and announced; the user is now connected there",
+    "source_removed": "5. {vm} removed from {src}",
+}
+
+
+def describe_task(task: dict[str, Any], log: Log) -> None:
+    """The seed's five steps with their times, then the numbers."""
+    req = task["request"]
+    names = {"vm": req["vm"], "src": req["source"], "dst": req["dest"]}
+    t0 = float(task["timeline"][0]["time"])
+    for entry in task["timeline"]:
+        text = STEP_TEXT.get(entry["step"], entry["step"]).format(**names)
+        log(f"  +{(float(entry['time']) - t0) * 1000:7.0f} ms  {text}")
+    s = task["summary"]
+    log(
+        f"  QEMU downtime {s.get('downtime_ms')} ms, {s.get('passes')} passes, "
+        f"{(s.get('transferred_bytes') or 0) / 2**20:.0f} MiB sent in {s.get('total_time_ms')} ms; "
+        f"task {s.get('task_time_ms')} ms"
+    )
+
+
+async def _migrate(center: CenterClient, vm: str, dest: str, log: Log) -> dict[str, Any]:
+    task = await center.migrate(vm, dest, downtime_ms=100)
+    deadline = time.monotonic() + 300
+    while task["state"] not in ("success", "error", "cancelled"):
+        if time.monotonic() > deadline:
+            raise ExecutionError(f"migration task {task['id']} did not end in 300 s")
+        await asyncio.sleep(0.1)
+        task = await center.task(task["id"])
+    if task["state"] != "success":
+        raise ExecutionError(f"migration of {vm} to {dest} {task['state']}: {task['error']}")
+    describe_task(task, log)
+    return task
+
+
 async def run_demo(log: Log) -> None:
+    """The seed's lab: vm-a moves .172 -> .173 -> .172 while the user stays connected."""
     ensure_image(log)
     state = topology.lab_up(2, log=log)
-    log("lab is up: hosts " + ", ".join(h.name for h in state.hosts))
-    started = []
-    for index, host in enumerate(state.hosts[:2]):
-        name = f"vm-{'ab'[index]}"
-        async with AgentClient(host.agent_url, state.token) as agent:
-            existing = {vm["name"]: vm for vm in await agent.list_vms()}
-            if name not in existing:
-                await agent.create_vm(vm_spec(name, index))
-                log(f"created {name} on {host.name} (datastore shared)")
-            vm = await agent.get_vm(name)
-            if vm["power_state"] != "poweredOn":
-                t0 = time.monotonic()
-                vm = await agent.power_on(name)
-                log(
-                    f"powered on {name} on {host.name}: QEMU pid {vm['pid']} "
-                    f"({time.monotonic() - t0:.1f} s)"
-                )
-            facts = await agent.facts()
-            log(f"{host.name}: accelerator {facts['accel']} ({facts['accel_reason']})")
-        started.append((name, host.name, guest_ip(index)))
-    for name, host_name, ip in started:
-        t0 = time.monotonic()
-        client = await asyncio.to_thread(wait_for_guest, state, ip)
-        reply = client.ping()
-        info = client.info()
-        client.close()
+    lab_center = labcenter.ensure_center(state, log)
+    src, dst = state.hosts[0].name, state.hosts[1].name
+    async with CenterClient(lab_center.url, lab_center.token) as center:
+        names = {vm["name"]: vm for vm in await center.vms()}
+        if "vm-a" not in names:
+            await center.create_vm(src, vm_spec("vm-a", 0))
+            log(f"created vm-a on {src} (datastore shared)")
+        vm = await center.vm("vm-a")
+        if vm["power_state"] != "poweredOn":
+            await center.power_on("vm-a")
+            log(f"powered on vm-a on {vm['host']}")
+        vm = await center.vm("vm-a")
+        order = [dst, src] if vm["host"] == src else [src, dst]
+        guest = await asyncio.to_thread(wait_for_guest, state, guest_ip(0))
+        guest.dirty(16, 64)
         log(
-            f"client {state.client_address} -> {name} on {host_name} at {ip}: "
-            f"answered (n={reply.n}, guest uptime {info.uptime_s:.0f} s) "
-            f"after {time.monotonic() - t0:.1f} s"
+            f"the user ({state.client_address}) is connected to vm-a at {guest_ip(0)}; "
+            "vm-a dirties 16 MiB/s of a 64 MiB working set"
         )
-    log("demo done: two VMs run on 172.16.0.172 and 172.16.0.173 and the client reaches both")
-    log("tear it down with `kvmotion lab down`")
+        sock = netns.connect_in_netns(state.client_netns, guest_ip(0), GUEST_PORT, timeout=5.0)
+        ping = PingLoop(sock, interval=0.01, max_duration=600, owns_socket=True).start()
+        try:
+            await asyncio.sleep(1.0)
+            for dest in order:
+                log(f"vMotion vm-a -> {dest} (change compute resource only)")
+                await _migrate(center, "vm-a", dest, log)
+                await asyncio.sleep(1.0)
+        finally:
+            ping.stop()
+            summary = await asyncio.to_thread(ping.join, 30)
+            guest.dirty_stop()
+            guest.close()
+        where = (await center.vm("vm-a"))["host"]
+    log(
+        f"the user's view: {summary.sent} requests every 10 ms on one TCP connection, "
+        f"{summary.lost} lost, longest gap between answers {summary.max_gap_ms:.0f} ms, "
+        f"{'the same connection throughout' if summary.same_connection else 'CONNECTION DROPPED'}"
+    )
+    log(f"vm-a runs on {where}. Tear the lab down with `kvmotion lab down`.")
+    if summary.lost or not summary.same_connection:
+        raise ExecutionError("the user noticed the migration: see the numbers above")

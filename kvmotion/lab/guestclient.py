@@ -407,6 +407,10 @@ class PingLoop:
         if interval <= 0 or max_duration <= 0 or max_count <= 0 or drain_timeout < 0:
             raise LabError("PingLoop bounds must be positive", code="invalid_input")
         self._sock = sock
+        # Requests are small and frequent: without NODELAY, Nagle holds them back while one is
+        # unacknowledged, and a segment lost in a switchover waits for a 200 ms retransmit
+        # timeout instead of a fast retransmit.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._interval = interval
         self._max_duration = max_duration
         self._max_count = max_count
