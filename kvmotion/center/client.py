@@ -121,7 +121,9 @@ class CenterClient:
     async def _object(self, method: str, path: str, **kwargs: Any) -> JsonObject:
         body = await self.request(method, path, **kwargs)
         if not isinstance(body, dict):
-            raise ExecutionError(f"{method} {self.url}{path}: expected an object", code="bad_response")
+            raise ExecutionError(
+                f"{method} {self.url}{path}: expected an object", code="bad_response"
+            )
         return body
 
     async def _list(self, path: str, **kwargs: Any) -> list[JsonObject]:

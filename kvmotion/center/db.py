@@ -10,7 +10,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    event,
+)
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -62,9 +73,7 @@ class Host(Base):
     connection: Mapped[str] = mapped_column(String(20), default="connected")
     facts: Mapped[dict[str, Any]] = mapped_column(default=dict)
     last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
-    datastores: Mapped[list[Datastore]] = relationship(
-        secondary="host_datastores", back_populates="hosts", lazy="selectin"
-    )
+    datastores: Mapped[list[Datastore]] = relationship(secondary="host_datastores", lazy="selectin")
 
 
 class Datastore(Base):
@@ -74,8 +83,10 @@ class Datastore(Base):
     shared: Mapped[bool] = mapped_column(Boolean, default=False)
     capacity_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     free_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Read-only and never loaded with a datastore (hosts load their datastores; loading back
+    # from here would recurse through the whole graph on every query).
     hosts: Mapped[list[Host]] = relationship(
-        secondary="host_datastores", back_populates="datastores", lazy="selectin"
+        secondary="host_datastores", viewonly=True, lazy="raise"
     )
 
 
@@ -128,10 +139,22 @@ class Event(Base):
     task_id: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine: AsyncEngine = create_async_engine(url)
+        if url.startswith("sqlite"):
+            # Tasks are updated many times a second during a migration: WAL with NORMAL sync
+            # keeps each commit cheap and stays crash-safe (a power cut may lose the last ones).
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.session: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False
         )

@@ -161,6 +161,26 @@ class Inventory:
         await self._reconcile(host, vms)
         return await self.host(name)
 
+    async def fresh_facts(self, name: str) -> Host:
+        """Ask one agent for its facts now (no reconciliation): the precheck's input."""
+        host = await self.host(name)
+        try:
+            async with self.agent(host) as agent:
+                facts = await agent.facts()
+        except HostUnreachable:
+            await self._set_host(name, connection="disconnected")
+            raise
+        return await self._set_host(
+            name, connection="connected", facts=facts, last_seen=datetime.now(UTC)
+        )
+
+    async def fresh_vm(self, vm: Vm) -> Vm:
+        """Ask the VM's host for its state now."""
+        assert vm.host is not None
+        async with self.agent(vm.host) as agent:
+            info = await agent.get_vm(vm.uuid)
+        return await self.upsert_vm(info, vm.host)
+
     async def _set_host(self, name: str, **fields: Any) -> Host:
         async with self.db.session() as s:
             host = await s.scalar(select(Host).where(Host.name == name))

@@ -68,10 +68,21 @@ class TaskStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
-    async def create(self, kind: str, target: str, request: dict[str, Any]) -> Task:
+    async def create(
+        self,
+        kind: str,
+        target: str,
+        request: dict[str, Any],
+        *,
+        requested: float | None = None,
+        warnings: list[Any] | None = None,
+    ) -> Task:
+        """A queued task; ``requested`` is when the request arrived (before its precheck)."""
         async with self.db.session() as s:
             task = Task(kind=kind, target=target, request=request, state=TaskState.QUEUED)
-            task.timeline = [{"step": "requested", "time": datetime.now(UTC).timestamp()}]
+            when = requested if requested is not None else datetime.now(UTC).timestamp()
+            task.timeline = [{"step": "requested", "time": when}]
+            task.warnings = warnings or []
             s.add(task)
             await s.commit()
             return task

@@ -29,7 +29,7 @@ from kvmotion.migration.precheck import PrecheckResult, precheck_compute
 
 log = logging.getLogger(__name__)
 
-POLL_INTERVAL = 0.1
+POLL_INTERVAL = 0.05
 RESUME_TIMEOUT = 60.0
 DEFAULT_HOST_LIMIT = 2
 
@@ -77,23 +77,27 @@ class Executor:
         self.tasks = tasks
         self.slots = Slots(limit)
         self.active: dict[str, int] = {}  # VM name -> task id
+        self._reserved: set[str] = set()  # VMs whose migration request is in its precheck
         self._runs: dict[int, asyncio.Task[None]] = {}
 
     def migrating(self, vm_name: str) -> bool:
-        return vm_name in self.active
+        """A migration of this VM runs, or a request for one is being checked."""
+        return vm_name in self.active or vm_name in self._reserved
 
     async def precheck(self, req: MigrationRequest) -> tuple[Vm, Host, Host, PrecheckResult]:
-        """Fresh facts from both hosts, then the pure precheck."""
+        """Fresh facts from both hosts and the VM's state from its host (asked at once), then
+        the pure precheck."""
         vm = await self.inventory.vm(req.vm)
         if vm.host is None:
             raise Conflict(f"VM {vm.name} is on no known host", code="no_host")
         dest = await self.inventory.host(req.dest)
-        source = await self.inventory.refresh_host(vm.host.name)
-        if dest.name != source.name:
-            dest = await self.inventory.refresh_host(dest.name)
-        vm = await self.inventory.vm(vm.uuid)
+        source, dest, vm = await asyncio.gather(
+            self.inventory.fresh_facts(vm.host.name),
+            self.inventory.fresh_facts(dest.name),
+            self.inventory.fresh_vm(vm),
+        )
         result = precheck_compute(
-            vm_view(vm, self.migrating(vm.name)), host_view(source), host_view(dest)
+            vm_view(vm, vm.name in self.active), host_view(source), host_view(dest)
         )
         return vm, source, dest, result
 
@@ -104,8 +108,18 @@ class Executor:
                 f"migration type {req.kind!r} is not available yet; use 'compute'",
                 code="unsupported_type",
             )
-        if self.migrating(req.vm):
-            raise Conflict(f"VM {req.vm} is already being migrated", code="already_migrating")
+        requested = time.time()
+        name = (await self.inventory.vm(req.vm)).name
+        # Check and reserve with no await in between: of two requests at once, one goes on.
+        if self.migrating(name):
+            raise Conflict(f"VM {name} is already being migrated", code="already_migrating")
+        self._reserved.add(name)
+        try:
+            return await self._submit(req, requested)
+        finally:
+            self._reserved.discard(name)
+
+    async def _submit(self, req: MigrationRequest, requested: float) -> int:
         vm, source, dest, result = await self.precheck(req)
         if not result.ok:
             first = result.errors[0]
@@ -114,16 +128,15 @@ class Executor:
                 code=first.code,
                 errors=[e.__dict__ for e in result.errors],
             )
-        if self.migrating(vm.name):  # a request that raced us through the precheck
-            raise Conflict(f"VM {vm.name} is already being migrated", code="already_migrating")
         task = await self.tasks.create(
             "migrate",
             vm.name,
             {"type": req.kind, "vm": vm.name, "source": source.name, "dest": dest.name,
              "downtime_ms": req.downtime_ms},
+            requested=requested,
+            warnings=[w.__dict__ for w in result.warnings],
         )  # fmt: skip
         self.active[vm.name] = task.id
-        await self.tasks.update(task.id, warnings=[w.__dict__ for w in result.warnings])
         run = ComputeMigration(self, task.id, vm, source, dest, req)
         self._runs[task.id] = asyncio.create_task(run.run(), name=f"migrate-{vm.name}")
         return task.id
@@ -155,8 +168,21 @@ class ComputeMigration:
         self.migrate_started = False
         self.resumed = False
         self.last_view: dict[str, Any] = {}
+        # The task's timeline, kept here and written with the next update (one commit, not two).
+        self.timeline: list[dict[str, Any]] = []
+        self._timeline_dirty = False
+
+    def _mark(self, step: str, when: float | None = None, **extra: Any) -> None:
+        if any(t["step"] == step for t in self.timeline):
+            return
+        self.timeline.append({"step": step, "time": when or time.time(), **extra})
+        self.timeline.sort(key=lambda t: float(t["time"]))
+        self._timeline_dirty = True
 
     async def _update(self, **fields: Any) -> None:
+        if self._timeline_dirty:
+            fields["timeline"] = list(self.timeline)
+            self._timeline_dirty = False
         await self.ex.tasks.update(self.task_id, **fields)
 
     async def _check_cancel(self) -> None:
@@ -164,6 +190,7 @@ class ComputeMigration:
             raise Cancelled()
 
     async def run(self) -> None:
+        self.timeline = list((await self.ex.tasks.get(self.task_id)).timeline)
         hosts = (self.source.name, self.dest.name)
         try:
             await self._update(phase="queued")
@@ -200,7 +227,7 @@ class ComputeMigration:
         async with self.ex.inventory.agent(self.dest) as agent:
             self.dest_prepared = True  # from here on, abort must clean the destination
             result = await agent.prepare_incoming(self.vm.config, self.vm.config_path)
-        await self.ex.tasks.mark(self.task_id, "prepared", detail=f"listening at {result['uri']}")
+        self._mark("prepared", detail=f"listening at {result['uri']}")
         return str(result["uri"])
 
     async def migrate(self, uri: str) -> None:
@@ -257,9 +284,9 @@ class ComputeMigration:
             progress = 95.0
         marks = view.get("marks", {})
         if "first_byte" in marks:
-            await self.ex.tasks.mark(self.task_id, "precopy", marks["first_byte"])
+            self._mark("precopy", marks["first_byte"])
         if "stunned" in marks:
-            await self.ex.tasks.mark(self.task_id, "stunned", marks["stunned"])
+            self._mark("stunned", marks["stunned"])
         await self._update(
             phase="switchover" if phase in ("pre-switchover", "device") else phase,
             progress=min(progress, 95.0),
@@ -293,8 +320,7 @@ class ComputeMigration:
                 view = info.get("migration") or {}
                 if info["power_state"] == "poweredOn" and info.get("qemu_status") == "running":
                     self.resumed = True
-                    marks = view.get("marks", {})
-                    await self.ex.tasks.mark(self.task_id, "resumed", marks.get("resumed"))
+                    self._mark("resumed", view.get("marks", {}).get("resumed"))
                     return
                 if (
                     view.get("phase") in ("failed", "cancelled")
@@ -304,7 +330,7 @@ class ComputeMigration:
                     raise KvmotionError(
                         f"the destination did not resume the VM: {why}", code="resume_failed"
                     )
-                await asyncio.sleep(POLL_INTERVAL / 2)
+                await asyncio.sleep(POLL_INTERVAL / 2.5)
         raise KvmotionError(
             f"the destination did not resume the VM in {RESUME_TIMEOUT:.0f} s",
             code="resume_timeout",
@@ -312,25 +338,12 @@ class ComputeMigration:
 
     async def finalize(self) -> None:
         """Record the new host (the destination runs the VM), then end the source's copy."""
-        await self._update(phase="finalize", progress=97.0)
         await self.ex.inventory.set_vm(self.vm.uuid, host_id=self.dest.id, power_state="poweredOn")
         async with self.ex.inventory.agent(self.source) as agent:
             await agent.finish_migration(self.vm.name)
-        await self.ex.tasks.mark(self.task_id, "source_removed")
-        task = await self.ex.tasks.get(self.task_id)
-        summary = dict(task.summary)
-        times = {t["step"]: float(t["time"]) for t in task.timeline}
-        summary["task_time_ms"] = round((times["source_removed"] - times["requested"]) * 1000)
-        if "stunned" in times and "resumed" in times:
-            summary["stun_to_resume_ms"] = round((times["resumed"] - times["stunned"]) * 1000)
-        if "precopy" in times:
-            summary["request_to_first_byte_ms"] = round(
-                (times["precopy"] - times["requested"]) * 1000
-            )
-        if "resumed" in times:
-            summary["resume_to_done_ms"] = round(
-                (times["source_removed"] - times["resumed"]) * 1000
-            )
+        self._mark("source_removed")
+        summary = dict((await self.ex.tasks.get(self.task_id)).summary)
+        summary.update(timeline_summary({t["step"]: float(t["time"]) for t in self.timeline}))
         await self._update(state=TaskState.SUCCESS, phase="done", progress=100.0, summary=summary)
         await record_event(
             self.ex.db,
@@ -387,3 +400,18 @@ class ComputeMigration:
             vm=self.vm.name,
             task_id=self.task_id,
         )
+
+
+def timeline_summary(times: dict[str, float]) -> dict[str, int]:
+    """Durations between the seed's steps, in ms (those whose steps are known)."""
+    spans = {
+        "task_time_ms": ("requested", "source_removed"),
+        "stun_to_resume_ms": ("stunned", "resumed"),
+        "request_to_first_byte_ms": ("requested", "precopy"),
+        "resume_to_done_ms": ("resumed", "source_removed"),
+    }
+    return {
+        name: round((times[b] - times[a]) * 1000)
+        for name, (a, b) in spans.items()
+        if a in times and b in times
+    }

@@ -1,0 +1,368 @@
+"""`kvmotion host add|list|show` and `kvmotion vm ...`: the center's inventory, from the shell.
+
+The host commands join `kvmotion host serve` in :mod:`kvmotion.cli.host_cmds`'s app. Every command
+is a client of the center's REST API (:class:`~kvmotion.center.client.CenterClient`); ``--json``
+prints the center's object as it came.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from enum import StrEnum
+from typing import Annotated, Any
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from kvmotion.center.client import CenterClient
+from kvmotion.cli import host_cmds
+from kvmotion.cli.output import console, print_json
+from kvmotion.cli.progress import DEFAULT_WATCH_TIMEOUT_S, follow, human_bytes
+from kvmotion.cli.remote import CenterOpt, JsonOpt, TokenOpt, call, connect
+from kvmotion.host.config import DEFAULT_AGENT_PORT
+
+host_app = host_cmds.app
+vm_app = typer.Typer(
+    help="Virtual machines: create, power, migrate (vMotion).", no_args_is_help=True
+)
+
+VmArg = Annotated[str, typer.Argument(help="VM name or uuid", show_default=False)]
+
+
+# -- hosts --------------------------------------------------------------------------------------
+@host_app.command("add")
+def host_add(
+    address: Annotated[str, typer.Argument(help="the agent's management address")],
+    agent_token: Annotated[
+        str,
+        typer.Option(
+            "--agent-token",
+            envvar="KVMOTION_AGENT_TOKEN",
+            show_default=False,
+            help="the token the host's agent accepts",
+        ),
+    ],
+    port: Annotated[int, typer.Option(min=1, max=65535, help="agent port")] = DEFAULT_AGENT_PORT,
+    json_out: JsonOpt = False,
+    center: CenterOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Add a host to the center (its datastores, networks and VMs come with it)."""
+    host = call(connect(center, token), lambda c: c.add_host(address, agent_token, port))
+    if json_out:
+        print_json(host)
+        return
+    console.print(f"added host {host['name']} ({host['url']}): {host['connection']}")
+
+
+@host_app.command("list")
+def host_list(json_out: JsonOpt = False, center: CenterOpt = None, token: TokenOpt = None) -> None:
+    """The center's hosts, their connection and resources."""
+    hosts = call(connect(center, token), lambda c: c.hosts())
+    if json_out:
+        print_json(hosts)
+        return
+    table = Table("host", "connection", "migration address", "accel", "CPU", "memory free")
+    for h in hosts:
+        facts = h.get("facts") or {}
+        table.add_row(
+            h["name"],
+            _connection(h["connection"]),
+            facts.get("migration_address") or "-",
+            facts.get("accel", "-"),
+            (facts.get("cpu") or {}).get("vendor", "-"),
+            _memory(facts),
+        )
+    console.print(table)
+
+
+@host_app.command("show")
+def host_show(
+    name: Annotated[str, typer.Argument(help="host name")],
+    json_out: JsonOpt = False,
+    center: CenterOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """One host: its facts, datastores, networks and VMs."""
+    host = call(connect(center, token), lambda c: c.host(name))
+    if json_out:
+        print_json(host)
+        return
+    facts = host.get("facts") or {}
+    cpu = facts.get("cpu") or {}
+    table = Table("host", host["name"], show_header=True)
+    for key, value in (
+        ("connection", host["connection"]),
+        ("agent", host["url"]),
+        ("last seen", host.get("last_seen") or "-"),
+        ("migration address", facts.get("migration_address") or "-"),
+        ("accelerator", f"{facts.get('accel', '-')} ({facts.get('accel_reason', '')})"),
+        ("CPU", f"{cpu.get('vendor', '-')} {cpu.get('model_name', '')} x{cpu.get('count', '?')}"),
+        ("memory free", _memory(facts)),
+        ("QEMU", facts.get("qemu_version", "-")),
+        ("VMs", ", ".join(host.get("vms") or []) or "-"),
+    ):
+        table.add_row(key, escape(str(value)))
+    console.print(table)
+    stores = Table("datastore", "shared", "accessible", "free", "capacity")
+    for ds in facts.get("datastores", []):
+        stores.add_row(
+            ds["name"],
+            _yes(ds.get("shared")),
+            _yes(ds.get("accessible")),
+            human_bytes(ds.get("free_bytes")),
+            human_bytes(ds.get("capacity_bytes")),
+        )
+    console.print(stores)
+    nets = Table("network", "bridge", "present")
+    for net in facts.get("networks", []):
+        nets.add_row(net["name"], net.get("bridge", "-"), _yes(net.get("present")))
+    console.print(nets)
+
+
+def _connection(value: str) -> str:
+    return value if value == "connected" else f"[red]{value}[/]"
+
+
+def _yes(value: Any) -> str:
+    return "yes" if value else "[red]no[/]"
+
+
+def _memory(facts: dict[str, Any]) -> str:
+    mem = facts.get("memory") or {}
+    if not mem:
+        return "-"
+    return f"{human_bytes(mem.get('available_bytes'))} of {human_bytes(mem.get('total_bytes'))}"
+
+
+# -- VMs ----------------------------------------------------------------------------------------
+@vm_app.command("create")
+def vm_create(
+    name: Annotated[str, typer.Argument(help="the new VM's name")],
+    host: Annotated[str, typer.Option(help="host to create it on", show_default=False)],
+    datastore: Annotated[str, typer.Option(help="datastore for its files", show_default=False)],
+    memory: Annotated[int, typer.Option(min=16, help="memory in MiB")] = 256,
+    vcpus: Annotated[int, typer.Option(min=1, help="virtual CPUs")] = 1,
+    disk_mib: Annotated[int, typer.Option(min=1, help="size of its disk in MiB")] = 64,
+    network: Annotated[
+        list[str] | None, typer.Option(help="connect a NIC to this network (repeatable)")
+    ] = None,
+    kernel_args: Annotated[str, typer.Option(help="extra guest kernel arguments")] = "",
+    json_out: JsonOpt = False,
+    center: CenterOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Create a VM (powered off) on a host."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "datastore": datastore,
+        "vcpus": vcpus,
+        "memory_mib": memory,
+        "disks": [{"size_mib": disk_mib}],
+        "nics": [{"network": n} for n in network or []],
+        "kernel_args": kernel_args,
+    }
+    vm = call(connect(center, token), lambda c: c.create_vm(host, spec))
+    if json_out:
+        print_json(vm)
+        return
+    console.print(
+        f"created VM {vm['name']} ({vm['uuid']}) on {vm['host']}: {vm['power_state']}; "
+        f"start it with `kvmotion vm start {vm['name']}`",
+        highlight=False,
+    )
+
+
+@vm_app.command("list")
+def vm_list(json_out: JsonOpt = False, center: CenterOpt = None, token: TokenOpt = None) -> None:
+    """The center's VMs and where they run."""
+    vms = call(connect(center, token), lambda c: c.vms())
+    if json_out:
+        print_json(vms)
+        return
+    table = Table("VM", "host", "power state", "vCPUs", "memory", "datastores", "networks")
+    for vm in vms:
+        cfg = vm.get("config") or {}
+        table.add_row(
+            vm["name"],
+            vm.get("host") or "-",
+            vm["power_state"],
+            str(cfg.get("vcpus", "-")),
+            f"{cfg.get('memory_mib', '-')} MiB",
+            ", ".join(sorted({d["datastore"] for d in cfg.get("disks", [])})) or "-",
+            ", ".join(n["network"] for n in cfg.get("nics", [])) or "-",
+        )
+    console.print(table)
+
+
+@vm_app.command("show")
+def vm_show(
+    vm: VmArg, json_out: JsonOpt = False, center: CenterOpt = None, token: TokenOpt = None
+) -> None:
+    """One VM: where it runs, its devices and where its record lives."""
+    info = call(connect(center, token), lambda c: c.vm(vm))
+    if json_out:
+        print_json(info)
+        return
+    cfg = info.get("config") or {}
+    table = Table("VM", info["name"])
+    for key, value in (
+        ("uuid", info["uuid"]),
+        ("host", info.get("host") or "-"),
+        ("power state", info["power_state"]),
+        ("vCPUs", cfg.get("vcpus", "-")),
+        ("memory", f"{cfg.get('memory_mib', '-')} MiB"),
+        ("CPU model", cfg.get("cpu_model", "-")),
+        ("machine", cfg.get("machine_type", "-")),
+        ("record", info.get("config_path") or "-"),
+    ):
+        table.add_row(key, escape(str(value)))
+    for disk in cfg.get("disks", []):
+        where = f"[{disk['datastore']}] {disk.get('path')} ({disk.get('size_mib')} MiB)"
+        table.add_row("disk", escape(where))
+    for nic in cfg.get("nics", []):
+        table.add_row("NIC", f"{nic['network']} {nic.get('mac', '')}")
+    console.print(table)
+
+
+def _power(
+    action: Callable[[CenterClient], Awaitable[dict[str, Any]]],
+    json_out: bool,
+    center: str | None,
+    token: str | None,
+) -> None:
+    info = call(connect(center, token), action)
+    if json_out:
+        print_json(info)
+        return
+    line = f"VM {info['name']} on {info.get('host')}: {info['power_state']}"
+    console.print(line, highlight=False)
+
+
+@vm_app.command("start")
+def vm_start(
+    vm: VmArg, json_out: JsonOpt = False, center: CenterOpt = None, token: TokenOpt = None
+) -> None:
+    """Power a VM on."""
+    _power(lambda c: c.power_on(vm), json_out, center, token)
+
+
+@vm_app.command("stop")
+def vm_stop(
+    vm: VmArg, json_out: JsonOpt = False, center: CenterOpt = None, token: TokenOpt = None
+) -> None:
+    """Shut a VM down through its guest (ACPI); powered off if the guest does not comply."""
+    _power(lambda c: c.shutdown(vm), json_out, center, token)
+
+
+@vm_app.command("poweroff")
+def vm_poweroff(
+    vm: VmArg, json_out: JsonOpt = False, center: CenterOpt = None, token: TokenOpt = None
+) -> None:
+    """Power a VM off at once (pulls the plug)."""
+    _power(lambda c: c.power_off(vm), json_out, center, token)
+
+
+@vm_app.command("delete")
+def vm_delete(
+    vm: VmArg,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask")] = False,
+    json_out: JsonOpt = False,
+    center: CenterOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Delete a powered-off VM and its disks."""
+    ref = connect(center, token)
+    if not yes:
+        typer.confirm(f"delete VM {vm} and its disks?", abort=True)
+    call(ref, lambda c: c.delete_vm(vm))
+    if json_out:
+        print_json({"name": vm, "deleted": True})
+        return
+    console.print(f"deleted VM {vm}", highlight=False)
+
+
+class MigrationType(StrEnum):
+    COMPUTE = "compute"
+    STORAGE = "storage"
+    BOTH = "both"
+
+
+@vm_app.command("migrate")
+def vm_migrate(
+    vm: VmArg,
+    host: Annotated[str, typer.Option(help="destination host", show_default=False)],
+    downtime_ms: Annotated[
+        int, typer.Option(min=1, max=60_000, help="the longest stun QEMU may choose")
+    ] = 100,
+    kind: Annotated[
+        MigrationType,
+        typer.Option("--type", help="compute (vMotion), storage or both"),
+    ] = MigrationType.COMPUTE,
+    max_bandwidth_mbit: Annotated[
+        float | None,
+        typer.Option(min=8, help="cap the migration stream (Mbit/s)", show_default=False),
+    ] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="print the task and return")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="only run the precheck; change nothing")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(min=1, help="stop watching after this many seconds")
+    ] = DEFAULT_WATCH_TIMEOUT_S,
+    json_out: JsonOpt = False,
+    center: CenterOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Live-migrate a running VM to another host, showing its progress and timeline.
+
+    Ctrl-C while it runs cancels the migration (the VM keeps running on its source).
+    Exit codes: 0 migrated, 1 failed or cancelled, 3 refused by the precheck (nothing changed).
+    """
+    ref = connect(center, token)
+    bandwidth = None if max_bandwidth_mbit is None else round(max_bandwidth_mbit * 1e6 / 8)
+    if dry_run:
+        result = call(ref, lambda c: c.precheck(vm, host, kind.value, downtime_ms, bandwidth))
+        if json_out:
+            print_json(result)
+        else:
+            _print_precheck(vm, host, result)
+        raise typer.Exit(0 if result.get("ok") else 3)
+    task = call(ref, lambda c: c.migrate(vm, host, kind.value, downtime_ms, bandwidth))
+    if no_wait:
+        if json_out:
+            print_json(task)
+        else:
+            console.print(
+                f"task {task['id']}: migrating {vm} to {host}; "
+                f"follow it with `kvmotion task watch {task['id']}`",
+                highlight=False,
+            )
+        return
+    if not json_out:
+        req = task.get("request") or {}
+        console.print(
+            f"task {task['id']}: migrating VM {vm} from {req.get('source')} to {host} "
+            f"(downtime limit {downtime_ms} ms); Ctrl-C cancels",
+            highlight=False,
+        )
+    final = follow(ref, int(task["id"]), timeout, json_out)
+    if not json_out:
+        downtime = (final.get("summary") or {}).get("downtime_ms")
+        console.print(
+            f"[green]VM {vm} now runs on {host}[/] (QEMU downtime {downtime} ms)", highlight=False
+        )
+
+
+def _print_precheck(vm: str, host: str, result: dict[str, Any]) -> None:
+    for error in result.get("errors", []):
+        text = escape(f"({error['code']}): {error['message']}")
+        console.print(f"[red]error[/] {text}", highlight=False)
+    for warning in result.get("warnings", []):
+        text = escape(f"({warning['code']}): {warning['message']}")
+        console.print(f"[yellow]warning[/] {text}", highlight=False)
+    if result.get("ok"):
+        console.print(f"precheck passed: VM {vm} can migrate to {host}", highlight=False)
+    else:
+        console.print(f"precheck failed: VM {vm} cannot migrate to {host}; nothing changed")
