@@ -12,7 +12,10 @@ from kvmotion.host.agent import HostAgent
 from kvmotion.host.api import serve as serve_api
 from kvmotion.host.config import HostConfig
 
-app = typer.Typer(help="Host agents.", no_args_is_help=True)
+app = typer.Typer(
+    help="Hosts: add, list and show them (through the center); serve runs this machine's agent.",
+    no_args_is_help=True,
+)
 
 
 @app.command("serve")

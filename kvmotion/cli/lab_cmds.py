@@ -78,5 +78,5 @@ def shape(
 
 
 def demo() -> None:
-    """The seed's lab: bring it up, boot a VM on each host, reach both from the user's machine."""
+    """The seed's lab: vm-a moves 172.16.0.172 -> .173 -> .172 while its user stays connected."""
     asyncio.run(demo_mod.run_demo(_log))

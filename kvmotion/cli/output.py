@@ -32,7 +32,9 @@ def exit_code(exc: KvmotionError) -> int:
 
 
 def fail(exc: KvmotionError) -> NoReturn:
-    err_console.print(f"[bold red]error[/] ({exc.code}): {exc.message}", highlight=False)
+    err_console.print(
+        f"[bold red]error[/] ({exc.code}): {exc.message}", highlight=False, soft_wrap=True
+    )
     sys.exit(exit_code(exc))
 
 
