@@ -160,6 +160,7 @@ def test_cancel_during_precopy_keeps_vm_on_source(
         r = center.post(f"/v1/tasks/{task['id']}/cancel")
         assert r.status_code == 200 and r.json()["cancel_requested"]
         done = run_task(center, task["id"])
+        time.sleep(1.0)  # the user keeps working after the failed attempt
         ping.stop()
         summary = ping.join(timeout=30)
     finally:
@@ -182,6 +183,7 @@ def test_destination_agent_killed_during_precopy(
         assert state is not None and state.hosts[1].agent_pid is not None
         os.kill(state.hosts[1].agent_pid, signal.SIGKILL)
         done = run_task(center, task["id"])
+        time.sleep(1.0)  # the user keeps working after the failed attempt
         ping.stop()
         summary = ping.join(timeout=30)
     finally:
