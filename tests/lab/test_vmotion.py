@@ -148,6 +148,22 @@ def test_seed_procedure_there_and_back(
     assert_user_noticed_nothing(result)
 
 
+def test_busy_guest_survives_ten_migrations(
+    lab: topology.LabState, center: httpx.Client, vm_a: GuestClient
+) -> None:
+    """Regression: with multi-threaded TCG a busy guest's kernel crashed within ~6 migrations."""
+    ping = user_ping_loop(lab)
+    try:
+        for i in range(10):
+            task = run_task(center, migrate(center, lab.hosts[(i + 1) % 2].name)["id"])
+            assert task["state"] == "success", task["error"]
+    finally:
+        ping.stop()
+        result = ping.join(timeout=30)
+    assert_user_noticed_nothing(result)
+    assert_runs_only_on(lab, center, 0)
+
+
 def test_cancel_during_precopy_keeps_vm_on_source(
     lab: topology.LabState, center: httpx.Client, vm_a: GuestClient
 ) -> None:

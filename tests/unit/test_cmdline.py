@@ -28,7 +28,7 @@ def launch(**kw: object) -> QemuLaunch:
 def test_command_pins_machine_and_devices() -> None:
     argv = build_command(launch())
     joined = " ".join(argv)
-    assert "-machine pc-q35-7.2,accel=tcg" in joined
+    assert "-machine pc-q35-7.2 -accel tcg,thread=single" in joined
     assert "-daemonize" in argv and "-nodefaults" in argv
     assert "virtio-blk-pci,drive=disk0,id=virtio-disk0,bootindex=1" in joined
     assert "virtio-net-pci,netdev=net0,mac=52:54:00:1b:4e:28,id=net0-dev" in joined
