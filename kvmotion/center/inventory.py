@@ -7,6 +7,7 @@ raises an alarm and changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -88,6 +89,7 @@ class Inventory:
         self.db = db
         self.migrating = migrating  # is a migration of this VM (by name) in flight?
         self.transport = transport  # None: real HTTP; tests plug fake agents in here
+        self._refresh_locks: dict[str, asyncio.Lock] = {}
 
     async def ensure_defaults(self) -> None:
         async with self.db.session() as s:
@@ -141,7 +143,13 @@ class Inventory:
                 log.warning("refresh of %s failed: %s", host.name, exc.message)
 
     async def refresh_host(self, name: str) -> Host:
-        """Fetch facts and VMs from one agent; reconcile. A silent agent is marked disconnected."""
+        """Fetch facts and VMs from one agent; reconcile. A silent agent is marked disconnected.
+        One refresh per host at a time: two at once would both insert a newly found VM."""
+        lock = self._refresh_locks.setdefault(name, asyncio.Lock())
+        async with lock:
+            return await self._refresh_host(name)
+
+    async def _refresh_host(self, name: str) -> Host:
         host = await self.host(name)
         try:
             async with self.agent(host) as agent:
@@ -161,14 +169,17 @@ class Inventory:
         await self._reconcile(host, vms)
         return await self.host(name)
 
-    async def fresh_facts(self, name: str) -> Host:
-        """Ask one agent for its facts now (no reconciliation): the precheck's input."""
+    async def fresh_facts(self, name: str, *, unreachable_ok: bool = False) -> Host:
+        """Ask one agent for its facts now (no reconciliation): the precheck's input. A host
+        that does not answer is marked disconnected (and returned so, if ``unreachable_ok``)."""
         host = await self.host(name)
         try:
             async with self.agent(host) as agent:
                 facts = await agent.facts()
         except HostUnreachable:
-            await self._set_host(name, connection="disconnected")
+            host = await self._set_host(name, connection="disconnected")
+            if unreachable_ok:
+                return host
             raise
         return await self._set_host(
             name, connection="connected", facts=facts, last_seen=datetime.now(UTC)

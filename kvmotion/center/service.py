@@ -80,8 +80,12 @@ class Center:
 
     async def _refresh_loop(self) -> None:
         while True:
-            with contextlib.suppress(KvmotionError):
+            try:
                 await self.inventory.refresh_all()
+            except KvmotionError as exc:
+                log.warning("refreshing hosts: %s", exc.message)
+            except Exception:  # the loop must outlive any one bad refresh
+                log.exception("refreshing hosts failed; retrying")
             await asyncio.sleep(self.config.refresh_interval_s)
 
     async def close(self) -> None:

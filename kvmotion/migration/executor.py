@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.05
 RESUME_TIMEOUT = 60.0
+LOST_VIEW_TIMEOUT = 10.0
 DEFAULT_HOST_LIMIT = 2
 
 
@@ -92,8 +93,8 @@ class Executor:
             raise Conflict(f"VM {vm.name} is on no known host", code="no_host")
         dest = await self.inventory.host(req.dest)
         source, dest, vm = await asyncio.gather(
-            self.inventory.fresh_facts(vm.host.name),
-            self.inventory.fresh_facts(dest.name),
+            self.inventory.fresh_facts(vm.host.name, unreachable_ok=True),
+            self.inventory.fresh_facts(dest.name, unreachable_ok=True),
             self.inventory.fresh_vm(vm),
         )
         result = precheck_compute(
@@ -242,10 +243,20 @@ class ComputeMigration:
             self.ex.inventory.agent(self.source) as agent,
             self.ex.inventory.agent(self.dest) as dest_agent,
         ):
+            no_view_since = time.monotonic()
             while True:
                 info = await agent.get_vm(self.vm.name)
-                await self._check_destination(dest_agent)
                 view = info.get("migration") or {}
+                if view.get("side") != "source":
+                    # The source agent forgot this migration (it restarted): nothing to follow.
+                    if time.monotonic() - no_view_since > LOST_VIEW_TIMEOUT:
+                        raise KvmotionError(
+                            f"the source {self.source.name} no longer reports this migration",
+                            code="migration_lost",
+                        )
+                    await asyncio.sleep(POLL_INTERVAL)
+                    continue
+                no_view_since = time.monotonic()
                 self.last_view = view
                 stats = view.get("stats") or {}
                 phase = view.get("phase", "setup")
@@ -253,15 +264,24 @@ class ComputeMigration:
                 if phase == "completed":
                     return
                 if phase in ("failed", "cancelled"):
+                    dest_view = await self._destination_view(dest_agent)
+                    also = f"; destination: {dest_view}" if dest_view else ""
                     raise KvmotionError(
-                        f"QEMU migration {phase}: {view.get('error') or 'no reason given'}",
+                        f"QEMU migration {phase}: {view.get('error') or 'no reason given'}{also}",
                         code=f"migration_{phase}",
                     )
+                await self._check_destination(dest_agent)
                 # Past pre-switchover the guest is stunned: finishing beats undoing.
                 cancel = (await self.ex.tasks.get(self.task_id)).cancel_requested
                 if cancel and phase not in ("pre-switchover", "device"):
                     raise Cancelled()
                 await asyncio.sleep(POLL_INTERVAL)
+
+    async def _destination_view(self, dest_agent: AgentClient) -> str | None:
+        with contextlib.suppress(KvmotionError):
+            view = (await dest_agent.get_vm(self.vm.name)).get("migration") or {}
+            return str(view.get("error") or view.get("phase") or "") or None
+        return None
 
     async def _check_destination(self, dest_agent: AgentClient) -> None:
         """The destination must stay alive while we copy to it (HostUnreachable if its agent
@@ -355,14 +375,39 @@ class ComputeMigration:
         )
         self.log.info("migrated to %s", self.dest.name)
 
+    async def _finish_after_resume(self, reason: str) -> None:
+        """The VM runs on the destination; whatever failed after that, it stays there."""
+        try:
+            await self.finalize()
+        except KvmotionError as exc:
+            await self.ex.inventory.set_vm(
+                self.vm.uuid, host_id=self.dest.id, power_state="poweredOn"
+            )
+            await self._update(
+                state=TaskState.ERROR,
+                phase="done",
+                error=f"VM {self.vm.name} moved to {self.dest.name}, but removing its copy on "
+                f"{self.source.name} failed: {exc.message} (after: {reason})",
+                error_code="source_cleanup_failed",
+            )
+            await record_event(
+                self.ex.db,
+                f"VM {self.vm.name} runs on {self.dest.name}; its paused copy on "
+                f"{self.source.name} could not be removed: {exc.message}",
+                severity="warning",
+                vm=self.vm.name,
+                task_id=self.task_id,
+            )
+
     async def abort(self, reason: str, state: TaskState, code: str | None = None) -> None:
         """Undo what was done, idempotently; the VM keeps running on the source."""
+        if TaskState((await self.ex.tasks.get(self.task_id)).state).final:
+            return  # already ended: keep the first reason
         self.log.warning("aborting migration: %s", reason)
         if self.resumed:
             # The destination runs the VM: it is the owner now. Finish instead of undoing.
-            with contextlib.suppress(KvmotionError):
-                await self.finalize()
-                return
+            await self._finish_after_resume(reason)
+            return
         notes = []
         dest_gone = not self.dest_prepared
         if self.dest_prepared:

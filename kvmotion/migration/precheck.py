@@ -86,10 +86,12 @@ def precheck_compute(vm: VmView, source: HostView, dest: HostView) -> PrecheckRe
         )
     if vm.migrating:
         f.error("already_migrating", f"VM {vm.name} is already being migrated")
-    if not dest.connected:
-        f.error("host_disconnected", f"host {dest.name} is not connected")
-    if not source.connected:
-        f.error("host_disconnected", f"host {source.name} is not connected")
+    for host in _distinct(source, dest):
+        if not host.connected:
+            f.error(
+                "host_disconnected",
+                f"host {host.name} is not connected (its agent does not answer)",
+            )
     _storage(vm, dest, f)
     _network(vm, source, dest, f)
     _cpu(vm, source, dest, f)
@@ -105,6 +107,10 @@ def precheck_compute(vm: VmView, source: HostView, dest: HostView) -> PrecheckRe
     return f.result()
 
 
+def _distinct(source: HostView, dest: HostView) -> tuple[HostView, ...]:
+    return (source,) if source.name == dest.name else (source, dest)
+
+
 def _storage(vm: VmView, dest: HostView, f: _Findings) -> None:
     for ds in sorted(set(vm.disk_datastores)):
         if ds not in dest.datastores:
@@ -117,7 +123,7 @@ def _storage(vm: VmView, dest: HostView, f: _Findings) -> None:
 
 
 def _network(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None:
-    for host in (source, dest):
+    for host in _distinct(source, dest):
         if not host.migration_address:
             f.error(
                 "no_migration_network",

@@ -1,0 +1,559 @@
+"""A fake host agent: several hosts behind one ``httpx`` transport, for the center's unit tests.
+
+It serves the routes the center uses (facts, VMs, the migration endpoints) from in-memory state,
+routed by the request's host (``http://172.16.0.172:8700`` and ``.173`` are two agents), answers
+in the real agent's shapes (``VmInfo`` with its ``migration`` view; errors as
+``{"error": {"code", "message"}}`` with the real status codes) and records every call.
+
+A migration is scripted per VM (:class:`Script`): each GET of the source VM is one poll, and the
+source's QEMU phase moves one step along ``Script.phases`` per poll (the last one repeats). What the
+destination does when the stream completes is ``Script.dest``. Any host can "die" (raise
+``httpx.ConnectError``) before or after a given route, or answer a route with an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import time
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+
+PORT = 8700
+TOKEN = "secret"
+GiB = 2**30
+ACTIVE = ("setup", "active", "pre-switchover", "device")
+
+_VM = r"/v1/vms/(?P<vm>[^/]+)"
+ROUTES: tuple[tuple[str, str, re.Pattern[str]], ...] = tuple(
+    (name, method, re.compile(f"^{path}$"))
+    for name, method, path in (
+        ("facts", "GET", "/v1/host"),
+        ("list", "GET", "/v1/vms"),
+        ("create", "POST", "/v1/vms"),
+        ("get", "GET", _VM),
+        ("power_on", "POST", f"{_VM}/power-on"),
+        ("incoming", "POST", "/v1/migrations/incoming"),
+        ("migrate", "POST", f"{_VM}/migrate"),
+        ("cancel", "POST", f"{_VM}/migration/cancel"),
+        ("finish", "POST", f"{_VM}/migration/finish"),
+        ("abort", "POST", f"{_VM}/migration/abort"),
+    )
+)
+
+
+class AgentError(Exception):
+    """Answered as the real agent's error body."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+@dataclass
+class Call:
+    host: str
+    route: str
+    method: str
+    path: str
+    vm: str | None
+    query: dict[str, str]
+    body: Any
+    status: int | None = None  # None: the host was dead and the connection failed
+
+
+@dataclass
+class Script:
+    """How one VM's outgoing migration goes, poll by poll."""
+
+    phases: tuple[str, ...] = ("active", "active", "device", "completed")
+    error: str = "Unable to write to socket: Connection reset by peer"
+    dest: str = "resume"  # on completion the destination: "resume", "hang" or "fail"
+    # When the source fails or is cancelled, the destination's QEMU sees the stream end and
+    # fails too (as real QEMU does); False: the center looks before the destination noticed.
+    dest_notices_failure: bool = True
+    # Awaited at each poll of the source, with the poll number and the phase about to be shown.
+    on_poll: Callable[[int, str], Awaitable[None]] | None = None
+
+
+@dataclass
+class FakeVm:
+    config: dict[str, Any]
+    config_path: str
+    power_state: str = "poweredOff"
+    qemu_status: str | None = None
+    migration: dict[str, Any] | None = None
+    polls: int = 0
+    peer: str | None = None  # source side: the destination host's name
+
+    @property
+    def name(self) -> str:
+        return str(self.config["name"])
+
+    @property
+    def uuid(self) -> str:
+        return str(self.config["uuid"])
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "uuid": self.uuid,
+            "name": self.name,
+            "power_state": self.power_state,
+            "qemu_status": self.qemu_status,
+            "pid": 4242 if self.power_state in ("poweredOn", "incoming") else None,
+            "config_path": self.config_path,
+            "config": self.config,
+            "migration": self.migration,
+        }
+
+
+def vm_config(
+    name: str,
+    *,
+    memory_mib: int = 256,
+    datastore: str = "shared",
+    networks: tuple[str, ...] = ("vm-network",),
+    cpu_model: str = "qemu64",
+) -> dict[str, Any]:
+    vm_uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, f"{name}.kvmotion.test"))
+    return {
+        "uuid": vm_uuid,
+        "name": name,
+        "datastore": datastore,
+        "vcpus": 1,
+        "memory_mib": memory_mib,
+        "disks": [
+            {
+                "datastore": datastore,
+                "path": f"{name}/{name}.qcow2",
+                "size_mib": 64,
+                "format": "qcow2",
+            }
+        ],
+        "nics": [
+            {"network": net, "mac": f"52:54:00:{vm_uuid[:2]}:{vm_uuid[2:4]}:{i:02x}"}
+            for i, net in enumerate(networks)
+        ],
+        "cpu_model": cpu_model,
+        "machine_type": "pc-q35-8.2",
+        "boot_image": "kvmotion-guest",
+        "kernel_args": "",
+        "created_at": "2024-01-01T00:00:00+00:00",
+    }
+
+
+@dataclass
+class FakeHost:
+    name: str
+    token: str = TOKEN
+    facts: dict[str, Any] = field(default_factory=dict)
+    vms: dict[str, FakeVm] = field(default_factory=dict)  # by name
+    dead: bool = False
+    die_before: set[str] = field(default_factory=set)
+    die_after: dict[str, int] = field(default_factory=dict)  # route -> calls until death
+    errors: dict[str, AgentError] = field(default_factory=dict)  # route -> answered error
+
+    def __post_init__(self) -> None:
+        if not self.facts:
+            last = self.name.rsplit(".", 1)[-1]
+            self.facts = {
+                "name": self.name,
+                "hostname": f"esx-{last}",
+                "management_address": self.name,
+                "migration_address": f"10.99.0.{last}",
+                "cpu": {
+                    "vendor": "GenuineIntel",
+                    "model_name": "Intel(R) Xeon(R) CPU",
+                    "count": 8,
+                    "flags": ["sse2", "ssse3", "sse4_1", "sse4_2", "popcnt", "avx", "avx2"],
+                },
+                "memory": {"total_bytes": 16 * GiB, "available_bytes": 12 * GiB},
+                "accel": "tcg",
+                "accel_reason": "fake",
+                "qemu_version": "8.2.2",
+                "machine_type": "pc-q35-8.2",
+                "default_cpu_model": "qemu64",
+                "datastores": [
+                    {
+                        "name": "shared",
+                        "accessible": True,
+                        "shared": True,
+                        "capacity_bytes": 100 * GiB,
+                        "free_bytes": 60 * GiB,
+                        "path": "/srv/kvmotion/shared",
+                    }
+                ],
+                "networks": [{"name": "vm-network", "bridge": "kvbr-vm", "present": True}],
+                "vms": 0,
+                "vms_powered_on": 0,
+            }
+
+    @property
+    def migration_address(self) -> str:
+        return str(self.facts["migration_address"])
+
+    def kill_before(self, route: str) -> None:
+        """The next call of ``route`` (and everything after it) finds the agent dead."""
+        self.die_before.add(route)
+
+    def kill_after(self, route: str, times: int = 1) -> None:
+        """The agent answers the ``times``-th call of ``route``, then dies."""
+        self.die_after[route] = times
+
+    def fail(self, route: str, status: int, code: str, message: str) -> None:
+        """Answer every call of ``route`` with this error."""
+        self.errors[route] = AgentError(status, code, message)
+
+    def find(self, ref: str) -> FakeVm:
+        for vm in self.vms.values():
+            if ref in (vm.name, vm.uuid):
+                return vm
+        raise AgentError(404, "vm_not_found", f"no VM {ref!r} on host {self.name}")
+
+
+class FakeAgents(httpx.AsyncBaseTransport):
+    """Fake agents for any number of hosts, one transport; ``calls`` records every request."""
+
+    def __init__(self, *names: str) -> None:
+        self.hosts: dict[str, FakeHost] = {}
+        self.scripts: dict[str, Script] = {}  # by VM name
+        self.calls: list[Call] = []
+        # Awaited at the start of every call (after it is recorded), e.g. to look at the center.
+        self.on_call: Callable[[Call], Awaitable[None]] | None = None
+        self._ports = itertools.count(49152)
+        for name in names:
+            self.add_host(name)
+
+    # -- set-up and inspection ------------------------------------------------------------------
+    def add_host(self, name: str, **kw: Any) -> FakeHost:
+        self.hosts[name] = FakeHost(name, **kw)
+        return self.hosts[name]
+
+    def host(self, name: str) -> FakeHost:
+        return self.hosts[name]
+
+    def add_vm(self, host: str, name: str, *, power_state: str = "poweredOn", **kw: Any) -> FakeVm:
+        config = vm_config(name, **kw)
+        vm = FakeVm(
+            config,
+            f"/srv/kvmotion/{config['datastore']}/{name}/vm.json",
+            power_state=power_state,
+            qemu_status="running" if power_state == "poweredOn" else None,
+        )
+        self.hosts[host].vms[name] = vm
+        return vm
+
+    def vm(self, host: str, name: str) -> FakeVm | None:
+        return self.hosts[host].vms.get(name)
+
+    def script(self, vm: str, **kw: Any) -> Script:
+        self.scripts[vm] = Script(**kw)
+        return self.scripts[vm]
+
+    def called(self, host: str | None = None, route: str | None = None) -> list[Call]:
+        return [
+            c
+            for c in self.calls
+            if (host is None or c.host == host) and (route is None or c.route == route)
+        ]
+
+    def routes(self, host: str) -> list[str]:
+        return [c.route for c in self.calls if c.host == host]
+
+    # -- the transport ----------------------------------------------------------------------------
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await request.aread()
+        host = self.hosts.get(request.url.host)
+        if host is None or request.url.port != PORT:
+            raise httpx.ConnectError(f"no route to {request.url.host}", request=request)
+        route, vm_ref = self._route(request)
+        body = json.loads(request.content) if request.content else None
+        query = {k: v[-1] for k, v in parse_qs(request.url.query.decode()).items()}
+        call = Call(host.name, route, request.method, request.url.path, vm_ref, query, body)
+        self.calls.append(call)
+        if route in host.die_before:
+            host.dead = True
+        if host.dead:
+            raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+        if self.on_call is not None:
+            await self.on_call(call)
+        try:
+            if request.headers.get("authorization") != f"Bearer {host.token}":
+                raise AgentError(401, "unauthorized", "this host accepts only its center")
+            if route in host.errors:
+                raise host.errors[route]
+            status, content = await self._serve(host, route, vm_ref, body, query)
+        except AgentError as exc:
+            status, content = exc.status, {"error": {"code": exc.code, "message": exc.message}}
+        call.status = status
+        if route in host.die_after:
+            host.die_after[route] -= 1
+            if host.die_after[route] <= 0:
+                del host.die_after[route]
+                host.dead = True
+        if status == 204:
+            return httpx.Response(204, request=request)
+        return httpx.Response(status, json=content, request=request)
+
+    def _route(self, request: httpx.Request) -> tuple[str, str | None]:
+        for name, method, pattern in ROUTES:
+            match = pattern.match(request.url.path)
+            if match and method == request.method:
+                return name, match.groupdict().get("vm")
+        return "unknown", None
+
+    async def _serve(
+        self, host: FakeHost, route: str, ref: str | None, body: Any, query: dict[str, str]
+    ) -> tuple[int, Any]:
+        if route == "facts":
+            host.facts["vms"] = len(host.vms)
+            host.facts["vms_powered_on"] = sum(
+                vm.power_state == "poweredOn" for vm in host.vms.values()
+            )
+            return 200, host.facts
+        if route == "list":
+            return 200, [vm.info() for vm in host.vms.values()]
+        if route == "create":
+            return 201, self._create(host, body).info()
+        if route == "incoming":
+            return 201, self._incoming(host, body)
+        if route == "unknown":
+            raise AgentError(404, "not_found", "no such route")
+        assert ref is not None
+        vm = host.find(ref)
+        if route == "get":
+            await self._poll(host, vm)
+            return 200, vm.info()
+        if route == "power_on":
+            if vm.power_state != "poweredOff":
+                raise AgentError(409, "conflict", f"VM {vm.name} is {vm.power_state}")
+            vm.power_state, vm.qemu_status = "poweredOn", "running"
+            return 200, vm.info()
+        if route == "migrate":
+            return 202, self._migrate(host, vm, body)
+        if route == "cancel":
+            self._cancel(vm)
+            return 200, vm.info()
+        if route == "finish":
+            self._finish(host, vm)
+            return 204, None
+        if route == "abort":
+            return 200, {"done": self._abort(host, vm, query.get("destination_gone") == "true")}
+        raise AssertionError(route)
+
+    # -- what a real agent does -------------------------------------------------------------------
+    def _create(self, host: FakeHost, spec: dict[str, Any]) -> FakeVm:
+        name = spec["name"]
+        if name in host.vms:
+            raise AgentError(409, "vm_exists", f"VM {name} already exists")
+        nets = tuple(n["network"] for n in spec.get("nics", []))
+        return self.add_vm(
+            host.name,
+            name,
+            power_state="poweredOff",
+            memory_mib=spec.get("memory_mib", 256),
+            datastore=spec["datastore"],
+            networks=nets,
+        )
+
+    def _incoming(self, host: FakeHost, body: dict[str, Any]) -> dict[str, Any]:
+        config = body["config"]
+        existing = host.vms.get(config["name"])
+        if existing is not None and existing.power_state != "poweredOff":
+            raise AgentError(
+                409, "conflict", f"VM {config['name']} is already {existing.power_state} here"
+            )
+        uri = f"tcp:{host.migration_address}:{next(self._ports)}"
+        vm = FakeVm(config, body["config_path"], power_state="incoming")
+        vm.migration = _view("destination", "listening", uri=uri, marks={"listening": time.time()})
+        host.vms[vm.name] = vm
+        return {"vm": vm.info(), "uri": uri}
+
+    def _migrate(self, host: FakeHost, vm: FakeVm, body: dict[str, Any]) -> dict[str, Any]:
+        if vm.power_state != "poweredOn" or vm.qemu_status != "running":
+            raise AgentError(409, "conflict", f"VM {vm.name} is {vm.power_state}: cannot migrate")
+        if vm.migration is not None and vm.migration["phase"] in ACTIVE:
+            raise AgentError(409, "already_migrating", f"VM {vm.name} is already migrating")
+        address = body["uri"].split(":")[1]
+        peers = [h.name for h in self.hosts.values() if h.migration_address == address]
+        vm.peer = peers[0] if peers else None
+        vm.polls = 0
+        vm.migration = _view(
+            "source", "setup", uri=body["uri"], marks={"migrate_started": time.time()}
+        )
+        vm.migration["stats"] = _stats(vm, "setup", 0, 1)
+        return vm.info()
+
+    async def _poll(self, host: FakeHost, vm: FakeVm) -> None:
+        """A GET of a migrating source VM: QEMU moves one step along the script."""
+        view = vm.migration
+        if view is None or view["side"] != "source" or view["phase"] not in ACTIVE:
+            return
+        script = self.scripts.get(vm.name, Script())
+        phase = script.phases[min(vm.polls, len(script.phases) - 1)]
+        vm.polls += 1
+        if script.on_poll is not None:
+            await script.on_poll(vm.polls, phase)
+        if view["phase"] not in ACTIVE:  # the hook may have cancelled it
+            return
+        now = time.time()
+        view["phase"] = phase
+        view["stats"] = _stats(vm, phase, vm.polls, len(script.phases))
+        if phase in ("active", "pre-switchover", "device", "completed"):
+            view["marks"].setdefault("first_byte", now)
+        if phase == "active":
+            view["samples"].append(
+                {
+                    "t": round(vm.polls * 0.1, 3),
+                    "pass_no": vm.polls,
+                    "transferred_bytes": view["stats"]["transferred_bytes"],
+                    "remaining_bytes": view["stats"]["remaining_bytes"],
+                    "dirty_rate_bps": 1_000_000,
+                    "throughput_bps": 12_500_000.0,
+                    "expected_downtime_ms": 30,
+                    "throttle_pct": 0,
+                }
+            )
+        if phase in ("pre-switchover", "device"):
+            view["marks"].setdefault("stunned", now)
+            vm.qemu_status = "finish-migrate"
+        elif phase == "completed":
+            view["marks"].setdefault("stunned", now)
+            view["marks"]["completed"] = now
+            vm.qemu_status = "postmigrate"
+            self._destination_completes(vm, script)
+        elif phase in ("failed", "cancelled"):
+            view["error"] = script.error if phase == "failed" else None
+            view["marks"][phase] = now
+            vm.qemu_status = "running"
+            if script.dest_notices_failure:
+                self._destination_fails(vm, "load of migration failed: Input/output error")
+
+    def _peer(self, vm: FakeVm) -> FakeVm | None:
+        if vm.peer is None or vm.peer not in self.hosts:
+            return None
+        peer = self.hosts[vm.peer].vms.get(vm.name)
+        if peer is None or peer.migration is None or peer.migration["side"] != "destination":
+            return None
+        return peer
+
+    def _destination_completes(self, vm: FakeVm, script: Script) -> None:
+        dest = self._peer(vm)
+        if dest is None or dest.power_state != "incoming":
+            return
+        assert dest.migration is not None
+        if script.dest == "resume":
+            dest.power_state, dest.qemu_status = "poweredOn", "running"
+            dest.migration["phase"] = "resumed"
+            dest.migration["marks"]["resumed"] = time.time()
+            dest.migration["stats"] = _stats(dest, "completed", 1, 1)
+        elif script.dest == "fail":
+            self._destination_fails(vm, "error while loading state for instance 0x0 of device")
+        else:  # "hang": still paused, never resumed
+            dest.migration["phase"] = "active"
+
+    def _destination_fails(self, vm: FakeVm, error: str) -> None:
+        dest = self._peer(vm)
+        if dest is None or dest.power_state != "incoming":
+            return
+        assert dest.migration is not None
+        dest.migration["phase"] = "failed"
+        dest.migration["error"] = error
+        dest.power_state, dest.qemu_status = "poweredOff", None
+
+    def _cancel(self, vm: FakeVm) -> None:
+        view = vm.migration
+        if view is None or view["side"] != "source":
+            raise AgentError(409, "no_migration", f"VM {vm.name} has no outgoing migration")
+        if view["phase"] == "completed":
+            raise AgentError(409, "too_late", "migration already completed: it cannot be cancelled")
+        if view["phase"] in ACTIVE:
+            view["phase"] = "cancelled"
+            view["marks"]["cancelled"] = time.time()
+            self._destination_fails(vm, "cancelled by the source")
+        vm.qemu_status = "running"
+
+    def _finish(self, host: FakeHost, vm: FakeVm) -> None:
+        view = vm.migration
+        if view is None or view["side"] != "source":
+            raise AgentError(409, "no_migration", f"VM {vm.name} has no outgoing migration")
+        if view["phase"] != "completed":
+            raise AgentError(
+                409, "not_completed", f"migration of {vm.name} is {view['phase']}, not completed"
+            )
+        del host.vms[vm.name]
+
+    def _abort(self, host: FakeHost, vm: FakeVm, destination_gone: bool) -> str:
+        view = vm.migration
+        if view is not None and view["side"] == "destination":
+            if vm.power_state == "poweredOn":
+                raise AgentError(
+                    409, "too_late", f"VM {vm.name} already resumed on this host: it is the owner"
+                )
+            del host.vms[vm.name]
+            return "destination ended"
+        if view is not None and view["side"] == "source":
+            if view["phase"] == "completed":
+                if not destination_gone:
+                    raise AgentError(
+                        409,
+                        "too_late",
+                        f"migration of {vm.name} completed: the destination owns it",
+                    )
+                vm.qemu_status = "running"
+                view["phase"] = "aborted"
+                view["marks"]["source_resumed"] = time.time()
+                return "source resumed (the destination's copy had ended)"
+            self._cancel(vm)
+            return "source kept running"
+        return "nothing to abort"
+
+
+def _view(side: str, phase: str, *, uri: str, marks: dict[str, float]) -> dict[str, Any]:
+    return {
+        "side": side,
+        "phase": phase,
+        "uri": uri,
+        "stats": None,
+        "samples": [],
+        "marks": marks,
+        "error": None,
+    }
+
+
+def _stats(vm: FakeVm, phase: str, poll: int, polls: int) -> dict[str, Any]:
+    total = int(vm.config["memory_mib"]) * 2**20
+    done = phase == "completed"
+    transferred = total if done else total * poll // (polls + 1)
+    return {
+        "status": phase,
+        "total_time_ms": 100 * poll,
+        "setup_time_ms": 3,
+        "downtime_ms": 42 if done else None,
+        "expected_downtime_ms": 30,
+        "transferred_bytes": transferred,
+        "remaining_bytes": total - transferred,
+        "total_bytes": total,
+        "dirty_pages_rate": 250,
+        "page_size": 4096,
+        "mbps": 100.0,
+        "passes": poll,
+        "throttle_pct": 0,
+        "error": None,
+    }
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll ``predicate`` (the event loop keeps running) until true; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout} s: {predicate}")
+        await asyncio.sleep(0.002)

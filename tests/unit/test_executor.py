@@ -1,0 +1,774 @@
+"""The compute migration as the center drives it, against fake agents (tests/unit/fake_agent.py).
+
+Each test runs a real :class:`~kvmotion.center.service.Center` (SQLite in a temporary folder)
+whose agents are :class:`FakeAgents`; what the fake recorded shows what the center asked of each
+host, and the inventory and the task show what the center concluded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import event, select
+from sqlalchemy.util import await_only
+
+from kvmotion.center.db import Database, Event, Task
+from kvmotion.center.service import Center, CenterConfig
+from kvmotion.center.tasks import TaskState, TaskStore
+from kvmotion.errors import Conflict, HostUnreachable, NotFound, PreconditionError, Unauthorized
+from kvmotion.host.client import AgentClient
+from kvmotion.migration import executor
+from kvmotion.migration.executor import ComputeMigration, Executor, MigrationRequest
+from tests.unit.fake_agent import PORT, TOKEN, Call, FakeAgents, wait_until
+
+SRC, DST = "172.16.0.172", "172.16.0.173"
+
+
+@pytest.fixture(autouse=True)
+def fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(executor, "POLL_INTERVAL", 0.002)
+
+
+def standard_fake() -> FakeAgents:
+    # Every VM exists before the center starts: a refresh that finds a new VM races any other
+    # refresh of that host (see test_concurrent_refreshes_of_a_new_vm).
+    agents = FakeAgents(SRC, DST)
+    agents.add_vm(SRC, "vm-a")
+    agents.add_vm(SRC, "vm-b")
+    agents.add_vm(SRC, "vm-off", power_state="poweredOff")
+    return agents
+
+
+@pytest.fixture
+def fake() -> FakeAgents:
+    return standard_fake()
+
+
+def scratch_dir(fallback: Path) -> Path:
+    """A folder for a center's SQLite file: memory-backed when the machine has it (fast)."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return Path(tempfile.mkdtemp(prefix="kvmotion-test-", dir=shm))
+    fallback.mkdir(parents=True, exist_ok=True)
+    return fallback
+
+
+def center_config(folder: Path, limit: int = 2) -> CenterConfig:
+    return CenterConfig(
+        db_url=f"sqlite+aiosqlite:///{folder}/c.db",
+        token="t",
+        refresh_interval_s=3600,
+        migrations_per_host=limit,
+    )
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A center database that has added both hosts (and found their VMs), built once; each test
+    starts from a copy of it."""
+    folder = scratch_dir(tmp_path_factory.mktemp("template"))
+
+    async def build() -> None:
+        center = Center(center_config(folder), transport=standard_fake())
+        await center.db.create_all()
+        await center.inventory.ensure_defaults()
+        for address in (SRC, DST):
+            await center.inventory.add_host(address, TOKEN, PORT)
+        await center.close()
+
+    asyncio.run(build())
+    yield folder / "c.db"
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def db_dir(tmp_path: Path, template_db: Path) -> Iterator[Path]:
+    folder = scratch_dir(tmp_path / "db")
+    for path in template_db.parent.glob("c.db*"):
+        shutil.copy(path, folder / path.name)
+    try:
+        yield folder
+    finally:
+        if folder.is_relative_to("/dev/shm"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+async def start_center(
+    db_dir: Path, fake: FakeAgents, limit: int = 2, *, start: bool = True
+) -> Center:
+    """A center on a copy of the template: both hosts are in its inventory, with their VMs."""
+    center = Center(center_config(db_dir, limit), transport=fake)
+    if start:
+        await center.start()
+    return center
+
+
+@pytest.fixture
+async def center(db_dir: Path, fake: FakeAgents) -> AsyncIterator[Center]:
+    c = await start_center(db_dir, fake)
+    fake.calls.clear()
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def center1(db_dir: Path, fake: FakeAgents) -> AsyncIterator[Center]:
+    """A center that runs one migration per host at a time."""
+    c = await start_center(db_dir, fake, limit=1)
+    fake.calls.clear()
+    yield c
+    await c.close()
+
+
+async def wait_task(
+    center: Center, task_id: int, check: Callable[[Task], bool], timeout: float = 5.0
+) -> Task:
+    deadline = time.monotonic() + timeout
+    while True:
+        task = await center.tasks.get(task_id)
+        if check(task):
+            return task
+        assert time.monotonic() < deadline, f"task {task_id} stayed {task.state}/{task.phase}"
+        await asyncio.sleep(0.005)
+
+
+async def migrate(center: Center, vm: str = "vm-a", dest: str = DST) -> Task:
+    task_id = await center.executor.submit(MigrationRequest(vm, dest))
+    await asyncio.wait_for(center.executor.wait(task_id), 10)
+    return await center.tasks.get(task_id)
+
+
+async def vm_host(center: Center, vm: str = "vm-a") -> str | None:
+    record = await center.inventory.vm(vm)
+    return record.host.name if record.host else None
+
+
+async def events(center: Center, task_id: int) -> list[Event]:
+    async with center.db.session() as s:
+        return list(await s.scalars(select(Event).where(Event.task_id == task_id)))
+
+
+def aborts(fake: FakeAgents, host: str) -> list[Call]:
+    return fake.called(host, "abort")
+
+
+def source_runs(fake: FakeAgents) -> bool:
+    vm = fake.vm(SRC, "vm-a")
+    return vm is not None and vm.power_state == "poweredOn" and vm.qemu_status == "running"
+
+
+def assert_rolled_back(fake: FakeAgents) -> None:
+    """The VM runs on the source only; the destination forgot it; nothing was finished."""
+    assert source_runs(fake)
+    assert fake.vm(DST, "vm-a") is None
+    assert fake.called(SRC, "finish") == []
+
+
+# -- success ----------------------------------------------------------------------------------
+
+
+async def test_success(center: Center, fake: FakeAgents) -> None:
+    seen: list[tuple[str, str, str | None, bool]] = []
+
+    async def look(call: Call) -> None:
+        dest_vm = fake.vm(DST, "vm-a")
+        resumed = dest_vm is not None and dest_vm.power_state == "poweredOn"
+        seen.append((call.host, call.route, await vm_host(center), resumed))
+
+    fake.on_call = look
+    task = await migrate(center)
+
+    assert task.state == TaskState.SUCCESS and task.phase == "done"
+    assert task.progress == 100.0 and task.error is None and task.finished_at is not None
+    steps = [t["step"] for t in task.timeline]
+    assert steps == ["requested", "prepared", "precopy", "stunned", "resumed", "source_removed"]
+    t = {e["step"]: float(e["time"]) for e in task.timeline}
+    assert t["requested"] < t["prepared"] < t["precopy"]
+    assert t["precopy"] <= t["stunned"] <= t["resumed"] <= t["source_removed"]
+    assert task.summary["downtime_ms"] == 42
+    assert task.summary["ram_total_bytes"] == 256 * 2**20
+    for key in ("task_time_ms", "stun_to_resume_ms", "request_to_first_byte_ms"):
+        assert isinstance(task.summary[key], int) and task.summary[key] >= 0
+    assert task.samples and task.samples[0]["pass_no"] == 1
+
+    # The order of the protocol: prepare the destination, then stream from the source.
+    order = [(c.host, c.route) for c in fake.calls if c.route not in ("facts", "list")]
+    assert order.index((DST, "incoming")) < order.index((SRC, "migrate"))
+    assert order[-1] == (SRC, "finish")
+    migrate_call = fake.called(SRC, "migrate")[0]
+    assert migrate_call.body["uri"].startswith("tcp:10.99.0.173:")  # the migration network
+    assert fake.called(DST, "incoming")[0].body["config"]["name"] == "vm-a"
+    assert aborts(fake, SRC) == aborts(fake, DST) == []
+
+    # The inventory moved the VM only once the destination ran it.
+    assert all(host == SRC for _, _, host, resumed in seen if not resumed)
+    finish = next(s for s in seen if s[:2] == (SRC, "finish"))
+    assert finish[2] == DST and finish[3]
+    assert await vm_host(center) == DST
+    assert (await center.inventory.vm("vm-a")).power_state == "poweredOn"
+    assert fake.vm(SRC, "vm-a") is None
+    dest_vm = fake.vm(DST, "vm-a")
+    assert dest_vm is not None and dest_vm.qemu_status == "running"
+
+    recorded = await events(center, task.id)
+    assert [e.severity for e in recorded] == ["info"]
+    assert "migrated from 172.16.0.172 to 172.16.0.173" in recorded[0].message
+    assert not center.executor.active and not any(center.executor.slots.busy.values())
+
+
+async def test_success_then_refresh_keeps_the_vm_on_the_destination(
+    center: Center, fake: FakeAgents
+) -> None:
+    await migrate(center)
+    await center.inventory.refresh_all()
+    assert await vm_host(center) == DST
+    vm = await center.inventory.vm("vm-a")
+    assert vm.power_state == "poweredOn"
+
+
+# -- failures roll back -----------------------------------------------------------------------
+
+
+async def test_qemu_fails_during_precopy(center: Center, fake: FakeAgents) -> None:
+    fake.script(
+        "vm-a",
+        phases=("active", "active", "failed"),
+        error="Connection reset by peer",
+        dest_notices_failure=False,
+    )
+    task = await migrate(center)
+
+    assert task.state == TaskState.ERROR and task.phase == "aborted"
+    assert task.error_code == "migration_failed"
+    assert task.error is not None and "Connection reset by peer" in task.error
+    assert len(aborts(fake, DST)) >= 1
+    assert all(c.status in (200, 404) for c in aborts(fake, DST))
+    assert_rolled_back(fake)
+    assert await vm_host(center) == SRC
+    recorded = await events(center, task.id)
+    assert [e.severity for e in recorded] == ["warning"]
+
+
+async def test_qemu_failure_reason_survives_the_destination_failing_too(
+    center: Center, fake: FakeAgents
+) -> None:
+    fake.script("vm-a", phases=("active", "failed"), error="Connection reset by peer")
+    task = await migrate(center)
+
+    assert task.state == TaskState.ERROR
+    assert task.error is not None and "Connection reset by peer" in task.error
+    assert_rolled_back(fake)
+
+
+async def test_destination_dies_after_prepare(center: Center, fake: FakeAgents) -> None:
+    fake.host(DST).kill_after("incoming")
+    task = await migrate(center)
+
+    assert task.state == TaskState.ERROR and task.error_code == "host_unreachable"
+    assert task.error is not None and DST in task.error and "did not answer" in task.error
+    assert [c.status for c in aborts(fake, DST)] == [None]  # tried, in spite of it all
+    source_abort = aborts(fake, SRC)
+    assert len(source_abort) == 1 and source_abort[0].query == {}  # not told "destination gone"
+    assert source_runs(fake) and fake.called(SRC, "finish") == []
+    assert await vm_host(center) == SRC
+
+
+async def test_destination_agent_dies_as_the_stream_completes(
+    center: Center, fake: FakeAgents
+) -> None:
+    """The destination may run the VM now: the source must not resume it (never two copies);
+    once the destination answers again, a refresh finds where the VM runs."""
+
+    async def kill_destination(poll: int, phase: str) -> None:
+        if phase == "completed":
+            fake.host(DST).dead = True
+
+    fake.script("vm-a", on_poll=kill_destination)
+    task = await migrate(center)
+
+    assert task.state == TaskState.ERROR
+    assert task.error is not None and DST in task.error
+    assert [(c.query, c.status) for c in aborts(fake, SRC)] == [({}, 409)]
+    source = fake.vm(SRC, "vm-a")
+    assert source is not None and source.qemu_status == "postmigrate"  # paused, not resumed
+    assert fake.called(SRC, "finish") == []
+    assert await vm_host(center) == SRC
+
+    fake.host(DST).dead = False
+    await center.inventory.refresh_all()
+    assert await vm_host(center) == DST
+    assert fake.vm(SRC, "vm-a") is None  # the paused copy was finished
+    assert len(fake.called(SRC, "finish")) == 1
+
+
+async def test_source_dies_before_migrate(center: Center, fake: FakeAgents) -> None:
+    fake.host(SRC).kill_before("migrate")
+    task = await migrate(center)
+
+    assert task.state == TaskState.ERROR and task.error_code == "host_unreachable"
+    assert task.error is not None and SRC in task.error
+    assert [c.status for c in aborts(fake, DST)] == [200]
+    assert fake.vm(DST, "vm-a") is None
+    assert await vm_host(center) == SRC
+
+
+async def test_migrate_refused_by_the_source(center: Center, fake: FakeAgents) -> None:
+    fake.host(SRC).fail("migrate", 409, "already_migrating", "VM vm-a is already migrating")
+    task = await migrate(center)
+
+    assert task.state == TaskState.ERROR and task.error_code == "already_migrating"
+    assert fake.vm(DST, "vm-a") is None and source_runs(fake)
+
+
+async def test_destination_fails_to_load(center: Center, fake: FakeAgents) -> None:
+    fake.script("vm-a", dest="fail")
+    task = await migrate(center)
+
+    assert task.state == TaskState.ERROR
+    assert task.error_code in ("destination_failed", "resume_failed")
+    assert task.error is not None and "loading state" in task.error
+    assert [c.status for c in aborts(fake, DST)] == [200]
+    # The destination's copy was ended, so the completed source may run the guest again.
+    assert [c.query for c in aborts(fake, SRC)] == [{"destination_gone": "true"}]
+    assert source_runs(fake)
+    assert await vm_host(center) == SRC
+
+
+@pytest.mark.parametrize("dest_abort", ["succeeds", "dies", "fails"])
+async def test_destination_never_resumes(
+    center: Center, fake: FakeAgents, monkeypatch: pytest.MonkeyPatch, dest_abort: str
+) -> None:
+    monkeypatch.setattr(executor, "RESUME_TIMEOUT", 0.05)
+    fake.script("vm-a", dest="hang")
+    if dest_abort == "dies":
+        fake.host(DST).kill_before("abort")
+    elif dest_abort == "fails":
+        fake.host(DST).fail("abort", 500, "qemu_failed", "QEMU did not die")
+    task = await migrate(center)
+
+    assert task.state == TaskState.ERROR and task.error_code == "resume_timeout"
+    source_abort = aborts(fake, SRC)
+    assert len(source_abort) == 1
+    source = fake.vm(SRC, "vm-a")
+    assert source is not None
+    if dest_abort == "succeeds":
+        assert source_abort[0].query == {"destination_gone": "true"}
+        assert source_runs(fake)
+    else:
+        # Nobody knows whether the destination runs the guest: the source must stay paused.
+        assert source_abort[0].query == {}
+        assert source_abort[0].status == 409 and source.qemu_status == "postmigrate"
+    assert await vm_host(center) == SRC
+
+
+# -- cancel -----------------------------------------------------------------------------------
+
+
+async def test_cancel_during_precopy(center: Center, fake: FakeAgents) -> None:
+    fake.script("vm-a", phases=("active",))  # pre-copy never converges
+    task_id = await center.executor.submit(MigrationRequest("vm-a", DST))
+    await wait_until(lambda: len(fake.called(SRC, "get")) >= 3)
+    running = await center.tasks.get(task_id)
+    assert running.state == TaskState.RUNNING and running.phase == "active"
+
+    await center.tasks.request_cancel(task_id)
+    await asyncio.wait_for(center.executor.wait(task_id), 5)
+    task = await center.tasks.get(task_id)
+
+    assert task.state == TaskState.CANCELLED and task.error_code == "cancelled"
+    assert task.error is not None and "cancelled by the user" in task.error
+    routes = [(c.host, c.route) for c in fake.calls if c.route in ("abort", "cancel")]
+    assert routes[0] == (DST, "abort")  # the destination first
+    assert (SRC, "abort") in routes or (SRC, "cancel") in routes
+    assert_rolled_back(fake)
+    assert await vm_host(center) == SRC
+    with pytest.raises(Conflict):
+        await center.tasks.request_cancel(task_id)
+
+
+async def test_cancel_while_preparing(center: Center, fake: FakeAgents) -> None:
+    task_ids: list[int] = []
+
+    async def cancel_on_prepare(call: Call) -> None:
+        if call.route == "incoming":
+            await center.tasks.request_cancel(task_ids[0])
+
+    fake.on_call = cancel_on_prepare
+    task_ids.append(await center.executor.submit(MigrationRequest("vm-a", DST)))
+    await center.executor.wait(task_ids[0])
+    task = await center.tasks.get(task_ids[0])
+
+    assert task.state == TaskState.CANCELLED
+    assert fake.called(SRC, "migrate") == [] and aborts(fake, SRC) == []
+    assert [c.status for c in aborts(fake, DST)] == [200]
+    assert_rolled_back(fake)
+
+
+async def test_cancel_during_switchover_is_too_late(center: Center, fake: FakeAgents) -> None:
+    """Past pre-switchover the guest is stunned: finishing beats undoing."""
+    task_ids: list[int] = []
+
+    async def cancel_at_device(poll: int, phase: str) -> None:
+        if phase == "device":
+            await center.tasks.request_cancel(task_ids[0])
+
+    fake.script(
+        "vm-a", phases=("active", "device", "device", "completed"), on_poll=cancel_at_device
+    )
+    task_ids.append(await center.executor.submit(MigrationRequest("vm-a", DST)))
+    await center.executor.wait(task_ids[0])
+    task = await center.tasks.get(task_ids[0])
+
+    assert task.cancel_requested and task.state == TaskState.SUCCESS
+    assert aborts(fake, DST) == [] and aborts(fake, SRC) == []
+    assert await vm_host(center) == DST
+
+
+async def test_center_shutdown_aborts_a_running_migration(center: Center, fake: FakeAgents) -> None:
+    fake.script("vm-a", phases=("active",))
+    task_id = await center.executor.submit(MigrationRequest("vm-a", DST))
+    await wait_until(lambda: len(fake.called(SRC, "get")) >= 2)
+    await center.executor.close()
+    task = await center.tasks.get(task_id)
+
+    assert task.state == TaskState.ERROR
+    assert task.error is not None and "center stopped" in task.error
+    assert_rolled_back(fake)
+    assert await vm_host(center) == SRC
+
+
+# -- refusals: nothing changes ----------------------------------------------------------------
+
+
+async def assert_refused(
+    center: Center, fake: FakeAgents, req: MigrationRequest, error: type[Exception], code: str
+) -> PreconditionError:
+    before = len(await center.tasks.list())
+    with pytest.raises(error) as info:
+        await center.executor.submit(req)
+    assert isinstance(info.value, PreconditionError) and info.value.code == code
+    assert len(await center.tasks.list()) == before
+    assert fake.called(route="incoming") == fake.called(route="migrate") == []
+    assert not center.executor.active and not center.executor.migrating(req.vm)
+    return info.value
+
+
+async def test_refused_same_host(center: Center, fake: FakeAgents) -> None:
+    await assert_refused(
+        center, fake, MigrationRequest("vm-a", SRC), PreconditionError, "same_host"
+    )
+
+
+async def test_refused_stopped_vm(center: Center, fake: FakeAgents) -> None:
+    err = await assert_refused(
+        center, fake, MigrationRequest("vm-off", DST), PreconditionError, "not_running"
+    )
+    assert "power it on" in err.message
+
+
+async def test_refused_unknown_host(center: Center, fake: FakeAgents) -> None:
+    err = await assert_refused(
+        center, fake, MigrationRequest("vm-a", "172.16.0.199"), NotFound, "host_not_found"
+    )
+    assert SRC in err.message and DST in err.message  # the known hosts
+
+
+async def test_refused_unknown_vm(center: Center, fake: FakeAgents) -> None:
+    await assert_refused(center, fake, MigrationRequest("vm-zz", DST), NotFound, "vm_not_found")
+
+
+async def test_refused_unsupported_type(center: Center, fake: FakeAgents) -> None:
+    req = MigrationRequest("vm-a", DST, kind="storage")
+    await assert_refused(center, fake, req, PreconditionError, "unsupported_type")
+
+
+async def test_refused_datastore_not_shared(center: Center, fake: FakeAgents) -> None:
+    fake.host(DST).facts["datastores"] = []
+    err = await assert_refused(
+        center, fake, MigrationRequest("vm-a", DST), PreconditionError, "datastore_not_shared"
+    )
+    assert "type 'both'" in err.message
+    assert err.details["errors"][0]["code"] == "datastore_not_shared"
+
+
+async def test_refused_while_already_migrating(center: Center, fake: FakeAgents) -> None:
+    fake.script("vm-a", phases=("active",))
+    first = await center.executor.submit(MigrationRequest("vm-a", DST))
+    await wait_until(lambda: bool(fake.called(SRC, "migrate")))
+    calls = len(fake.calls)
+    with pytest.raises(Conflict) as info:
+        await center.executor.submit(MigrationRequest("vm-a", DST))
+    assert info.value.code == "already_migrating"
+    assert len(await center.tasks.list()) == 1
+    # Refused before any agent was asked to do anything (reads by the running one aside).
+    assert {c.route for c in fake.calls[calls:]} <= {"get", "facts", "list"}
+    assert len(fake.called(route="incoming")) == len(fake.called(route="migrate")) == 1
+
+    fake.scripts["vm-a"].phases = ("completed",)
+    await center.executor.wait(first)
+    assert (await center.tasks.get(first)).state == TaskState.SUCCESS
+
+
+class BarrierTasks(TaskStore):
+    """Tasks whose create() waits (up to 0.15 s) until ``parties`` callers are inside it."""
+
+    def __init__(self, db: Database, parties: int) -> None:
+        super().__init__(db)
+        self.parties, self.arrived, self.all_in = parties, 0, asyncio.Event()
+
+    async def create(self, kind: str, target: str, request: dict[str, Any], **kw: Any) -> Task:
+        self.arrived += 1
+        if self.arrived >= self.parties:
+            self.all_in.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.all_in.wait(), 0.15)
+        return await super().create(kind, target, request, **kw)
+
+
+async def test_two_concurrent_submits_start_one_migration(center: Center, fake: FakeAgents) -> None:
+    # Were both submits let through the precheck, the barrier would hold them until both create
+    # a task; claimed before any await, the VM lets only the first one through.
+    tasks = BarrierTasks(center.db, parties=2)
+    ex = Executor(center.db, center.inventory, tasks, limit=2)
+    req = MigrationRequest("vm-a", DST)
+    try:
+        results = await asyncio.gather(ex.submit(req), ex.submit(req), return_exceptions=True)
+        started = [r for r in results if isinstance(r, int)]
+        for task_id in started:
+            await ex.wait(task_id)
+    finally:
+        await ex.close()
+    assert len(started) == 1, results
+    refused = [r for r in results if not isinstance(r, int)]
+    assert isinstance(refused[0], Conflict) and refused[0].code == "already_migrating"
+    assert len(await center.tasks.list()) == 1
+    assert len(fake.called(DST, "incoming")) == 1
+
+
+async def test_refused_destination_unreachable(center: Center, fake: FakeAgents) -> None:
+    fake.host(DST).dead = True
+    await assert_refused(
+        center, fake, MigrationRequest("vm-a", DST), PreconditionError, "host_disconnected"
+    )
+
+
+# -- concurrency ------------------------------------------------------------------------------
+
+
+async def test_a_second_migration_from_a_busy_host_queues(
+    center1: Center, fake: FakeAgents
+) -> None:
+    center = center1
+    busiest: list[int] = []
+
+    async def watch_slots(call: Call) -> None:
+        busiest.append(max(center.executor.slots.busy.values(), default=0))
+
+    fake.on_call = watch_slots
+    fake.script("vm-a", phases=("active",))  # holds its slot until released below
+    first = await center.executor.submit(MigrationRequest("vm-a", DST))
+    second = await center.executor.submit(MigrationRequest("vm-b", DST))
+    await wait_task(center, second, lambda t: t.phase == "queued")
+    await wait_until(lambda: len(fake.called(SRC, "get")) >= 3)
+
+    queued = await center.tasks.get(second)
+    assert queued.state == TaskState.QUEUED and queued.phase == "queued"
+    assert (await center.tasks.get(first)).state == TaskState.RUNNING
+    assert [c.vm for c in fake.called(SRC, "migrate")] == ["vm-a"]
+
+    fake.scripts["vm-a"].phases = ("completed",)
+    await asyncio.wait_for(center.executor.wait(first), 5)
+    await asyncio.wait_for(center.executor.wait(second), 5)
+    for task_id in (first, second):
+        assert (await center.tasks.get(task_id)).state == TaskState.SUCCESS
+    assert await vm_host(center, "vm-a") == await vm_host(center, "vm-b") == DST
+    assert max(busiest) == 1
+    finish_a = fake.calls.index(fake.called(SRC, "finish")[0])
+    incoming_b = [c for c in fake.called(DST, "incoming") if c.body["config"]["name"] == "vm-b"]
+    assert fake.calls.index(incoming_b[0]) > finish_a
+
+
+async def test_cancel_while_queued(center1: Center, fake: FakeAgents) -> None:
+    center = center1
+    fake.script("vm-a", phases=("active",))
+    first = await center.executor.submit(MigrationRequest("vm-a", DST))
+    second = await center.executor.submit(MigrationRequest("vm-b", DST))
+    await wait_task(center, second, lambda t: t.phase == "queued")
+    await center.tasks.request_cancel(second)
+    fake.scripts["vm-a"].phases = ("completed",)
+    await asyncio.wait_for(center.executor.wait(first), 5)
+    await asyncio.wait_for(center.executor.wait(second), 5)
+
+    assert (await center.tasks.get(first)).state == TaskState.SUCCESS
+    assert (await center.tasks.get(second)).state == TaskState.CANCELLED
+    assert [c.vm for c in fake.called(SRC, "migrate")] == ["vm-a"]
+    assert fake.called(route="incoming")[-1].body["config"]["name"] == "vm-a"
+    assert await vm_host(center, "vm-b") == SRC
+
+
+async def test_migrations_between_other_hosts_do_not_wait(db_dir: Path, fake: FakeAgents) -> None:
+    """The limit is per host: vm-c (.174 → .175) does not wait for vm-a (.172 → .173)."""
+    for name in ("172.16.0.174", "172.16.0.175"):
+        fake.add_host(name)
+    fake.add_vm("172.16.0.174", "vm-c")
+    center = await start_center(db_dir, fake, limit=1)
+    try:
+        for name in ("172.16.0.174", "172.16.0.175"):
+            await center.inventory.add_host(name, TOKEN, PORT)
+        fake.script("vm-a", phases=("active",))
+        first = await center.executor.submit(MigrationRequest("vm-a", DST))
+        other = await center.executor.submit(MigrationRequest("vm-c", "172.16.0.175"))
+        await asyncio.wait_for(center.executor.wait(other), 5)
+        assert (await center.tasks.get(other)).state == TaskState.SUCCESS
+        assert (await center.tasks.get(first)).state == TaskState.RUNNING
+        fake.scripts["vm-a"].phases = ("completed",)
+        await asyncio.wait_for(center.executor.wait(first), 5)
+    finally:
+        await center.close()
+
+
+def hold_inserts(center: Center, table: str, parties: int, timeout: float = 0.3) -> list[str]:
+    """Hold each INSERT INTO ``table`` until ``parties`` of them are waiting (or ``timeout``).
+
+    SQLAlchemy runs cursor events in the event loop's thread, inside the greenlet that bridges
+    to the async driver, so the hook may await (``await_only``) without blocking the loop. Only
+    the database's order of work changes; the code under test is the real one."""
+    arrived: list[str] = []
+    all_in = asyncio.Event()
+
+    async def barrier() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_in.wait(), timeout)
+
+    def hook(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith(f"INSERT INTO {table} "):
+            arrived.append(statement)
+            if len(arrived) >= parties:
+                all_in.set()
+            await_only(barrier())
+
+    event.listen(center.db.engine.sync_engine, "before_cursor_execute", hook)
+    return arrived
+
+
+async def test_concurrent_refreshes_of_a_new_vm(db_dir: Path, fake: FakeAgents) -> None:
+    # The refresh loop, a user's refresh and the REST API may all read one host at once. (No
+    # refresh loop here: its own first pass would make a third, unscheduled party.)
+    center = await start_center(db_dir, fake, start=False)
+    try:
+        fake.add_vm(SRC, "vm-new")
+        hold_inserts(center, "vms", parties=2)
+        await asyncio.gather(*(center.inventory.refresh_host(SRC) for _ in range(2)))
+        assert await vm_host(center, "vm-new") == SRC
+    finally:
+        await center.close()
+
+
+# -- abort ------------------------------------------------------------------------------------
+
+
+async def started_migration(center: Center) -> ComputeMigration:
+    """A migration in pre-copy, driven step by step (no executor task)."""
+    vm = await center.inventory.vm("vm-a")
+    source, dest = await center.inventory.host(SRC), await center.inventory.host(DST)
+    task = await center.tasks.create("migrate", vm.name, {})
+    req = MigrationRequest("vm-a", DST)
+    run = ComputeMigration(center.executor, task.id, vm, source, dest, req)
+    await run.migrate(await run.prepare())
+    return run
+
+
+async def test_abort_is_idempotent(center: Center, fake: FakeAgents) -> None:
+    fake.script("vm-a", phases=("active",))
+    run = await started_migration(center)
+    await run.abort("first", TaskState.ERROR, "first_code")
+    first = await center.tasks.get(run.task_id)
+    await run.abort("second", TaskState.CANCELLED)
+    await run.abort("third", TaskState.ERROR)
+    task = await center.tasks.get(run.task_id)
+
+    assert first.state == task.state == TaskState.ERROR and task.phase == "aborted"
+    assert task.finished_at is not None
+    # Later aborts of an ended task change nothing and call nobody.
+    assert [c.status for c in aborts(fake, DST)] == [200]
+    assert all(c.status == 200 for c in aborts(fake, SRC))
+    assert_rolled_back(fake)
+    assert await vm_host(center) == SRC
+
+
+async def test_a_second_abort_keeps_the_first_reason(center: Center, fake: FakeAgents) -> None:
+    fake.script("vm-a", phases=("active",))
+    run = await started_migration(center)
+    await run.abort("QEMU migration failed: boom", TaskState.ERROR, "migration_failed")
+    first = await center.tasks.get(run.task_id)
+    await run.abort("the center stopped during the migration", TaskState.ERROR)
+    task = await center.tasks.get(run.task_id)
+
+    assert (task.error, task.error_code) == (first.error, first.error_code)
+    assert len(await events(center, run.task_id)) == 1
+
+
+async def test_after_resume_a_failed_finalize_never_undoes(
+    center: Center, fake: FakeAgents
+) -> None:
+    fake.host(SRC).kill_before("finish")
+    task = await migrate(center)
+
+    assert await vm_host(center) == DST
+    dest_vm = fake.vm(DST, "vm-a")
+    assert dest_vm is not None and dest_vm.qemu_status == "running"
+    assert aborts(fake, DST) == [] and aborts(fake, SRC) == []
+    assert task.phase != "aborted"  # it was not undone: the VM moved
+
+
+async def test_internal_error_still_rolls_back(center: Center, fake: FakeAgents) -> None:
+    # Something no layer expects (a bug's stand-in): the run must still abort cleanly.
+    async def explode(poll: int, phase: str) -> None:
+        if poll == 2:
+            raise ValueError("unexpected")
+
+    fake.script("vm-a", phases=("active",), on_poll=explode)
+    task = await migrate(center)
+
+    assert task.state == TaskState.ERROR and task.error_code == "internal"
+    assert task.error is not None and "unexpected" in task.error
+    assert_rolled_back(fake)
+    assert await vm_host(center) == SRC
+
+
+# -- the fake itself --------------------------------------------------------------------------
+
+
+async def test_the_fake_agent_answers_like_an_agent(fake: FakeAgents) -> None:
+    """Routes the executor does not use, through the real client: create, power on, errors."""
+    async with AgentClient(f"http://{SRC}:{PORT}", TOKEN, transport=fake) as agent:
+        created = await agent.create_vm(
+            {"name": "vm-n", "datastore": "shared", "nics": [{"network": "vm-network"}]}
+        )
+        assert created["power_state"] == "poweredOff" and created["migration"] is None
+        assert (await agent.power_on("vm-n"))["qemu_status"] == "running"
+        assert (await agent.get_vm(created["uuid"]))["name"] == "vm-n"
+        with pytest.raises(NotFound):
+            await agent.get_vm("vm-zz")
+        with pytest.raises(Conflict) as info:
+            await agent.cancel_migration("vm-n")
+        assert info.value.code == "no_migration"
+        assert (await agent.abort_migration("vm-n"))["done"] == "nothing to abort"
+        facts = await agent.facts()
+        assert facts["vms"] == 4 and facts["vms_powered_on"] == 3
+    async with AgentClient(f"http://{DST}:{PORT}", "wrong", transport=fake) as agent:
+        with pytest.raises(Unauthorized):
+            await agent.list_vms()
+    async with AgentClient(f"http://172.16.0.9:{PORT}", TOKEN, transport=fake) as agent:
+        with pytest.raises(HostUnreachable):
+            await agent.facts()
+    assert [c.route for c in fake.called(SRC)][:3] == ["create", "power_on", "get"]
