@@ -19,6 +19,7 @@ from kvmotion.center.db import Event
 from kvmotion.center.inventory import host_dict, host_view, vm_dict, vm_view
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import task_dict
+from kvmotion.errors import Conflict
 from kvmotion.host.config import DEFAULT_AGENT_PORT
 from kvmotion.host.vmconfig import VmCreateRequest, check_name
 from kvmotion.httpapi import ERROR_RESPONSES, bearer_checker, install_error_handlers
@@ -42,6 +43,18 @@ class MigrateBody(BaseModel):
     host: str = Field(max_length=255)
     downtime_ms: int = Field(100, ge=1, le=60_000)
     max_bandwidth_bps: int | None = Field(None, ge=1_000_000)
+
+
+class ClusterCreate(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class ClusterHost(BaseModel):
+    host: str = Field(max_length=255)
+
+
+class EvcBody(BaseModel):
+    mode: str | None = Field(None, pattern=r"^[a-z0-9-]{1,40}$")  # None disables EVC
 
 
 def create_app(center: Center) -> FastAPI:
@@ -96,6 +109,8 @@ def create_app(center: Center) -> FastAPI:
         return vm_dict(await inv.upsert_vm(info, host))
 
     async def _power(vm: str, action: str, **kw: Any) -> dict[str, Any]:
+        if center.executor.migrating((await inv.vm(vm)).name):
+            raise Conflict(f"VM {vm} is being migrated: wait for it or cancel the task")
         record = await inv.vm(vm)
         assert record.host is not None
         async with inv.agent(record.host) as agent:
@@ -105,7 +120,9 @@ def create_app(center: Center) -> FastAPI:
 
     @app.post("/v1/vms/{vm}/power-on", dependencies=auth)
     async def power_on(vm: str) -> dict[str, Any]:
-        return await _power(vm, "power_on")
+        """Power on; in an EVC cluster (or with a per-VM mode) the VM gets that baseline."""
+        mode = await center.clusters.effective_mode(await inv.vm(vm))
+        return await _power(vm, "power_on", evc_mode=mode)
 
     @app.post("/v1/vms/{vm}/shutdown", dependencies=auth)
     async def shutdown(vm: str) -> dict[str, Any]:
@@ -145,6 +162,49 @@ def create_app(center: Center) -> FastAPI:
             "ok": result.ok,
             "errors": [e.__dict__ for e in result.errors],
             "warnings": [w.__dict__ for w in result.warnings],
+        }
+
+    # -- clusters and EVC ------------------------------------------------------------------------
+    @app.get("/v1/clusters", dependencies=auth)
+    async def list_clusters() -> list[dict[str, Any]]:
+        return [await center.clusters.describe(c.name) for c in await center.clusters.all()]
+
+    @app.post("/v1/clusters", dependencies=auth, status_code=201)
+    async def create_cluster(body: ClusterCreate) -> dict[str, Any]:
+        cluster = await center.clusters.create(body.name)
+        return await center.clusters.describe(cluster.name)
+
+    @app.get("/v1/clusters/{name}", dependencies=auth)
+    async def get_cluster(name: str) -> dict[str, Any]:
+        return await center.clusters.describe(name)
+
+    @app.post("/v1/clusters/{name}/hosts", dependencies=auth)
+    async def add_cluster_host(name: str, body: ClusterHost) -> dict[str, Any]:
+        await center.clusters.add_host(name, body.host)
+        return await center.clusters.describe(name)
+
+    @app.put("/v1/clusters/{name}/evc", dependencies=auth)
+    async def set_cluster_evc(name: str, body: EvcBody) -> dict[str, Any]:
+        await center.clusters.set_evc(name, body.mode)
+        return await center.clusters.describe(name)
+
+    @app.put("/v1/vms/{vm}/evc", dependencies=auth)
+    async def set_vm_evc(vm: str, body: EvcBody) -> dict[str, Any]:
+        return vm_dict(await center.clusters.set_vm_evc(vm, body.mode))
+
+    @app.get("/v1/hosts/{name}/evc-modes", dependencies=auth)
+    async def host_evc_modes(name: str) -> dict[str, Any]:
+        """The EVC modes this host supports, fewest features first, and its highest."""
+        host = await inv.fresh_facts(name)
+        cpu = (host.facts or {}).get("cpu_model") or {}
+        modes = [{k: m[k] for k in ("key", "label", "vendor", "supported", "missing", "reason")}
+                 | {"feature_count": len(m.get("features", []))}
+                 for m in cpu.get("evc_modes", [])]  # fmt: skip
+        return {
+            "host": host.name,
+            "generation": cpu.get("generation"),
+            "highest": cpu.get("highest_evc_mode"),
+            "modes": modes,
         }
 
     # -- tasks and events --------------------------------------------------------------------

@@ -214,6 +214,32 @@ class CenterClient:
     async def events(self, limit: int = 100) -> list[JsonObject]:
         return await self._list("/v1/events", params={"limit": limit})
 
+    # -- clusters and EVC ----------------------------------------------------------------------
+    async def clusters(self) -> list[JsonObject]:
+        return await self._list("/v1/clusters")
+
+    async def cluster(self, name: str) -> JsonObject:
+        return await self._object("GET", f"/v1/clusters/{_segment(name)}")
+
+    async def create_cluster(self, name: str) -> JsonObject:
+        return await self._object("POST", "/v1/clusters", json={"name": name})
+
+    async def add_cluster_host(self, name: str, host: str) -> JsonObject:
+        return await self._object(
+            "POST", f"/v1/clusters/{_segment(name)}/hosts", json={"host": host}, timeout=60
+        )
+
+    async def set_cluster_evc(self, name: str, mode: str | None) -> JsonObject:
+        return await self._object(
+            "PUT", f"/v1/clusters/{_segment(name)}/evc", json={"mode": mode}, timeout=60
+        )
+
+    async def set_vm_evc(self, vm: str, mode: str | None) -> JsonObject:
+        return await self._object("PUT", f"/v1/vms/{_segment(vm)}/evc", json={"mode": mode})
+
+    async def host_evc_modes(self, host: str) -> JsonObject:
+        return await self._object("GET", f"/v1/hosts/{_segment(host)}/evc-modes")
+
 
 def _migrate_body(
     host: str, type: str, downtime_ms: int, max_bandwidth_bps: int | None

@@ -105,6 +105,9 @@ class Vm(Base):
     power_state: Mapped[str] = mapped_column(String(20), default="poweredOff")
     config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     config_path: Mapped[str] = mapped_column(Text, default="")
+    # The CPU it runs with (from its host: -cpu argument, EVC mode, features), while it runs.
+    cpu: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    evc_mode: Mapped[str | None] = mapped_column(String(40), default=None)  # per-VM EVC
     host: Mapped[Host | None] = relationship(lazy="selectin")
 
 

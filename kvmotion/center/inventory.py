@@ -20,7 +20,7 @@ from kvmotion.center.db import Cluster, Database, Datacenter, Datastore, Host, N
 from kvmotion.center.tasks import record_event
 from kvmotion.errors import Conflict, HostUnreachable, KvmotionError, NotFound
 from kvmotion.host.client import AgentClient
-from kvmotion.migration.precheck import HostView, VmView
+from kvmotion.migration.precheck import HostView, ModeView, VmView
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,8 @@ DEFAULT_CLUSTER = "Cluster"
 def host_view(host: Host) -> HostView:
     facts = host.facts or {}
     models = facts.get("runnable_cpu_models")
+    cpu = facts.get("cpu_model") or {}
+    features = cpu.get("features")
     return HostView(
         name=host.name,
         connected=host.connection == "connected",
@@ -41,6 +43,13 @@ def host_view(host: Host) -> HostView:
         accel=str(facts.get("accel", "unknown")),
         cpu_vendor=str(facts.get("cpu", {}).get("vendor", "unknown")),
         runnable_cpu_models=frozenset(models) if models is not None else None,
+        cpu_features=frozenset(features) if features else None,
+        cpu_family=cpu.get("vendor"),
+        evc_modes=tuple(
+            ModeView(m["key"], m["label"], len(m.get("features", [])))
+            for m in cpu.get("evc_modes", [])
+            if m.get("supported")
+        ),
     )
 
 
@@ -55,6 +64,7 @@ def vm_view(vm: Vm, migrating: bool) -> VmView:
         memory_mib=int(cfg.get("memory_mib", 0)),
         cpu_model=str(cfg.get("cpu_model", "")),
         migrating=migrating,
+        cpu_features=tuple((vm.cpu or {}).get("features", ())),
     )
 
 
@@ -66,6 +76,8 @@ def vm_dict(vm: Vm) -> dict[str, Any]:
         "power_state": vm.power_state,
         "config": vm.config,
         "config_path": vm.config_path,
+        "cpu": vm.cpu,
+        "evc_mode": vm.evc_mode,
     }
 
 
@@ -244,6 +256,7 @@ class Inventory:
             vm.power_state = info["power_state"]
             vm.config = info["config"]
             vm.config_path = info["config_path"]
+            vm.cpu = info.get("cpu") if info["power_state"] != "poweredOff" else None
             await s.commit()
         return await self.vm(info["uuid"])
 

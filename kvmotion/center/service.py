@@ -11,6 +11,7 @@ from pathlib import Path
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
+from kvmotion.center.clusters import Clusters
 from kvmotion.center.db import Database
 from kvmotion.center.inventory import Inventory
 from kvmotion.center.tasks import TaskStore, record_event
@@ -56,6 +57,7 @@ class Center:
             self.db, migrating=lambda name: self.executor.migrating(name), transport=transport
         )
         self.executor = Executor(self.db, self.inventory, self.tasks, config.migrations_per_host)
+        self.clusters = Clusters(self.db, self.inventory)
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -20,10 +20,26 @@ def _log(msg: str) -> None:
 
 
 @app.command("up")
-def up(hosts: int = typer.Option(2, "--hosts", "-n", min=2, max=8, help="how many hosts")) -> None:
-    """Build the lab (idempotent): hosts 172.16.0.172.., networks, datastores, agents."""
+def up(
+    hosts: int = typer.Option(2, "--hosts", "-n", min=2, max=8, help="how many hosts"),
+    cpu: list[str] = typer.Option(
+        [],
+        "--cpu",
+        metavar="HOST=MODE",
+        help="simulate a CPU generation on a host, e.g. --cpu 172=intel-merom (MODE 'real' "
+        "restores the real CPU); see `kvmotion host evc-modes`",
+    ),
+) -> None:
+    """Build the lab (idempotent): hosts 172.16.0.172.., networks, datastores, agents, center."""
+    cpus: dict[int | str, str | None] = {}
+    for item in cpu:
+        ref, sep, mode = item.partition("=")
+        if not sep or not ref or not mode:
+            raise typer.BadParameter(f"--cpu takes HOST=MODE, e.g. 172=intel-merom, not {item!r}")
+        address = f"172.16.0.{ref}" if ref.isdigit() else ref
+        cpus[address] = None if mode == "real" else mode
     demo_mod.ensure_image(_log)
-    state = topology.lab_up(hosts, log=_log)
+    state = topology.lab_up(hosts, cpus=cpus, log=_log)
     center = labcenter.ensure_center(state, _log)
     console.print(f"center: {center.url} (the CLI finds it through the lab's state)")
     for host in state.hosts:

@@ -11,7 +11,15 @@ import sys
 
 import typer
 
-from kvmotion.cli import center_cmds, host_cmds, image_cmds, inventory_cmds, lab_cmds, task_cmds
+from kvmotion.cli import (
+    center_cmds,
+    evc_cmds,
+    host_cmds,
+    image_cmds,
+    inventory_cmds,
+    lab_cmds,
+    task_cmds,
+)
 from kvmotion.cli.output import fail
 from kvmotion.errors import KvmotionError
 
@@ -22,10 +30,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(center_cmds.app, name="center")
+app.add_typer(evc_cmds.cluster_app, name="cluster")
 app.add_typer(host_cmds.app, name="host")
 app.add_typer(image_cmds.app, name="image")
 app.add_typer(lab_cmds.app, name="lab")
 app.add_typer(task_cmds.app, name="task")
+inventory_cmds.vm_app.command("set-evc")(evc_cmds.vm_set_evc)
 app.add_typer(inventory_cmds.vm_app, name="vm")
 app.command("demo")(lab_cmds.demo)
 

@@ -15,10 +15,12 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kvmotion.errors import Conflict, ExecutionError, InsufficientResources, NotFound
 from kvmotion.host import facts, taps
 from kvmotion.host.config import HostConfig
+from kvmotion.host.cpu import HostCpu, VmCpu
 from kvmotion.host.datastores import DatastoreInfo, Datastores
 from kvmotion.host.vm import PowerState, VirtualMachine, VmEnvironment, VmInfo
 from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
@@ -43,6 +45,7 @@ class HostFacts:
     management_address: str
     migration_address: str | None
     cpu: facts.CpuFacts
+    cpu_model: dict[str, Any]  # what VMs get here: features, EVC modes (see host/cpu.py)
     memory: facts.MemoryFacts
     accel: str
     accel_reason: str
@@ -62,6 +65,7 @@ class HostAgent:
         self.vms: dict[str, VirtualMachine] = {}  # by uuid
         self.accel = AccelChoice("tcg", "not probed yet")
         self.qemu_version = "unknown"
+        self.cpu = HostCpu(None, None, "not probed yet")
         self._create_lock = asyncio.Lock()
 
     # -- start and stop ------------------------------------------------------------------------
@@ -74,6 +78,9 @@ class HostAgent:
             forced=self.config.accel,
         )
         self.qemu_version = await facts.qemu_version()
+        self.cpu = await HostCpu.discover(
+            self.accel.accel, self.config.cpu_generation, [self.config.default_cpu_model]
+        )
         log.info(
             "host %s: accelerator %s (%s)", self.config.name, self.accel.accel, self.accel.reason
         )
@@ -89,6 +96,10 @@ class HostAgent:
                 log.error("cannot load registration %s: %s (left as is)", reg, exc)
                 continue
             vm.incoming = bool(registration.get("incoming", False))
+            if registration.get("cpu"):
+                vm.cpu = VmCpu(
+                    **{**registration["cpu"], "features": tuple(registration["cpu"]["features"])}
+                )
             self.vms[vm.config.uuid] = vm
             if not await vm.attach() and vm.incoming:
                 # The destination of a migration that ended while we were down: not ours.
@@ -134,6 +145,7 @@ class HostAgent:
             management_address=self.config.management_address,
             migration_address=self.config.migration_address,
             cpu=facts.read_cpu(),
+            cpu_model=self.cpu.facts(),
             memory=memory,
             accel=self.accel.accel,
             accel_reason=self.accel.reason,
@@ -263,7 +275,11 @@ class HostAgent:
             log.info("deleted VM %s", vm.config.name)
 
     # -- power ---------------------------------------------------------------------------------
-    async def power_on(self, ref: str) -> VmInfo:
+    async def power_on(self, ref: str, evc_mode: str | None = None) -> VmInfo:
+        """Start a VM, with its EVC mode's baseline CPU if it has one (from its cluster).
+
+        Raises Conflict (running already; a CPU this host cannot give), InsufficientResources.
+        """
         vm = self.get(ref)
         async with vm.lock:
             need = vm.config.memory_mib * 2**20
@@ -274,6 +290,8 @@ class HostAgent:
                     f"{available // 2**20} MiB available",
                     code="insufficient_memory",
                 )
+            if vm.state is PowerState.POWERED_OFF:
+                vm.cpu = self.cpu.resolve(vm.config.cpu_model, evc_mode)
             await vm.power_on()
             return await vm.info()
 
@@ -305,13 +323,17 @@ class HostAgent:
             )
         return self.config.migration_address
 
-    async def prepare_incoming(self, config: VmConfig, config_path: Path) -> tuple[VmInfo, str]:
+    async def prepare_incoming(
+        self, config: VmConfig, config_path: Path, cpu: VmCpu | None = None
+    ) -> tuple[VmInfo, str]:
         """Register ``config`` here and start its QEMU receiving on the migration address.
 
         Raises Conflict (already here and not powered off), NotFound (a datastore, network or
         image this host lacks), InsufficientResources. Nothing stays registered on failure.
         """
         address = self._migration_address()
+        if cpu is not None:
+            self.cpu.check(cpu, what="receive")
         existing = self.vms.get(config.uuid)
         if existing is not None and existing.state is not PowerState.POWERED_OFF:
             raise Conflict(f"VM {config.name} is already {existing.state} on this host")
@@ -330,7 +352,10 @@ class HostAgent:
                 f"{available // 2**20} MiB available",
                 code="insufficient_memory",
             )
-        vm = self._register(config, config_path, incoming=True)
+        vm = self._make_vm(config, config_path)
+        vm.cpu = cpu
+        vm.write_registration(incoming=True)
+        self.vms[config.uuid] = vm
         try:
             async with vm.lock:
                 uri = await vm.prepare_incoming(address)

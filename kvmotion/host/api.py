@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 from kvmotion import __version__
 from kvmotion.host.agent import HostAgent, HostFacts
+from kvmotion.host.cpu import VmCpu
 from kvmotion.host.vm import VmInfo
 from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
 from kvmotion.httpapi import ERROR_RESPONSES, bearer_checker, install_error_handlers
@@ -39,6 +40,11 @@ class IncomingRequest(BaseModel):
 
     config: VmConfig
     config_path: str
+    cpu: VmCpu | None = None  # the CPU the VM runs with on the source
+
+
+class PowerOnRequest(BaseModel):
+    evc_mode: str | None = Field(None, pattern=r"^[a-z0-9-]{1,40}$")
 
 
 class IncomingResult(BaseModel):
@@ -101,8 +107,8 @@ def create_app(agent: HostAgent) -> FastAPI:
         await agent.delete(vm)
 
     @app.post("/v1/vms/{vm}/power-on", dependencies=auth)
-    async def power_on(vm: str) -> VmInfo:
-        return await agent.power_on(vm)
+    async def power_on(vm: str, req: PowerOnRequest | None = None) -> VmInfo:
+        return await agent.power_on(vm, (req or PowerOnRequest()).evc_mode)
 
     @app.post("/v1/vms/{vm}/shutdown", dependencies=auth)
     async def shutdown(vm: str, req: ShutdownRequest | None = None) -> ShutdownResult:
@@ -119,7 +125,7 @@ def create_app(agent: HostAgent) -> FastAPI:
 
     @app.post("/v1/migrations/incoming", dependencies=auth, status_code=201)
     async def prepare_incoming(req: IncomingRequest) -> IncomingResult:
-        info, uri = await agent.prepare_incoming(req.config, Path(req.config_path))
+        info, uri = await agent.prepare_incoming(req.config, Path(req.config_path), req.cpu)
         return IncomingResult(vm=info, uri=uri)
 
     @app.post("/v1/vms/{vm}/migrate", dependencies=auth, status_code=202)

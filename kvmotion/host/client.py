@@ -110,8 +110,9 @@ class AgentClient:
     async def delete_vm(self, vm: str) -> None:
         await self.request("DELETE", f"/v1/vms/{vm}")
 
-    async def power_on(self, vm: str) -> Any:
-        return await self.request("POST", f"/v1/vms/{vm}/power-on", timeout=120)
+    async def power_on(self, vm: str, evc_mode: str | None = None) -> Any:
+        body = {"evc_mode": evc_mode}
+        return await self.request("POST", f"/v1/vms/{vm}/power-on", json=body, timeout=120)
 
     async def shutdown(self, vm: str, timeout_s: float = 60) -> Any:
         return await self.request(
@@ -124,8 +125,10 @@ class AgentClient:
     async def reset(self, vm: str) -> Any:
         return await self.request("POST", f"/v1/vms/{vm}/reset")
 
-    async def prepare_incoming(self, config: dict[str, Any], config_path: str) -> Any:
-        body = {"config": config, "config_path": config_path}
+    async def prepare_incoming(
+        self, config: dict[str, Any], config_path: str, cpu: dict[str, Any] | None = None
+    ) -> Any:
+        body = {"config": config, "config_path": config_path, "cpu": cpu}
         return await self.request("POST", "/v1/migrations/incoming", json=body, timeout=120)
 
     async def migrate(

@@ -52,6 +52,9 @@ class HostConfig(BaseModel):
     accel: str | None = None
     # CPU model QEMU gives VMs that do not ask for one.
     default_cpu_model: str = "qemu64"
+    # Simulate an older CPU (an EVC mode key, e.g. "intel-merom"): the host then offers and
+    # enforces only that generation's features. For the lab's mixed clusters.
+    cpu_generation: str | None = None
     machine_type: str = "pc-q35-7.2"
 
     @classmethod

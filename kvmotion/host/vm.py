@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from kvmotion.errors import Conflict, InvalidInput, NotFound, QemuError
 from kvmotion.host import taps
+from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.migration import ANNOUNCE, Incoming, MigrationStats, MigrationView, Outgoing
 from kvmotion.host.vmconfig import VmConfig
@@ -67,6 +69,7 @@ class VmInfo:
     config_path: str
     config: VmConfig
     migration: MigrationView | None
+    cpu: VmCpu | None  # the CPU it runs (or last ran) with on this host
 
 
 class VirtualMachine:
@@ -82,6 +85,7 @@ class VirtualMachine:
         self._watcher: asyncio.Task[None] | None = None
         self.migration: Outgoing | Incoming | None = None
         self.incoming = False  # registered as a migration's destination, not yet the owner
+        self.cpu: VmCpu | None = None  # chosen at power-on (or given by the migration source)
         self.log = log.getChild(config.name)
 
     # -- paths and launch description --------------------------------------------------------
@@ -136,7 +140,7 @@ class VirtualMachine:
             memory_mib=cfg.memory_mib,
             machine_type=cfg.machine_type,
             accel=self.env.accel,
-            cpu_model=cfg.cpu_model,
+            cpu_model=self.cpu.model if self.cpu is not None else cfg.cpu_model,
             qmp_socket=self.qmp_socket,
             pidfile=self.pidfile,
             console_log=self.console_log,
@@ -205,7 +209,11 @@ class VirtualMachine:
     def write_registration(self, *, incoming: bool) -> None:
         """Record on this host that the VM is registered here (``incoming``: not yet owned)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        body = {"config_path": str(self.config_path), "incoming": incoming}
+        body = {
+            "config_path": str(self.config_path),
+            "incoming": incoming,
+            "cpu": dataclasses.asdict(self.cpu) if self.cpu is not None else None,
+        }
         (self.run_dir / "registration.json").write_text(json.dumps(body))
         self.incoming = incoming
 
@@ -316,7 +324,9 @@ class VirtualMachine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
             self._watcher = None
-        if self.process is process:
+        # The watcher may have been cancelled halfway through its own cleanup: finish it here
+        # (cleanup is idempotent), unless a new QEMU of this VM already runs.
+        if self.process is process or self.process is None:
             await self._cleanup_after_exit(kill=False)
 
     async def reset(self) -> None:
@@ -412,4 +422,5 @@ class VirtualMachine:
             config_path=str(self.config_path),
             config=self.config,
             migration=self.migration.view if self.migration is not None else None,
+            cpu=self.cpu,
         )

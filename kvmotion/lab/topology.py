@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 from pydantic import TypeAdapter, ValidationError
 
+from kvmotion.cpu.catalog import get_mode
 from kvmotion.errors import InvalidInput, LabError
 from kvmotion.host.config import (
     DEFAULT_AGENT_PORT,
@@ -203,6 +204,7 @@ class LabHost:
     agent_url: str
     agent_start_ticks: int | None = None  # guards agent_pid against pid reuse
     migration_rate_mbit: float | None = None  # shaping of its migration link, None: unshaped
+    cpu_generation: str | None = None  # simulated CPU (an EVC mode key); None: the real one
 
     @property
     def host_dir(self) -> Path:
@@ -314,6 +316,11 @@ def host_config(state: LabState, host: LabHost) -> HostConfig:
         ],
         networks=[NetworkConfig(name=VM_NETWORK_NAME, bridge=VM_BRIDGE)],
         image_dir=state.image_dir,
+        cpu_generation=host.cpu_generation,
+        # Without EVC a VM sees its host's CPU: a simulated generation's model.
+        default_cpu_model=(
+            get_mode(host.cpu_generation).qemu_model if host.cpu_generation else "qemu64"
+        ),
     )
 
 
@@ -379,9 +386,13 @@ def lab_up(
     *,
     start_agents: bool = True,
     agent_argv: Sequence[str] | None = None,
+    cpus: Mapping[int | str, str | None] | None = None,
     log: Log = print,
 ) -> LabState:
     """Build the lab, or find it and repair what is missing; returns its state.
+
+    ``cpus`` gives hosts (by index or address) a simulated CPU generation, an EVC mode key such
+    as "intel-merom" (None: the real CPU); hosts not named keep what they had.
 
     A lab that is up with more hosts keeps them all; one with fewer grows. ``agent_argv`` (or env
     KVMOTION_LAB_AGENT_ARGV, shell-split) replaces the agent command; ``{config}``, ``{address}``
@@ -397,7 +408,11 @@ def lab_up(
             count = len(previous.hosts)
         template = _agent_template(agent_argv, previous)
         _build_network(count, log)
-        state = _write_files(count, previous, template)
+        generations = {host_index(ref): gen for ref, gen in (cpus or {}).items()}
+        for gen in generations.values():
+            if gen is not None:
+                get_mode(gen)  # NotFound lists the valid keys
+        state = _write_files(count, previous, template, generations, log)
         for host in state.hosts:
             if host.migration_rate_mbit is not None:
                 _apply_rate(host.index, host.migration_rate_mbit)
@@ -487,7 +502,13 @@ def _ensure_veth(veth: Veth, log: Log) -> None:
     netns.set_up(veth.name, veth.ns)
 
 
-def _write_files(count: int, previous: LabState | None, template: list[str] | None) -> LabState:
+def _write_files(
+    count: int,
+    previous: LabState | None,
+    template: list[str] | None,
+    cpus: Mapping[int, str | None],
+    log: Log,
+) -> LabState:
     directory = lab_dir()
     token = previous.token if previous is not None else secrets.token_urlsafe(32)
     state = plan_state(count, directory, token, template)
@@ -495,6 +516,16 @@ def _write_files(count: int, previous: LabState | None, template: list[str] | No
         # Keep what the previous run learned: agent pids and link shaping.
         known = {host.name: host for host in previous.hosts}
         state = replace(state, hosts=[_merge_host(h, known.get(h.name)) for h in state.hosts])
+    hosts = []
+    for host in state.hosts:
+        if host.index in cpus and cpus[host.index] != host.cpu_generation:
+            if host.agent_pid is not None and agent_running(host):
+                # Its config changes: restart its agent (its VMs keep running).
+                netns.terminate(host.agent_pid, grace=5.0)
+                log(f"restarting the agent of {host.name} for its new CPU generation")
+            host = replace(host, cpu_generation=cpus[host.index], agent_pid=None)
+        hosts.append(host)
+    state = replace(state, hosts=hosts)
     try:
         for path in (state.image_dir, state.shared_datastore):
             path.mkdir(parents=True, exist_ok=True)
@@ -516,6 +547,7 @@ def _merge_host(host: LabHost, old: LabHost | None) -> LabHost:
         agent_pid=old.agent_pid,
         agent_start_ticks=old.agent_start_ticks,
         migration_rate_mbit=old.migration_rate_mbit,
+        cpu_generation=old.cpu_generation,
     )
 
 

@@ -227,7 +227,7 @@ class ComputeMigration:
     async def prepare(self) -> str:
         async with self.ex.inventory.agent(self.dest) as agent:
             self.dest_prepared = True  # from here on, abort must clean the destination
-            result = await agent.prepare_incoming(self.vm.config, self.vm.config_path)
+            result = await agent.prepare_incoming(self.vm.config, self.vm.config_path, self.vm.cpu)
         self._mark("prepared", detail=f"listening at {result['uri']}")
         return str(result["uri"])
 

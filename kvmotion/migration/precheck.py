@@ -39,6 +39,16 @@ class HostView:
     accel: str
     cpu_vendor: str
     runnable_cpu_models: frozenset[str] | None = None  # None: the host did not say
+    cpu_features: frozenset[str] | None = None  # what VMs may use here; None: unknown
+    cpu_family: str | None = None  # "intel" or "amd" as VMs see it; None: either (TCG)
+    evc_modes: tuple[ModeView, ...] = ()  # the EVC modes this host supports
+
+
+@dataclass(frozen=True)
+class ModeView:
+    key: str
+    label: str
+    feature_count: int
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,7 @@ class VmView:
     memory_mib: int
     cpu_model: str
     migrating: bool = False
+    cpu_features: tuple[str, ...] = ()  # the features it was started with
 
 
 @dataclass
@@ -151,9 +162,36 @@ def _cpu(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None:
             f"host {source.name} has {source.cpu_vendor} CPUs and {dest.name} "
             f"{dest.cpu_vendor}: Intel and AMD never mix",
         )
+    if source.cpu_family and dest.cpu_family and source.cpu_family != dest.cpu_family:
+        f.error(
+            "cpu_vendor",
+            f"host {source.name} gives VMs {source.cpu_family} CPUs and {dest.name} "
+            f"{dest.cpu_family}: Intel and AMD never mix",
+        )
+    if vm.cpu_features and dest.cpu_features is not None:
+        missing = sorted(set(vm.cpu_features) - dest.cpu_features)
+        if missing:
+            f.error(
+                "cpu_incompatible",
+                f"host {dest.name} lacks CPU features {', '.join(missing)} that VM {vm.name} "
+                f"was started with: {_evc_fix(source, dest)}",
+            )
     if dest.runnable_cpu_models is not None and vm.cpu_model not in dest.runnable_cpu_models:
         f.error(
             "cpu_incompatible",
             f"host {dest.name} cannot run CPU model {vm.cpu_model} of VM {vm.name}: "
             "set an EVC baseline both hosts support",
         )
+
+
+def _evc_fix(source: HostView, dest: HostView) -> str:
+    """Name the EVC mode that would make the move possible: the richest both hosts support."""
+    theirs = {m.key for m in source.evc_modes}
+    both = [m for m in dest.evc_modes if m.key in theirs]
+    if not both:
+        return "no EVC mode is supported by both hosts"
+    best = max(both, key=lambda m: (m.feature_count, m.key))
+    return (
+        f"set the cluster's EVC mode to {best.label} ({best.key}), which both hosts support, "
+        "and power-cycle the VM"
+    )

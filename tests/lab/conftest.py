@@ -67,16 +67,16 @@ def assert_lab_gone(lab_dir: Path) -> None:
     assert not (lab_dir / "datastores").exists(), "lab datastores left behind"
 
 
-@pytest.fixture(scope="module")
-def lab(request: pytest.FixtureRequest) -> Iterator[topology.LabState]:
-    """A two-host lab with agents, for one test module; torn down and checked after it."""
+def _lab(
+    request: pytest.FixtureRequest, cpus: dict[int | str, str | None] | None = None
+) -> Iterator[topology.LabState]:
     lab_dir = topology.lab_dir()
     # The suite owns the machine's lab: a lab left up (a demo, an earlier run) goes first.
     labcenter.stop_center(lambda _msg: None)
     topology.lab_down(log=lambda _msg: None)
     ensure_image(lambda _msg: None)
     try:
-        state = topology.lab_up(2, log=lambda _msg: None)
+        state = topology.lab_up(2, cpus=cpus, log=lambda _msg: None)
         yield state
     finally:
         current = topology.load_state()
@@ -85,3 +85,15 @@ def lab(request: pytest.FixtureRequest) -> Iterator[topology.LabState]:
         labcenter.stop_center(lambda _msg: None)
         topology.lab_down(log=lambda _msg: None)
     assert_lab_gone(lab_dir)
+
+
+@pytest.fixture(scope="module")
+def lab(request: pytest.FixtureRequest) -> Iterator[topology.LabState]:
+    """A two-host lab with agents, for one test module; torn down and checked after it."""
+    yield from _lab(request)
+
+
+@pytest.fixture(scope="module")
+def mixed_lab(request: pytest.FixtureRequest) -> Iterator[topology.LabState]:
+    """The seed's mixed cluster: .172 an older CPU (Merom), .173 a newer one (Nehalem)."""
+    yield from _lab(request, {0: "intel-merom", 1: "intel-nehalem"})
