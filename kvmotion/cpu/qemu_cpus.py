@@ -226,7 +226,21 @@ async def _connect(
         if loop.time() > deadline:
             raise QemuError(f"QEMU's QMP socket did not accept connections in {timeout:.0f} s")
         await asyncio.sleep(0.02)
-    await session.connect(max(1.0, deadline - loop.time()))
+    # QEMU may still die right after its socket accepted (the accelerator failed): race the
+    # QMP handshake against its exit rather than retrying a dead socket until the deadline.
+    connecting = asyncio.create_task(session.connect(max(1.0, deadline - loop.time())))
+    exiting = asyncio.create_task(proc.wait())
+    done, _ = await asyncio.wait({connecting, exiting}, return_when=asyncio.FIRST_COMPLETED)
+    if connecting in done:
+        exiting.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await exiting
+        connecting.result()
+        return
+    connecting.cancel()
+    with contextlib.suppress(asyncio.CancelledError, QemuError):
+        await connecting
+    raise _exited(proc, output)
 
 
 @contextlib.asynccontextmanager

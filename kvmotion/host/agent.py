@@ -46,6 +46,7 @@ class HostFacts:
     migration_address: str | None
     cpu: facts.CpuFacts
     cpu_model: dict[str, Any]  # what VMs get here: features, EVC modes (see host/cpu.py)
+    migration_link_bps: int  # what the migration link carries (its speed, or tc's shaping)
     memory: facts.MemoryFacts
     accel: str
     accel_reason: str
@@ -146,6 +147,7 @@ class HostAgent:
             migration_address=self.config.migration_address,
             cpu=facts.read_cpu(),
             cpu_model=self.cpu.facts(),
+            migration_link_bps=self.link_bandwidth_bps(),
             memory=memory,
             accel=self.accel.accel,
             accel_reason=self.accel.reason,
@@ -324,7 +326,12 @@ class HostAgent:
         return self.config.migration_address
 
     async def prepare_incoming(
-        self, config: VmConfig, config_path: Path, cpu: VmCpu | None = None
+        self,
+        config: VmConfig,
+        config_path: Path,
+        cpu: VmCpu | None = None,
+        *,
+        postcopy: bool = False,
     ) -> tuple[VmInfo, str]:
         """Register ``config`` here and start its QEMU receiving on the migration address.
 
@@ -358,7 +365,7 @@ class HostAgent:
         self.vms[config.uuid] = vm
         try:
             async with vm.lock:
-                uri = await vm.prepare_incoming(address)
+                uri = await vm.prepare_incoming(address, postcopy=postcopy)
                 return await vm.info(), uri
         except BaseException:
             self._unregister(vm)
@@ -370,14 +377,44 @@ class HostAgent:
         return int((mbps or 10_000) * 1e6 / 8)
 
     async def migrate(
-        self, ref: str, uri: str, downtime_limit_ms: int, max_bandwidth_bps: int | None
+        self,
+        ref: str,
+        uri: str,
+        downtime_limit_ms: int,
+        max_bandwidth_bps: int | None,
+        *,
+        brake: bool = False,
+        postcopy: bool = False,
     ) -> VmInfo:
         vm = self.get(ref)
         async with vm.lock:
             await vm.migrate_out(
-                uri, max_bandwidth_bps or self.link_bandwidth_bps(), downtime_limit_ms
+                uri,
+                max_bandwidth_bps or self.link_bandwidth_bps(),
+                downtime_limit_ms,
+                brake=brake,
+                postcopy=postcopy,
             )
             return await vm.info()
+
+    async def tune_migration(
+        self,
+        ref: str,
+        downtime_limit_ms: int | None,
+        max_bandwidth_bps: int | None,
+        throttle_pct: int | None,
+    ) -> VmInfo:
+        vm = self.get(ref)
+        await vm.outgoing().tune(downtime_limit_ms, max_bandwidth_bps, throttle_pct)
+        return await vm.info()
+
+    async def start_postcopy(self, ref: str) -> VmInfo:
+        vm = self.get(ref)
+        await vm.outgoing().start_postcopy()
+        return await vm.info()
+
+    async def dirty_rate(self, ref: str, seconds: int) -> float:
+        return await self.get(ref).measure_dirty_rate(seconds)
 
     async def cancel_migration(self, ref: str) -> VmInfo:
         vm = self.get(ref)

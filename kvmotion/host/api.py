@@ -41,6 +41,7 @@ class IncomingRequest(BaseModel):
     config: VmConfig
     config_path: str
     cpu: VmCpu | None = None  # the CPU the VM runs with on the source
+    postcopy: bool = False  # the source may switch to post-copy
 
 
 class PowerOnRequest(BaseModel):
@@ -56,6 +57,22 @@ class MigrateRequest(BaseModel):
     uri: str = Field(pattern=r"^tcp:[0-9.]{7,15}:[0-9]{1,5}$")
     downtime_limit_ms: int = Field(100, ge=1, le=60_000)
     max_bandwidth_bps: int | None = Field(None, ge=1_000_000)
+    brake: bool = False  # allow the convergence engine to throttle the guest's CPU
+    postcopy: bool = False  # allow a switch to post-copy (the destination must allow it too)
+
+
+class TuneRequest(BaseModel):
+    downtime_limit_ms: int | None = Field(None, ge=1, le=60_000)
+    max_bandwidth_bps: int | None = Field(None, ge=1_000_000)
+    throttle_pct: int | None = Field(None, ge=0, le=99)
+
+
+class DirtyRateRequest(BaseModel):
+    seconds: int = Field(1, ge=1, le=60)
+
+
+class DirtyRate(BaseModel):
+    dirty_rate_bps: float
 
 
 class AbortResult(BaseModel):
@@ -125,12 +142,36 @@ def create_app(agent: HostAgent) -> FastAPI:
 
     @app.post("/v1/migrations/incoming", dependencies=auth, status_code=201)
     async def prepare_incoming(req: IncomingRequest) -> IncomingResult:
-        info, uri = await agent.prepare_incoming(req.config, Path(req.config_path), req.cpu)
+        info, uri = await agent.prepare_incoming(
+            req.config, Path(req.config_path), req.cpu, postcopy=req.postcopy
+        )
         return IncomingResult(vm=info, uri=uri)
 
     @app.post("/v1/vms/{vm}/migrate", dependencies=auth, status_code=202)
     async def migrate(vm: str, req: MigrateRequest) -> VmInfo:
-        return await agent.migrate(vm, req.uri, req.downtime_limit_ms, req.max_bandwidth_bps)
+        return await agent.migrate(
+            vm,
+            req.uri,
+            req.downtime_limit_ms,
+            req.max_bandwidth_bps,
+            brake=req.brake,
+            postcopy=req.postcopy,
+        )
+
+    @app.post("/v1/vms/{vm}/migration/tune", dependencies=auth)
+    async def tune_migration(vm: str, req: TuneRequest) -> VmInfo:
+        return await agent.tune_migration(
+            vm, req.downtime_limit_ms, req.max_bandwidth_bps, req.throttle_pct
+        )
+
+    @app.post("/v1/vms/{vm}/migration/postcopy", dependencies=auth)
+    async def start_postcopy(vm: str) -> VmInfo:
+        return await agent.start_postcopy(vm)
+
+    @app.post("/v1/vms/{vm}/dirty-rate", dependencies=auth)
+    async def dirty_rate(vm: str, req: DirtyRateRequest) -> DirtyRate:
+        """QEMU's measurement of how fast the guest dirties memory (for predictions)."""
+        return DirtyRate(dirty_rate_bps=await agent.dirty_rate(vm, req.seconds))
 
     @app.post("/v1/vms/{vm}/migration/cancel", dependencies=auth)
     async def cancel_migration(vm: str) -> VmInfo:

@@ -126,20 +126,47 @@ class AgentClient:
         return await self.request("POST", f"/v1/vms/{vm}/reset")
 
     async def prepare_incoming(
-        self, config: dict[str, Any], config_path: str, cpu: dict[str, Any] | None = None
+        self,
+        config: dict[str, Any],
+        config_path: str,
+        cpu: dict[str, Any] | None = None,
+        *,
+        postcopy: bool = False,
     ) -> Any:
-        body = {"config": config, "config_path": config_path, "cpu": cpu}
+        body = {"config": config, "config_path": config_path, "cpu": cpu, "postcopy": postcopy}
         return await self.request("POST", "/v1/migrations/incoming", json=body, timeout=120)
 
     async def migrate(
-        self, vm: str, uri: str, downtime_limit_ms: int, max_bandwidth_bps: int | None = None
+        self,
+        vm: str,
+        uri: str,
+        downtime_limit_ms: int,
+        max_bandwidth_bps: int | None = None,
+        *,
+        brake: bool = False,
+        postcopy: bool = False,
     ) -> Any:
         body = {
             "uri": uri,
             "downtime_limit_ms": downtime_limit_ms,
             "max_bandwidth_bps": max_bandwidth_bps,
+            "brake": brake,
+            "postcopy": postcopy,
         }
         return await self.request("POST", f"/v1/vms/{vm}/migrate", json=body)
+
+    async def tune_migration(self, vm: str, **knobs: int | None) -> Any:
+        return await self.request("POST", f"/v1/vms/{vm}/migration/tune", json=knobs)
+
+    async def start_postcopy(self, vm: str) -> Any:
+        return await self.request("POST", f"/v1/vms/{vm}/migration/postcopy")
+
+    async def dirty_rate(self, vm: str, seconds: int = 1) -> float:
+        body = {"seconds": seconds}
+        result = await self.request(
+            "POST", f"/v1/vms/{vm}/dirty-rate", json=body, timeout=seconds + 30
+        )
+        return float(result["dirty_rate_bps"])
 
     async def cancel_migration(self, vm: str) -> Any:
         return await self.request("POST", f"/v1/vms/{vm}/migration/cancel", timeout=60)

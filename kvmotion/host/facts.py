@@ -69,7 +69,8 @@ def hostname() -> str:
 
 
 def link_speed_mbps(address: str | None) -> float | None:
-    """Speed of the interface holding ``address`` (from /sys), or None when unknown."""
+    """What the interface holding ``address`` carries, in Mbit/s: its speed (from /sys), or a
+    lower rate shaped on it with tc (tbf or htb root); None when unknown."""
     if not address:
         return None
     import json
@@ -82,7 +83,27 @@ def link_speed_mbps(address: str | None) -> float | None:
         for link in json.loads(out):
             if any(a.get("local") == address for a in link.get("addr_info", [])):
                 speed = int(Path(f"/sys/class/net/{link['ifname']}/speed").read_text())
-                return float(speed) if speed > 0 else None
+                shaped = _shaped_mbps(link["ifname"])
+                rates = [r for r in (float(speed) if speed > 0 else None, shaped) if r]
+                return min(rates) if rates else None
     except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    return None
+
+
+def _shaped_mbps(ifname: str) -> float | None:
+    import json
+    import subprocess
+
+    out = subprocess.run(
+        ["tc", "-j", "qdisc", "show", "dev", ifname],
+        capture_output=True, text=True, timeout=5, check=False,
+    ).stdout  # fmt: skip
+    try:
+        for qdisc in json.loads(out or "[]"):
+            rate = (qdisc.get("options") or {}).get("rate")
+            if qdisc.get("root") and isinstance(rate, int | float) and rate > 0:
+                return float(rate) * 8 / 1e6  # tc -j reports bytes/s
+    except ValueError:
         return None
     return None

@@ -112,6 +112,14 @@ class MigrationView:
     samples: list[PassSample] = field(default_factory=list)
     marks: dict[str, float] = field(default_factory=dict)  # wall-clock times of steps
     error: str | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)  # what the source runs with now
+
+
+def throttle_params(pct: int) -> dict[str, int]:
+    """QEMU 7.2 parameters that hold the CPU throttle at ``pct`` % (1 % is its floor): the
+    throttle rises by ``increment`` at each fast-dirtying pass, capped at ``max-cpu-throttle``."""
+    pct = max(1, min(99, pct))
+    return {"cpu-throttle-initial": pct, "cpu-throttle-increment": 99, "max-cpu-throttle": pct}
 
 
 class Outgoing:
@@ -129,19 +137,43 @@ class Outgoing:
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
-    async def start(self, uri: str, max_bandwidth_bps: int, downtime_limit_ms: int) -> None:
-        """Configure and start ``migrate``; the watcher runs until a final state."""
+    async def start(
+        self,
+        uri: str,
+        max_bandwidth_bps: int,
+        downtime_limit_ms: int,
+        *,
+        brake: bool = False,
+        postcopy: bool = False,
+    ) -> None:
+        """Configure and start ``migrate``; the watcher runs until a final state.
+
+        ``brake`` enables QEMU's CPU throttle (auto-converge) held at its floor until
+        :meth:`tune` asks for a depth; ``postcopy`` allows :meth:`start_postcopy` later (the
+        destination must have been told too).
+        """
+        capabilities = [("events", True), ("pause-before-switchover", True)]
+        capabilities += [("auto-converge", brake), ("postcopy-ram", postcopy)]
         await self.qmp.execute(
             "migrate-set-capabilities",
-            {"capabilities": [
-                {"capability": "events", "state": True},
-                {"capability": "pause-before-switchover", "state": True},
-            ]},
-        )  # fmt: skip
-        await self.qmp.execute(
-            "migrate-set-parameters",
-            {"max-bandwidth": max_bandwidth_bps, "downtime-limit": downtime_limit_ms},
+            {"capabilities": [{"capability": c, "state": on} for c, on in capabilities]},
         )
+        params: dict[str, Any] = {
+            "max-bandwidth": max_bandwidth_bps,
+            "downtime-limit": downtime_limit_ms,
+        }
+        if brake:
+            # The brake is steered through its cap: QEMU raises the throttle towards
+            # max-cpu-throttle at each pass where the guest dirties fast (threshold 1 %).
+            params |= throttle_params(0) | {"throttle-trigger-threshold": 1}
+        await self.qmp.execute("migrate-set-parameters", params)
+        self.view.knobs = {
+            "downtime_limit_ms": downtime_limit_ms,
+            "max_bandwidth_bps": max_bandwidth_bps,
+            "throttle_pct": 0,
+            "brake": brake,
+            "postcopy_allowed": postcopy,
+        }
         self.view.uri = uri
         self._started = time.monotonic()
         self.view.marks["migrate_started"] = time.time()
@@ -241,6 +273,40 @@ class Outgoing:
         with contextlib.suppress(QemuError):
             await self._resume_if_paused()
 
+    async def tune(
+        self,
+        downtime_limit_ms: int | None = None,
+        max_bandwidth_bps: int | None = None,
+        throttle_pct: int | None = None,
+    ) -> None:
+        """Change the knobs of the running migration (the convergence engine's actions)."""
+        if self.view.phase in FINAL:
+            raise Conflict(f"the migration is {self.view.phase}", code="not_running")
+        params: dict[str, Any] = {}
+        if downtime_limit_ms is not None:
+            params["downtime-limit"] = downtime_limit_ms
+        if max_bandwidth_bps is not None:
+            params["max-bandwidth"] = max_bandwidth_bps
+        if throttle_pct is not None:
+            if not self.view.knobs.get("brake"):
+                raise Conflict("this migration was started without the CPU brake", code="no_brake")
+            params |= throttle_params(throttle_pct)
+        if params:
+            await self.qmp.execute("migrate-set-parameters", params)
+        for key, value in (
+            ("downtime_limit_ms", downtime_limit_ms),
+            ("max_bandwidth_bps", max_bandwidth_bps),
+            ("throttle_pct", throttle_pct),
+        ):
+            if value is not None:
+                self.view.knobs[key] = value
+
+    async def start_postcopy(self) -> None:
+        if not self.view.knobs.get("postcopy_allowed"):
+            raise Conflict("this migration was started without post-copy", code="no_postcopy")
+        await self.qmp.execute("migrate-start-postcopy")
+        self.view.marks["postcopy"] = time.time()
+
     async def resume_after_completion(self) -> None:
         """Run the guest here again after a completed migration whose destination died."""
         status = await self.qmp.query_status()
@@ -267,13 +333,14 @@ class Incoming:
         self._task: asyncio.Task[None] | None = None
         self._events: EventListener | None = None
 
-    async def listen(self, address: str) -> str:
+    async def listen(self, address: str, *, postcopy: bool = False) -> str:
         """Start listening on ``address`` (the migration network); return the URI to send to."""
         await self.qmp.execute(
             "migrate-set-capabilities",
             {"capabilities": [
                 {"capability": "events", "state": True},
                 {"capability": "late-block-activate", "state": True},
+                {"capability": "postcopy-ram", "state": postcopy},
             ]},
         )  # fmt: skip
         # Listen for MIGRATION events before the stream can start, so none is missed.

@@ -160,7 +160,7 @@ class VirtualMachine:
         await self._start(incoming=False)
         self._set_state(PowerState.POWERED_ON)
 
-    async def prepare_incoming(self, migration_address: str) -> str:
+    async def prepare_incoming(self, migration_address: str, *, postcopy: bool = False) -> str:
         """Start QEMU paused, receiving on ``migration_address``; return the URI to send to.
 
         When the stream completes the guest resumes here at once and the VM is powered on.
@@ -174,7 +174,7 @@ class VirtualMachine:
         incoming = Incoming(self.qmp, self.config.name, on_resumed=self._resumed_here)
         self.migration = incoming
         try:
-            return await incoming.listen(migration_address)
+            return await incoming.listen(migration_address, postcopy=postcopy)
         except BaseException:
             await self._cleanup_after_exit(kill=True)
             raise
@@ -344,7 +344,15 @@ class VirtualMachine:
             await self.qmp.close()
 
     # -- live migration --------------------------------------------------------------------------
-    async def migrate_out(self, uri: str, max_bandwidth_bps: int, downtime_limit_ms: int) -> None:
+    async def migrate_out(
+        self,
+        uri: str,
+        max_bandwidth_bps: int,
+        downtime_limit_ms: int,
+        *,
+        brake: bool = False,
+        postcopy: bool = False,
+    ) -> None:
         """Start sending this running VM to ``uri``. Raises Conflict if it cannot migrate now."""
         if self.state is not PowerState.POWERED_ON or self.qmp is None:
             raise Conflict(f"VM {self.config.name} is {self.state}: only a running VM migrates")
@@ -355,20 +363,35 @@ class VirtualMachine:
             raise Conflict(f"VM {self.config.name} is {status.status} in QEMU, not running")
         outgoing = Outgoing(self.qmp, self.config.name)
         self.migration = outgoing
-        await outgoing.start(uri, max_bandwidth_bps, downtime_limit_ms)
+        await outgoing.start(
+            uri, max_bandwidth_bps, downtime_limit_ms, brake=brake, postcopy=postcopy
+        )
 
-    def _outgoing(self) -> Outgoing:
+    async def measure_dirty_rate(self, seconds: int) -> float:
+        """The guest's dirty rate in bytes/s, measured by QEMU over ``seconds`` (1-60)."""
+        if self.state is not PowerState.POWERED_ON or self.qmp is None:
+            raise Conflict(f"VM {self.config.name} is {self.state}: only a running VM dirties")
+        await self.qmp.execute("calc-dirty-rate", {"calc-time": seconds})
+        deadline = asyncio.get_running_loop().time() + seconds + 10
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+            info = await self.qmp.execute("query-dirty-rate")
+            if info.get("status") == "measured":
+                return float(info.get("dirty-rate", 0)) * 2**20
+        raise QemuError(f"QEMU did not finish measuring {self.config.name}'s dirty rate")
+
+    def outgoing(self) -> Outgoing:
         if not isinstance(self.migration, Outgoing):
             raise Conflict(f"VM {self.config.name} has no outgoing migration", code="no_migration")
         return self.migration
 
     async def cancel_migration(self) -> None:
         """Cancel an outgoing migration before switchover; the VM keeps running here."""
-        await self._outgoing().cancel()
+        await self.outgoing().cancel()
 
     async def finish_outgoing(self) -> None:
         """After a completed migration: end the source QEMU (the guest runs elsewhere now)."""
-        outgoing = self._outgoing()
+        outgoing = self.outgoing()
         if outgoing.view.phase != "completed":
             raise Conflict(
                 f"migration of {self.config.name} is {outgoing.view.phase}, not completed",
