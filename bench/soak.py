@@ -22,7 +22,7 @@ from kvmotion.lab.demo import ensure_image, guest_ip, vm_spec, wait_for_guest
 VM, INDEX = "soak", 9
 
 
-async def soak(migrations: int, idle: bool) -> int:
+async def soak(migrations: int, idle: bool, dirty: int = 16, wss: int = 64) -> int:
     ensure_image(lambda _m: None)
     state = topology.lab_up(2, log=lambda _m: None)
     lc = labcenter.ensure_center(state, lambda _m: None)
@@ -37,7 +37,7 @@ async def soak(migrations: int, idle: bool) -> int:
         guest.dirty_stop()
         checksum = guest.checksum()
         if not idle:
-            guest.dirty(16, 64)
+            guest.dirty(dirty, wss)
         last_n = guest.ping().n
         guest.close()
         for i in range(migrations):
@@ -73,8 +73,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--migrations", type=int, default=40)
     parser.add_argument("--idle", action="store_true", help="check the working set's checksum")
+    parser.add_argument("--dirty", type=int, default=16, help="MiB/s the guest dirties")
+    parser.add_argument("--wss", type=int, default=64, help="over a working set of MiB")
     args = parser.parse_args()
-    raise SystemExit(asyncio.run(soak(args.migrations, args.idle)))
+    raise SystemExit(asyncio.run(soak(args.migrations, args.idle, args.dirty, args.wss)))
 
 
 if __name__ == "__main__":

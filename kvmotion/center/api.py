@@ -19,7 +19,7 @@ from kvmotion.center.db import Event
 from kvmotion.center.inventory import host_dict, host_view, vm_dict, vm_view
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import task_dict
-from kvmotion.errors import Conflict
+from kvmotion.errors import Conflict, KvmotionError
 from kvmotion.host.config import DEFAULT_AGENT_PORT
 from kvmotion.host.vmconfig import VmCreateRequest, check_name
 from kvmotion.httpapi import ERROR_RESPONSES, bearer_checker, install_error_handlers
@@ -43,6 +43,17 @@ class MigrateBody(BaseModel):
     host: str = Field(max_length=255)
     downtime_ms: int = Field(100, ge=1, le=60_000)
     max_bandwidth_bps: int | None = Field(None, ge=1_000_000)
+    deadline_s: float | None = Field(None, gt=0, le=86_400)
+    priority: Literal["high", "normal"] = "normal"
+    allow_postcopy: bool = False
+    strategy: Literal["kvmotion", "qemu-defaults"] = "kvmotion"
+    predict: bool = False  # sample the guest's dirty rate (about 1 s) and predict first
+
+    def request(self, vm: str) -> MigrationRequest:
+        return MigrationRequest(
+            vm, self.host, self.type, self.downtime_ms, self.max_bandwidth_bps,
+            self.deadline_s, self.priority, self.allow_postcopy, self.strategy, self.predict,
+        )  # fmt: skip
 
 
 class ClusterCreate(BaseModel):
@@ -144,25 +155,30 @@ def create_app(center: Center) -> FastAPI:
     @app.post("/v1/vms/{vm}/migrate", dependencies=auth, status_code=202)
     async def migrate(vm: str, body: MigrateBody) -> dict[str, Any]:
         check_name(vm, "VM name")
-        req = MigrationRequest(vm, body.host, body.type, body.downtime_ms, body.max_bandwidth_bps)
-        task_id = await center.executor.submit(req)
+        task_id = await center.executor.submit(body.request(vm))
         return task_dict(await center.tasks.get(task_id))
 
     @app.post("/v1/vms/{vm}/migrate/precheck", dependencies=auth)
     async def precheck(vm: str, body: MigrateBody) -> dict[str, Any]:
         """What a migration would find, without starting it (errors and warnings)."""
-        req = MigrationRequest(vm, body.host, body.type, body.downtime_ms)
+        req = body.request(vm)
         record, source, dest, _ = await center.executor.precheck(req)
         result = precheck_compute(
             vm_view(record, center.executor.migrating(record.name)),
             host_view(source),
             host_view(dest),
         )
-        return {
+        answer: dict[str, Any] = {
             "ok": result.ok,
             "errors": [e.__dict__ for e in result.errors],
             "warnings": [w.__dict__ for w in result.warnings],
         }
+        if body.predict and result.ok:
+            try:
+                answer["prediction"] = await center.executor.predict(req, record, source, dest)
+            except KvmotionError as exc:  # a prediction is advice: its absence refuses nothing
+                answer["prediction_error"] = exc.message
+        return answer
 
     # -- clusters and EVC ------------------------------------------------------------------------
     @app.get("/v1/clusters", dependencies=auth)

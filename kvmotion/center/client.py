@@ -182,9 +182,11 @@ class CenterClient:
         type: str = "compute",
         downtime_ms: int = 100,
         max_bandwidth_bps: int | None = None,
+        **convergence: Any,
     ) -> JsonObject:
-        """Start a migration; returns its task (202: the work goes on in the center)."""
-        body = _migrate_body(host, type, downtime_ms, max_bandwidth_bps)
+        """Start a migration; returns its task (202: the work goes on in the center).
+        ``convergence``: deadline_s, priority, allow_postcopy, strategy, predict."""
+        body = _migrate_body(host, type, downtime_ms, max_bandwidth_bps) | convergence
         path = f"/v1/vms/{_segment(vm)}/migrate"
         return await self._object("POST", path, json=body, timeout=_PRECHECK_TIMEOUT)
 
@@ -195,9 +197,11 @@ class CenterClient:
         type: str = "compute",
         downtime_ms: int = 100,
         max_bandwidth_bps: int | None = None,
+        **convergence: Any,
     ) -> JsonObject:
-        """What a migration would find (``ok``, ``errors``, ``warnings``); starts nothing."""
-        body = _migrate_body(host, type, downtime_ms, max_bandwidth_bps)
+        """What a migration would find (``ok``, ``errors``, ``warnings``, and a ``prediction``
+        with ``predict=True``); starts nothing."""
+        body = _migrate_body(host, type, downtime_ms, max_bandwidth_bps) | convergence
         path = f"/v1/vms/{_segment(vm)}/migrate/precheck"
         return await self._object("POST", path, json=body, timeout=_PRECHECK_TIMEOUT)
 

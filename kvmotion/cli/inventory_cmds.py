@@ -304,6 +304,23 @@ def vm_migrate(
         float | None,
         typer.Option(min=8, help="cap the migration stream (Mbit/s)", show_default=False),
     ] = None,
+    deadline: Annotated[
+        float | None,
+        typer.Option(min=1, help="give up (abort) after this many seconds", show_default=False),
+    ] = None,
+    priority: Annotated[
+        str, typer.Option(help="normal, or high: brake the guest harder to finish sooner")
+    ] = "normal",
+    allow_postcopy: Annotated[
+        bool, typer.Option("--allow-postcopy", help="switch to post-copy if pre-copy cannot end")
+    ] = False,
+    predict: Annotated[
+        bool,
+        typer.Option("--predict", help="sample the guest's dirty rate first and predict"),
+    ] = False,
+    strategy: Annotated[
+        str, typer.Option(help="kvmotion (the convergence engine) or qemu-defaults")
+    ] = "kvmotion",
     no_wait: Annotated[bool, typer.Option("--no-wait", help="print the task and return")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="only run the precheck; change nothing")
@@ -322,14 +339,23 @@ def vm_migrate(
     """
     ref = connect(center, token)
     bandwidth = None if max_bandwidth_mbit is None else round(max_bandwidth_mbit * 1e6 / 8)
+    options = {
+        "deadline_s": deadline,
+        "priority": priority,
+        "allow_postcopy": allow_postcopy,
+        "strategy": strategy,
+        "predict": predict or dry_run,
+    }
     if dry_run:
-        result = call(ref, lambda c: c.precheck(vm, host, kind.value, downtime_ms, bandwidth))
+        result = call(
+            ref, lambda c: c.precheck(vm, host, kind.value, downtime_ms, bandwidth, **options)
+        )
         if json_out:
             print_json(result)
         else:
             _print_precheck(vm, host, result)
         raise typer.Exit(0 if result.get("ok") else 3)
-    task = call(ref, lambda c: c.migrate(vm, host, kind.value, downtime_ms, bandwidth))
+    task = call(ref, lambda c: c.migrate(vm, host, kind.value, downtime_ms, bandwidth, **options))
     if no_wait:
         if json_out:
             print_json(task)
@@ -362,6 +388,18 @@ def _print_precheck(vm: str, host: str, result: dict[str, Any]) -> None:
     for warning in result.get("warnings", []):
         text = escape(f"({warning['code']}): {warning['message']}")
         console.print(f"[yellow]warning[/] {text}", highlight=False)
+    p = result.get("prediction")
+    if p:
+        brake = f", braking the guest's CPU to {p['brake_pct']} %" if p.get("needs_brake") else ""
+        downtime = p.get("downtime_ms")
+        console.print(
+            f"prediction: {'converges' if p['converges'] else 'DOES NOT converge'} in about "
+            f"{p['total_s']:.1f} s over {p['passes']} passes, downtime about "
+            f"{downtime if downtime is None else round(downtime)} ms{brake} (the guest dirties "
+            f"{p['sampled_dirty_bps'] / 2**20:.0f} MiB/s; link {p['link_bps'] * 8 / 1e6:.0f} "
+            f"Mbit/s). {p.get('reason', '')}",
+            highlight=False,
+        )
     if result.get("ok"):
         console.print(f"precheck passed: VM {vm} can migrate to {host}", highlight=False)
     else:

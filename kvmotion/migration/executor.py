@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from kvmotion.center.db import Database, Host, Vm
@@ -25,7 +25,10 @@ from kvmotion.center.inventory import Inventory, host_view, vm_view
 from kvmotion.center.tasks import TaskState, TaskStore, record_event
 from kvmotion.errors import Conflict, KvmotionError, NotFound, PreconditionError
 from kvmotion.host.client import AgentClient
+from kvmotion.migration.convergence import Convergence, Strategy
+from kvmotion.migration.policy import ConvergenceRequest, Priority
 from kvmotion.migration.precheck import PrecheckResult, precheck_compute
+from kvmotion.migration.predictor import predict
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,19 @@ class MigrationRequest:
     kind: str = "compute"
     downtime_ms: int = 100
     max_bandwidth_bps: int | None = None
+    deadline_s: float | None = None  # None: the policy's default for the VM's RAM and link
+    priority: Priority = "normal"
+    allow_postcopy: bool = False
+    strategy: Strategy = "kvmotion"  # or "qemu-defaults" (for comparisons)
+    predict: bool = False  # sample the guest's dirty rate first (about 1 s) and predict
+
+    def convergence(self) -> ConvergenceRequest:
+        return ConvergenceRequest(
+            max_downtime_ms=self.downtime_ms,
+            deadline_s=self.deadline_s,
+            priority=self.priority,
+            allow_postcopy=self.allow_postcopy,
+        )
 
 
 class Cancelled(Exception):
@@ -101,6 +117,17 @@ class Executor:
             vm_view(vm, vm.name in self.active), host_view(source), host_view(dest)
         )
         return vm, source, dest, result
+
+    async def predict(
+        self, req: MigrationRequest, vm: Vm, source: Host, dest: Host
+    ) -> dict[str, Any]:
+        """A prediction without migrating: the guest's dirty rate sampled for a second."""
+        run = ComputeMigration(self, 0, vm, source, dest, req)
+        async with self.inventory.agent(source) as agent:
+            dirty = await agent.dirty_rate(vm.name, 1)
+        ram = run.conv.ram_bytes
+        prediction = predict(ram, ram, dirty, ram, run.conv.link_bps, run.conv.req)
+        return asdict(prediction) | {"sampled_dirty_bps": dirty, "link_bps": run.conv.link_bps}
 
     async def submit(self, req: MigrationRequest) -> int:
         """Precheck and start; returns the task id. Raises PreconditionError, changing nothing."""
@@ -169,6 +196,14 @@ class ComputeMigration:
         self.migrate_started = False
         self.resumed = False
         self.last_view: dict[str, Any] = {}
+        self.conv = Convergence(
+            req.convergence(),
+            link_bps=self._link_bps(),
+            ram_bytes=int(vm.config.get("memory_mib", 0)) * 2**20,
+            strategy=req.strategy,
+        )
+        self._t0 = time.monotonic()
+        self._kept_summary: dict[str, Any] = {}  # the prediction, kept through progress updates
         # The task's timeline, kept here and written with the next update (one commit, not two).
         self.timeline: list[dict[str, Any]] = []
         self._timeline_dirty = False
@@ -207,6 +242,8 @@ class ComputeMigration:
         try:
             await self._check_cancel()
             await self._update(state=TaskState.RUNNING, phase="prepare")
+            if self.req.predict:
+                await self.predict()
             uri = await self.prepare()
             await self._check_cancel()
             await self.migrate(uri)
@@ -224,10 +261,32 @@ class ComputeMigration:
             self.log.exception("migration failed")
             await self.abort(f"internal error: {exc!r}", TaskState.ERROR, "internal")
 
+    def _link_bps(self) -> float:
+        """What the migration link carries: the slower host's link, or the user's cap."""
+        if self.req.max_bandwidth_bps:
+            return float(self.req.max_bandwidth_bps)
+        rates = [
+            float((h.facts or {}).get("migration_link_bps") or 0) for h in (self.source, self.dest)
+        ]
+        known = [r for r in rates if r > 0]
+        return min(known) if known else 10e9 / 8
+
+    async def predict(self) -> None:
+        """Sample the guest's dirty rate and predict time, downtime and the brake."""
+        async with self.ex.inventory.agent(self.source) as agent:
+            dirty = await agent.dirty_rate(self.vm.name, 1)
+        ram = self.conv.ram_bytes
+        prediction = predict(ram, ram, dirty, ram, self.conv.link_bps, self.conv.req)
+        task = await self.ex.tasks.get(self.task_id)
+        self._kept_summary = {"predicted": asdict(prediction), "sampled_dirty_bps": dirty}
+        await self._update(summary=task.summary | self._kept_summary)
+
     async def prepare(self) -> str:
         async with self.ex.inventory.agent(self.dest) as agent:
             self.dest_prepared = True  # from here on, abort must clean the destination
-            result = await agent.prepare_incoming(self.vm.config, self.vm.config_path, self.vm.cpu)
+            result = await agent.prepare_incoming(
+                self.vm.config, self.vm.config_path, self.vm.cpu, postcopy=self.req.allow_postcopy
+            )
         self._mark("prepared", detail=f"listening at {result['uri']}")
         return str(result["uri"])
 
@@ -235,7 +294,16 @@ class ComputeMigration:
         await self._update(phase="precopy")
         async with self.ex.inventory.agent(self.source) as agent:
             self.migrate_started = True
-            await agent.migrate(self.vm.name, uri, self.req.downtime_ms, self.req.max_bandwidth_bps)
+            knobs = self.conv.knobs
+            self._t0 = time.monotonic()
+            await agent.migrate(
+                self.vm.name,
+                uri,
+                knobs.downtime_limit_ms,
+                knobs.max_bandwidth_bps,
+                brake=self.conv.brake,
+                postcopy=self.req.allow_postcopy,
+            )
 
     async def watch(self) -> None:
         """Follow the source until QEMU completes; progress and samples flow into the task."""
@@ -263,6 +331,8 @@ class ComputeMigration:
                 await self._progress(view, stats, phase)
                 if phase == "completed":
                     return
+                if phase == "active":
+                    await self._converge(agent, stats)
                 if phase in ("failed", "cancelled"):
                     dest_view = await self._destination_view(dest_agent)
                     also = f"; destination: {dest_view}" if dest_view else ""
@@ -276,6 +346,28 @@ class ComputeMigration:
                 if cancel and phase not in ("pre-switchover", "device"):
                     raise Cancelled()
                 await asyncio.sleep(POLL_INTERVAL)
+
+    async def _converge(self, agent: AgentClient, stats: dict[str, Any]) -> None:
+        """Ask the convergence engine; apply and record what it decides."""
+        decision = self.conv.observe(time.monotonic() - self._t0, stats)
+        if decision is None:
+            return
+        self.log.info("convergence: %s (%s)", decision.action, decision.reason)
+        if decision.action == "abort":
+            raise KvmotionError(
+                f"the migration did not converge in time: {decision.reason}",
+                code="deadline_passed",
+            )
+        if decision.action == "start_postcopy":
+            await agent.start_postcopy(self.vm.name)
+            return
+        knobs = decision.knobs
+        await agent.tune_migration(
+            self.vm.name,
+            downtime_limit_ms=knobs.downtime_limit_ms,
+            max_bandwidth_bps=knobs.max_bandwidth_bps,
+            throttle_pct=knobs.throttle_pct if self.conv.brake else None,
+        )
 
     async def _destination_view(self, dest_agent: AgentClient) -> str | None:
         with contextlib.suppress(KvmotionError):
@@ -315,7 +407,10 @@ class ComputeMigration:
         )
 
     def _summary(self, stats: dict[str, Any]) -> dict[str, Any]:
-        return {
+        return self._kept_summary | {
+            "strategy": self.req.strategy,
+            "link_bps": self.conv.link_bps,
+            "decisions": self.conv.decisions,
             "status": stats.get("status"),
             "total_time_ms": stats.get("total_time_ms"),
             "setup_time_ms": stats.get("setup_time_ms"),

@@ -45,6 +45,7 @@ FAST_SHRINK_RATIO = 0.5  # the excess halves per pass: the brake may ease
 DEEPEN_HYSTERESIS = 1.15  # deepen only if the guest keeps at least 15 % less of its speed
 EASE_HYSTERESIS = 1.5  # ease only if the guest would get at least 50 % more of its speed
 SATURATION_FACTOR = 2.0  # when a pass stalled, the measured rate is a lower bound: assume twice
+PROJECTION_SHARE = 0.5  # brake when pre-copy would need more than half the time left
 POSTCOPY_MARGIN_S = 5.0  # post-copy starts when the deadline is this close after its own time
 HISTORY_PASSES = 32  # the policy looks at the last passes only
 
@@ -71,7 +72,7 @@ PROFILES: dict[str, BrakeProfile] = {
 
 @dataclass(frozen=True)
 class ConvergenceRequest:
-    """What the user asked of a migration's convergence."""
+    """What the user asked of a migration's convergence. Raises InvalidInput when impossible."""
 
     max_downtime_ms: int = 100
     deadline_s: float | None = None  # None: default_deadline_s(RAM, link)
@@ -99,7 +100,9 @@ class Observation:
     dirty_rate_bps: float  # dirty-pages-rate x page size; 0 until QEMU measured one
     throughput_bps: float  # what was actually sent (QEMU's mbps); 0 if unknown
     expected_downtime_ms: float | None
-    throttle_pct: int  # cpu-throttle-percentage as QEMU applies it
+    # cpu-throttle-percentage as QEMU applies it. With auto-converge QEMU changes it only at a
+    # bitmap sync, so a pass runs under the throttle its own sample reports.
+    throttle_pct: int
     status: str = "active"
 
 
@@ -166,11 +169,14 @@ class _Assessment:
     throughput: float  # bytes/s the link carries, smoothed
     dirty_raw: float | None  # the unbraked dirty rate, smoothed; None until measured
     dirty_measured: float | None  # the same without the stall lower bound
+    dirty_for_easing: float | None  # a trusted measurement (with the bound), or None: never ease
     excess: float  # remaining now above the switchover threshold (bytes)
-    prev_excess: float | None
+    pass_excess: float  # the same when this pass began
+    prev_excess: float | None  # the same when the previous pass began
     stalled: bool
     shrinking_fast: bool
-    moved_this_pass: bool  # the throttle changed since this pass's sample
+    eased_this_pass: bool
+    pass_throttle: int  # the throttle in force during the pass that just ended
 
 
 def _per_pass(history: Sequence[Observation]) -> list[Observation]:
@@ -187,19 +193,34 @@ def _per_pass(history: Sequence[Observation]) -> list[Observation]:
     return out
 
 
-def _dirty_estimates(passes: Sequence[Observation]) -> list[float]:
-    """Unbraked dirty rates, one per fresh QEMU measurement. QEMU updates dirty-pages-rate at
-    most once a second: an unchanged value is the old measurement, not a new one. Each is divided
-    by the lightest throttle seen since the previous measurement (never over-estimate)."""
-    estimates: list[float] = []
+def _dirty_estimates(passes: Sequence[Observation], threshold: float) -> list[tuple[float, bool]]:
+    """Unbraked dirty rates, one per fresh QEMU measurement, each with whether it can be
+    trusted. QEMU updates dirty-pages-rate at most once a second: an unchanged value is the old
+    measurement, not a new one. A measurement covers the passes since the previous one, each
+    under its own throttle (the one its sample reported when it began), so it is divided by
+    their time-weighted keep. QEMU counts pages, not writes: once a pass lasts
+    long enough for the guest to rewrite its whole working set, the count saturates and the rate
+    is too low. It is trusted only if every pass it covers shrank (so none saturated), under one
+    throttle, after the bulk pass."""
+    estimates: list[tuple[float, bool]] = []
     last_value = 0.0
-    keep = 0.0
-    for obs in passes:
-        keep = max(keep, 1.0 - obs.throttle_pct / 100.0)
+    kept = span = 0.0
+    trusted = True
+    for before, obs in itertools.pairwise(passes):
+        keep = 1.0 - before.throttle_pct / 100.0
+        dt = max(obs.t_s - before.t_s, 0.0)
+        kept, span = kept + keep * dt, span + dt
+        shrank = obs.remaining_bytes - threshold < STALL_RATIO * (
+            before.remaining_bytes - threshold
+        )
+        trusted = trusted and shrank and before.pass_no >= 2
+        trusted = trusted and obs.throttle_pct == before.throttle_pct
         if obs.dirty_rate_bps > 0 and obs.dirty_rate_bps != last_value:
-            estimates.append(obs.dirty_rate_bps / max(keep, 0.01))
+            average = kept / span if span > 0 else keep
+            estimates.append((obs.dirty_rate_bps / max(average, 0.01), trusted))
             last_value = obs.dirty_rate_bps
-            keep = 0.0
+            kept = span = 0.0
+            trusted = True
     return estimates
 
 
@@ -209,12 +230,14 @@ def _median(values: Sequence[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def _assess(link_bps: float, history: Sequence[Observation], current: Knobs) -> _Assessment:
+def _assess(link_bps: float, history: Sequence[Observation], planned: Knobs) -> _Assessment:
+    """What the passes say, judged against the planned bandwidth and downtime limit (not the
+    ones in force: a decision fed back must not change its own premises)."""
     passes = _per_pass(history)
     now = history[-1]
     rates = [o.throughput_bps for o in [*passes, now] if o.throughput_bps > 0][-3:]
-    throughput = _median(rates) if rates else min(link_bps, float(current.max_bandwidth_bps))
-    threshold = throughput * current.downtime_limit_ms / 1000.0
+    throughput = _median(rates) if rates else min(link_bps, float(planned.max_bandwidth_bps))
+    threshold = throughput * planned.downtime_limit_ms / 1000.0
     excess = now.remaining_bytes - threshold
     prev_excess = passes[-2].remaining_bytes - threshold if len(passes) >= 2 else None
     # The running pass is judged by its sample (its remaining when it began), not by the poll.
@@ -227,8 +250,10 @@ def _assess(link_bps: float, history: Sequence[Observation], current: Knobs) -> 
         and prev_excess > 0
         and pass_excess <= FAST_SHRINK_RATIO * prev_excess
     )
-    estimates = _dirty_estimates(passes)[-3:]
+    found = _dirty_estimates(passes, threshold)[-3:]
+    estimates = [rate for rate, _ in found]
     measured = max(estimates[-1], sum(estimates) / len(estimates)) if estimates else None
+    trusted = next((rate for rate, ok in reversed(found) if ok), None)
     # A pass that did not shrink proves the guest dirtied at least what the link sent, under the
     # throttle of that pass: a lower bound on the unbraked rate that QEMU's count (saturated at
     # the working set) may miss. It is remembered for the whole window: easing below it would
@@ -237,7 +262,8 @@ def _assess(link_bps: float, history: Sequence[Observation], current: Knobs) -> 
     for before, after in itertools.pairwise(passes):
         e0, e1 = before.remaining_bytes - threshold, after.remaining_bytes - threshold
         if e1 > 0 and e1 >= STALL_RATIO * e0:
-            bound = max(bound, throughput / max(1.0 - after.throttle_pct / 100.0, 0.01))
+            bound = max(bound, throughput / max(1.0 - before.throttle_pct / 100.0, 0.01))
+    dirty_for_easing = max(trusted, bound) if trusted is not None else None
     if stalled:
         # Stalled right now: the true rate may be far above the bound; assume twice.
         bound *= SATURATION_FACTOR
@@ -246,11 +272,16 @@ def _assess(link_bps: float, history: Sequence[Observation], current: Knobs) -> 
         throughput=throughput,
         dirty_raw=dirty,
         dirty_measured=measured,
+        dirty_for_easing=dirty_for_easing,
         excess=excess,
+        pass_excess=pass_excess,
         prev_excess=prev_excess,
         stalled=stalled,
         shrinking_fast=shrinking_fast,
-        moved_this_pass=current.throttle_pct != passes[-1].throttle_pct,
+        # Eased already this pass: the plan is lighter than what QEMU applied when it began
+        # (QEMU applies a new depth only at its next bitmap sync, so lagging counts the same).
+        eased_this_pass=planned.throttle_pct < passes[-1].throttle_pct,
+        pass_throttle=passes[-2].throttle_pct if len(passes) >= 2 else 0,
     )
 
 
@@ -262,58 +293,94 @@ def _rate(bps: float) -> str:
     return f"{bps / MIB:,.0f} MiB/s" if bps >= 10 * MIB else f"{bps / MIB:.1f} MiB/s"
 
 
-def _target(req: ConvergenceRequest, a: _Assessment, current: Knobs) -> tuple[int, str]:
-    """The throttle to apply, and why. Hysteresis: deepen when the target is clearly deeper,
-    ease (halfway, once a pass) only when remaining shrinks fast and the target is clearly
-    lighter; otherwise hold. Never lighter than the brake rule's target when it deepens, never
-    below it when it eases: no oscillation."""
+def _projected_s(a: _Assessment, keep: float) -> float:
+    """Seconds pre-copy still needs at the current brake: the excess shrinks by the ratio
+    rho = dirty / throughput a pass (the worse of the measured rate and the measured shrink), so
+    sending it takes excess / throughput / (1 - rho)."""
+    rho = (a.dirty_raw or 0.0) * keep / a.throughput
+    if a.prev_excess is not None and a.prev_excess > 0:
+        rho = max(rho, a.pass_excess / a.prev_excess)
+    return math.inf if rho >= 1.0 else a.excess / a.throughput / (1.0 - rho)
+
+
+def _sentence(*parts: str) -> str:
+    text = " ".join(p for p in parts if p).strip()
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
+def _target(
+    req: ConvergenceRequest, a: _Assessment, current: Knobs, time_left: float
+) -> tuple[int, str, str]:
+    """The throttle to apply, the facts behind it and the verdict. Hysteresis: deepen when the
+    target is clearly deeper; ease (halfway, once a pass) only when remaining shrinks fast, on a
+    trusted measurement, and the target is clearly lighter; otherwise hold. Deepening goes to the
+    brake rule's target, easing never below it: no oscillation."""
     profile = PROFILES[req.priority]
     cur = min(current.throttle_pct, profile.max_pct)
     keep_cur = 1.0 - cur / 100.0
     if a.dirty_raw is None and not a.stalled:
-        if cur:
-            return cur, f"holding the brake at {cur} %: no new dirty-rate measurement yet"
-        return 0, "no dirty rate measured yet: no brake"
+        verdict = f"hold the brake at {cur} %" if cur else "no brake"
+        return cur, "no dirty rate is measured yet (the first pass sends all RAM)", verdict
     if a.excess <= 0:
-        return cur, (
-            f"the remaining {_mib(a.excess + a.throughput * current.downtime_limit_ms / 1000)} "
-            f"fits in the downtime limit: switchover is imminent, knobs unchanged"
-        )
+        fits = _mib(a.excess + a.throughput * req.max_downtime_ms / 1000)
+        return cur, f"the remaining {fits} fits in the downtime limit", "switchover is imminent"
     dirty = a.dirty_raw or 0.0
-    need = dirty >= a.throughput or a.stalled
+    late = _projected_s(a, keep_cur) > PROJECTION_SHARE * time_left
+    need = dirty >= a.throughput or a.stalled or late
     target = brake_pct(dirty, a.throughput, req.priority) if need else 0
     keep_target = 1.0 - target / 100.0
-    why = (
-        f"the guest dirties about {_rate(dirty)} unbraked, the link carries "
+    facts = (
+        f"the guest dirties about {_rate(dirty)} unbraked and the link carries "
         f"{_rate(a.throughput)}"
-        + (
-            f", and remaining stopped shrinking ({_mib(a.prev_excess or 0)} -> "
-            f"{_mib(a.excess)} above the switchover threshold)"
-            if a.stalled
-            else ""
-        )
     )
+    if a.stalled:
+        facts += (
+            f"; remaining stopped shrinking ({_mib(a.prev_excess or 0)} -> "
+            f"{_mib(a.pass_excess)} above the switchover threshold)"
+        )
+    elif late:
+        facts += (
+            f"; at this pace pre-copy would need more than half of the {time_left:.0f} s left "
+            f"before the deadline"
+        )
     if target > cur and (cur == 0 or keep_target * DEEPEN_HYSTERESIS <= keep_cur):
         cap = " (the maximum for this priority)" if target >= profile.max_pct else ""
-        return target, (
-            f"{why}: brake the vCPUs to {target} %{cap} so the guest dirties at most "
-            f"{profile.target_ratio:.0%} of what the link carries"
+        return (
+            target,
+            facts,
+            (
+                f"brake the vCPUs {target} %{cap} so the guest dirties at most "
+                f"{profile.target_ratio * 100:.0f} % of what the link carries"
+            ),
         )
+    # Ease only on a trusted measurement: a saturated count would ease into another stall.
+    floor = (
+        brake_pct(a.dirty_for_easing, a.throughput, req.priority)
+        if a.dirty_for_easing is not None
+        else cur
+    )
+    floor = max(floor, target)
+    keep_floor = 1.0 - floor / 100.0
     if (
-        target < cur
+        floor < cur
         and a.shrinking_fast
-        and not a.moved_this_pass
-        and keep_target >= keep_cur * EASE_HYSTERESIS
+        and not a.eased_this_pass
+        and keep_floor >= keep_cur * EASE_HYSTERESIS
     ):
-        eased = math.ceil(100.0 * (1.0 - math.sqrt(keep_cur * keep_target)) - 1e-9)
-        eased = max(target, min(eased, cur - 1))
-        return eased, (
-            f"remaining shrinks fast ({_mib(a.prev_excess or 0)} -> {_mib(a.excess)} above the "
-            f"threshold): ease the brake from {cur} % to {eased} %"
+        eased = math.ceil(100.0 * (1.0 - math.sqrt(keep_cur * keep_floor)) - 1e-9)
+        eased = max(floor, min(eased, cur - 1))
+        return (
+            eased,
+            (
+                f"remaining shrinks fast ({_mib(a.prev_excess or 0)} -> "
+                f"{_mib(a.pass_excess)} above the threshold) and the guest dirties about "
+                f"{_rate(a.dirty_for_easing or 0)} unbraked"
+            ),
+            f"ease the brake from {cur} % to {eased} %",
         )
     if cur:
-        return cur, f"{why}: keeping the brake at {cur} %"
-    return 0, f"{why}: pre-copy converges without a brake"
+        return cur, facts, f"keep the brake at {cur} %"
+    return 0, facts, "pre-copy converges without a brake"
 
 
 def decide(
@@ -335,14 +402,14 @@ def decide(
         postcopy=current.postcopy,
     )
     if not history:
-        return Decision(base, "continue", "no measurement yet: the link's bandwidth, no brake")
+        return Decision(base, "continue", "No measurement yet: the link's bandwidth, no brake.")
     now = history[-1]
     if now.status == "postcopy-active":
         return Decision(
             current,
             "continue",
-            "post-copy is running: the guest runs on the destination, so the migration can only "
-            "complete, not be aborted",
+            "Post-copy is running: the guest runs on the destination, so the migration can only "
+            "complete, not be aborted.",
         )
     deadline = deadline_for(req, now.total_ram_bytes, link_bps)
     if now.t_s >= deadline:
@@ -350,12 +417,12 @@ def decide(
         return Decision(
             base,
             "abort",
-            f"the deadline of {deadline:.0f} s is reached ({now.t_s:.1f} s) with "
+            f"The deadline of {deadline:.0f} s is reached ({now.t_s:.1f} s) with "
             f"{_mib(now.remaining_bytes)} still to send{postcopy_note}: abort; the VM keeps "
-            f"running on the source",
+            f"running on the source.",
         )
-    a = _assess(link_bps, history, current)
-    throttle, why = _target(req, a, current)
+    a = _assess(link_bps, history, base)
+    throttle, facts, verdict = _target(req, a, current, deadline - now.t_s)
     knobs = Knobs(base.downtime_limit_ms, base.max_bandwidth_bps, throttle, base.postcopy)
     if req.allow_postcopy and current.postcopy and now.status == "active":
         left = deadline - now.t_s
@@ -364,23 +431,31 @@ def decide(
             a.dirty_measured is not None
             and a.dirty_measured * (1.0 - profile.max_pct / 100.0) >= a.throughput
         )
-        if a.excess > 0 and ((a.stalled and throttle >= profile.max_pct) or hopeless):
+        at_max = a.stalled and a.pass_throttle >= profile.max_pct
+        if a.excess > 0 and (at_max or hopeless):
             return Decision(
                 knobs,
                 "start_postcopy",
-                f"pre-copy cannot converge even at the maximum brake of {profile.max_pct} % "
-                f"({why}): switch to post-copy",
+                _sentence(
+                    f"{facts}: pre-copy cannot converge even at the maximum brake of "
+                    f"{profile.max_pct} %, so switch to post-copy"
+                ),
             )
         if left <= needed:
             return Decision(
                 knobs,
                 "start_postcopy",
-                f"the deadline is {left:.0f} s away and post-copy needs about {needed:.0f} s for "
-                f"the remaining {_mib(now.remaining_bytes)}: switch to post-copy to end in time",
+                _sentence(
+                    f"the deadline is {left:.0f} s away and post-copy needs about {needed:.0f} s "
+                    f"for the remaining {_mib(now.remaining_bytes)}: switch to post-copy to end "
+                    f"in time"
+                ),
             )
     return Decision(
         knobs,
         "continue",
-        f"{why[0].upper()}{why[1:]}; downtime limit {knobs.downtime_limit_ms} ms, bandwidth "
-        f"{knobs.max_bandwidth_bps * 8 / 1e6:,.0f} Mbit/s.",
+        _sentence(
+            f"{facts}: {verdict}; downtime limit {knobs.downtime_limit_ms} ms, bandwidth "
+            f"{knobs.max_bandwidth_bps * 8 / 1e6:,.0f} Mbit/s"
+        ),
     )

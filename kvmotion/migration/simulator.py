@@ -18,8 +18,10 @@ QEMU, as modelled (migration/ram.c, migration/migration.c in 7.2):
 - ``dirty-pages-rate`` counts newly dirty pages found by syncs, reported at most once a second.
 
 Observations are recorded at each sync, as the source host samples them (one per pass), and the
-policy is consulted at each sync and every ``poll_s``; its knobs apply at once (a new bandwidth
-and downtime limit enter the threshold at the next 100 ms measurement).
+policy is consulted at each sync and every ``poll_s``. A new bandwidth applies at once and enters
+the threshold, with a new downtime limit, at the next 100 ms measurement. The throttle is applied
+as QEMU 7.2's auto-converge applies it (:func:`~kvmotion.migration.predictor.auto_converge`):
+late, and only while the guest dirties memory.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from kvmotion.migration.policy import (
     Observation,
     initial_knobs,
 )
+from kvmotion.migration.predictor import auto_converge
 
 Policy = Callable[[ConvergenceRequest, float, Sequence[Observation], Knobs], Decision]
 
@@ -108,6 +111,9 @@ class _Run:
         self.last_sync = 0.0
         self.rate_t = 0.0
         self.rate_pages = 0.0
+        self.rate_sent = 0.0  # bytes sent since the last rate period closed
+        self.throttle = 0  # what QEMU applies (the knobs hold the target)
+        self.high_periods = 0
         self.dirty_rate = 0.0
         self.next_poll = poll_s
         self.observations: list[Observation] = []
@@ -122,7 +128,7 @@ class _Run:
 
     @property
     def dirty_bps(self) -> float:
-        return self.g.dirty_rate_bps * (1.0 - self.knobs.throttle_pct / 100.0)
+        return self.g.dirty_rate_bps * (1.0 - self.throttle / 100.0)
 
     @property
     def remaining(self) -> float:
@@ -169,7 +175,8 @@ class _Run:
     def _measure(self, tick: int) -> None:
         """QEMU's 100 ms bookkeeping: bandwidth since the last measurement, new threshold."""
         span = (tick - self.tick) * CHECK_S
-        self.measured_bps = self.window_bytes / span if span > 0 else self.measured_bps
+        if span > 0:  # (never above what the wire carries, float dust included)
+            self.measured_bps = min(self.window_bytes / span, self.link.bandwidth_bps)
         self.threshold = self.measured_bps * self.knobs.downtime_limit_ms / 1000.0
         self.window_bytes = 0.0
         self.tick = tick
@@ -184,8 +191,15 @@ class _Run:
         self.passes += 1
         self.last_sync = self.t
         if self.t - self.rate_t >= RATE_PERIOD_S:
+            self.throttle, self.high_periods = auto_converge(
+                self.throttle,
+                self.knobs.throttle_pct,
+                self.high_periods,
+                self.rate_pages,
+                self.sent - self.rate_sent,
+            )
             self.dirty_rate = self.rate_pages / (self.t - self.rate_t)
-            self.rate_t, self.rate_pages = self.t, 0.0
+            self.rate_t, self.rate_pages, self.rate_sent = self.t, 0.0, self.sent
         self.observations.append(self._observe())
         pending = self.remaining
         if pending <= 0 or (self.threshold > 0 and pending < self.threshold):
@@ -209,7 +223,7 @@ class _Run:
             dirty_rate_bps=float(int(self.dirty_rate / PAGE) * PAGE),
             throughput_bps=self.measured_bps,
             expected_downtime_ms=expected,
-            throttle_pct=self.knobs.throttle_pct,
+            throttle_pct=self.throttle,
             status="active",
         )
 
