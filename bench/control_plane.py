@@ -24,7 +24,7 @@ from typing import Any
 
 from kvmotion.center.client import CenterClient
 from kvmotion.lab import labcenter, topology
-from kvmotion.lab.demo import ensure_image, guest_ip, vm_spec, wait_for_guest
+from kvmotion.lab.demo import WORKLOAD, ensure_image, guest_ip, vm_spec, wait_for_guest
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_MS = 300
@@ -43,7 +43,7 @@ async def measure(runs: int) -> list[dict[str, Any]]:
         if vm["power_state"] != "poweredOn":
             await center.power_on("bench-cp")
         guest = await asyncio.to_thread(wait_for_guest, state, guest_ip(5))
-        guest.dirty(16, 64)
+        guest.dirty(*WORKLOAD)
         for i in range(runs):
             where = (await center.vm("bench-cp"))["host"]
             dest = hosts[1] if where == hosts[0] else hosts[0]
@@ -79,8 +79,9 @@ def report(rows: list[dict[str, Any]]) -> str:
     lines = [
         "# Control-plane overhead of compute migrations",
         "",
-        f"{len(rows)} migrations of a 256 MiB guest dirtying 16 MiB/s, between 172.16.0.172 and "
-        ".173 over an unshaped lab link (TCG). Command: `.venv/bin/python -m bench.control_plane`.",
+        f"{len(rows)} migrations of a 256 MiB guest dirtying {WORKLOAD[0]} MiB/s, between "
+        "172.16.0.172 and .173 over an unshaped lab link (TCG). "
+        "Command: `.venv/bin/python -m bench.control_plane`.",
         "",
         "| measure | median ms | max ms | median / QEMU total | goal |",
         "|---|---|---|---|---|",

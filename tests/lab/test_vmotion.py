@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from kvmotion.lab import labcenter, netns, topology
-from kvmotion.lab.demo import GUEST_PORT, guest_ip, vm_spec, wait_for_guest
+from kvmotion.lab.demo import GUEST_PORT, WORKLOAD, guest_ip, vm_spec, wait_for_guest
 from kvmotion.lab.guestclient import GuestClient, PingLoop, PingSummary
 from tests.lab.conftest import qemu_pids_under
 
@@ -38,12 +38,12 @@ def center(lab: topology.LabState) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def vm_a(lab: topology.LabState, center: httpx.Client) -> Iterator[GuestClient]:
-    """vm-a on .172 (shared datastore), guestd dirtying 16 MiB/s over 64 MiB."""
+    """vm-a on .172 (shared datastore), guestd busy with the demo's workload."""
     r = center.post("/v1/vms", json={"host": SRC, "spec": vm_spec("vm-a", 0, memory_mib=256)})
     assert r.status_code == 201, r.text
     assert center.post("/v1/vms/vm-a/power-on").status_code == 200
     guest = wait_for_guest(lab, guest_ip(0))
-    guest.dirty(16, 64)
+    guest.dirty(*WORKLOAD)
     yield guest
     guest.close()
 
@@ -148,10 +148,11 @@ def test_seed_procedure_there_and_back(
     assert_user_noticed_nothing(result)
 
 
-def test_busy_guest_survives_ten_migrations(
+def test_guest_survives_ten_migrations_in_a_row(
     lab: topology.LabState, center: httpx.Client, vm_a: GuestClient
 ) -> None:
-    """Regression: with multi-threaded TCG a busy guest's kernel crashed within ~6 migrations."""
+    """Regression: with multi-threaded TCG a busy guest's kernel crashed within ~6 migrations;
+    every answer must come from the same guestd, on the same connection."""
     ping = user_ping_loop(lab)
     try:
         for i in range(10):
