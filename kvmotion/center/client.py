@@ -16,6 +16,7 @@ import httpx
 
 from kvmotion.errors import ExecutionError, HostUnreachable, InvalidInput
 from kvmotion.host.client import error_from_response
+from kvmotion.httpapi import api_client
 
 CENTER_URL_ENV = "KVMOTION_CENTER_URL"
 CENTER_TOKEN_ENV = "KVMOTION_CENTER_TOKEN"
@@ -69,13 +70,7 @@ class CenterClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        self._http = httpx.AsyncClient(
-            base_url=self.url,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=timeout,
-            trust_env=False,  # never route the center's traffic through a proxy
-            transport=transport,
-        )
+        self._http = api_client(self.url, token, timeout, transport)
 
     async def __aenter__(self) -> CenterClient:
         return self

@@ -229,13 +229,7 @@ class HostAgent:
                 "(run `kvmotion image build`)",
                 code="image_not_found",
             )
-        available = facts.read_memory().available_bytes
-        if req.memory_mib * 2**20 > available:
-            raise InsufficientResources(
-                f"VM needs {req.memory_mib} MiB of memory but host {self.config.name} has "
-                f"{available // 2**20} MiB available: choose less memory or another host",
-                code="insufficient_memory",
-            )
+        self._check_memory(req.name, req.memory_mib)
         need: dict[str, int] = {}
         for disk in req.disks:
             ds = disk.datastore or req.datastore
@@ -248,6 +242,16 @@ class HostAgent:
                     f"{free // 2**20} MiB free: choose smaller disks or another datastore",
                     code="insufficient_space",
                 )
+
+    def _check_memory(self, vm_name: str, memory_mib: int) -> None:
+        """Refuse a VM this host has not the memory for (InsufficientResources)."""
+        available = facts.read_memory().available_bytes
+        if memory_mib * 2**20 > available:
+            raise InsufficientResources(
+                f"VM {vm_name} needs {memory_mib} MiB of memory but host {self.config.name} has "
+                f"{available // 2**20} MiB available: choose less memory or another host",
+                code="insufficient_memory",
+            )
 
     def _register(
         self, config: VmConfig, config_path: Path, *, incoming: bool = False
@@ -284,15 +288,8 @@ class HostAgent:
         """
         vm = self.get(ref)
         async with vm.lock:
-            need = vm.config.memory_mib * 2**20
-            available = facts.read_memory().available_bytes
-            if vm.state is PowerState.POWERED_OFF and need > available:
-                raise InsufficientResources(
-                    f"VM {vm.config.name} needs {vm.config.memory_mib} MiB; host has "
-                    f"{available // 2**20} MiB available",
-                    code="insufficient_memory",
-                )
             if vm.state is PowerState.POWERED_OFF:
+                self._check_memory(vm.config.name, vm.config.memory_mib)
                 vm.cpu = self.cpu.resolve(vm.config.cpu_model, evc_mode)
             await vm.power_on()
             return await vm.info()
@@ -352,13 +349,7 @@ class HostAgent:
                     f"{disk.datastore!r} from host {self.config.name}",
                     code="disk_not_visible",
                 )
-        available = facts.read_memory().available_bytes
-        if config.memory_mib * 2**20 > available:
-            raise InsufficientResources(
-                f"VM {config.name} needs {config.memory_mib} MiB; host {self.config.name} has "
-                f"{available // 2**20} MiB available",
-                code="insufficient_memory",
-            )
+        self._check_memory(config.name, config.memory_mib)
         vm = self._make_vm(config, config_path)
         vm.cpu = cpu
         vm.write_registration(incoming=True)

@@ -6,8 +6,6 @@ an error body becomes the domain error of its status, with the agent's code and 
 
 from __future__ import annotations
 
-import functools
-import ssl
 from typing import Any
 
 import httpx
@@ -22,6 +20,7 @@ from kvmotion.errors import (
     NotFound,
     Unauthorized,
 )
+from kvmotion.httpapi import api_client
 
 _BY_STATUS: dict[int, type[KvmotionError]] = {
     401: Unauthorized,
@@ -42,12 +41,6 @@ def error_from_response(response: httpx.Response, what: str) -> KvmotionError:
     return cls(message, code=code)
 
 
-@functools.cache
-def tls_context() -> ssl.SSLContext:
-    """One TLS context for every client: building one loads the CA store (~40 ms each)."""
-    return ssl.create_default_context()
-
-
 class AgentClient:
     """``async with AgentClient(url, token) as agent: await agent.list_vms()``."""
 
@@ -59,14 +52,7 @@ class AgentClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=timeout,
-            trust_env=False,  # never route lab or host traffic through a proxy
-            transport=transport,  # tests plug a fake agent in here
-            verify=tls_context(),
-        )
+        self._http = api_client(self.base_url, token, timeout, transport)
 
     async def __aenter__(self) -> AgentClient:
         return self

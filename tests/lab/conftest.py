@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from kvmotion.lab import labcenter, netns, topology
@@ -97,3 +100,22 @@ def lab(request: pytest.FixtureRequest) -> Iterator[topology.LabState]:
 def mixed_lab(request: pytest.FixtureRequest) -> Iterator[topology.LabState]:
     """The seed's mixed cluster: .172 an older CPU (Merom), .173 a newer one (Nehalem)."""
     yield from _lab(request, {0: "intel-merom", 1: "intel-nehalem"})
+
+
+def center_http(state: topology.LabState) -> Iterator[httpx.Client]:
+    """The lab's center (started if needed) as an HTTP client, as a user's script would use it."""
+    c = labcenter.ensure_center(state, lambda _m: None)
+    headers = {"Authorization": f"Bearer {c.token}"}
+    with httpx.Client(base_url=c.url, headers=headers, trust_env=False, timeout=60) as http:
+        yield http
+
+
+def wait_task(center: httpx.Client, task_id: int, deadline: float = 120.0) -> dict[str, Any]:
+    """Poll a task until it ends (bounded)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        task: dict[str, Any] = center.get(f"/v1/tasks/{task_id}").json()
+        if task["state"] in ("success", "error", "cancelled"):
+            return task
+        time.sleep(0.1)
+    raise AssertionError(f"task {task_id} did not end in {deadline:.0f} s")

@@ -13,9 +13,10 @@ from typing import Any
 import httpx
 import pytest
 
-from kvmotion.lab import labcenter, topology
+from kvmotion.lab import topology
 from kvmotion.lab.demo import guest_ip, vm_spec, wait_for_guest
 from kvmotion.lab.guestclient import GuestClient
+from tests.lab.conftest import center_http
 
 pytestmark = pytest.mark.lab
 
@@ -29,10 +30,7 @@ DEADLINE_S = 90.0
 
 @pytest.fixture(scope="module")
 def center(lab: topology.LabState) -> Iterator[httpx.Client]:
-    c = labcenter.ensure_center(lab, lambda _m: None)
-    headers = {"Authorization": f"Bearer {c.token}"}
-    with httpx.Client(base_url=c.url, headers=headers, trust_env=False, timeout=60) as http:
-        yield http
+    yield from center_http(lab)
 
 
 @pytest.fixture(scope="module")

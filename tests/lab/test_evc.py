@@ -6,16 +6,16 @@ while its user stays connected, and the guest sees only the baseline's CPU flags
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from kvmotion.lab import labcenter, netns, topology
+from kvmotion.lab import netns, topology
 from kvmotion.lab.demo import GUEST_PORT, guest_ip, vm_spec, wait_for_guest
 from kvmotion.lab.guestclient import PingLoop
+from tests.lab.conftest import center_http, wait_task
 
 pytestmark = pytest.mark.lab
 
@@ -25,10 +25,7 @@ CLUSTER = "Cluster"  # the default cluster every added host joins
 
 @pytest.fixture(scope="module")
 def center(mixed_lab: topology.LabState) -> Iterator[httpx.Client]:
-    c = labcenter.ensure_center(mixed_lab, lambda _m: None)
-    headers = {"Authorization": f"Bearer {c.token}"}
-    with httpx.Client(base_url=c.url, headers=headers, trust_env=False, timeout=60) as http:
-        yield http
+    yield from center_http(mixed_lab)
 
 
 def ok(r: httpx.Response, status: int = 200) -> Any:
@@ -44,13 +41,7 @@ def error(r: httpx.Response, status: int, code: str) -> str:
 
 
 def run_task(center: httpx.Client, task_id: int) -> dict[str, Any]:
-    end = time.monotonic() + 120
-    while time.monotonic() < end:
-        task: dict[str, Any] = center.get(f"/v1/tasks/{task_id}").json()
-        if task["state"] in ("success", "error", "cancelled"):
-            return task
-        time.sleep(0.1)
-    raise AssertionError(f"task {task_id} did not end")
+    return wait_task(center, task_id)
 
 
 def guest_flags(lab: topology.LabState) -> frozenset[str]:

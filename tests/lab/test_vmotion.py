@@ -17,10 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
-from kvmotion.lab import labcenter, netns, topology
+from kvmotion.lab import netns, topology
 from kvmotion.lab.demo import GUEST_PORT, WORKLOAD, guest_ip, vm_spec, wait_for_guest
 from kvmotion.lab.guestclient import GuestClient, PingLoop, PingSummary
-from tests.lab.conftest import qemu_pids_under
+from tests.lab.conftest import center_http, qemu_pids_under, wait_task
 
 pytestmark = pytest.mark.lab
 
@@ -30,10 +30,7 @@ TASK_DEADLINE = 120.0
 
 @pytest.fixture(scope="module")
 def center(lab: topology.LabState) -> Iterator[httpx.Client]:
-    c = labcenter.ensure_center(lab, lambda _m: None)
-    headers = {"Authorization": f"Bearer {c.token}"}
-    with httpx.Client(base_url=c.url, headers=headers, trust_env=False, timeout=60) as http:
-        yield http
+    yield from center_http(lab)
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +45,8 @@ def vm_a(lab: topology.LabState, center: httpx.Client) -> Iterator[GuestClient]:
     guest.close()
 
 
-def run_task(center: httpx.Client, task_id: int, deadline: float = TASK_DEADLINE) -> dict[str, Any]:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        task: dict[str, Any] = center.get(f"/v1/tasks/{task_id}").json()
-        if task["state"] in ("success", "error", "cancelled"):
-            return task
-        time.sleep(0.1)
-    raise AssertionError(f"task {task_id} did not end in {deadline:.0f} s")
+def run_task(center: httpx.Client, task_id: int) -> dict[str, Any]:
+    return wait_task(center, task_id)
 
 
 def migrate(center: httpx.Client, dest: str, **body: Any) -> dict[str, Any]:
