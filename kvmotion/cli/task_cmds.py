@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from kvmotion.center.report import write_report
 from kvmotion.cli.output import console, print_json
 from kvmotion.cli.progress import DEFAULT_WATCH_TIMEOUT_S, follow, print_task
 from kvmotion.cli.remote import CenterOpt, JsonOpt, TokenOpt, call, connect
@@ -113,3 +115,18 @@ def _took(task: dict[str, Any]) -> str:
         return "-"
     seconds = (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
     return f"{seconds:.1f} s"
+
+
+@app.command("report")
+def task_report(
+    task_id: Annotated[int, typer.Argument(help="task id")],
+    out: Annotated[Path, typer.Option(help="directory for task-ID.png and task-ID.json")] = Path(
+        "."
+    ),
+    center: CenterOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Write a migration's telemetry as a chart (PNG) and a document (JSON)."""
+    task = call(connect(center, token), lambda c: c.task(task_id))
+    png, doc = write_report(task, out)
+    console.print(f"wrote {png} and {doc}", highlight=False)

@@ -220,6 +220,8 @@ class Outgoing:
                     await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
                     continued = True
                 if stats.status in FINAL:
+                    if stats.status == "completed":
+                        self.view.samples.append(self._sample(stats))  # the series' last point
                     self.view.marks[stats.status] = time.time()
                     self.view.error = stats.error
                     if stats.status != "completed":
