@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-from pathlib import Path
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from kvmotion.center.clusters import Clusters
 from kvmotion.center.db import Database
 from kvmotion.center.inventory import Inventory
 from kvmotion.center.tasks import TaskStore, record_event
-from kvmotion.errors import InvalidInput, KvmotionError
+from kvmotion.configfile import ConfigFile
+from kvmotion.errors import KvmotionError
 from kvmotion.migration.executor import DEFAULT_HOST_LIMIT, Executor
 
 log = logging.getLogger(__name__)
@@ -23,27 +22,13 @@ log = logging.getLogger(__name__)
 DEFAULT_CENTER_PORT = 8600
 
 
-class CenterConfig(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class CenterConfig(ConfigFile):
     listen: str = "127.0.0.1"
     port: int = DEFAULT_CENTER_PORT
     db_url: str = "sqlite+aiosqlite:////var/lib/kvmotion/center.db"
     token: str = Field(repr=False)
     refresh_interval_s: float = 5.0
     migrations_per_host: int = DEFAULT_HOST_LIMIT
-
-    @classmethod
-    def load(cls, path: Path) -> CenterConfig:
-        try:
-            return cls.model_validate(json.loads(path.read_text()))
-        except (OSError, ValueError) as exc:
-            raise InvalidInput(f"cannot read center config {path}: {exc}") from exc
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=2))
-        path.chmod(0o600)
 
 
 class Center:

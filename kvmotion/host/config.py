@@ -6,12 +6,11 @@ an admin, e.g. ``/etc/kvmotion/host.json``). Nothing here knows whether it runs 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from kvmotion.errors import InvalidInput
+from kvmotion.configfile import ConfigFile
 
 DEFAULT_AGENT_PORT = 8700
 
@@ -35,9 +34,7 @@ class NetworkConfig(BaseModel):
     bridge: str
 
 
-class HostConfig(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class HostConfig(ConfigFile):
     name: str
     management_address: str
     migration_address: str | None = None
@@ -56,18 +53,6 @@ class HostConfig(BaseModel):
     # enforces only that generation's features. For the lab's mixed clusters.
     cpu_generation: str | None = None
     machine_type: str = "pc-q35-7.2"
-
-    @classmethod
-    def load(cls, path: Path) -> HostConfig:
-        try:
-            return cls.model_validate(json.loads(path.read_text()))
-        except (OSError, ValueError) as exc:
-            raise InvalidInput(f"cannot read host config {path}: {exc}") from exc
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(self.model_dump_json(indent=2))
-        path.chmod(0o600)
 
     # Run-dir layout, shared by the agent and by `lab down` (which must find QEMU pids).
     @property
