@@ -9,7 +9,6 @@ again, and never starts a second copy.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import shutil
@@ -17,13 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvmotion.errors import Conflict, ExecutionError, InsufficientResources, NotFound
+from kvmotion.errors import Conflict, InsufficientResources, NotFound
 from kvmotion.host import facts, taps
 from kvmotion.host.config import HostConfig
 from kvmotion.host.cpu import HostCpu, VmCpu
 from kvmotion.host.datastores import DatastoreInfo, Datastores
 from kvmotion.host.vm import PowerState, VirtualMachine, VmEnvironment, VmInfo
 from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
+from kvmotion.host.vmfiles import create_vm_files, remove_folders, remove_vm_files
 from kvmotion.qemu.accel import AccelChoice, choose_accelerator
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,10 @@ class HostAgent:
                 log.error("cannot load registration %s: %s (left as is)", reg, exc)
                 continue
             vm.incoming = bool(registration.get("incoming", False))
+            vm.created = [Path(p) for p in registration.get("created") or []]
+            vm.exporting = bool(registration.get("exporting", False))
+            moving_to = registration.get("moving_to")
+            vm.moving_to = Path(moving_to) if moving_to else None
             if registration.get("cpu"):
                 vm.cpu = VmCpu(
                     **{**registration["cpu"], "features": tuple(registration["cpu"]["features"])}
@@ -105,6 +109,7 @@ class HostAgent:
             if not await vm.attach() and vm.incoming:
                 # The destination of a migration that ended while we were down: not ours.
                 log.info("dropping %s: an incoming migration that never completed", vm.config.name)
+                remove_folders(vm.created)
                 self._unregister(vm)
 
     async def close(self) -> None:
@@ -175,25 +180,11 @@ class HostAgent:
             config = VmConfig.from_request(
                 req, cpu_model=self.config.default_cpu_model, machine_type=self.config.machine_type
             )
-            folder = self.datastores.resolve(req.datastore, req.name)
-            created: list[Path] = []
+            config_path, created = await create_vm_files(config, self.datastores)
             try:
-                folder.mkdir(parents=True)
-                created.append(folder)
-                for disk in config.disks:
-                    path = self.datastores.resolve(disk.datastore, disk.path)
-                    if path.parent != folder:
-                        path.parent.mkdir(parents=True)
-                        created.append(path.parent)
-                    await _qemu_img(
-                        "create", "-q", "-f", disk.format, str(path), f"{disk.size_mib}M"
-                    )
-                config_path = folder / "vm.json"
-                config_path.write_text(config.model_dump_json(indent=2))
                 vm = self._register(config, config_path)
             except BaseException:
-                for path in reversed(created):
-                    shutil.rmtree(path, ignore_errors=True)
+                remove_folders(created)
                 raise
             log.info("created VM %s (%s) on %s", config.name, config.uuid, req.datastore)
             return await vm.info()
@@ -270,12 +261,7 @@ class HostAgent:
                     f"VM {vm.config.name} is {vm.state}: shut it down before deleting it",
                     code="wrong_state",
                 )
-            for disk in vm.config.disks:
-                self.datastores.resolve(disk.datastore, disk.path).unlink(missing_ok=True)
-            folder = vm.config_path.parent
-            vm.config_path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+            remove_vm_files(vm.config, self.datastores, vm.config_path)
             shutil.rmtree(vm.run_dir, ignore_errors=True)
             del self.vms[vm.config.uuid]
             log.info("deleted VM %s", vm.config.name)
@@ -329,11 +315,14 @@ class HostAgent:
         cpu: VmCpu | None = None,
         *,
         postcopy: bool = False,
-    ) -> tuple[VmInfo, str]:
+        datastore: str | None = None,
+    ) -> tuple[VmInfo, str, int | None]:
         """Register ``config`` here and start its QEMU receiving on the migration address.
 
+        With ``datastore`` ("change both"), new empty disks are made there and served over NBD
+        on the migration address for the source to copy into; returns that port too.
         Raises Conflict (already here and not powered off), NotFound (a datastore, network or
-        image this host lacks), InsufficientResources. Nothing stays registered on failure.
+        image this host lacks), InsufficientResources. Nothing stays on failure.
         """
         address = self._migration_address()
         if cpu is not None:
@@ -341,6 +330,8 @@ class HostAgent:
         existing = self.vms.get(config.uuid)
         if existing is not None and existing.state is not PowerState.POWERED_OFF:
             raise Conflict(f"VM {config.name} is already {existing.state} on this host")
+        if datastore is not None:
+            return await self._prepare_with_disks(config, cpu, address, postcopy, datastore)
         for disk in config.disks:
             path = self.datastores.resolve(disk.datastore, disk.path)
             if not path.exists():
@@ -356,11 +347,64 @@ class HostAgent:
         self.vms[config.uuid] = vm
         try:
             async with vm.lock:
-                uri = await vm.prepare_incoming(address, postcopy=postcopy)
-                return await vm.info(), uri
+                uri, _ = await vm.prepare_incoming(address, postcopy=postcopy)
+                return await vm.info(), uri, None
         except BaseException:
             self._unregister(vm)
             raise
+
+    async def _prepare_with_disks(
+        self, config: VmConfig, cpu: VmCpu | None, address: str, postcopy: bool, datastore: str
+    ) -> tuple[VmInfo, str, int | None]:
+        self.check_space(datastore, config)
+        self._check_memory(config.name, config.memory_mib)
+        new = config.moved_to(datastore)
+        record, created = await create_vm_files(new, self.datastores)
+        vm = self._make_vm(new, record)
+        vm.cpu, vm.created = cpu, created
+        vm.write_registration(incoming=True)
+        self.vms[config.uuid] = vm
+        try:
+            async with vm.lock:
+                uri, port = await vm.prepare_incoming(address, postcopy=postcopy, export=True)
+                return await vm.info(), uri, port
+        except BaseException:
+            self._unregister(vm)
+            remove_folders(created)
+            raise
+
+    def check_space(self, datastore: str, config: VmConfig) -> None:
+        """Refuse to copy ``config``'s disks to ``datastore`` without room for them (their full
+        size, plus a tenth for the copy's metadata and the guest's growth)."""
+        free = self.datastores.info(datastore).free_bytes
+        need = sum(d.size_mib for d in config.disks) * 2**20
+        if need * 1.1 > free:
+            raise InsufficientResources(
+                f"VM {config.name}'s disks need {need // 2**20} MiB (plus 10 %) on datastore "
+                f"{datastore!r}, which has {free // 2**20} MiB free on host {self.config.name}",
+                code="insufficient_space",
+            )
+
+    # -- storage vMotion -----------------------------------------------------------------------
+    async def move_storage(self, ref: str, datastore: str) -> VmInfo:
+        """Copy a running VM's disks to another datastore here, and switch to the copies."""
+        vm = self.get(ref)
+        self.datastores.get(datastore)
+        self.check_space(datastore, vm.config)
+        async with vm.lock:
+            await vm.move_storage(datastore)
+            return await vm.info()
+
+    async def mirror_disks(self, ref: str, host: str, port: int, datastore: str) -> VmInfo:
+        """ "Change both", source: copy the VM's disks into the destination's NBD exports."""
+        vm = self.get(ref)
+        async with vm.lock:
+            await vm.mirror_to(host, port, datastore)
+            return await vm.info()
+
+    async def cancel_storage(self, ref: str) -> str:
+        vm = self.get(ref)
+        return await vm.cancel_storage()
 
     def link_bandwidth_bps(self) -> int:
         """What the migration link carries, for QEMU's max-bandwidth (not its 128 MiB/s)."""
@@ -412,19 +456,21 @@ class HostAgent:
         await vm.cancel_migration()
         return await vm.info()
 
-    async def finish_migration(self, ref: str) -> None:
-        """Source, after success: end the paused source QEMU and forget the VM here."""
+    async def finish_migration(self, ref: str, *, remove_files: bool = False) -> tuple[str, ...]:
+        """Source, after success: end the paused source QEMU and forget the VM here; with
+        ``remove_files`` (its disks were copied) delete its old disks and record too."""
         vm = self.get(ref)
         async with vm.lock:
-            await vm.finish_outgoing()
+            problems = await vm.finish_outgoing(remove_files=remove_files)
             self._unregister(vm)
+            return tuple(problems)
 
     async def abort_migration(self, ref: str, *, destination_gone: bool = False) -> str:
         """Either side: undo this host's part. A destination forgets the VM."""
         vm = self.get(ref)
         async with vm.lock:
             done = await vm.abort_migration(destination_gone=destination_gone)
-            if vm.state is PowerState.POWERED_OFF and done == "destination ended":
+            if vm.state is PowerState.POWERED_OFF and done.startswith("destination ended"):
                 self._unregister(vm)
             return done
 
@@ -432,12 +478,3 @@ class HostAgent:
         """Forget a VM on this host; its record and disks stay on the datastore."""
         shutil.rmtree(vm.run_dir, ignore_errors=True)
         self.vms.pop(vm.config.uuid, None)
-
-
-async def _qemu_img(*args: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "qemu-img", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise ExecutionError(f"qemu-img {args[0]} failed: {out.decode().strip()}", code="qemu_img")

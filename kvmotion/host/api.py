@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kvmotion import __version__
 from kvmotion.host.agent import HostAgent, HostFacts
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.vm import VmInfo
-from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
+from kvmotion.host.vmconfig import VmConfig, VmCreateRequest, check_name
 from kvmotion.httpapi import ERROR_RESPONSES, bearer_checker, install_error_handlers
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,10 @@ class IncomingRequest(BaseModel):
     config_path: str
     cpu: VmCpu | None = None  # the CPU the VM runs with on the source
     postcopy: bool = False  # the source may switch to post-copy
+    # "Change both": make new disks on this datastore and serve them over NBD for the copy.
+    datastore: str | None = None
+
+    _ds = field_validator("datastore")(lambda v: None if v is None else check_name(v, "datastore"))
 
 
 class PowerOnRequest(BaseModel):
@@ -51,6 +55,38 @@ class PowerOnRequest(BaseModel):
 class IncomingResult(BaseModel):
     vm: VmInfo
     uri: str  # where the source sends: tcp:<this host's migration address>:<port>
+    nbd_host: str | None = None  # with a datastore: where the new disks are served
+    nbd_port: int | None = None
+
+
+class StorageMoveRequest(BaseModel):
+    """Storage vMotion on this host: every disk of the VM to ``datastore``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    datastore: str
+
+    _ds = field_validator("datastore")(lambda v: check_name(v, "datastore"))
+
+
+class DiskMirrorRequest(BaseModel):
+    """ "Change both", source: copy every disk into the destination's NBD exports."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(pattern=r"^[0-9.]{7,15}$")
+    port: int = Field(ge=1, le=65535)
+    datastore: str
+
+    _ds = field_validator("datastore")(lambda v: check_name(v, "datastore"))
+
+
+class FinishRequest(BaseModel):
+    remove_files: bool = False  # the disks were copied: delete the source's old files
+
+
+class FinishResult(BaseModel):
+    problems: list[str]  # files that could not be removed
 
 
 class MigrateRequest(BaseModel):
@@ -142,10 +178,12 @@ def create_app(agent: HostAgent) -> FastAPI:
 
     @app.post("/v1/migrations/incoming", dependencies=auth, status_code=201)
     async def prepare_incoming(req: IncomingRequest) -> IncomingResult:
-        info, uri = await agent.prepare_incoming(
-            req.config, Path(req.config_path), req.cpu, postcopy=req.postcopy
-        )
-        return IncomingResult(vm=info, uri=uri)
+        info, uri, port = await agent.prepare_incoming(
+            req.config, Path(req.config_path), req.cpu, postcopy=req.postcopy,
+            datastore=req.datastore,
+        )  # fmt: skip
+        nbd_host = agent.config.migration_address if port is not None else None
+        return IncomingResult(vm=info, uri=uri, nbd_host=nbd_host, nbd_port=port)
 
     @app.post("/v1/vms/{vm}/migrate", dependencies=auth, status_code=202)
     async def migrate(vm: str, req: MigrateRequest) -> VmInfo:
@@ -177,9 +215,24 @@ def create_app(agent: HostAgent) -> FastAPI:
     async def cancel_migration(vm: str) -> VmInfo:
         return await agent.cancel_migration(vm)
 
-    @app.post("/v1/vms/{vm}/migration/finish", dependencies=auth, status_code=204)
-    async def finish_migration(vm: str) -> None:
-        await agent.finish_migration(vm)
+    @app.post("/v1/vms/{vm}/migration/finish", dependencies=auth)
+    async def finish_migration(vm: str, req: FinishRequest | None = None) -> FinishResult:
+        remove = (req or FinishRequest()).remove_files
+        return FinishResult(problems=list(await agent.finish_migration(vm, remove_files=remove)))
+
+    @app.post("/v1/vms/{vm}/storage/move", dependencies=auth, status_code=202)
+    async def move_storage(vm: str, req: StorageMoveRequest) -> VmInfo:
+        """Start copying the VM's disks to another datastore of this host (it keeps running);
+        it switches to the copies by itself when they are ready. Follow ``storage`` on the VM."""
+        return await agent.move_storage(vm, req.datastore)
+
+    @app.post("/v1/vms/{vm}/storage/mirror", dependencies=auth, status_code=202)
+    async def mirror_disks(vm: str, req: DiskMirrorRequest) -> VmInfo:
+        return await agent.mirror_disks(vm, req.host, req.port, req.datastore)
+
+    @app.post("/v1/vms/{vm}/storage/cancel", dependencies=auth)
+    async def cancel_storage(vm: str) -> AbortResult:
+        return AbortResult(done=await agent.cancel_storage(vm))
 
     @app.post("/v1/vms/{vm}/migration/abort", dependencies=auth)
     async def abort_migration(vm: str, destination_gone: bool = False) -> AbortResult:

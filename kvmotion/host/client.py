@@ -118,8 +118,15 @@ class AgentClient:
         cpu: dict[str, Any] | None = None,
         *,
         postcopy: bool = False,
+        datastore: str | None = None,
     ) -> Any:
-        body = {"config": config, "config_path": config_path, "cpu": cpu, "postcopy": postcopy}
+        body = {
+            "config": config,
+            "config_path": config_path,
+            "cpu": cpu,
+            "postcopy": postcopy,
+            "datastore": datastore,
+        }
         return await self.request("POST", "/v1/migrations/incoming", json=body, timeout=120)
 
     async def migrate(
@@ -157,8 +164,22 @@ class AgentClient:
     async def cancel_migration(self, vm: str) -> Any:
         return await self.request("POST", f"/v1/vms/{vm}/migration/cancel", timeout=60)
 
-    async def finish_migration(self, vm: str) -> None:
-        await self.request("POST", f"/v1/vms/{vm}/migration/finish", timeout=60)
+    async def finish_migration(self, vm: str, *, remove_files: bool = False) -> list[str]:
+        """End the source's copy; returns the files it could not remove (``remove_files``)."""
+        body = {"remove_files": remove_files}
+        result = await self.request("POST", f"/v1/vms/{vm}/migration/finish", json=body, timeout=60)
+        return list((result or {}).get("problems", []))
+
+    async def move_storage(self, vm: str, datastore: str) -> Any:
+        body = {"datastore": datastore}
+        return await self.request("POST", f"/v1/vms/{vm}/storage/move", json=body, timeout=120)
+
+    async def mirror_disks(self, vm: str, host: str, port: int, datastore: str) -> Any:
+        body = {"host": host, "port": port, "datastore": datastore}
+        return await self.request("POST", f"/v1/vms/{vm}/storage/mirror", json=body, timeout=60)
+
+    async def cancel_storage(self, vm: str) -> Any:
+        return await self.request("POST", f"/v1/vms/{vm}/storage/cancel", timeout=60)
 
     async def abort_migration(self, vm: str, *, destination_gone: bool = False) -> Any:
         query = "?destination_gone=true" if destination_gone else ""

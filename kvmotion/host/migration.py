@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,8 +125,16 @@ def throttle_params(pct: int) -> dict[str, int]:
 class Outgoing:
     """The source side of one migration of one VM."""
 
-    def __init__(self, qmp: QmpSession, name: str) -> None:
+    def __init__(
+        self,
+        qmp: QmpSession,
+        name: str,
+        before_switchover: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.qmp = qmp
+        # With the guest stunned at pre-switchover, before memory's last pass: the disk copies
+        # of a "change both" end here. If it fails, the migration is cancelled.
+        self.before_switchover = before_switchover
         self.view = MigrationView(side="source", phase="setup")
         self.log = log.getChild(name)
         self._task: asyncio.Task[None] | None = None
@@ -202,8 +210,7 @@ class Outgoing:
         try:
             while True:
                 if await self._next_status() == "pre-switchover" and not continued:
-                    self.view.marks["stunned"] = time.time()
-                    await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+                    await self._switchover()
                     continued = True
                 stats = MigrationStats.parse(await self.qmp.execute("query-migrate"))
                 if stats.status == "completed":
@@ -216,14 +223,13 @@ class Outgoing:
                 if stats.transferred_bytes and "first_byte" not in self.view.marks:
                     self.view.marks["first_byte"] = time.time()
                 if stats.status == "pre-switchover" and not continued:
-                    self.view.marks["stunned"] = time.time()
-                    await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
+                    await self._switchover()
                     continued = True
                 if stats.status in FINAL:
                     if stats.status == "completed":
                         self.view.samples.append(self._sample(stats))  # the series' last point
                     self.view.marks[stats.status] = time.time()
-                    self.view.error = stats.error
+                    self.view.error = stats.error or self.view.error
                     if stats.status != "completed":
                         await self._resume_if_paused()
                     self.log.info("migration %s: %s", stats.status, stats.error or "")
@@ -235,6 +241,20 @@ class Outgoing:
         finally:
             if self._events is not None:
                 self.qmp.remove_listener(self._events)
+
+    async def _switchover(self) -> None:
+        """The guest is stunned: end what must end first, then let QEMU send the rest."""
+        self.view.marks["stunned"] = time.time()
+        if self.before_switchover is not None:
+            try:
+                await self.before_switchover()
+            except (QemuError, Conflict) as exc:
+                self.view.error = f"at switchover: {exc.message}"
+                self.log.error("cancelling the migration: %s", self.view.error)
+                await self.qmp.execute("migrate_cancel")
+                return
+            self.view.marks["disks_completed"] = time.time()
+        await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
 
     async def _final_stats(self, stats: MigrationStats) -> MigrationStats:
         """QEMU says ``completed`` a moment before it fills in total-time and downtime."""
@@ -327,9 +347,16 @@ class Outgoing:
 class Incoming:
     """The destination side: listen, and resume the guest the moment the stream completes."""
 
-    def __init__(self, qmp: QmpSession, name: str, on_resumed: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        qmp: QmpSession,
+        name: str,
+        on_resumed: Callable[[], None],
+        before_resume: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.qmp = qmp
         self.on_resumed = on_resumed
+        self.before_resume = before_resume  # e.g. stop serving the disks over NBD
         self.view = MigrationView(side="destination", phase="setup")
         self.log = log.getChild(name)
         self._task: asyncio.Task[None] | None = None
@@ -372,6 +399,8 @@ class Incoming:
                 if status is None:  # no event for a while: look, in case one was missed
                     status = MigrationStats.parse(await self.qmp.execute("query-migrate")).status
                 if status == "completed":
+                    if self.before_resume is not None:
+                        await self.before_resume()
                     await self.qmp.execute("cont")
                     self.view.marks["resumed"] = time.time()
                     self.view.phase = "resumed"

@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import time
+import uuid as uuidlib
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -21,7 +23,19 @@ from kvmotion.host import taps
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.migration import ANNOUNCE, Incoming, MigrationStats, MigrationView, Outgoing
+from kvmotion.host.storage import (
+    DiskMirror,
+    StorageView,
+    delete_node,
+    disk_files,
+    disk_nodes,
+    export_disks,
+    local_target,
+    nbd_target,
+    stop_exports,
+)
 from kvmotion.host.vmconfig import VmConfig
+from kvmotion.host.vmfiles import create_vm_files, remove_folders, remove_vm_files
 from kvmotion.qemu.cmdline import DiskLaunch, NicLaunch, QemuLaunch
 from kvmotion.qemu.process import QemuProcess
 from kvmotion.qemu.qmp import QmpSession
@@ -70,6 +84,7 @@ class VmInfo:
     config: VmConfig
     migration: MigrationView | None
     cpu: VmCpu | None  # the CPU it runs (or last ran) with on this host
+    storage: StorageView | None  # its disks' copy, while one runs (or how the last ended)
 
 
 class VirtualMachine:
@@ -86,6 +101,12 @@ class VirtualMachine:
         self.migration: Outgoing | Incoming | None = None
         self.incoming = False  # registered as a migration's destination, not yet the owner
         self.cpu: VmCpu | None = None  # chosen at power-on (or given by the migration source)
+        self.storage: DiskMirror | None = None
+        # Folders made on this host for this VM's new copy (a "change both" destination, or a
+        # storage move's target): removed if the copy does not become the VM's.
+        self.created: list[Path] = []
+        self.exporting = False  # a "change both" destination serving its disks over NBD
+        self.moving_to: Path | None = None  # a storage move's new record, until it pivots
         self.log = log.getChild(config.name)
 
     # -- paths and launch description --------------------------------------------------------
@@ -160,8 +181,11 @@ class VirtualMachine:
         await self._start(incoming=False)
         self._set_state(PowerState.POWERED_ON)
 
-    async def prepare_incoming(self, migration_address: str, *, postcopy: bool = False) -> str:
-        """Start QEMU paused, receiving on ``migration_address``; return the URI to send to.
+    async def prepare_incoming(
+        self, migration_address: str, *, postcopy: bool = False, export: bool = False
+    ) -> tuple[str, int | None]:
+        """Start QEMU paused, receiving on ``migration_address``; return the URI to send to,
+        and with ``export`` the port where its (new, empty) disks are served over NBD.
 
         When the stream completes the guest resumes here at once and the VM is powered on.
         """
@@ -171,16 +195,29 @@ class VirtualMachine:
             )
         await self._start(incoming=True)
         assert self.qmp is not None
-        incoming = Incoming(self.qmp, self.config.name, on_resumed=self._resumed_here)
+        qmp = self.qmp
+        incoming = Incoming(
+            qmp,
+            self.config.name,
+            on_resumed=self._resumed_here,
+            before_resume=(lambda: stop_exports(qmp)) if export else None,
+        )
         self.migration = incoming
         try:
-            return await incoming.listen(migration_address, postcopy=postcopy)
+            port = None
+            if export:
+                nodes = [f"disk{i}" for i in range(len(self.config.disks))]
+                port = await export_disks(qmp, migration_address, nodes)
+                self.exporting = True
+            return await incoming.listen(migration_address, postcopy=postcopy), port
         except BaseException:
             await self._cleanup_after_exit(kill=True)
             raise
 
     def _resumed_here(self) -> None:
         self._set_state(PowerState.POWERED_ON)
+        self.created = []  # the new copy is the VM's own now
+        self.exporting = False
         self.write_registration(incoming=False)
 
     async def _start(self, *, incoming: bool) -> None:
@@ -213,6 +250,9 @@ class VirtualMachine:
             "config_path": str(self.config_path),
             "incoming": incoming,
             "cpu": dataclasses.asdict(self.cpu) if self.cpu is not None else None,
+            "created": [str(p) for p in self.created],
+            "exporting": self.exporting,
+            "moving_to": str(self.moving_to) if self.moving_to else None,
         }
         (self.run_dir / "registration.json").write_text(json.dumps(body))
         self.incoming = incoming
@@ -236,6 +276,8 @@ class VirtualMachine:
         self.state = PowerState.POWERED_ON
         if self.incoming and self.qmp is not None:
             await self._recover_incoming(self.qmp)
+        if self.moving_to is not None:
+            await self._recover_storage_move()
         self.log.info("re-attached to QEMU pid %d (%s)", process.pid, self.state)
         return True
 
@@ -243,14 +285,45 @@ class VirtualMachine:
         stats = MigrationStats.parse(await qmp.execute("query-migrate"))
         status = await qmp.query_status()
         if stats.status == "completed" and not status.running:
+            if self.exporting:
+                await stop_exports(qmp)
             await qmp.execute("cont")
             await qmp.execute("announce-self", ANNOUNCE)
+            self.created, self.exporting = [], False
             self.write_registration(incoming=False)
             self.log.warning("resumed after an agent restart: the incoming stream had completed")
         elif status.running:
+            self.created, self.exporting = [], False
             self.write_registration(incoming=False)
         else:
             self.state = PowerState.INCOMING
+
+    async def _recover_storage_move(self) -> None:
+        """The agent stopped during a storage move: finish the pivot's bookkeeping if QEMU had
+        switched to the copies, else cancel the copies (QEMU's jobs outlive the agent)."""
+        assert self.moving_to is not None
+        new = VmConfig.model_validate_json(self.moving_to.read_text())
+        path0 = str(self.env.datastores.resolve(new.disks[0].datastore, new.disks[0].path))
+        using = ""
+        if self.qmp is not None:
+            with contextlib.suppress(QemuError):
+                using = (await disk_files(self.qmp, 1))[0]
+        if using == path0:
+            old, old_record = self.config, self.config_path
+            self.config, self.config_path = new, self.moving_to
+            self.created, self.moving_to = [], None
+            self.write_registration(incoming=self.incoming)
+            remove_vm_files(old, self.env.datastores, old_record)
+            self.log.warning("completed a storage move interrupted by an agent restart")
+            return
+        if self.qmp is not None:
+            with contextlib.suppress(QemuError):
+                for job in await self.qmp.execute("query-block-jobs"):
+                    await self.qmp.execute(
+                        "block-job-cancel", {"device": job["device"], "force": True}
+                    )
+        self._drop_copies()
+        self.log.warning("cancelled a storage move interrupted by an agent restart")
 
     async def _connect(self) -> None:
         assert self.process is not None
@@ -361,7 +434,27 @@ class VirtualMachine:
         status = await self.qmp.query_status()
         if not status.running:
             raise Conflict(f"VM {self.config.name} is {status.status} in QEMU, not running")
-        outgoing = Outgoing(self.qmp, self.config.name)
+        mirror = self.storage
+        if mirror is not None and mirror.running:
+            if mirror.view.mode != "nbd" or mirror.view.phase != "ready":
+                raise Conflict(
+                    f"VM {self.config.name}'s disks are being copied ({mirror.view.phase}): "
+                    "memory follows only once every disk copy is ready",
+                    code="storage_not_ready",
+                )
+            if postcopy:
+                raise Conflict(
+                    "post-copy cannot be combined with a disk copy: the disks must be "
+                    "consistent at switchover",
+                    code="no_postcopy",
+                )
+        outgoing = Outgoing(
+            self.qmp,
+            self.config.name,
+            before_switchover=mirror.complete_at_switchover
+            if mirror is not None and mirror.running
+            else None,
+        )
         self.migration = outgoing
         await outgoing.start(
             uri, max_bandwidth_bps, downtime_limit_ms, brake=brake, postcopy=postcopy
@@ -380,6 +473,113 @@ class VirtualMachine:
                 return float(info.get("dirty-rate", 0)) * 2**20
         raise QemuError(f"QEMU did not finish measuring {self.config.name}'s dirty rate")
 
+    # -- storage ---------------------------------------------------------------------------------
+    def _check_can_copy_disks(self) -> QmpSession:
+        if self.state is not PowerState.POWERED_ON or self.qmp is None:
+            raise Conflict(
+                f"VM {self.config.name} is {self.state}: only a running VM's disks are copied "
+                "live", code="wrong_state",
+            )  # fmt: skip
+        if self.storage is not None and self.storage.running:
+            raise Conflict(
+                f"VM {self.config.name}'s disks are already being copied", code="already_migrating"
+            )
+        if isinstance(self.migration, Outgoing) and self.migration.running:
+            raise Conflict(f"VM {self.config.name} is migrating", code="already_migrating")
+        return self.qmp
+
+    async def disk_sizes(self) -> list[int]:
+        """Each disk's virtual size in bytes, as QEMU has it open."""
+        assert self.qmp is not None
+        nodes = await disk_nodes(self.qmp, len(self.config.disks))
+        sizes = {
+            str(n.get("node-name")): int(n["image"]["virtual-size"])
+            for n in await self.qmp.execute("query-named-block-nodes", {"flat": True})
+        }
+        return [sizes[node] for node in nodes]
+
+    async def move_storage(self, datastore: str) -> None:
+        """Storage vMotion on this host: copy every disk to ``datastore`` while the VM runs,
+        pivot to the copies when all are ready, then move the record and remove the old files.
+
+        Raises Conflict (not running, busy, same datastore, folder taken), NotFound.
+        """
+        qmp = self._check_can_copy_disks()
+        if all(d.datastore == datastore for d in self.config.disks):
+            raise Conflict(
+                f"VM {self.config.name}'s disks are on {datastore!r} already",
+                code="same_datastore",
+            )
+        new = self.config.moved_to(datastore)
+        sizes = await self.disk_sizes()
+        sources = await disk_nodes(qmp, len(self.config.disks))
+        record, created = await create_vm_files(new, self.env.datastores, sizes)
+        self.created, self.moving_to = created, record
+        self.write_registration(incoming=False)
+        token = uuidlib.uuid4().hex[:6]
+        targets = [
+            local_target(
+                i, f"disk{i}-{token}", str(self.env.datastores.resolve(d.datastore, d.path))
+            )
+            for i, d in enumerate(new.disks)
+        ]
+
+        async def pivot() -> None:
+            await self._pivot_storage(new, record)
+
+        mirror = DiskMirror(qmp, self.config.name, "local", datastore, on_ready=pivot)
+        self.storage = mirror
+        try:
+            await mirror.start(sources, targets)
+        except BaseException:
+            self._drop_copies()
+            raise
+
+    async def _pivot_storage(self, new: VmConfig, record: Path) -> None:
+        """Every copy is ready: switch to them, then make the new record the VM's."""
+        assert self.storage is not None and self.qmp is not None
+        async with self.lock:
+            old, old_record = self.config, self.config_path
+            old_nodes = [d.source_node for d in self.storage.view.disks]
+            await self.storage.pivot()
+            # From here the copies are the VM's disks: record it before anything else.
+            self.config, self.config_path = new, record
+            self.created, self.moving_to = [], None
+            self.write_registration(incoming=False)
+            for node in old_nodes:
+                await delete_node(self.qmp, node)
+            problems = remove_vm_files(old, self.env.datastores, old_record)
+            self.storage.view.error = "; ".join(problems) or None
+            self.storage.view.marks["completed"] = time.time()
+            self.storage.view.phase = "completed"
+            self.log.info("disks moved to datastore %s", new.datastore)
+
+    def _drop_copies(self) -> None:
+        """A storage move that will not happen: remove its copies and forget it."""
+        remove_folders(self.created)
+        self.created, self.moving_to = [], None
+        self.write_registration(incoming=False)
+
+    async def cancel_storage(self) -> str:
+        """Cancel a disk copy before it pivots; the VM keeps its disks. Idempotent."""
+        if self.storage is None:
+            raise Conflict(f"VM {self.config.name} has no disk copy", code="no_migration")
+        if self.storage.view.phase in ("completed", "pivoting", "pivoted"):
+            raise Conflict("the disks have switched to their copies: too late", code="too_late")
+        await self.storage.abort()
+        if self.storage.view.mode == "local":
+            self._drop_copies()
+        return "disk copy cancelled; the VM keeps its disks"
+
+    async def mirror_to(self, host: str, port: int, datastore: str) -> None:
+        """ "Change both", source side: copy every disk into the destination's NBD exports."""
+        qmp = self._check_can_copy_disks()
+        sources = await disk_nodes(qmp, len(self.config.disks))
+        targets = [nbd_target(i, host, port, f"disk{i}") for i in range(len(self.config.disks))]
+        mirror = DiskMirror(qmp, self.config.name, "nbd", datastore)
+        self.storage = mirror
+        await mirror.start(sources, targets)
+
     def outgoing(self) -> Outgoing:
         if not isinstance(self.migration, Outgoing):
             raise Conflict(f"VM {self.config.name} has no outgoing migration", code="no_migration")
@@ -389,8 +589,12 @@ class VirtualMachine:
         """Cancel an outgoing migration before switchover; the VM keeps running here."""
         await self.outgoing().cancel()
 
-    async def finish_outgoing(self) -> None:
-        """After a completed migration: end the source QEMU (the guest runs elsewhere now)."""
+    async def finish_outgoing(self, *, remove_files: bool = False) -> list[str]:
+        """After a completed migration: end the source QEMU (the guest runs elsewhere now).
+
+        ``remove_files``: the disks were copied too ("change both"): delete the source's disks
+        and record. Returns what could not be removed.
+        """
         outgoing = self.outgoing()
         if outgoing.view.phase != "completed":
             raise Conflict(
@@ -400,6 +604,14 @@ class VirtualMachine:
         if self.process is not None:
             self._set_state(PowerState.POWERING_OFF)
             await self._hard_stop(self.process)
+        if not remove_files:
+            return []
+        if self.storage is None or self.storage.view.phase != "completed":
+            raise Conflict(
+                f"VM {self.config.name}'s disks were not copied: its files stay",
+                code="no_disk_copy",
+            )
+        return remove_vm_files(self.config, self.env.datastores, self.config_path)
 
     async def abort_migration(self, *, destination_gone: bool = False) -> str:
         """Undo this host's side of a migration. Idempotent. Says what it did.
@@ -409,26 +621,36 @@ class VirtualMachine:
         the destination may own it, and two running copies must never exist.
         Destination: end the receiving QEMU.
         """
-        if isinstance(self.migration, Incoming):
-            if self.state is PowerState.POWERED_ON:
+        if isinstance(self.migration, Incoming) or self.incoming:
+            if self.state is PowerState.POWERED_ON and not self.incoming:
                 raise Conflict(
                     f"VM {self.config.name} already resumed on this host: it is the owner now",
                     code="too_late",
                 )
             if self.process is not None:
                 await self._hard_stop(self.process)
+            if self.created:
+                remove_folders(self.created)
+                self.created = []
+                return "destination ended, its partial disk copies removed"
             return "destination ended"
-        if isinstance(self.migration, Outgoing):
-            if self.migration.view.phase == "completed":
-                if not destination_gone:
-                    raise Conflict(
-                        f"migration of {self.config.name} completed: the destination owns the VM",
-                        code="too_late",
-                    )
-                await self.migration.resume_after_completion()
-                return "source resumed (the destination's copy had ended)"
+        storage = ""
+        if self.storage is not None and self.storage.running:
+            await self.storage.abort()
+            storage = ", its disk copy cancelled"
+        if isinstance(self.migration, Outgoing) and self.migration.view.phase != "completed":
             await self.migration.cancel()
-            return "source kept running"
+            return "source kept running" + storage
+        if isinstance(self.migration, Outgoing):  # completed
+            if not destination_gone:
+                raise Conflict(
+                    f"migration of {self.config.name} completed: the destination owns the VM",
+                    code="too_late",
+                )
+            await self.migration.resume_after_completion()
+            return "source resumed (the destination's copy had ended)"
+        if storage:
+            return "source kept running" + storage
         return "nothing to abort"
 
     async def info(self) -> VmInfo:
@@ -446,4 +668,5 @@ class VirtualMachine:
             config=self.config,
             migration=self.migration.view if self.migration is not None else None,
             cpu=self.cpu,
+            storage=self.storage.view if self.storage is not None else None,
         )

@@ -165,3 +165,8 @@ class VmConfig(BaseModel):
             kernel_args=req.kernel_args,
             created_at=datetime.now(UTC),
         )
+
+    def moved_to(self, datastore: str) -> VmConfig:
+        """This VM with its record and every disk on ``datastore`` (same relative paths)."""
+        disks = tuple(d.model_copy(update={"datastore": datastore}) for d in self.disks)
+        return self.model_copy(update={"datastore": datastore, "disks": disks})

@@ -98,6 +98,14 @@ class QmpSession:
         except QMPError as exc:
             raise QemuError(f"{self.name}: QMP {command} failed: {exc}", command=command) from exc
 
+    async def pass_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU an open file descriptor (SCM_RIGHTS) under ``name``, for ``fd`` addresses."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as exc:
+            raise QemuError(f"{self.name}: passing a file descriptor failed: {exc}") from exc
+        await self.execute("getfd", {"fdname": name})
+
     def listener(self, names: list[str] | None = None) -> EventListener:
         """An event listener, registered; pair with :meth:`remove_listener`."""
         lst = EventListener(names)
@@ -105,7 +113,9 @@ class QmpSession:
         return lst
 
     def remove_listener(self, lst: EventListener) -> None:
-        self._client.remove_listener(lst)
+        """Unregister ``lst``; a listener removed already is left alone."""
+        if lst in self._client._listeners:  # noqa: SLF001 (qemu.qmp raises on a second removal)
+            self._client.remove_listener(lst)
 
     async def disconnected(self) -> None:
         """Return when the connection ends (QEMU exited, or close())."""

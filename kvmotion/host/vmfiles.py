@@ -1,0 +1,99 @@
+"""A VM's files on its datastores: its folder, disk images and record, made and removed whole.
+
+Creation is all or nothing (what was made is removed on error); removal touches only the files
+the VM's config names, never a folder with anything else left in it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from kvmotion.errors import Conflict, ExecutionError
+from kvmotion.host.datastores import Datastores
+from kvmotion.host.vmconfig import VmConfig
+
+log = logging.getLogger(__name__)
+
+RECORD = "vm.json"
+
+
+async def qemu_img(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise ExecutionError(f"qemu-img {args[0]} failed: {out.decode().strip()}", code="qemu_img")
+
+
+def record_path(config: VmConfig, datastores: Datastores) -> Path:
+    """Where the VM's record lives: ``<datastore>/<name>/vm.json``."""
+    return datastores.resolve(config.datastore, f"{config.name}/{RECORD}")
+
+
+def write_record(path: Path, config: VmConfig) -> None:
+    """Write the record atomically (a crash leaves the old one or the new one, never half)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(config.model_dump_json(indent=2))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+async def create_vm_files(
+    config: VmConfig, datastores: Datastores, sizes_bytes: list[int] | None = None
+) -> tuple[Path, list[Path]]:
+    """Make the VM's folder, empty disk images and record. Returns the record's path and the
+    folders made (remove them to undo). Raises Conflict if the folder exists already."""
+    folder = datastores.resolve(config.datastore, config.name)
+    if folder.exists():
+        raise Conflict(
+            f"datastore {config.datastore!r} already has a folder {config.name!r} "
+            "(another VM, or what a failed copy left): choose another name or datastore",
+            code="folder_exists",
+        )
+    created: list[Path] = []
+    try:
+        folder.mkdir(parents=True)
+        created.append(folder)
+        for i, disk in enumerate(config.disks):
+            path = datastores.resolve(disk.datastore, disk.path)
+            if not path.parent.exists():
+                path.parent.mkdir(parents=True)
+                created.append(path.parent)
+            size = str(sizes_bytes[i]) if sizes_bytes else f"{disk.size_mib}M"
+            await qemu_img("create", "-q", "-f", disk.format, str(path), size)
+        record = folder / RECORD
+        write_record(record, config)
+        return record, created
+    except BaseException:
+        remove_folders(created)
+        raise
+
+
+def remove_folders(folders: list[Path]) -> None:
+    for path in reversed(folders):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_vm_files(config: VmConfig, datastores: Datastores, record: Path) -> list[str]:
+    """Delete the disks the config names and its record, then each folder left empty.
+    Returns what could not be removed (nothing raises: the VM already lives elsewhere)."""
+    problems: list[str] = []
+    paths = [datastores.resolve(d.datastore, d.path) for d in config.disks] + [record]
+    for path in paths:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            problems.append(f"{path}: {exc.strerror}")
+    for folder in sorted({p.parent for p in paths}, reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty: never remove what we do not know
+    for problem in problems:
+        log.warning("could not remove %s", problem)
+    return problems
