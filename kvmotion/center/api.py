@@ -11,12 +11,12 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
 from kvmotion import __version__
 from kvmotion.center.db import Event
-from kvmotion.center.inventory import host_dict, host_view, vm_dict, vm_view
+from kvmotion.center.inventory import datastore_dict, host_dict, vm_dict
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import task_dict
 from kvmotion.errors import Conflict, KvmotionError
@@ -24,7 +24,6 @@ from kvmotion.host.config import DEFAULT_AGENT_PORT
 from kvmotion.host.vmconfig import VmCreateRequest, check_name
 from kvmotion.httpapi import ERROR_RESPONSES, bearer_checker, install_error_handlers
 from kvmotion.migration.executor import MigrationRequest
-from kvmotion.migration.precheck import precheck_compute
 
 
 class HostAdd(BaseModel):
@@ -39,8 +38,11 @@ class VmCreate(BaseModel):
 
 
 class MigrateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["compute", "storage", "both"] = "compute"
-    host: str = Field(max_length=255)
+    host: str | None = Field(None, max_length=255)  # storage: the VM's host (the default)
+    datastore: str | None = None  # storage and both: where the disks go
     downtime_ms: int = Field(100, ge=1, le=60_000)
     max_bandwidth_bps: int | None = Field(None, ge=1_000_000)
     deadline_s: float | None = Field(None, gt=0, le=86_400)
@@ -49,10 +51,13 @@ class MigrateBody(BaseModel):
     strategy: Literal["kvmotion", "qemu-defaults"] = "kvmotion"
     predict: bool = False  # sample the guest's dirty rate (about 1 s) and predict first
 
+    _ds = field_validator("datastore")(lambda v: None if v is None else check_name(v, "datastore"))
+
     def request(self, vm: str) -> MigrationRequest:
         return MigrationRequest(
-            vm, self.host, self.type, self.downtime_ms, self.max_bandwidth_bps,
+            vm, self.host or "", self.type, self.downtime_ms, self.max_bandwidth_bps,
             self.deadline_s, self.priority, self.allow_postcopy, self.strategy, self.predict,
+            self.datastore,
         )  # fmt: skip
 
 
@@ -96,6 +101,12 @@ def create_app(center: Center) -> FastAPI:
     @app.get("/v1/hosts", dependencies=auth)
     async def list_hosts() -> list[dict[str, Any]]:
         return [host_dict(h) for h in await inv.hosts()]
+
+    @app.get("/v1/datastores", dependencies=auth)
+    async def list_datastores() -> list[dict[str, Any]]:
+        """Every datastore a host reported, with capacity, free space and the hosts that see
+        it (shared: more than one)."""
+        return [datastore_dict(d) for d in await inv.datastores()]
 
     @app.get("/v1/hosts/{name}", dependencies=auth)
     async def get_host(name: str) -> dict[str, Any]:
@@ -161,19 +172,13 @@ def create_app(center: Center) -> FastAPI:
     @app.post("/v1/vms/{vm}/migrate/precheck", dependencies=auth)
     async def precheck(vm: str, body: MigrateBody) -> dict[str, Any]:
         """What a migration would find, without starting it (errors and warnings)."""
-        req = body.request(vm)
-        record, source, dest, _ = await center.executor.precheck(req)
-        result = precheck_compute(
-            vm_view(record, center.executor.migrating(record.name)),
-            host_view(source),
-            host_view(dest),
-        )
+        req, record, source, dest, result = await center.executor.precheck(body.request(vm))
         answer: dict[str, Any] = {
             "ok": result.ok,
             "errors": [e.__dict__ for e in result.errors],
             "warnings": [w.__dict__ for w in result.warnings],
         }
-        if body.predict and result.ok:
+        if body.predict and result.ok and req.kind != "storage":
             try:
                 answer["prediction"] = await center.executor.predict(req, record, source, dest)
             except KvmotionError as exc:  # a prediction is advice: its absence refuses nothing

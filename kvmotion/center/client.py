@@ -173,14 +173,14 @@ class CenterClient:
     async def migrate(
         self,
         vm: str,
-        host: str,
+        host: str | None,
         type: str = "compute",
         downtime_ms: int = 100,
         max_bandwidth_bps: int | None = None,
         **convergence: Any,
     ) -> JsonObject:
         """Start a migration; returns its task (202: the work goes on in the center).
-        ``convergence``: deadline_s, priority, allow_postcopy, strategy, predict."""
+        ``convergence``: deadline_s, priority, allow_postcopy, strategy, predict, datastore."""
         body = _migrate_body(host, type, downtime_ms, max_bandwidth_bps) | convergence
         path = f"/v1/vms/{_segment(vm)}/migrate"
         return await self._object("POST", path, json=body, timeout=_PRECHECK_TIMEOUT)
@@ -188,7 +188,7 @@ class CenterClient:
     async def precheck(
         self,
         vm: str,
-        host: str,
+        host: str | None,
         type: str = "compute",
         downtime_ms: int = 100,
         max_bandwidth_bps: int | None = None,
@@ -199,6 +199,9 @@ class CenterClient:
         body = _migrate_body(host, type, downtime_ms, max_bandwidth_bps) | convergence
         path = f"/v1/vms/{_segment(vm)}/migrate/precheck"
         return await self._object("POST", path, json=body, timeout=_PRECHECK_TIMEOUT)
+
+    async def datastores(self) -> list[JsonObject]:
+        return await self._list("/v1/datastores")
 
     # -- tasks and events ----------------------------------------------------------------------
     async def tasks(self, limit: int = 50) -> list[JsonObject]:
@@ -241,7 +244,7 @@ class CenterClient:
 
 
 def _migrate_body(
-    host: str, type: str, downtime_ms: int, max_bandwidth_bps: int | None
+    host: str | None, type: str, downtime_ms: int, max_bandwidth_bps: int | None
 ) -> JsonObject:
     return {
         "host": host,

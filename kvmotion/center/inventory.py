@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
 from kvmotion.center.db import Cluster, Database, Datacenter, Datastore, Host, Network, Vm
 from kvmotion.center.tasks import record_event
@@ -38,6 +39,11 @@ def host_view(host: Host) -> HostView:
         connected=host.connection == "connected",
         migration_address=facts.get("migration_address"),
         datastores=frozenset(d["name"] for d in facts.get("datastores", []) if d.get("accessible")),
+        datastore_free_bytes={
+            d["name"]: int(d.get("free_bytes", 0))
+            for d in facts.get("datastores", [])
+            if d.get("accessible")
+        },
         networks=frozenset(n["name"] for n in facts.get("networks", []) if n.get("present")),
         available_memory_bytes=int(facts.get("memory", {}).get("available_bytes", 0)),
         accel=str(facts.get("accel", "unknown")),
@@ -65,6 +71,7 @@ def vm_view(vm: Vm, migrating: bool) -> VmView:
         cpu_model=str(cfg.get("cpu_model", "")),
         migrating=migrating,
         cpu_features=tuple((vm.cpu or {}).get("features", ())),
+        disk_bytes=sum(int(d.get("size_mib", 0)) for d in cfg.get("disks", [])) * 2**20,
     )
 
 
@@ -78,6 +85,16 @@ def vm_dict(vm: Vm) -> dict[str, Any]:
         "config_path": vm.config_path,
         "cpu": vm.cpu,
         "evc_mode": vm.evc_mode,
+    }
+
+
+def datastore_dict(ds: Datastore) -> dict[str, Any]:
+    return {
+        "name": ds.name,
+        "shared": ds.shared,
+        "capacity_bytes": ds.capacity_bytes,
+        "free_bytes": ds.free_bytes,
+        "hosts": sorted(h.name for h in ds.hosts),
     }
 
 
@@ -146,6 +163,23 @@ class Inventory:
                 known = ", ".join(h.name for h in await s.scalars(select(Host))) or "none"
                 raise NotFound(f"no host {name[:80]!r} (known: {known})", code="host_not_found")
             return host
+
+    # -- datastores ----------------------------------------------------------------------------
+    async def datastores(self) -> list[Datastore]:
+        async with self.db.session() as s:
+            query = select(Datastore).options(selectinload(Datastore.hosts))
+            return list(await s.scalars(query.order_by(Datastore.name)))
+
+    async def datastore(self, name: str) -> Datastore:
+        async with self.db.session() as s:
+            ds = await s.scalar(select(Datastore).where(Datastore.name == name))
+            if ds is None:
+                known = ", ".join(d.name for d in await s.scalars(select(Datastore))) or "none"
+                raise NotFound(
+                    f"no datastore {name[:80]!r} on any host (known: {known})",
+                    code="datastore_not_found",
+                )
+            return ds
 
     async def refresh_all(self) -> None:
         for host in await self.hosts():
@@ -280,6 +314,9 @@ class Inventory:
         for info in reported:
             if self.migrating(info["name"]):
                 continue  # the executor owns this VM's record until its migration ends
+            if info["power_state"] == "incoming":
+                await self._end_orphan_incoming(host, info)
+                continue
             try:
                 known = await self.vm(info["uuid"])
             except NotFound:
@@ -312,6 +349,25 @@ class Inventory:
                     host=host.name,
                 )
                 await self.set_vm(vm.uuid, power_state="missing")
+
+    async def _end_orphan_incoming(self, host: Host, info: dict[str, Any]) -> None:
+        """A paused, receiving copy no migration feeds (its migration was aborted while this
+        host's agent was down): end it, and the partial disk copies made for it."""
+        try:
+            async with self.agent(host) as agent:
+                done = (await agent.abort_migration(info["uuid"]))["done"]
+        except KvmotionError as exc:
+            log.warning("could not end the orphaned incoming %s on %s: %s", info["name"],
+                        host.name, exc.message)  # fmt: skip
+            return
+        await record_event(
+            self.db,
+            f"ended an incoming copy of VM {info['name']} on {host.name} that no migration "
+            f"fed any more ({done})",
+            severity="warning",
+            vm=info["name"],
+            host=host.name,
+        )
 
     async def _resolve_two_reports(self, vm: Vm, other: Host, info: dict[str, Any]) -> None:
         """``other`` runs ``vm``, which the inventory places on another host. Ask that host: a

@@ -15,7 +15,7 @@ from kvmotion.center.inventory import Inventory
 from kvmotion.center.tasks import TaskStore, record_event
 from kvmotion.configfile import ConfigFile
 from kvmotion.errors import KvmotionError
-from kvmotion.migration.executor import DEFAULT_HOST_LIMIT, Executor
+from kvmotion.migration.executor import DEFAULT_HOST_LIMIT, DEFAULT_STALL_TIMEOUT, Executor
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ class CenterConfig(ConfigFile):
     token: str = Field(repr=False)
     refresh_interval_s: float = 5.0
     migrations_per_host: int = DEFAULT_HOST_LIMIT
+    stall_timeout_s: float = DEFAULT_STALL_TIMEOUT  # a copy that moves no byte this long aborts
 
 
 class Center:
@@ -41,7 +42,13 @@ class Center:
         self.inventory = Inventory(
             self.db, migrating=lambda name: self.executor.migrating(name), transport=transport
         )
-        self.executor = Executor(self.db, self.inventory, self.tasks, config.migrations_per_host)
+        self.executor = Executor(
+            self.db,
+            self.inventory,
+            self.tasks,
+            config.migrations_per_host,
+            stall_timeout_s=config.stall_timeout_s,
+        )
         self.clusters = Clusters(self.db, self.inventory)
         self._refresher: asyncio.Task[None] | None = None
 

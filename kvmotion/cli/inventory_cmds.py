@@ -1,4 +1,5 @@
-"""`kvmotion host add|list|show` and `kvmotion vm ...`: the center's inventory, from the shell.
+"""`kvmotion host add|list|show`, `kvmotion datastore list` and `kvmotion vm ...`: the center's
+inventory, from the shell.
 
 The host commands join `kvmotion host serve` in :mod:`kvmotion.cli.host_cmds`'s app. Every command
 is a client of the center's REST API (:class:`~kvmotion.center.client.CenterClient`); ``--json``
@@ -17,9 +18,10 @@ from rich.table import Table
 
 from kvmotion.center.client import CenterClient
 from kvmotion.cli import host_cmds
-from kvmotion.cli.output import console, print_json
+from kvmotion.cli.output import console, fail, print_json
 from kvmotion.cli.progress import DEFAULT_WATCH_TIMEOUT_S, follow, human_bytes
 from kvmotion.cli.remote import CenterOpt, JsonOpt, TokenOpt, call, connect
+from kvmotion.errors import InvalidInput
 from kvmotion.host.config import DEFAULT_AGENT_PORT
 
 host_app = host_cmds.app
@@ -27,7 +29,31 @@ vm_app = typer.Typer(
     help="Virtual machines: create, power, migrate (vMotion).", no_args_is_help=True
 )
 
+datastore_app = typer.Typer(help="Datastores: where VM disks live.", no_args_is_help=True)
+
 VmArg = Annotated[str, typer.Argument(help="VM name or uuid", show_default=False)]
+
+
+# -- datastores ---------------------------------------------------------------------------------
+@datastore_app.command("list")
+def datastore_list(
+    json_out: JsonOpt = False, center: CenterOpt = None, token: TokenOpt = None
+) -> None:
+    """Every datastore the hosts report: shared or local, capacity, free space, who sees it."""
+    stores = call(connect(center, token), lambda c: c.datastores())
+    if json_out:
+        print_json(stores)
+        return
+    table = Table("datastore", "type", "free", "capacity", "hosts")
+    for ds in stores:
+        table.add_row(
+            escape(ds["name"]),
+            "shared" if ds.get("shared") else "local",
+            human_bytes(ds.get("free_bytes")),
+            human_bytes(ds.get("capacity_bytes")),
+            escape(", ".join(ds.get("hosts") or []) or "-"),
+        )
+    console.print(table)
 
 
 # -- hosts --------------------------------------------------------------------------------------
@@ -292,14 +318,28 @@ class MigrationType(StrEnum):
 @vm_app.command("migrate")
 def vm_migrate(
     vm: VmArg,
-    host: Annotated[str, typer.Option(help="destination host", show_default=False)],
+    host: Annotated[
+        str | None,
+        typer.Option(help="destination host (omit to move only the disks)", show_default=False),
+    ] = None,
+    datastore: Annotated[
+        str | None,
+        typer.Option(
+            help="move the disks to this datastore (with --host: change both)",
+            show_default=False,
+        ),
+    ] = None,
     downtime_ms: Annotated[
         int, typer.Option(min=1, max=60_000, help="the longest stun QEMU may choose")
     ] = 100,
     kind: Annotated[
-        MigrationType,
-        typer.Option("--type", help="compute (vMotion), storage or both"),
-    ] = MigrationType.COMPUTE,
+        MigrationType | None,
+        typer.Option(
+            "--type",
+            help="compute, storage or both (default: from --host and --datastore)",
+            show_default=False,
+        ),
+    ] = None,
     max_bandwidth_mbit: Annotated[
         float | None,
         typer.Option(min=8, help="cap the migration stream (Mbit/s)", show_default=False),
@@ -332,11 +372,22 @@ def vm_migrate(
     center: CenterOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Live-migrate a running VM to another host, showing its progress and timeline.
+    """Live-migrate a running VM: to another host (--host), its disks to another datastore
+    (--datastore), or both at once; shows its progress and timeline.
 
-    Ctrl-C while it runs cancels the migration (the VM keeps running on its source).
+    Ctrl-C while it runs cancels the migration (the VM keeps running where it was, on its disks).
     Exit codes: 0 migrated, 1 failed or cancelled, 3 refused by the precheck (nothing changed).
     """
+    if kind is None:
+        if host is None and datastore is None:
+            fail(InvalidInput("say where to: --host (compute), --datastore (storage), or both"))
+        kind = (
+            MigrationType.COMPUTE
+            if datastore is None
+            else MigrationType.STORAGE
+            if host is None
+            else MigrationType.BOTH
+        )
     ref = connect(center, token)
     bandwidth = None if max_bandwidth_mbit is None else round(max_bandwidth_mbit * 1e6 / 8)
     options = {
@@ -345,6 +396,7 @@ def vm_migrate(
         "allow_postcopy": allow_postcopy,
         "strategy": strategy,
         "predict": predict or dry_run,
+        "datastore": datastore,
     }
     if dry_run:
         result = call(
@@ -353,7 +405,7 @@ def vm_migrate(
         if json_out:
             print_json(result)
         else:
-            _print_precheck(vm, host, result)
+            _print_precheck(vm, _where(host, datastore), result)
         raise typer.Exit(0 if result.get("ok") else 3)
     task = call(ref, lambda c: c.migrate(vm, host, kind.value, downtime_ms, bandwidth, **options))
     if no_wait:
@@ -361,24 +413,36 @@ def vm_migrate(
             print_json(task)
         else:
             console.print(
-                f"task {task['id']}: migrating {vm} to {host}; "
+                f"task {task['id']}: migrating {vm} to {_where(host, datastore)}; "
                 f"follow it with `kvmotion task watch {task['id']}`",
                 highlight=False,
             )
         return
     if not json_out:
         req = task.get("request") or {}
+        limit = "" if kind is MigrationType.STORAGE else f" (downtime limit {downtime_ms} ms)"
         console.print(
-            f"task {task['id']}: migrating VM {vm} from {req.get('source')} to {host} "
-            f"(downtime limit {downtime_ms} ms); Ctrl-C cancels",
+            f"task {task['id']}: migrating VM {vm} from {req.get('source')} to "
+            f"{_where(host, datastore)}{limit}; Ctrl-C cancels",
             highlight=False,
         )
     final = follow(ref, int(task["id"]), timeout, json_out)
     if not json_out:
-        downtime = (final.get("summary") or {}).get("downtime_ms")
-        console.print(
-            f"[green]VM {vm} now runs on {host}[/] (QEMU downtime {downtime} ms)", highlight=False
-        )
+        summary = final.get("summary") or {}
+        if kind is MigrationType.STORAGE:
+            console.print(f"[green]VM {vm}'s disks are now on {datastore}[/]", highlight=False)
+        else:
+            console.print(
+                f"[green]VM {vm} now runs on {_where(host, datastore)}[/] "
+                f"(QEMU downtime {summary.get('downtime_ms')} ms)",
+                highlight=False,
+            )
+
+
+def _where(host: str | None, datastore: str | None) -> str:
+    if datastore is None:
+        return str(host)
+    return f"datastore {datastore}" if host is None else f"{host}, datastore {datastore}"
 
 
 def _print_precheck(vm: str, host: str, result: dict[str, Any]) -> None:

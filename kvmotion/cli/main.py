@@ -31,6 +31,7 @@ app = typer.Typer(
 )
 app.add_typer(center_cmds.app, name="center")
 app.add_typer(evc_cmds.cluster_app, name="cluster")
+app.add_typer(inventory_cmds.datastore_app, name="datastore")
 app.add_typer(host_cmds.app, name="host")
 app.add_typer(image_cmds.app, name="image")
 app.add_typer(lab_cmds.app, name="lab")

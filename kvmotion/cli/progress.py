@@ -31,8 +31,12 @@ FINAL_STATES = frozenset({"success", "error", "cancelled"})
 
 STEP_TEXT: dict[str, str] = {
     "prepared": "destination QEMU started, listening on its migration address",
+    "disk_copy": "disks being copied while the VM runs (guest writes go to both)",
+    "disks_ready": "every disk copy caught up; it now tracks each guest write",
+    "disks_switched": "VM switched to its copied disks; old files removed",
     **dict(STEPS),
 }
+DISK_PHASES = ("disk_copy", "disk_switch")
 
 Task = dict[str, Any]
 
@@ -54,6 +58,11 @@ def snapshot(task: Task) -> Snapshot:
     mbit = summary.get("throughput_mbps")  # QEMU's "mbps" is megabits per second
     bytes_per_s = float(mbit) * 1e6 / 8 if mbit else None
     remaining = summary.get("remaining_bytes")
+    disks = summary.get("disk_copy") or {}
+    if task.get("phase") in DISK_PHASES and disks:
+        rate = disks.get("throughput_bps")
+        bytes_per_s = float(rate) if rate else None
+        remaining = int(disks.get("total_bytes") or 0) - int(disks.get("copied_bytes") or 0)
     eta = None
     if bytes_per_s and remaining is not None and task.get("state") == "running":
         eta = int(remaining) / bytes_per_s
@@ -118,8 +127,20 @@ def summary_rows(task: Task) -> list[tuple[str, str]]:
     if task_ms is None and steps:
         task_ms = steps[-1].offset_ms
     mbit = s.get("throughput_mbps")
+    rows = [("total task time", _ms(task_ms))]
+    disks = s.get("disk_copy")
+    if disks:
+        rate = disks.get("throughput_bps")
+        rows += [
+            ("disks copied", f"{human_bytes(disks.get('copied_bytes'))} of "
+             f"{human_bytes(disks.get('total_bytes'))} to {disks.get('datastore')}"),
+            ("disk copy time (to ready)", _ms(disks.get("copy_time_ms"))),
+            ("disk copy throughput", "-" if not rate else f"{float(rate) / 1e6:.1f} MB/s"),
+        ]  # fmt: skip
+        if (task.get("request") or {}).get("type") == "storage":
+            return rows
     return [
-        ("total task time", _ms(task_ms)),
+        *rows,
         ("QEMU downtime (VM stunned)", _ms(s.get("downtime_ms"))),
         ("stunned → resumed", _ms(s.get("stun_to_resume_ms"))),
         ("memory transferred", human_bytes(s.get("transferred_bytes"))),
@@ -135,8 +156,11 @@ def summary_rows(task: Task) -> list[tuple[str, str]]:
 # -- rendering --------------------------------------------------------------------------------
 def _route(task: Task) -> str:
     req = task.get("request") or {}
+    to_ds = f" (disks to {req['datastore']})" if req.get("datastore") else ""
+    if req.get("type") == "storage":
+        return f"on {req.get('source')}{to_ds}"
     if "source" in req and "dest" in req:
-        return f"{req['source']} → {req['dest']}"
+        return f"{req['source']} → {req['dest']}{to_ds}"
     return ""
 
 

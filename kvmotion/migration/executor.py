@@ -15,19 +15,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from kvmotion.center.db import Database, Host, Vm
 from kvmotion.center.inventory import Inventory, host_view, vm_view
 from kvmotion.center.tasks import TaskState, TaskStore, record_event
-from kvmotion.errors import Conflict, KvmotionError, NotFound, PreconditionError
+from kvmotion.errors import Conflict, InvalidInput, KvmotionError, NotFound, PreconditionError
 from kvmotion.host.client import AgentClient
 from kvmotion.migration.convergence import Convergence, Strategy
 from kvmotion.migration.policy import ConvergenceRequest, Priority
-from kvmotion.migration.precheck import PrecheckResult, precheck_compute
+from kvmotion.migration.precheck import PrecheckResult, precheck_migration
 from kvmotion.migration.predictor import predict
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ POLL_INTERVAL = 0.05
 RESUME_TIMEOUT = 60.0
 LOST_VIEW_TIMEOUT = 10.0
 DEFAULT_HOST_LIMIT = 2
+DEFAULT_STALL_TIMEOUT = 20.0  # no byte copied for this long: the link is gone, abort
+KINDS = ("compute", "storage", "both")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,7 @@ class MigrationRequest:
     allow_postcopy: bool = False
     strategy: Strategy = "kvmotion"  # or "qemu-defaults" (for comparisons)
     predict: bool = False  # sample the guest's dirty rate first (about 1 s) and predict
+    datastore: str | None = None  # storage and both: where the disks go
 
     def convergence(self) -> ConvergenceRequest:
         return ConvergenceRequest(
@@ -88,7 +93,15 @@ class Slots:
 class Executor:
     """Starts and tracks migrations; one asyncio task per migration."""
 
-    def __init__(self, db: Database, inventory: Inventory, tasks: TaskStore, limit: int) -> None:
+    def __init__(
+        self,
+        db: Database,
+        inventory: Inventory,
+        tasks: TaskStore,
+        limit: int,
+        stall_timeout_s: float = DEFAULT_STALL_TIMEOUT,
+    ) -> None:
+        self.stall_timeout_s = stall_timeout_s
         self.db = db
         self.inventory = inventory
         self.tasks = tasks
@@ -101,22 +114,52 @@ class Executor:
         """A migration of this VM runs, or a request for one is being checked."""
         return vm_name in self.active or vm_name in self._reserved
 
-    async def precheck(self, req: MigrationRequest) -> tuple[Vm, Host, Host, PrecheckResult]:
-        """Fresh facts from both hosts and the VM's state from its host (asked at once), then
-        the pure precheck."""
+    async def resolve(self, req: MigrationRequest) -> tuple[MigrationRequest, Vm]:
+        """The request made whole (a storage move's host is the VM's), or InvalidInput."""
         vm = await self.inventory.vm(req.vm)
         if vm.host is None:
             raise Conflict(f"VM {vm.name} is on no known host", code="no_host")
+        if req.kind not in KINDS:
+            raise InvalidInput(f"migration type {req.kind!r}: use one of {', '.join(KINDS)}")
+        if req.kind == "compute" and req.datastore is not None:
+            raise InvalidInput(
+                "a compute migration leaves the disks where they are: drop the datastore, "
+                "or use type 'both' to move them too"
+            )
+        if req.kind != "compute":
+            if req.datastore is None:
+                raise InvalidInput(f"a {req.kind} migration needs a target datastore")
+            await self.inventory.datastore(req.datastore)  # NotFound if nobody has it
+        if req.kind == "storage":
+            if req.dest and req.dest != vm.host.name:
+                dest = await self.inventory.host(req.dest)
+                if dest.name != vm.host.name:
+                    raise InvalidInput(
+                        f"a storage migration keeps VM {vm.name} on its host {vm.host.name}: "
+                        "use type 'both' to change host and datastore together"
+                    )
+            req = dataclasses.replace(req, dest=vm.host.name)
+        elif not req.dest:
+            raise InvalidInput(f"a {req.kind} migration needs a destination host")
+        return req, vm
+
+    async def precheck(
+        self, req: MigrationRequest
+    ) -> tuple[MigrationRequest, Vm, Host, Host, PrecheckResult]:
+        """Fresh facts from both hosts and the VM's state from its host (asked at once), then
+        the pure precheck."""
+        req, vm = await self.resolve(req)
+        assert vm.host is not None
         dest = await self.inventory.host(req.dest)
         source, dest, vm = await asyncio.gather(
             self.inventory.fresh_facts(vm.host.name, unreachable_ok=True),
             self.inventory.fresh_facts(dest.name, unreachable_ok=True),
             self.inventory.fresh_vm(vm),
         )
-        result = precheck_compute(
-            vm_view(vm, vm.name in self.active), host_view(source), host_view(dest)
+        result = precheck_migration(
+            vm_view(vm, vm.name in self.active), host_view(source), host_view(dest), req.datastore
         )
-        return vm, source, dest, result
+        return req, vm, source, dest, result
 
     async def predict(
         self, req: MigrationRequest, vm: Vm, source: Host, dest: Host
@@ -131,11 +174,6 @@ class Executor:
 
     async def submit(self, req: MigrationRequest) -> int:
         """Precheck and start; returns the task id. Raises PreconditionError, changing nothing."""
-        if req.kind != "compute":
-            raise PreconditionError(
-                f"migration type {req.kind!r} is not available yet; use 'compute'",
-                code="unsupported_type",
-            )
         requested = time.time()
         name = (await self.inventory.vm(req.vm)).name
         # Check and reserve with no await in between: of two requests at once, one goes on.
@@ -148,7 +186,7 @@ class Executor:
             self._reserved.discard(name)
 
     async def _submit(self, req: MigrationRequest, requested: float) -> int:
-        vm, source, dest, result = await self.precheck(req)
+        req, vm, source, dest, result = await self.precheck(req)
         if not result.ok:
             first = result.errors[0]
             raise PreconditionError(
@@ -160,12 +198,16 @@ class Executor:
             "migrate",
             vm.name,
             {"type": req.kind, "vm": vm.name, "source": source.name, "dest": dest.name,
-             "downtime_ms": req.downtime_ms},
+             "downtime_ms": req.downtime_ms, "datastore": req.datastore},
             requested=requested,
             warnings=[w.__dict__ for w in result.warnings],
         )  # fmt: skip
         self.active[vm.name] = task.id
-        run = ComputeMigration(self, task.id, vm, source, dest, req)
+        run: ComputeMigration | StorageMigration
+        if req.kind == "storage":
+            run = StorageMigration(self, task.id, vm, source, req)
+        else:
+            run = ComputeMigration(self, task.id, vm, source, dest, req)
         self._runs[task.id] = asyncio.create_task(run.run(), name=f"migrate-{vm.name}")
         return task.id
 
@@ -181,29 +223,17 @@ class Executor:
                 await run
 
 
-class ComputeMigration:
-    def __init__(
-        self, ex: Executor, task_id: int, vm: Vm, source: Host, dest: Host, req: MigrationRequest
-    ) -> None:
+class _TaskRun:
+    """What every migration run shares: its task and timeline, its guard (every failure goes
+    through :meth:`abort`), and the watch of a disk copy."""
+
+    def __init__(self, ex: Executor, task_id: int, vm: Vm, hosts: tuple[str, ...]) -> None:
         self.ex = ex
         self.task_id = task_id
         self.vm = vm
-        self.source = source
-        self.dest = dest
-        self.req = req
+        self.hosts = hosts
         self.log = log.getChild(vm.name)
-        self.dest_prepared = False
-        self.migrate_started = False
-        self.resumed = False
-        self.last_view: dict[str, Any] = {}
-        self.conv = Convergence(
-            req.convergence(),
-            link_bps=self._link_bps(),
-            ram_bytes=int(vm.config.get("memory_mib", 0)) * 2**20,
-            strategy=req.strategy,
-        )
-        self._t0 = time.monotonic()
-        self._kept_summary: dict[str, Any] = {}  # the prediction, kept through progress updates
+        self._kept_summary: dict[str, Any] = {}  # kept through progress updates
         # The task's timeline, kept here and written with the next update (one commit, not two).
         self.timeline: list[dict[str, Any]] = []
         self._timeline_dirty = False
@@ -227,29 +257,21 @@ class ComputeMigration:
 
     async def run(self) -> None:
         self.timeline = list((await self.ex.tasks.get(self.task_id)).timeline)
-        hosts = (self.source.name, self.dest.name)
         try:
             await self._update(phase="queued")
-            await self.ex.slots.acquire(hosts)
+            await self.ex.slots.acquire(self.hosts)
             try:
-                await self._steps()
+                await self._guarded()
             finally:
-                await self.ex.slots.release(hosts)
+                await self.ex.slots.release(self.hosts)
         finally:
             self.ex.active.pop(self.vm.name, None)
 
-    async def _steps(self) -> None:
+    async def _guarded(self) -> None:
         try:
             await self._check_cancel()
             await self._update(state=TaskState.RUNNING, phase="prepare")
-            if self.req.predict:
-                await self.predict()
-            uri = await self.prepare()
-            await self._check_cancel()
-            await self.migrate(uri)
-            await self.watch()
-            await self.confirm_resumed()
-            await self.finalize()
+            await self.steps()
         except asyncio.CancelledError:
             await self.abort("the center stopped during the migration", TaskState.ERROR)
             raise
@@ -260,6 +282,215 @@ class ComputeMigration:
         except Exception as exc:  # a bug must still leave the VM running somewhere
             self.log.exception("migration failed")
             await self.abort(f"internal error: {exc!r}", TaskState.ERROR, "internal")
+
+    async def steps(self) -> None:
+        raise NotImplementedError
+
+    async def abort(self, reason: str, state: TaskState, code: str | None = None) -> None:
+        raise NotImplementedError
+
+    async def _watch_disk_copy(
+        self,
+        agent: AgentClient,
+        until: str,
+        span: tuple[float, float],
+        also: Callable[[], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
+        """Follow the VM's disk copy on ``agent`` until its phase is ``until``; progress (within
+        ``span`` percent) and per-disk bytes flow into the task. Raises KvmotionError if the
+        copy fails or stalls (no byte copied for the stall timeout: a cut link), Cancelled."""
+        self._mark("disk_copy")
+        last_copied, last_move = -1, time.monotonic()
+        while True:
+            info = await agent.get_vm(self.vm.name)
+            view = info.get("storage") or {}
+            phase = str(view.get("phase", "copying"))
+            disks = view.get("disks") or []
+            copied = sum(int(d.get("offset", 0)) for d in disks)
+            total = sum(int(d.get("length", 0)) for d in disks)
+            await self._disk_progress(view, copied, total, span)
+            if phase == until:
+                return dict(view)
+            if phase in ("failed", "cancelled"):
+                raise KvmotionError(
+                    f"the disk copy {phase}: {view.get('error') or 'no reason given'}",
+                    code=f"disk_copy_{phase}",
+                )
+            if copied != last_copied:
+                last_copied, last_move = copied, time.monotonic()
+            elif phase == "copying" and time.monotonic() - last_move > self.ex.stall_timeout_s:
+                raise KvmotionError(
+                    f"no disk data copied for {self.ex.stall_timeout_s:.0f} s: the migration "
+                    "link may be down",
+                    code="copy_stalled",
+                )
+            if phase in ("copying", "ready"):
+                await self._check_cancel()
+            if also is not None:
+                await also()
+            await asyncio.sleep(POLL_INTERVAL * 2)
+
+    async def _disk_progress(
+        self, view: dict[str, Any], copied: int, total: int, span: tuple[float, float]
+    ) -> None:
+        marks = view.get("marks") or {}
+        if "ready" in marks:
+            self._mark("disks_ready", marks["ready"])
+        started = marks.get("started")
+        elapsed = (marks.get("ready") or time.time()) - started if started else None
+        self._kept_summary["disk_copy"] = {
+            "datastore": view.get("datastore"),
+            "copied_bytes": copied,
+            "total_bytes": total,
+            "copy_time_ms": round(elapsed * 1000) if elapsed is not None else None,
+            "throughput_bps": round(copied / elapsed) if elapsed else None,
+            "disks": [
+                {"disk": d.get("index"), "copied_bytes": d.get("offset"),
+                 "total_bytes": d.get("length"), "status": d.get("status")}
+                for d in view.get("disks") or []
+            ],
+        }  # fmt: skip
+        share = copied / total if total else 0.0
+        task = await self.ex.tasks.get(self.task_id)
+        await self._update(
+            phase="disk_copy" if view.get("phase") == "copying" else "disk_switch",
+            progress=round(span[0] + (span[1] - span[0]) * share, 1),
+            summary=task.summary | self._kept_summary,
+        )
+
+
+class StorageMigration(_TaskRun):
+    """Storage vMotion: the VM's disks to another datastore of its host, while it runs.
+
+    move (the agent copies every disk and pivots to the copies once all are ready) → watch →
+    finalize (the inventory records the new datastore). Abort cancels the copy before the
+    pivot; the VM keeps its disks. After the pivot the copies are the VM's: it finishes.
+    """
+
+    def __init__(
+        self, ex: Executor, task_id: int, vm: Vm, host: Host, req: MigrationRequest
+    ) -> None:
+        super().__init__(ex, task_id, vm, (host.name,))
+        self.host = host
+        self.req = req
+        self.started = False
+
+    async def steps(self) -> None:
+        assert self.req.datastore is not None
+        async with self.ex.inventory.agent(self.host) as agent:
+            self.started = True
+            await agent.move_storage(self.vm.name, self.req.datastore)
+            view = await self._watch_disk_copy(agent, "completed", (0.0, 95.0))
+            info = await agent.get_vm(self.vm.name)
+        await self.finalize(info, view)
+
+    async def finalize(self, info: dict[str, Any], view: dict[str, Any]) -> None:
+        await self.ex.inventory.set_vm(
+            self.vm.uuid, config=info["config"], config_path=info["config_path"]
+        )
+        self._mark("disks_switched", (view.get("marks") or {}).get("completed"))
+        old = sorted({d["datastore"] for d in self.vm.config.get("disks", [])})
+        summary = (await self.ex.tasks.get(self.task_id)).summary | self._kept_summary
+        summary["disk_copy"] = summary.get("disk_copy", {}) | {
+            "from": old,
+            "old_files_left": view.get("error"),
+        }
+        await self._update(state=TaskState.SUCCESS, phase="done", progress=100.0, summary=summary)
+        await record_event(
+            self.ex.db,
+            f"VM {self.vm.name}'s disks moved from {', '.join(old)} to {self.req.datastore} "
+            f"on {self.host.name} while it ran",
+            severity="warning" if view.get("error") else "info",
+            vm=self.vm.name,
+            host=self.host.name,
+            task_id=self.task_id,
+        )
+        self.log.info("disks moved to %s", self.req.datastore)
+
+    async def abort(self, reason: str, state: TaskState, code: str | None = None) -> None:
+        if TaskState((await self.ex.tasks.get(self.task_id)).state).final:
+            return
+        self.log.warning("aborting storage migration: %s", reason)
+        note = ""
+        if self.started:
+            try:
+                async with self.ex.inventory.agent(self.host) as agent:
+                    note = (await agent.cancel_storage(self.vm.name))["done"]
+            except Conflict as exc:
+                if exc.code == "too_late" and await self._finish_after_pivot():
+                    return
+                note = exc.message
+            except KvmotionError as exc:
+                note = exc.message
+        with contextlib.suppress(KvmotionError):
+            await self._update(
+                state=state,
+                phase="aborted",
+                error=reason + (f" ({note})" if note else ""),
+                error_code=code or ("cancelled" if state is TaskState.CANCELLED else "failed"),
+            )
+        await record_event(
+            self.ex.db,
+            f"storage migration of VM {self.vm.name} to {self.req.datastore} {state}: {reason}",
+            severity="warning",
+            vm=self.vm.name,
+            task_id=self.task_id,
+        )
+
+    async def _finish_after_pivot(self) -> bool:
+        """The VM switched to its copies already: record that rather than undo it."""
+        deadline = time.monotonic() + RESUME_TIMEOUT
+        async with self.ex.inventory.agent(self.host) as agent:
+            while time.monotonic() < deadline:
+                info = await agent.get_vm(self.vm.name)
+                view = info.get("storage") or {}
+                if view.get("phase") == "completed":
+                    await self.finalize(info, view)
+                    return True
+                if view.get("phase") in ("failed", "cancelled"):
+                    return False
+                await asyncio.sleep(POLL_INTERVAL * 2)
+        return False
+
+
+class ComputeMigration(_TaskRun):
+    """Compute vMotion, or "change both" (``req.kind == "both"``): the destination makes new
+    disks and serves them over NBD, the source copies its disks into them first, and they end
+    consistent at switchover, with the guest stunned."""
+
+    def __init__(
+        self, ex: Executor, task_id: int, vm: Vm, source: Host, dest: Host, req: MigrationRequest
+    ) -> None:
+        super().__init__(ex, task_id, vm, (source.name, dest.name))
+        self.source = source
+        self.dest = dest
+        self.req = req
+        self.both = req.kind == "both"
+        self.dest_prepared = False
+        self.disks_started = False
+        self.migrate_started = False
+        self.resumed = False
+        self.last_view: dict[str, Any] = {}
+        self.nbd: tuple[str, int] | None = None
+        self.conv = Convergence(
+            req.convergence(),
+            link_bps=self._link_bps(),
+            ram_bytes=int(vm.config.get("memory_mib", 0)) * 2**20,
+            strategy=req.strategy,
+        )
+        self._t0 = time.monotonic()
+
+    async def steps(self) -> None:
+        if self.req.predict:
+            await self.predict()
+        uri = await self.prepare()
+        await self._check_cancel()
+        if self.both:
+            await self.copy_disks()
+        await self.migrate(uri)
+        await self.watch()
+        await self.confirm_resumed()
+        await self.finalize()
 
     def _link_bps(self) -> float:
         """What the migration link carries: the slower host's link, or the user's cap."""
@@ -285,10 +516,32 @@ class ComputeMigration:
         async with self.ex.inventory.agent(self.dest) as agent:
             self.dest_prepared = True  # from here on, abort must clean the destination
             result = await agent.prepare_incoming(
-                self.vm.config, self.vm.config_path, self.vm.cpu, postcopy=self.req.allow_postcopy
+                self.vm.config,
+                self.vm.config_path,
+                self.vm.cpu,
+                postcopy=self.req.allow_postcopy,
+                datastore=self.req.datastore if self.both else None,
             )
-        self._mark("prepared", detail=f"listening at {result['uri']}")
+        detail = f"listening at {result['uri']}"
+        if self.both:
+            self.nbd = (str(result["nbd_host"]), int(result["nbd_port"]))
+            detail += f"; new disks on {self.req.datastore} served at {self.nbd[0]}:{self.nbd[1]}"
+        self._mark("prepared", detail=detail)
         return str(result["uri"])
+
+    async def copy_disks(self) -> None:
+        """Change both: the source copies every disk into the destination's new ones, until
+        every copy is ready (tracking the guest's writes); memory follows."""
+        assert self.nbd is not None and self.req.datastore is not None
+        async with (
+            self.ex.inventory.agent(self.source) as agent,
+            self.ex.inventory.agent(self.dest) as dest_agent,
+        ):
+            self.disks_started = True
+            await agent.mirror_disks(self.vm.name, *self.nbd, self.req.datastore)
+            await self._watch_disk_copy(
+                agent, "ready", (0.0, 50.0), also=lambda: self._check_destination(dest_agent)
+            )
 
     async def migrate(self, uri: str) -> None:
         await self._update(phase="precopy")
@@ -394,6 +647,8 @@ class ComputeMigration:
         progress = 100.0 * transferred / total if total and phase != "completed" else 0.0
         if phase == "completed":
             progress = 95.0
+        if self.both:  # the disks took the first half
+            progress = 50.0 + progress * 45.0 / 95.0
         marks = view.get("marks", {})
         if "first_byte" in marks:
             self._mark("precopy", marks["first_byte"])
@@ -452,12 +707,20 @@ class ComputeMigration:
         )
 
     async def finalize(self) -> None:
-        """Record the new host (the destination runs the VM), then end the source's copy."""
-        await self.ex.inventory.set_vm(self.vm.uuid, host_id=self.dest.id, power_state="poweredOn")
+        """Record the new host (the destination runs the VM), then end the source's copy (and
+        with "change both", remove its old disks)."""
+        fields: dict[str, Any] = {"host_id": self.dest.id, "power_state": "poweredOn"}
+        if self.both:
+            async with self.ex.inventory.agent(self.dest) as agent:
+                info = await agent.get_vm(self.vm.name)
+            fields |= {"config": info["config"], "config_path": info["config_path"]}
+        await self.ex.inventory.set_vm(self.vm.uuid, **fields)
         async with self.ex.inventory.agent(self.source) as agent:
-            await agent.finish_migration(self.vm.name)
+            problems = await agent.finish_migration(self.vm.name, remove_files=self.both)
+        if problems:
+            self._kept_summary["old_files_left"] = problems
         self._mark("source_removed")
-        summary = dict((await self.ex.tasks.get(self.task_id)).summary)
+        summary = dict((await self.ex.tasks.get(self.task_id)).summary) | self._kept_summary
         summary.update(timeline_summary({t["step"]: float(t["time"]) for t in self.timeline}))
         await self._update(state=TaskState.SUCCESS, phase="done", progress=100.0, summary=summary)
         await record_event(
@@ -517,7 +780,7 @@ class ComputeMigration:
                 notes.append("destination: nothing left")
             except KvmotionError as exc:
                 notes.append(f"destination: {exc.message}")
-        if self.migrate_started:
+        if self.migrate_started or self.disks_started:
             try:
                 async with self.ex.inventory.agent(self.source) as agent:
                     done = (await agent.abort_migration(self.vm.name, destination_gone=dest_gone))[
@@ -535,7 +798,7 @@ class ComputeMigration:
             )
         await record_event(
             self.ex.db,
-            f"migration of VM {self.vm.name} to {self.dest.name} {state}: {reason}",
+            f"{self.req.kind} migration of VM {self.vm.name} to {self.dest.name} {state}: {reason}",
             severity="warning",
             vm=self.vm.name,
             task_id=self.task_id,

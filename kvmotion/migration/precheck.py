@@ -1,13 +1,20 @@
-"""Compute-migration precheck: a pure function of inventory and fresh host facts.
+"""Migration prechecks: pure functions of inventory and fresh host facts.
 
-The seed's three conditions (shared storage, a migration network, compatible CPUs) plus what
-vCenter also checks (networks, memory, VM state, concurrency). Errors stop a migration; warnings
-are shown. Each finding says what to do. No I/O here: the caller gathers the facts.
+Compute: the seed's three conditions (shared storage, a migration network, compatible CPUs) plus
+what vCenter also checks (networks, memory, VM state, concurrency). Storage: the target datastore
+is seen by the host that will use it, has room, and is not where the disks are. Both: compute's
+checks without shared storage, plus storage's on the destination. Errors stop a migration;
+warnings are shown. Each finding says what to do. No I/O here: the caller gathers the facts.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+# A copy needs its disks' full size free on the target, plus this share for what a qcow2 adds
+# (metadata) and what the guest writes while the copy runs.
+SPACE_MARGIN = 0.10
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class HostView:
     cpu_features: frozenset[str] | None = None  # what VMs may use here; None: unknown
     cpu_family: str | None = None  # "intel" or "amd" as VMs see it; None: either (TCG)
     evc_modes: tuple[ModeView, ...] = ()  # the EVC modes this host supports
+    datastore_free_bytes: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,7 @@ class VmView:
     cpu_model: str
     migrating: bool = False
     cpu_features: tuple[str, ...] = ()  # the features it was started with
+    disk_bytes: int = 0  # the virtual size of all its disks
 
 
 @dataclass
@@ -79,17 +88,53 @@ class _Findings:
         return PrecheckResult(tuple(self.errors), tuple(self.warnings))
 
 
+def precheck_migration(
+    vm: VmView, source: HostView, dest: HostView, datastore: str | None = None
+) -> PrecheckResult:
+    """Can ``vm`` move to ``dest`` (compute), to ``datastore`` on its host (storage; ``dest``
+    is ``source``), or to both?"""
+    if datastore is None:
+        return precheck_compute(vm, source, dest)
+    if dest.name == source.name:
+        return precheck_storage(vm, source, datastore)
+    return precheck_both(vm, source, dest, datastore)
+
+
 def precheck_compute(vm: VmView, source: HostView, dest: HostView) -> PrecheckResult:
     """Can ``vm`` move, compute only, from ``source`` to ``dest``?"""
     f = _Findings()
-    if vm.host != source.name:
-        f.error("wrong_source", f"VM {vm.name} runs on {vm.host}, not on {source.name}")
+    _vm_and_hosts(vm, source, dest, f)
     if dest.name == source.name:
         f.error(
             "same_host",
             f"VM {vm.name} already runs on {dest.name}: choose another host "
             "(or a storage migration to change only its datastore)",
         )
+    _shared_storage(vm, dest, f)
+    _compute(vm, source, dest, f)
+    return f.result()
+
+
+def precheck_storage(vm: VmView, host: HostView, datastore: str) -> PrecheckResult:
+    """Can ``vm``'s disks move, while it runs on ``host``, to ``datastore``?"""
+    f = _Findings()
+    _vm_and_hosts(vm, host, host, f)
+    _target_datastore(vm, host, datastore, f)
+    return f.result()
+
+
+def precheck_both(vm: VmView, source: HostView, dest: HostView, datastore: str) -> PrecheckResult:
+    """Can ``vm`` move to ``dest`` with its disks copied to ``datastore`` there?"""
+    f = _Findings()
+    _vm_and_hosts(vm, source, dest, f)
+    _target_datastore(vm, dest, datastore, f)
+    _compute(vm, source, dest, f)
+    return f.result()
+
+
+def _vm_and_hosts(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None:
+    if vm.host != source.name:
+        f.error("wrong_source", f"VM {vm.name} runs on {vm.host}, not on {source.name}")
     if vm.power_state != "poweredOn":
         f.error(
             "not_running",
@@ -103,7 +148,9 @@ def precheck_compute(vm: VmView, source: HostView, dest: HostView) -> PrecheckRe
                 "host_disconnected",
                 f"host {host.name} is not connected (its agent does not answer)",
             )
-    _storage(vm, dest, f)
+
+
+def _compute(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None:
     _network(vm, source, dest, f)
     _cpu(vm, source, dest, f)
     need = vm.memory_mib * 2**20
@@ -115,22 +162,47 @@ def precheck_compute(vm: VmView, source: HostView, dest: HostView) -> PrecheckRe
         )
     elif need > dest.available_memory_bytes * 0.9:
         f.warn("memory_tight", f"host {dest.name} would have under 10 % of its memory left")
-    return f.result()
 
 
 def _distinct(source: HostView, dest: HostView) -> tuple[HostView, ...]:
     return (source,) if source.name == dest.name else (source, dest)
 
 
-def _storage(vm: VmView, dest: HostView, f: _Findings) -> None:
+def _shared_storage(vm: VmView, dest: HostView, f: _Findings) -> None:
     for ds in sorted(set(vm.disk_datastores)):
         if ds not in dest.datastores:
             f.error(
                 "datastore_not_shared",
                 f"host {dest.name} does not see datastore {ds!r}, which holds disks of VM "
-                f"{vm.name}: a compute-only migration needs shared storage; migrate storage "
-                "too (type 'both') or choose a host that sees it",
+                f"{vm.name}: a compute-only migration needs shared storage; change both "
+                "(type 'both', with a datastore of that host) or choose a host that sees it",
             )
+
+
+def _target_datastore(vm: VmView, host: HostView, datastore: str, f: _Findings) -> None:
+    if datastore not in host.datastores:
+        seen = ", ".join(sorted(host.datastores)) or "none"
+        f.error(
+            "datastore_not_visible",
+            f"host {host.name} does not see datastore {datastore!r} (it sees: {seen})",
+        )
+        return
+    if vm.disk_datastores and all(ds == datastore for ds in vm.disk_datastores):
+        f.error(
+            "same_datastore",
+            f"VM {vm.name}'s disks are on datastore {datastore!r} already: choose another "
+            "datastore" + ("" if host.name == vm.host else ", or migrate compute only"),
+        )
+        return
+    free = host.datastore_free_bytes.get(datastore)
+    need = int(vm.disk_bytes * (1 + SPACE_MARGIN))
+    if free is not None and need > free:
+        f.error(
+            "insufficient_space",
+            f"datastore {datastore!r} has {free // 2**20} MiB free on host {host.name}; VM "
+            f"{vm.name}'s disks need {vm.disk_bytes // 2**20} MiB plus "
+            f"{SPACE_MARGIN:.0%} margin: free space or choose another datastore",
+        )
 
 
 def _network(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None:

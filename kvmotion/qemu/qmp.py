@@ -114,7 +114,7 @@ class QmpSession:
 
     def remove_listener(self, lst: EventListener) -> None:
         """Unregister ``lst``; a listener removed already is left alone."""
-        if lst in self._client._listeners:  # noqa: SLF001 (qemu.qmp raises on a second removal)
+        if lst in self._client._listeners:
             self._client.remove_listener(lst)
 
     async def disconnected(self) -> None:

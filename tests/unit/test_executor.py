@@ -24,7 +24,14 @@ from sqlalchemy.util import await_only
 from kvmotion.center.db import Database, Event, Task
 from kvmotion.center.service import Center, CenterConfig
 from kvmotion.center.tasks import TaskState, TaskStore
-from kvmotion.errors import Conflict, HostUnreachable, NotFound, PreconditionError, Unauthorized
+from kvmotion.errors import (
+    Conflict,
+    HostUnreachable,
+    InvalidInput,
+    NotFound,
+    PreconditionError,
+    Unauthorized,
+)
 from kvmotion.host.client import AgentClient
 from kvmotion.migration import executor
 from kvmotion.migration.executor import ComputeMigration, Executor, MigrationRequest
@@ -486,9 +493,31 @@ async def test_refused_unknown_vm(center: Center, fake: FakeAgents) -> None:
     await assert_refused(center, fake, MigrationRequest("vm-zz", DST), NotFound, "vm_not_found")
 
 
-async def test_refused_unsupported_type(center: Center, fake: FakeAgents) -> None:
-    req = MigrationRequest("vm-a", DST, kind="storage")
-    await assert_refused(center, fake, req, PreconditionError, "unsupported_type")
+@pytest.mark.parametrize(
+    ("req", "message"),
+    [
+        (MigrationRequest("vm-a", DST, kind="teleport"), "use one of compute, storage, both"),
+        (MigrationRequest("vm-a", DST, kind="storage"), "needs a target datastore"),
+        (MigrationRequest("vm-a", DST, kind="both"), "needs a target datastore"),
+        (MigrationRequest("vm-a", "", kind="both", datastore="shared"), "needs a destination"),
+        (MigrationRequest("vm-a", DST, datastore="shared"), "leaves the disks where they are"),
+        (
+            MigrationRequest("vm-a", DST, kind="storage", datastore="shared"),
+            "use type 'both'",
+        ),
+    ],
+)
+async def test_refused_inconsistent_request(
+    center: Center, fake: FakeAgents, req: MigrationRequest, message: str
+) -> None:
+    err = await assert_refused(center, fake, req, InvalidInput, "invalid_input")
+    assert message in err.message
+
+
+async def test_refused_unknown_datastore(center: Center, fake: FakeAgents) -> None:
+    req = MigrationRequest("vm-a", SRC, kind="storage", datastore="nosuch")
+    err = await assert_refused(center, fake, req, NotFound, "datastore_not_found")
+    assert "nosuch" in err.message
 
 
 async def test_refused_datastore_not_shared(center: Center, fake: FakeAgents) -> None:

@@ -8,7 +8,14 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kvmotion.migration.precheck import Finding, HostView, VmView, precheck_compute
+from kvmotion.migration.precheck import (
+    SPACE_MARGIN,
+    Finding,
+    HostView,
+    VmView,
+    precheck_compute,
+    precheck_migration,
+)
 
 GiB = 2**30
 
@@ -331,3 +338,76 @@ def test_findings_are_deterministic(the_vm: VmView, source: HostView, dest: Host
     )
     assert first == precheck_compute(the_vm, source, dest)
     assert first.errors == again.errors and first.warnings == again.warnings
+
+
+# -- storage and both --------------------------------------------------------------------------
+
+LOCAL_172 = host(
+    "172.16.0.172",
+    datastores=frozenset({"shared", "local-172"}),
+    datastore_free_bytes={"shared": 50 * GiB, "local-172": 50 * GiB},
+)
+LOCAL_173 = host(
+    "172.16.0.173",
+    datastores=frozenset({"shared", "local-173"}),
+    datastore_free_bytes={"shared": 50 * GiB, "local-173": 50 * GiB},
+)
+DISKS = {"disk_bytes": 2 * GiB}
+
+
+def test_storage_move_passes() -> None:
+    result = precheck_migration(vm(**DISKS), LOCAL_172, LOCAL_172, "local-172")
+    assert result.ok, result.errors
+
+
+def test_both_from_local_to_local_passes() -> None:
+    local_vm = vm(disk_datastores=("local-172",), **DISKS)
+    result = precheck_migration(local_vm, LOCAL_172, LOCAL_173, "local-173")
+    assert result.ok, result.errors
+
+
+def test_compute_only_of_a_local_vm_suggests_both() -> None:
+    local_vm = vm(disk_datastores=("local-172",), **DISKS)
+    result = precheck_migration(local_vm, LOCAL_172, LOCAL_173)
+    assert codes(result.errors) == ["datastore_not_shared"]
+    assert "both" in result.errors[0].message and "local-172" in result.errors[0].message
+
+
+@pytest.mark.parametrize(
+    ("view", "dest", "datastore", "code", "words"),
+    [
+        (vm(**DISKS), LOCAL_172, "local-173", "datastore_not_visible", "does not see"),
+        (vm(**DISKS), LOCAL_172, "shared", "same_datastore", "already"),
+        (vm(disk_bytes=49 * GiB), LOCAL_172, "local-172", "insufficient_space", "MiB free"),
+        (vm(power_state="poweredOff", **DISKS), LOCAL_172, "local-172", "not_running", "power"),
+        (vm(migrating=True, **DISKS), LOCAL_172, "local-172", "already_migrating", "already"),
+        (vm(**DISKS), LOCAL_173, "local-172", "datastore_not_visible", "does not see"),
+        (vm(**DISKS), LOCAL_173, "shared", "same_datastore", "compute only"),
+        (vm(disk_bytes=46 * GiB), LOCAL_173, "local-173", "insufficient_space", "10%"),
+    ],
+)
+def test_storage_refusals(
+    view: VmView, dest: HostView, datastore: str, code: str, words: str
+) -> None:
+    result = precheck_migration(view, LOCAL_172, dest, datastore)
+    assert codes(result.errors) == [code]
+    assert words in result.errors[0].message
+
+
+def test_both_keeps_the_compute_checks() -> None:
+    dest = replace(LOCAL_173, migration_address=None, networks=frozenset())
+    local_vm = vm(disk_datastores=("local-172",), **DISKS)
+    result = precheck_migration(local_vm, LOCAL_172, dest, "local-173")
+    assert set(codes(result.errors)) == {"no_migration_network", "network_missing"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    disk=st.integers(min_value=0, max_value=100 * GiB),
+    free=st.integers(min_value=0, max_value=100 * GiB),
+)
+def test_space_is_refused_exactly_when_the_copy_and_margin_do_not_fit(disk: int, free: int) -> None:
+    dest = replace(LOCAL_172, datastore_free_bytes={"local-172": free})
+    result = precheck_migration(vm(disk_bytes=disk), dest, dest, "local-172")
+    refused = "insufficient_space" in codes(result.errors)
+    assert refused == (int(disk * (1 + SPACE_MARGIN)) > free)
