@@ -93,6 +93,18 @@ def shape(
     console.print(f"{host}: migration link {'unshaped' if mbit is None else f'{mbit:g} Mbit/s'}")
 
 
+@app.command("link")
+def link(
+    host: str = typer.Argument(..., help="host name (management address), e.g. 172.16.0.173"),
+    state: str = typer.Argument(..., help="down (cut the migration link, as a pulled cable) or up"),
+) -> None:
+    """Cut or mend a host's migration link, to see a migration fail safely."""
+    if state not in ("up", "down"):
+        raise typer.BadParameter("say up or down", param_hint="STATE")
+    topology.set_link_up(host, state == "up")
+    console.print(f"{host}: migration link {state}")
+
+
 def demo() -> None:
     """The seed's lab: vm-a moves 172.16.0.172 -> .173 -> .172 while its user stays connected."""
     asyncio.run(demo_mod.run_demo(_log))

@@ -81,6 +81,7 @@ def _start(log: Log) -> LabCenter:
         db_url=f"sqlite+aiosqlite:///{directory / 'center.db'}",
         token=token,
         refresh_interval_s=3.0,
+        stall_timeout_s=10.0,  # a cut migration link in the lab shows within seconds
     )
     config_path = directory / "center.json"
     config.save(config_path)

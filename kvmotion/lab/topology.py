@@ -670,6 +670,18 @@ def shape_link(host: int | str, rate_mbit: float | None) -> None:
             save_state(replace(state, hosts=hosts))
 
 
+def set_link_up(host: int | str, up: bool) -> None:
+    """Cut (``up=False``) or mend host ``host``'s migration link, as a pulled cable would: the
+    host's ``vmotion0`` goes down, nothing is told to the other end.
+
+    Raises InvalidInput for an unknown host, LabError if the host is not up.
+    """
+    index = host_index(host)
+    if not netns.netns_exists(host_netns(index)):
+        raise LabError(f"lab host {management_address(index)} is not up; run `kvmotion lab up`")
+    netns.ip("link", "set", HOST_MIGRATION_LINK, "up" if up else "down", ns=host_netns(index))
+
+
 def _apply_rate(index: int, rate_mbit: float | None) -> None:
     for dev, ns in (
         (HOST_MIGRATION_LINK, host_netns(index)),
