@@ -45,6 +45,9 @@ ROUTES: tuple[tuple[str, str, re.Pattern[str]], ...] = tuple(
         ("cancel", "POST", f"{_VM}/migration/cancel"),
         ("finish", "POST", f"{_VM}/migration/finish"),
         ("abort", "POST", f"{_VM}/migration/abort"),
+        ("storage_move", "POST", f"{_VM}/storage/move"),
+        ("storage_mirror", "POST", f"{_VM}/storage/mirror"),
+        ("storage_cancel", "POST", f"{_VM}/storage/cancel"),
     )
 )
 
@@ -81,6 +84,9 @@ class Script:
     dest_notices_failure: bool = True
     # Awaited at each poll of the source, with the poll number and the phase about to be shown.
     on_poll: Callable[[int, str], Awaitable[None]] | None = None
+    # A disk copy (storage or both), poll by poll: phases and the bytes copied at each.
+    disk_phases: tuple[str, ...] = ("copying", "copying", "ready", "completed")
+    disk_offsets: tuple[int, ...] = (GiB // 4, GiB // 2, GiB, GiB)
 
 
 @dataclass
@@ -92,6 +98,10 @@ class FakeVm:
     migration: dict[str, Any] | None = None
     polls: int = 0
     peer: str | None = None  # source side: the destination host's name
+    storage: dict[str, Any] | None = None  # the disk copy's view
+    disk_polls: int = 0
+    moving_to: str | None = None  # the datastore a local copy goes to
+    created: bool = False  # a destination made new disks for it (change both)
 
     @property
     def name(self) -> str:
@@ -111,6 +121,7 @@ class FakeVm:
             "config_path": self.config_path,
             "config": self.config,
             "migration": self.migration,
+            "storage": self.storage,
         }
 
 
@@ -188,7 +199,15 @@ class FakeHost:
                         "capacity_bytes": 100 * GiB,
                         "free_bytes": 60 * GiB,
                         "path": "/srv/kvmotion/shared",
-                    }
+                    },
+                    {
+                        "name": f"local-{last}",
+                        "accessible": True,
+                        "shared": False,
+                        "capacity_bytes": 100 * GiB,
+                        "free_bytes": 50 * GiB,
+                        "path": f"/srv/kvmotion/local-{last}",
+                    },
                 ],
                 "networks": [{"name": "vm-network", "bridge": "kvbr-vm", "present": True}],
                 "vms": 0,
@@ -343,7 +362,13 @@ class FakeAgents(httpx.AsyncBaseTransport):
             return 200, vm.info()
         if route == "finish":
             self._finish(host, vm)
-            return 204, None
+            return 200, {"problems": []}
+        if route == "storage_move":
+            return 202, self._start_copy(host, vm, "local", body["datastore"])
+        if route == "storage_mirror":
+            return 202, self._start_copy(host, vm, "nbd", body["datastore"])
+        if route == "storage_cancel":
+            return 200, {"done": self._cancel_copy(vm)}
         if route == "abort":
             return 200, {"done": self._abort(host, vm, query.get("destination_gone") == "true")}
         raise AssertionError(route)
@@ -371,10 +396,76 @@ class FakeAgents(httpx.AsyncBaseTransport):
                 409, "conflict", f"VM {config['name']} is already {existing.power_state} here"
             )
         uri = f"tcp:{host.migration_address}:{next(self._ports)}"
-        vm = FakeVm(config, body["config_path"], power_state="incoming")
+        path = body["config_path"]
+        datastore = body.get("datastore")
+        if datastore is not None:
+            self._check_datastore(host, datastore)
+            config = moved(config, datastore)
+            path = f"/srv/kvmotion/{datastore}/{config['name']}/vm.json"
+        vm = FakeVm(config, path, power_state="incoming", created=datastore is not None)
         vm.migration = _view("destination", "listening", uri=uri, marks={"listening": time.time()})
         host.vms[vm.name] = vm
-        return {"vm": vm.info(), "uri": uri}
+        port = next(self._ports) if datastore is not None else None
+        nbd_host = host.migration_address if port else None
+        return {"vm": vm.info(), "uri": uri, "nbd_host": nbd_host, "nbd_port": port}
+
+    def _check_datastore(self, host: FakeHost, datastore: str) -> None:
+        if datastore not in {d["name"] for d in host.facts["datastores"]}:
+            raise AgentError(404, "datastore_not_found", f"datastore {datastore!r} is not here")
+
+    def _start_copy(self, host: FakeHost, vm: FakeVm, mode: str, datastore: str) -> dict[str, Any]:
+        if vm.power_state != "poweredOn":
+            raise AgentError(409, "wrong_state", f"VM {vm.name} is {vm.power_state}")
+        if vm.storage is not None and vm.storage["phase"] in ("copying", "ready"):
+            raise AgentError(409, "already_migrating", f"VM {vm.name}'s disks are being copied")
+        if mode == "local":
+            self._check_datastore(host, datastore)
+        vm.disk_polls, vm.moving_to = 0, datastore
+        vm.storage = {
+            "mode": mode,
+            "phase": "copying",
+            "datastore": datastore,
+            "disks": [
+                {"index": 0, "source_node": "disk0", "target_node": "t0", "target": "x",
+                 "job": "mirror-disk0", "length": GiB, "offset": 0, "status": "copying",
+                 "error": None}
+            ],
+            "marks": {"started": time.time()},
+            "error": None,
+        }  # fmt: skip
+        return vm.info()
+
+    def _copy_poll(self, vm: FakeVm) -> None:
+        """A GET of a VM whose disks are being copied: the copy moves one step."""
+        view = vm.storage
+        if view is None or view["phase"] not in ("copying", "ready"):
+            return
+        script = self.scripts.get(vm.name, Script())
+        i = min(vm.disk_polls, len(script.disk_phases) - 1)
+        vm.disk_polls += 1
+        phase = script.disk_phases[i]
+        if phase == "completed" and view["mode"] == "nbd":
+            phase = "ready"  # a copy for another host completes only at switchover
+        view["disks"][0]["offset"] = script.disk_offsets[min(i, len(script.disk_offsets) - 1)]
+        if phase == "ready":
+            view["marks"].setdefault("ready", time.time())
+        if phase == "completed":
+            assert vm.moving_to is not None
+            view["marks"]["completed"] = time.time()
+            vm.config = moved(vm.config, vm.moving_to)
+            vm.config_path = f"/srv/kvmotion/{vm.moving_to}/{vm.name}/vm.json"
+        if phase == "failed":
+            view["error"] = "write error on the copy"
+        view["phase"] = phase
+
+    def _cancel_copy(self, vm: FakeVm) -> str:
+        view = vm.storage
+        if view is None:
+            raise AgentError(409, "no_migration", f"VM {vm.name} has no disk copy")
+        if view["phase"] == "completed":
+            raise AgentError(409, "too_late", "the disks have switched to their copies")
+        view["phase"] = "cancelled"
+        return "disk copy cancelled; the VM keeps its disks"
 
     def _migrate(self, host: FakeHost, vm: FakeVm, body: dict[str, Any]) -> dict[str, Any]:
         if vm.power_state != "poweredOn" or vm.qemu_status != "running":
@@ -393,6 +484,7 @@ class FakeAgents(httpx.AsyncBaseTransport):
 
     async def _poll(self, host: FakeHost, vm: FakeVm) -> None:
         """A GET of a migrating source VM: QEMU moves one step along the script."""
+        self._copy_poll(vm)
         view = vm.migration
         if view is None or view["side"] != "source" or view["phase"] not in ACTIVE:
             return
@@ -424,6 +516,8 @@ class FakeAgents(httpx.AsyncBaseTransport):
         if phase in ("pre-switchover", "device"):
             view["marks"].setdefault("stunned", now)
             vm.qemu_status = "finish-migrate"
+            if vm.storage is not None and vm.storage["phase"] == "ready":
+                vm.storage["phase"] = "completed"  # the copies end consistent at switchover
         elif phase == "completed":
             view["marks"].setdefault("stunned", now)
             view["marks"]["completed"] = now
@@ -492,12 +586,18 @@ class FakeAgents(httpx.AsyncBaseTransport):
 
     def _abort(self, host: FakeHost, vm: FakeVm, destination_gone: bool) -> str:
         view = vm.migration
-        if view is not None and view["side"] == "destination":
+        if vm.storage is not None and vm.storage["phase"] in ("copying", "ready"):
+            vm.storage["phase"] = "cancelled"
+            if view is None or view["phase"] not in ACTIVE:
+                return "source kept running, its disk copy cancelled"
+        if (view is not None and view["side"] == "destination") or vm.power_state == "incoming":
             if vm.power_state == "poweredOn":
                 raise AgentError(
                     409, "too_late", f"VM {vm.name} already resumed on this host: it is the owner"
                 )
             del host.vms[vm.name]
+            if vm.created:
+                return "destination ended, its partial disk copies removed"
             return "destination ended"
         if view is not None and view["side"] == "source":
             if view["phase"] == "completed":
@@ -514,6 +614,12 @@ class FakeAgents(httpx.AsyncBaseTransport):
             self._cancel(vm)
             return "source kept running"
         return "nothing to abort"
+
+
+def moved(config: dict[str, Any], datastore: str) -> dict[str, Any]:
+    """A VM config with its record and disks on ``datastore`` (as VmConfig.moved_to)."""
+    disks = [d | {"datastore": datastore} for d in config["disks"]]
+    return config | {"datastore": datastore, "disks": disks}
 
 
 def _view(side: str, phase: str, *, uri: str, marks: dict[str, float]) -> dict[str, Any]:

@@ -801,3 +801,150 @@ async def test_the_fake_agent_answers_like_an_agent(fake: FakeAgents) -> None:
         with pytest.raises(HostUnreachable):
             await agent.facts()
     assert [c.route for c in fake.called(SRC)][:3] == ["create", "power_on", "get"]
+
+
+# -- storage vMotion and change both ----------------------------------------------------------
+
+
+async def run_to_end(center: Center, req: MigrationRequest) -> Task:
+    task_id = await center.executor.submit(req)
+    await center.executor.wait(task_id)
+    return await center.tasks.get(task_id)
+
+
+def datastores_of(record: Any) -> list[str]:
+    return [d["datastore"] for d in record.config["disks"]]
+
+
+async def test_storage_move_records_the_new_datastore(center: Center, fake: FakeAgents) -> None:
+    task = await run_to_end(
+        center, MigrationRequest("vm-a", "", kind="storage", datastore="local-172")
+    )
+    assert task.state == TaskState.SUCCESS, task.error
+    assert task.request["dest"] == SRC and task.request["datastore"] == "local-172"
+    [move] = fake.called(SRC, "storage_move")
+    assert move.body == {"datastore": "local-172"}
+    # The other host is asked nothing (beyond the center's own refresh).
+    assert set(fake.routes(DST)) <= {"facts", "list"}
+    record = await center.inventory.vm("vm-a")
+    assert record.host is not None and record.host.name == SRC
+    assert datastores_of(record) == ["local-172"] and "local-172" in record.config_path
+    steps = [t["step"] for t in task.timeline]
+    assert steps.index("disk_copy") < steps.index("disks_ready") < steps.index("disks_switched")
+    copy = task.summary["disk_copy"]
+    assert copy["copied_bytes"] == copy["total_bytes"] == 2**30 and copy["from"] == ["shared"]
+    assert task.progress == 100.0
+
+
+async def test_storage_move_cancelled_mid_copy(center: Center, fake: FakeAgents) -> None:
+    fake.script("vm-a", disk_phases=("copying",))
+
+    async def cancel_on_copy(call: Call) -> None:
+        if call.route == "get" and call.host == SRC and fake.called(SRC, "storage_move"):
+            await center.tasks.request_cancel(center.executor.active["vm-a"])
+
+    fake.on_call = cancel_on_copy
+    task = await run_to_end(
+        center, MigrationRequest("vm-a", "", kind="storage", datastore="local-172")
+    )
+    assert task.state == TaskState.CANCELLED and task.error is not None
+    assert "keeps its disks" in task.error
+    assert len(fake.called(SRC, "storage_cancel")) == 1
+    assert datastores_of(await center.inventory.vm("vm-a")) == ["shared"]
+
+
+async def test_storage_move_that_pivoted_is_finished_not_undone(
+    center: Center, fake: FakeAgents
+) -> None:
+    """The user cancels just as the agent switches the VM to its copies: the cancel comes too
+    late (the agent says so), and the task records the move instead of pretending to undo it."""
+    fake.script("vm-a", disk_phases=("copying", "completed"))
+    fake.host(SRC).fail("storage_cancel", 409, "too_late", "the disks have switched: too late")
+
+    async def cancel_on_copy(call: Call) -> None:
+        if call.route == "get" and call.host == SRC and fake.called(SRC, "storage_move"):
+            await center.tasks.request_cancel(center.executor.active["vm-a"])
+
+    fake.on_call = cancel_on_copy
+    task = await run_to_end(
+        center, MigrationRequest("vm-a", "", kind="storage", datastore="local-172")
+    )
+    assert fake.called(SRC, "storage_cancel"), "abort tried to cancel"
+    assert task.state == TaskState.SUCCESS, task.error
+    assert datastores_of(await center.inventory.vm("vm-a")) == ["local-172"]
+
+
+async def test_storage_copy_that_stalls_is_aborted(center: Center, fake: FakeAgents) -> None:
+    center.executor.stall_timeout_s = 0.05
+    fake.script("vm-a", disk_phases=("copying",), disk_offsets=(2**20,))
+    task = await run_to_end(
+        center, MigrationRequest("vm-a", "", kind="storage", datastore="local-172")
+    )
+    assert task.state == TaskState.ERROR and task.error_code == "copy_stalled"
+    assert "link" in (task.error or "")
+    assert fake.called(SRC, "storage_cancel")
+    assert datastores_of(await center.inventory.vm("vm-a")) == ["shared"]
+
+
+async def test_change_both_moves_disks_then_memory(center: Center, fake: FakeAgents) -> None:
+    task = await run_to_end(
+        center, MigrationRequest("vm-a", DST, kind="both", datastore="local-173")
+    )
+    assert task.state == TaskState.SUCCESS, task.error
+    assert fake.routes(SRC)[:1] == ["get"] or "storage_mirror" in fake.routes(SRC)
+    order = [c.route for c in fake.calls if c.route in ("incoming", "storage_mirror", "migrate")]
+    assert order == ["incoming", "storage_mirror", "migrate"]
+    [incoming] = fake.called(DST, "incoming")
+    assert incoming.body["datastore"] == "local-173"
+    [mirror] = fake.called(SRC, "storage_mirror")
+    assert mirror.body["host"] == "10.99.0.173" and mirror.body["datastore"] == "local-173"
+    [finish] = fake.called(SRC, "finish")
+    assert finish.body == {"remove_files": True}
+    record = await center.inventory.vm("vm-a")
+    assert record.host is not None and record.host.name == DST
+    assert datastores_of(record) == ["local-173"] and "local-173" in record.config_path
+    steps = [t["step"] for t in task.timeline]
+    assert steps.index("disks_ready") < steps.index("precopy") < steps.index("resumed")
+    assert task.summary["disk_copy"]["copied_bytes"] == 2**30
+    assert task.summary["downtime_ms"] == 42
+
+
+async def test_change_both_failed_copy_rolls_back(center: Center, fake: FakeAgents) -> None:
+    fake.script("vm-a", disk_phases=("copying", "failed"))
+    task = await run_to_end(
+        center, MigrationRequest("vm-a", DST, kind="both", datastore="local-173")
+    )
+    assert task.state == TaskState.ERROR and task.error_code == "disk_copy_failed"
+    assert "write error" in (task.error or "")
+    assert "partial disk copies removed" in (task.error or "")
+    assert fake.called(SRC, "migrate") == []
+    assert_rolled_back(fake)
+    assert datastores_of(await center.inventory.vm("vm-a")) == ["shared"]
+
+
+async def test_change_both_destination_dies_mid_copy(center: Center, fake: FakeAgents) -> None:
+    fake.script("vm-a", disk_phases=("copying",) * 3 + ("ready",))
+    fake.host(DST).kill_after("get", 1)
+    task = await run_to_end(
+        center, MigrationRequest("vm-a", DST, kind="both", datastore="local-173")
+    )
+    assert task.state == TaskState.ERROR
+    assert fake.called(SRC, "migrate") == []
+    assert len(aborts(fake, SRC)) == 1
+    assert source_runs(fake)
+    vm = fake.vm(SRC, "vm-a")
+    assert vm is not None and vm.storage is not None and vm.storage["phase"] == "cancelled"
+    assert await vm_host(center) == SRC
+
+
+async def test_refresh_ends_an_orphaned_incoming_copy(center: Center, fake: FakeAgents) -> None:
+    """A destination whose agent was down when its migration was aborted still has a paused,
+    receiving QEMU: the next refresh ends it (and the partial disks made for it)."""
+    orphan = fake.add_vm(DST, "vm-a", power_state="incoming")
+    orphan.created = True
+    orphan.migration = None
+    await center.inventory.refresh_host(DST)
+    [abort] = aborts(fake, DST)
+    assert abort.vm in ("vm-a", orphan.uuid)
+    assert fake.vm(DST, "vm-a") is None
+    assert await vm_host(center) == SRC  # the inventory never moved the VM
