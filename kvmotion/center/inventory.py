@@ -314,7 +314,7 @@ class Inventory:
         for info in reported:
             if self.migrating(info["name"]):
                 continue  # the executor owns this VM's record until its migration ends
-            if info["power_state"] == "incoming":
+            if info["power_state"] == "incoming" or info.get("incoming"):
                 await self._end_orphan_incoming(host, info)
                 continue
             try:

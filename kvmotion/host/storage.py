@@ -190,6 +190,7 @@ class DiskMirror:
         except BaseException as exc:
             self.view.error = getattr(exc, "message", str(exc))
             await self.abort()
+            self.qmp.remove_listener(self._events)
             raise
         self._task = asyncio.create_task(self._watch(), name="disk-mirror")
 
@@ -356,10 +357,13 @@ class DiskMirror:
         self._targets.clear()
 
     async def close(self) -> None:
+        """Stop watching (QEMU ended): a copy still running has failed with it."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.running:
+            self._fail("the VM's QEMU ended during the copy")
         self.qmp.remove_listener(self._events)
 
 

@@ -85,6 +85,7 @@ class VmInfo:
     migration: MigrationView | None
     cpu: VmCpu | None  # the CPU it runs (or last ran) with on this host
     storage: StorageView | None  # its disks' copy, while one runs (or how the last ended)
+    incoming: bool  # registered as a migration's destination, not (yet) the VM's owner
 
 
 class VirtualMachine:
@@ -344,6 +345,8 @@ class VirtualMachine:
         if self.migration is not None:
             # Keep the view (a center may still read how it ended); stop watching QEMU.
             await self.migration.close()
+        if self.storage is not None:
+            await self.storage.close()
         if self.qmp is not None:
             await self.qmp.close()
             self.qmp = None
@@ -669,4 +672,5 @@ class VirtualMachine:
             migration=self.migration.view if self.migration is not None else None,
             cpu=self.cpu,
             storage=self.storage.view if self.storage is not None else None,
+            incoming=self.incoming,
         )
