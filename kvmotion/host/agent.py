@@ -106,11 +106,15 @@ class HostAgent:
                     **{**registration["cpu"], "features": tuple(registration["cpu"]["features"])}
                 )
             self.vms[vm.config.uuid] = vm
-            if not await vm.attach() and vm.incoming:
+            attached = await vm.attach()
+            if not attached and vm.incoming:
                 # The destination of a migration that ended while we were down: not ours.
                 log.info("dropping %s: an incoming migration that never completed", vm.config.name)
                 remove_folders(vm.created)
                 self._unregister(vm)
+            elif not attached and vm.moving_to is not None:
+                log.info("dropping the unfinished disk copies of %s", vm.config.name)
+                vm.drop_copies()
 
     async def close(self) -> None:
         """Let go of every VM without stopping any (they outlive the agent)."""

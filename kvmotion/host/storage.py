@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.2
 JOB_EVENTS = ["BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR"]
+# A job ends in one of these, and so does a copy ("pivoted" is not one: the devices use the
+# copies, but the VM's record does not say so yet).
 TERMINAL = ("completed", "cancelled", "failed")
 END_TIMEOUT = 30.0
 
@@ -269,9 +271,14 @@ class DiskMirror:
         if failed and self.view.phase not in ("cancelled",):
             self._fail(f"copy of disk {failed[0].index} failed: {failed[0].error}")
         elif all(d.status == "completed" for d in self.view.disks):
-            if self.view.phase in ("pivoting", "switching"):
+            # A pivot is complete only once the VM's record says so (the VM sets "completed").
+            if self.view.phase == "pivoting":
+                self.view.phase = "pivoted"
+            elif self.view.phase == "switching":
                 self.view.phase = "completed"
                 self.view.marks["completed"] = time.time()
+            else:
+                self._fail("the copy jobs ended by themselves")
         elif self.view.phase not in TERMINAL:
             self.view.phase = "cancelled"
 
@@ -306,7 +313,7 @@ class DiskMirror:
         self.view.phase = "pivoting"
         for copy in self.view.disks:
             await self.qmp.execute("block-job-complete", {"device": copy.job})
-        await self._finish("pivot")
+        await self._finish("pivot", "pivoted")
 
     async def complete_at_switchover(self) -> None:
         """NBD copies, with the guest stunned: flush and end each mirror, never pivoting.
@@ -319,14 +326,14 @@ class DiskMirror:
         self.view.phase = "switching"
         for copy in self.view.disks:
             await self.qmp.execute("block-job-cancel", {"device": copy.job})
-        await self._finish("switchover")
+        await self._finish("switchover", "completed")
         for target in self._targets:
             await delete_node(self.qmp, target.node)
 
-    async def _finish(self, what: str) -> None:
+    async def _finish(self, what: str, phase: str) -> None:
         if self._task is None or not await self._wait_ended(END_TIMEOUT):
             raise QemuError(f"the disk copies did not end at {what} in {END_TIMEOUT:.0f} s")
-        if self.view.phase != "completed":
+        if self.view.phase != phase:
             raise QemuError(f"the disk copies ended {self.view.phase} at {what}: {self.view.error}")
 
     async def abort(self) -> None:
@@ -365,6 +372,81 @@ class DiskMirror:
         if self.running:
             self._fail("the VM's QEMU ended during the copy")
         self.qmp.remove_listener(self._events)
+
+
+class ColdCopy:
+    """A powered-off VM's disks copied file by file (``qemu-img convert``), with progress."""
+
+    def __init__(self, name: str, datastore: str, on_done: Callable[[], Awaitable[None]]) -> None:
+        self.view = StorageView(mode="cold", phase="copying", datastore=datastore)
+        self.on_done = on_done  # called once every copy is whole: makes the copies the VM's
+        self.log = log.getChild(name)
+        self._task: asyncio.Task[None] | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.view.phase not in TERMINAL
+
+    def start(self, copies: list[tuple[str, str, int]]) -> None:
+        """Copy each (source, target, size) in turn, in the background."""
+        self.view.marks["started"] = time.time()
+        for i, (source, target, size) in enumerate(copies):
+            self.view.disks.append(DiskCopy(i, source, "", target, f"copy-disk{i}", length=size))
+        self._task = asyncio.create_task(self._run(), name="cold-copy")
+
+    async def _run(self) -> None:
+        try:
+            for copy in self.view.disks:
+                await self._convert(copy)
+                copy.status = "completed"
+            self.view.marks["ready"] = time.time()
+            self.view.phase = "pivoting"
+            await self.on_done()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # recorded on the view; the center reads it there
+            self.view.phase, self.view.error = "failed", getattr(exc, "message", str(exc))
+            self.log.error("cold copy failed: %s", self.view.error)
+
+    async def _convert(self, copy: DiskCopy) -> None:
+        self._proc = await asyncio.create_subprocess_exec(
+            "qemu-img", "convert", "-p", "-O", "qcow2", copy.source_node, copy.target,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        assert self._proc.stdout is not None
+        tail = b""
+        while chunk := await self._proc.stdout.read(256):
+            tail = (tail + chunk)[-512:]
+            for part in reversed(chunk.replace(b"\r", b"\n").split(b"\n")):
+                if b"/100%)" in part:
+                    with contextlib.suppress(ValueError):
+                        pct = float(part.strip().lstrip(b"(").split(b"/")[0])
+                        copy.offset = int(copy.length * pct / 100)
+                    break
+        if await self._proc.wait() != 0:
+            raise QemuError(f"qemu-img convert failed: {tail.decode(errors='replace').strip()}")
+        copy.offset = copy.length
+
+    async def abort(self) -> None:
+        if self.view.phase == "completed":
+            raise Conflict("the disks were copied already: too late to cancel", code="too_late")
+        if self.view.phase == "pivoting":
+            raise Conflict("the copies are becoming the VM's disks: too late", code="too_late")
+        await self.close()
+        if self.view.phase not in TERMINAL:
+            self.view.phase = "cancelled"
+            self.view.marks["cancelled"] = time.time()
+
+    async def close(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.kill()
+            await self._proc.wait()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
 
 
 async def export_disks(qmp: QmpSession, address: str, nodes: list[str]) -> int:

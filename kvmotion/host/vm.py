@@ -24,6 +24,7 @@ from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.migration import ANNOUNCE, Incoming, MigrationStats, MigrationView, Outgoing
 from kvmotion.host.storage import (
+    ColdCopy,
     DiskMirror,
     StorageView,
     delete_node,
@@ -102,7 +103,7 @@ class VirtualMachine:
         self.migration: Outgoing | Incoming | None = None
         self.incoming = False  # registered as a migration's destination, not yet the owner
         self.cpu: VmCpu | None = None  # chosen at power-on (or given by the migration source)
-        self.storage: DiskMirror | None = None
+        self.storage: DiskMirror | ColdCopy | None = None
         # Folders made on this host for this VM's new copy (a "change both" destination, or a
         # storage move's target): removed if the copy does not become the VM's.
         self.created: list[Path] = []
@@ -179,6 +180,11 @@ class VirtualMachine:
         """Start QEMU and let the guest run. Raises Conflict unless powered off."""
         if self.state is not PowerState.POWERED_OFF:
             raise Conflict(f"VM {self.config.name} is already {self.state}", code="wrong_state")
+        if self.storage is not None and self.storage.running:
+            raise Conflict(
+                f"VM {self.config.name}'s disks are being copied: power it on after the copy",
+                code="wrong_state",
+            )
         await self._start(incoming=False)
         self._set_state(PowerState.POWERED_ON)
 
@@ -323,7 +329,7 @@ class VirtualMachine:
                     await self.qmp.execute(
                         "block-job-cancel", {"device": job["device"], "force": True}
                     )
-        self._drop_copies()
+        self.drop_copies()
         self.log.warning("cancelled a storage move interrupted by an agent restart")
 
     async def _connect(self) -> None:
@@ -437,7 +443,7 @@ class VirtualMachine:
         status = await self.qmp.query_status()
         if not status.running:
             raise Conflict(f"VM {self.config.name} is {status.status} in QEMU, not running")
-        mirror = self.storage
+        mirror = self.storage if isinstance(self.storage, DiskMirror) else None
         if mirror is not None and mirror.running:
             if mirror.view.mode != "nbd" or mirror.view.phase != "ready":
                 raise Conflict(
@@ -504,15 +510,19 @@ class VirtualMachine:
     async def move_storage(self, datastore: str) -> None:
         """Storage vMotion on this host: copy every disk to ``datastore`` while the VM runs,
         pivot to the copies when all are ready, then move the record and remove the old files.
+        A powered-off VM's files are copied as they are (cold), then switched the same way.
 
-        Raises Conflict (not running, busy, same datastore, folder taken), NotFound.
+        Raises Conflict (busy, same datastore, folder taken), NotFound.
         """
-        qmp = self._check_can_copy_disks()
         if all(d.datastore == datastore for d in self.config.disks):
             raise Conflict(
                 f"VM {self.config.name}'s disks are on {datastore!r} already",
                 code="same_datastore",
             )
+        if self.state is PowerState.POWERED_OFF:
+            await self._move_cold(datastore)
+            return
+        qmp = self._check_can_copy_disks()
         new = self.config.moved_to(datastore)
         sizes = await self.disk_sizes()
         sources = await disk_nodes(qmp, len(self.config.disks))
@@ -535,29 +545,55 @@ class VirtualMachine:
         try:
             await mirror.start(sources, targets)
         except BaseException:
-            self._drop_copies()
+            self.drop_copies()
             raise
+
+    async def _move_cold(self, datastore: str) -> None:
+        if self.storage is not None and self.storage.running:
+            raise Conflict(
+                f"VM {self.config.name}'s disks are already being copied", code="already_migrating"
+            )
+        new = self.config.moved_to(datastore)
+        sources = [self.env.datastores.resolve(d.datastore, d.path) for d in self.config.disks]
+        sizes = [p.stat().st_size for p in sources]
+        record, created = await create_vm_files(new, self.env.datastores)
+        self.created, self.moving_to = created, record
+        self.write_registration(incoming=False)
+        targets = [self.env.datastores.resolve(d.datastore, d.path) for d in new.disks]
+
+        async def switch() -> None:
+            async with self.lock:
+                await self._switch_to_copies(new, record, old_nodes=[])
+
+        copy = ColdCopy(self.config.name, datastore, on_done=switch)
+        self.storage = copy
+        copy.start([(str(s), str(t), n) for s, t, n in zip(sources, targets, sizes, strict=True)])
 
     async def _pivot_storage(self, new: VmConfig, record: Path) -> None:
         """Every copy is ready: switch to them, then make the new record the VM's."""
-        assert self.storage is not None and self.qmp is not None
+        assert isinstance(self.storage, DiskMirror)
         async with self.lock:
-            old, old_record = self.config, self.config_path
             old_nodes = [d.source_node for d in self.storage.view.disks]
             await self.storage.pivot()
-            # From here the copies are the VM's disks: record it before anything else.
-            self.config, self.config_path = new, record
-            self.created, self.moving_to = [], None
-            self.write_registration(incoming=False)
+            await self._switch_to_copies(new, record, old_nodes)
+
+    async def _switch_to_copies(self, new: VmConfig, record: Path, old_nodes: list[str]) -> None:
+        """The copies are the VM's disks now: record it first, then remove the old files."""
+        assert self.storage is not None
+        old, old_record = self.config, self.config_path
+        self.config, self.config_path = new, record
+        self.created, self.moving_to = [], None
+        self.write_registration(incoming=False)
+        if self.qmp is not None:
             for node in old_nodes:
                 await delete_node(self.qmp, node)
-            problems = remove_vm_files(old, self.env.datastores, old_record)
-            self.storage.view.error = "; ".join(problems) or None
-            self.storage.view.marks["completed"] = time.time()
-            self.storage.view.phase = "completed"
-            self.log.info("disks moved to datastore %s", new.datastore)
+        problems = remove_vm_files(old, self.env.datastores, old_record)
+        self.storage.view.error = "; ".join(problems) or None
+        self.storage.view.marks["completed"] = time.time()
+        self.storage.view.phase = "completed"
+        self.log.info("disks moved to datastore %s", new.datastore)
 
-    def _drop_copies(self) -> None:
+    def drop_copies(self) -> None:
         """A storage move that will not happen: remove its copies and forget it."""
         remove_folders(self.created)
         self.created, self.moving_to = [], None
@@ -570,8 +606,8 @@ class VirtualMachine:
         if self.storage.view.phase in ("completed", "pivoting", "pivoted"):
             raise Conflict("the disks have switched to their copies: too late", code="too_late")
         await self.storage.abort()
-        if self.storage.view.mode == "local":
-            self._drop_copies()
+        if self.storage.view.mode in ("local", "cold"):
+            self.drop_copies()
         return "disk copy cancelled; the VM keeps its disks"
 
     async def mirror_to(self, host: str, port: int, datastore: str) -> None:

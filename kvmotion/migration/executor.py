@@ -399,7 +399,8 @@ class StorageMigration(_TaskRun):
         await record_event(
             self.ex.db,
             f"VM {self.vm.name}'s disks moved from {', '.join(old)} to {self.req.datastore} "
-            f"on {self.host.name} while it ran",
+            f"on {self.host.name} "
+            + ("while it ran" if self.vm.power_state == "poweredOn" else "(powered off)"),
             severity="warning" if view.get("error") else "info",
             vm=self.vm.name,
             host=self.host.name,

@@ -116,9 +116,9 @@ def precheck_compute(vm: VmView, source: HostView, dest: HostView) -> PrecheckRe
 
 
 def precheck_storage(vm: VmView, host: HostView, datastore: str) -> PrecheckResult:
-    """Can ``vm``'s disks move, while it runs on ``host``, to ``datastore``?"""
+    """Can ``vm``'s disks move to ``datastore`` of its ``host`` (live, or cold if it is off)?"""
     f = _Findings()
-    _vm_and_hosts(vm, host, host, f)
+    _vm_and_hosts(vm, host, host, f, off_ok=True)
     _target_datastore(vm, host, datastore, f)
     return f.result()
 
@@ -132,10 +132,12 @@ def precheck_both(vm: VmView, source: HostView, dest: HostView, datastore: str) 
     return f.result()
 
 
-def _vm_and_hosts(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None:
+def _vm_and_hosts(
+    vm: VmView, source: HostView, dest: HostView, f: _Findings, *, off_ok: bool = False
+) -> None:
     if vm.host != source.name:
         f.error("wrong_source", f"VM {vm.name} runs on {vm.host}, not on {source.name}")
-    if vm.power_state != "poweredOn":
+    if vm.power_state != "poweredOn" and not (off_ok and vm.power_state == "poweredOff"):
         f.error(
             "not_running",
             f"VM {vm.name} is {vm.power_state}: vMotion moves running VMs; power it on first",

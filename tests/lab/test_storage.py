@@ -46,7 +46,7 @@ def datastore_root(lab: topology.LabState, name: str) -> Path:
 
 
 def disk_image(lab: topology.LabState, center: httpx.Client, vm: str) -> Path:
-    [disk] = center.get(f"/v1/vms/{vm}").json()["config"]["disks"]
+    disk = center.get(f"/v1/vms/{vm}").json()["config"]["disks"][0]
     return datastore_root(lab, str(disk["datastore"])) / str(disk["path"])
 
 
@@ -58,10 +58,12 @@ def create_vm(
     datastore: str,
     host: str = SRC,
     prefill_mib: int = 0,
+    extra_disks: int = 0,
 ) -> GuestClient:
-    """A running VM whose guest writes records to its disk; ``prefill_mib`` of data placed past
-    the records first makes its copy take a while (on a shaped link)."""
-    spec = vm_spec(name, index, datastore=datastore) | {"disks": [{"size_mib": DISK_MIB}]}
+    """A running VM whose guest writes records to its first disk; ``prefill_mib`` of data placed
+    past the records first makes its copy take a while (on a shaped link)."""
+    disks = [{"size_mib": DISK_MIB}] + [{"size_mib": 32}] * extra_disks
+    spec = vm_spec(name, index, datastore=datastore) | {"disks": disks}
     r = center.post("/v1/vms", json={"host": host, "spec": spec})
     assert r.status_code == 201, r.text
     if prefill_mib:
@@ -144,7 +146,7 @@ def vm_folder(lab: topology.LabState, datastore: str, vm: str) -> Path:
 def test_storage_only_shared_to_local_and_back(
     lab: topology.LabState, center: httpx.Client
 ) -> None:
-    guest = create_vm(lab, center, "vm-s", 4, "shared")
+    guest = create_vm(lab, center, "vm-s", 4, "shared", extra_disks=1)
     uuid = center.get("/v1/vms/vm-s").json()["uuid"]
     [pid] = qemus_on(lab, 0, uuid)
     ping = user_ping_loop(lab, 4)
@@ -157,13 +159,15 @@ def test_storage_only_shared_to_local_and_back(
             for step in ("disk_copy", "disks_ready", "disks_switched"):
                 assert step in steps, steps
             copy = task["summary"]["disk_copy"]
-            # The job's total is the disk plus what the guest rewrote behind the copy.
-            assert copy["copied_bytes"] == copy["total_bytes"] >= DISK_MIB * 2**20
-            assert copy["disks"][0]["disk"] == 0 and copy["datastore"] == target
+            # The jobs' total is the disks plus what the guest rewrote behind the copy.
+            assert copy["copied_bytes"] == copy["total_bytes"] >= (DISK_MIB + 32) * 2**20
+            assert [d["disk"] for d in copy["disks"]] == [0, 1] and copy["datastore"] == target
             vm = center.get("/v1/vms/vm-s").json()
             assert vm["host"] == SRC and vm["power_state"] == "poweredOn"
             assert vm["config"]["datastore"] == target
-            assert [d["datastore"] for d in vm["config"]["disks"]] == [target]
+            assert [d["datastore"] for d in vm["config"]["disks"]] == [target, target]
+            for disk in vm["config"]["disks"]:
+                assert (datastore_root(lab, target) / disk["path"]).exists()
             assert vm["config_path"].startswith(str(datastore_root(lab, target)))
             assert (vm_folder(lab, target, "vm-s") / "vm.json").exists()
             assert not vm_folder(lab, source, "vm-s").exists(), "old files left behind"
@@ -174,6 +178,31 @@ def test_storage_only_shared_to_local_and_back(
         summary = ping.join(timeout=30)
     assert_user_noticed_nothing(summary)
     remove_vm(center, "vm-s", guest)
+
+
+def test_storage_move_of_a_powered_off_vm(lab: topology.LabState, center: httpx.Client) -> None:
+    """Cold: the files are copied as they are; the VM then boots from the new datastore."""
+    spec = vm_spec("vm-o", 9, datastore="shared") | {"disks": [{"size_mib": DISK_MIB}]}
+    assert center.post("/v1/vms", json={"host": SRC, "spec": spec}).status_code == 201
+    pattern = ["-c", f"write -P 0x5a 64M {DISK_MIB - 64}M"]
+    image = disk_image(lab, center, "vm-o")
+    subprocess.run(["qemu-io", *pattern, str(image)], check=True, capture_output=True)
+    task = migrate(center, "vm-o", type="storage", datastore="local-172")
+    assert task["state"] == "success", task["error"]
+    vm = center.get("/v1/vms/vm-o").json()
+    assert vm["power_state"] == "poweredOff"
+    assert [d["datastore"] for d in vm["config"]["disks"]] == ["local-172"]
+    assert not vm_folder(lab, "shared", "vm-o").exists()
+    moved = disk_image(lab, center, "vm-o")
+    read = ["-c", f"read -P 0x5a 64M {DISK_MIB - 64}M"]
+    check = subprocess.run(["qemu-io", "-r", *read, str(moved)], capture_output=True, text=True)
+    assert check.returncode == 0 and "Pattern verification failed" not in check.stdout, check
+    assert center.post("/v1/vms/vm-o/power-on").status_code == 200
+    guest = wait_for_guest(lab, guest_ip(9))
+    guest.disk_start(RECORD_INTERVAL_MS)
+    time.sleep(0.5)
+    assert_records_kept(lab, center, "vm-o", guest)
+    remove_vm(center, "vm-o", guest)
 
 
 def test_change_both_local_to_local_with_user_connected(

@@ -360,6 +360,19 @@ def test_storage_move_passes() -> None:
     assert result.ok, result.errors
 
 
+def test_storage_move_of_a_powered_off_vm_passes() -> None:
+    result = precheck_migration(
+        vm(power_state="poweredOff", **DISKS), LOCAL_172, LOCAL_172, "local-172"
+    )
+    assert result.ok, result.errors
+
+
+def test_both_needs_a_running_vm() -> None:
+    off = vm(power_state="poweredOff", disk_datastores=("local-172",), **DISKS)
+    result = precheck_migration(off, LOCAL_172, LOCAL_173, "local-173")
+    assert codes(result.errors) == ["not_running"]
+
+
 def test_both_from_local_to_local_passes() -> None:
     local_vm = vm(disk_datastores=("local-172",), **DISKS)
     result = precheck_migration(local_vm, LOCAL_172, LOCAL_173, "local-173")
@@ -379,7 +392,7 @@ def test_compute_only_of_a_local_vm_suggests_both() -> None:
         (vm(**DISKS), LOCAL_172, "local-173", "datastore_not_visible", "does not see"),
         (vm(**DISKS), LOCAL_172, "shared", "same_datastore", "already"),
         (vm(disk_bytes=49 * GiB), LOCAL_172, "local-172", "insufficient_space", "MiB free"),
-        (vm(power_state="poweredOff", **DISKS), LOCAL_172, "local-172", "not_running", "power"),
+        (vm(power_state="missing", **DISKS), LOCAL_172, "local-172", "not_running", "power"),
         (vm(migrating=True, **DISKS), LOCAL_172, "local-172", "already_migrating", "already"),
         (vm(**DISKS), LOCAL_173, "local-172", "datastore_not_visible", "does not see"),
         (vm(**DISKS), LOCAL_173, "shared", "same_datastore", "compute only"),
