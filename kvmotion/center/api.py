@@ -6,11 +6,16 @@ Every route but ``/v1/health`` needs the center's token. Errors use the shared t
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import Depends, FastAPI
+from fastapi.responses import StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
@@ -59,6 +64,10 @@ class MigrateBody(BaseModel):
             self.deadline_s, self.priority, self.allow_postcopy, self.strategy, self.predict,
             self.datastore,
         )  # fmt: skip
+
+
+WEB_DIR = Path(__file__).resolve().parent / "web"
+STREAM_INTERVAL = 0.5
 
 
 class ClusterCreate(BaseModel):
@@ -241,6 +250,16 @@ def create_app(center: Center) -> FastAPI:
     async def cancel_task(task_id: int) -> dict[str, Any]:
         return task_dict(await center.tasks.request_cancel(task_id))
 
+    @app.get("/v1/tasks-stream", dependencies=auth)
+    async def task_stream(limit: int = 20) -> StreamingResponse:
+        """Server-sent events: each recent task as it changes (``event: task``), polled from the
+        store twice a second; a comment line every 15 s keeps proxies from closing the stream."""
+        return StreamingResponse(
+            _task_events(center, min(max(limit, 1), 100)),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
     @app.get("/v1/events", dependencies=auth)
     async def events(limit: int = 100) -> list[dict[str, Any]]:
         async with center.db.session() as s:
@@ -251,7 +270,26 @@ def create_app(center: Center) -> FastAPI:
                 for e in rows
             ]  # fmt: skip
 
+    # The web client (static files, no build step): everything the API did not claim.
+    app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     return app
+
+
+async def _task_events(center: Center, limit: int) -> AsyncIterator[str]:
+    seen: dict[int, str] = {}
+    quiet = 0.0
+    while True:
+        for task in reversed(await center.tasks.list(limit)):
+            body = json.dumps(task_dict(task), default=str)
+            if seen.get(task.id) != body:
+                seen[task.id] = body
+                yield f"event: task\ndata: {body}\n\n"
+                quiet = 0.0
+        if quiet >= 15.0:
+            yield ": keep-alive\n\n"
+            quiet = 0.0
+        await asyncio.sleep(STREAM_INTERVAL)
+        quiet += STREAM_INTERVAL
 
 
 async def serve(center: Center) -> None:
