@@ -390,20 +390,22 @@ class HostAgent:
             )
 
     # -- storage vMotion -----------------------------------------------------------------------
-    async def move_storage(self, ref: str, datastore: str) -> VmInfo:
+    async def move_storage(self, ref: str, datastore: str, speed_bps: int | None = None) -> VmInfo:
         """Copy a running VM's disks to another datastore here, and switch to the copies."""
         vm = self.get(ref)
         self.datastores.get(datastore)
         self.check_space(datastore, vm.config)
         async with vm.lock:
-            await vm.move_storage(datastore)
+            await vm.move_storage(datastore, speed_bps)
             return await vm.info()
 
-    async def mirror_disks(self, ref: str, host: str, port: int, datastore: str) -> VmInfo:
+    async def mirror_disks(
+        self, ref: str, host: str, port: int, datastore: str, speed_bps: int | None = None
+    ) -> VmInfo:
         """ "Change both", source: copy the VM's disks into the destination's NBD exports."""
         vm = self.get(ref)
         async with vm.lock:
-            await vm.mirror_to(host, port, datastore)
+            await vm.mirror_to(host, port, datastore, speed_bps)
             return await vm.info()
 
     async def cancel_storage(self, ref: str) -> str:

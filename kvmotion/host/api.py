@@ -65,6 +65,7 @@ class StorageMoveRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     datastore: str
+    max_bandwidth_bps: int | None = Field(None, ge=1_000_000)  # cap the copy (per disk)
 
     _ds = field_validator("datastore")(lambda v: check_name(v, "datastore"))
 
@@ -77,6 +78,7 @@ class DiskMirrorRequest(BaseModel):
     host: str = Field(pattern=r"^[0-9.]{7,15}$")
     port: int = Field(ge=1, le=65535)
     datastore: str
+    max_bandwidth_bps: int | None = Field(None, ge=1_000_000)
 
     _ds = field_validator("datastore")(lambda v: check_name(v, "datastore"))
 
@@ -224,11 +226,13 @@ def create_app(agent: HostAgent) -> FastAPI:
     async def move_storage(vm: str, req: StorageMoveRequest) -> VmInfo:
         """Start copying the VM's disks to another datastore of this host (it keeps running);
         it switches to the copies by itself when they are ready. Follow ``storage`` on the VM."""
-        return await agent.move_storage(vm, req.datastore)
+        return await agent.move_storage(vm, req.datastore, req.max_bandwidth_bps)
 
     @app.post("/v1/vms/{vm}/storage/mirror", dependencies=auth, status_code=202)
     async def mirror_disks(vm: str, req: DiskMirrorRequest) -> VmInfo:
-        return await agent.mirror_disks(vm, req.host, req.port, req.datastore)
+        return await agent.mirror_disks(
+            vm, req.host, req.port, req.datastore, req.max_bandwidth_bps
+        )
 
     @app.post("/v1/vms/{vm}/storage/cancel", dependencies=auth)
     async def cancel_storage(vm: str) -> AbortResult:

@@ -170,12 +170,26 @@ class AgentClient:
         result = await self.request("POST", f"/v1/vms/{vm}/migration/finish", json=body, timeout=60)
         return list((result or {}).get("problems", []))
 
-    async def move_storage(self, vm: str, datastore: str) -> Any:
-        body = {"datastore": datastore}
+    async def move_storage(
+        self, vm: str, datastore: str, max_bandwidth_bps: int | None = None
+    ) -> Any:
+        body = {"datastore": datastore, "max_bandwidth_bps": max_bandwidth_bps}
         return await self.request("POST", f"/v1/vms/{vm}/storage/move", json=body, timeout=120)
 
-    async def mirror_disks(self, vm: str, host: str, port: int, datastore: str) -> Any:
-        body = {"host": host, "port": port, "datastore": datastore}
+    async def mirror_disks(
+        self,
+        vm: str,
+        host: str,
+        port: int,
+        datastore: str,
+        max_bandwidth_bps: int | None = None,
+    ) -> Any:
+        body = {
+            "host": host,
+            "port": port,
+            "datastore": datastore,
+            "max_bandwidth_bps": max_bandwidth_bps,
+        }
         return await self.request("POST", f"/v1/vms/{vm}/storage/mirror", json=body, timeout=60)
 
     async def cancel_storage(self, vm: str) -> Any:

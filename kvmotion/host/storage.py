@@ -166,7 +166,6 @@ class DiskMirror:
         self.on_ready = on_ready  # called once, when every copy tracks the guest's writes
         self.log = log.getChild(name)
         self._events = qmp.listener(JOB_EVENTS)
-        self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
         self._ready_task: asyncio.Task[None] | None = None
         self._targets: list[MirrorTarget] = []
@@ -175,8 +174,11 @@ class DiskMirror:
     def running(self) -> bool:
         return self.view.phase not in TERMINAL
 
-    async def start(self, sources: list[str], targets: list[MirrorTarget]) -> None:
-        """Open the targets and start one mirror per disk; on error, undo what was started."""
+    async def start(
+        self, sources: list[str], targets: list[MirrorTarget], speed_bps: int | None = None
+    ) -> None:
+        """Open the targets and start one mirror per disk (each capped at ``speed_bps`` if
+        given: the guest's own I/O competes with the copy); on error, undo what was started."""
         self.view.marks["started"] = time.time()
         try:
             for source, target in zip(sources, targets, strict=True):
@@ -185,10 +187,15 @@ class DiskMirror:
                 job = f"mirror-disk{target.index}"
                 copy = DiskCopy(target.index, source, target.node, target.where, job)
                 self.view.disks.append(copy)
-                await self.qmp.execute(
-                    "blockdev-mirror",
-                    {"job-id": job, "device": source, "target": target.node, "sync": "full"},
-                )
+                args: dict[str, Any] = {
+                    "job-id": job,
+                    "device": source,
+                    "target": target.node,
+                    "sync": "full",
+                }
+                if speed_bps:
+                    args["speed"] = speed_bps
+                await self.qmp.execute("blockdev-mirror", args)
         except BaseException as exc:
             self.view.error = getattr(exc, "message", str(exc))
             await self.abort()
@@ -209,8 +216,6 @@ class DiskMirror:
                     while not self._events.empty():
                         self._on_event(await self._events.get())
                 await self._poll()
-                async with self._changed:
-                    self._changed.notify_all()
                 if self.view.phase == "copying" and all(
                     d.status == "ready" for d in self.view.disks
                 ):
@@ -225,8 +230,6 @@ class DiskMirror:
             self._fail(exc.message)
         finally:
             self.qmp.remove_listener(self._events)
-            async with self._changed:
-                self._changed.notify_all()
 
     async def _run_on_ready(self) -> None:
         assert self.on_ready is not None
@@ -235,8 +238,6 @@ class DiskMirror:
         except Exception as exc:  # recorded on the view; the center reads it there
             self.log.exception("after the copies were ready")
             self._fail(getattr(exc, "message", repr(exc)))
-            async with self._changed:
-                self._changed.notify_all()
 
     def _on_event(self, event: Any) -> None:
         data = event.get("data") or {}
@@ -291,19 +292,16 @@ class DiskMirror:
         self.log.error("disk copy failed: %s", self.view.error)
 
     async def _wait_ended(self, timeout: float) -> bool:
-        """Wait until every job ended; False if ``timeout`` passed first."""
-
-        async def ended() -> None:
-            async with self._changed:
-                await self._changed.wait_for(
-                    lambda: all(d.status in TERMINAL for d in self.view.disks)
-                )
-
-        try:
-            await asyncio.wait_for(ended(), timeout)
+        """Wait until the watcher saw every job end and settled the phase (False: ``timeout``
+        passed first). Waiting for the watcher itself, not for the jobs' states, is what makes
+        the phase final when this returns."""
+        if self._task is None:
             return True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
         except TimeoutError:
             return False
+        return True
 
     # -- ending ----------------------------------------------------------------------------------
     async def pivot(self) -> None:

@@ -36,7 +36,7 @@ from kvmotion.host.storage import (
     stop_exports,
 )
 from kvmotion.host.vmconfig import VmConfig
-from kvmotion.host.vmfiles import create_vm_files, remove_folders, remove_vm_files
+from kvmotion.host.vmfiles import create_vm_files, remove_folders, remove_vm_files, write_record
 from kvmotion.qemu.cmdline import DiskLaunch, NicLaunch, QemuLaunch
 from kvmotion.qemu.process import QemuProcess
 from kvmotion.qemu.qmp import QmpSession
@@ -507,7 +507,7 @@ class VirtualMachine:
         }
         return [sizes[node] for node in nodes]
 
-    async def move_storage(self, datastore: str) -> None:
+    async def move_storage(self, datastore: str, speed_bps: int | None = None) -> None:
         """Storage vMotion on this host: copy every disk to ``datastore`` while the VM runs,
         pivot to the copies when all are ready, then move the record and remove the old files.
         A powered-off VM's files are copied as they are (cold), then switched the same way.
@@ -543,7 +543,7 @@ class VirtualMachine:
         mirror = DiskMirror(qmp, self.config.name, "local", datastore, on_ready=pivot)
         self.storage = mirror
         try:
-            await mirror.start(sources, targets)
+            await mirror.start(sources, targets, speed_bps)
         except BaseException:
             self.drop_copies()
             raise
@@ -574,8 +574,41 @@ class VirtualMachine:
         assert isinstance(self.storage, DiskMirror)
         async with self.lock:
             old_nodes = [d.source_node for d in self.storage.view.disks]
-            await self.storage.pivot()
+            try:
+                await self.storage.pivot()
+            except (QemuError, Conflict):
+                # What counts is what QEMU uses now, whatever the jobs said.
+                if await self._copies_in_use(new) == "none":
+                    raise
             await self._switch_to_copies(new, record, old_nodes)
+
+    async def _copies_in_use(self, new: VmConfig) -> str:
+        """Which of the VM's devices use the copies at ``new``'s paths: "all", "none" or "some".
+
+        "some" (a pivot that failed halfway) is recorded as QEMU has it, every file kept: the
+        record names each disk where it is, and nothing the VM uses is ever deleted.
+        """
+        if self.qmp is None:
+            return "none"
+        files = await disk_files(self.qmp, len(self.config.disks))
+        paths = [str(self.env.datastores.resolve(d.datastore, d.path)) for d in new.disks]
+        uses = [f == p for f, p in zip(files, paths, strict=True)]
+        if all(uses):
+            return "all"
+        if not any(uses):
+            return "none"
+        disks = tuple(
+            n if u else o for n, o, u in zip(new.disks, self.config.disks, uses, strict=True)
+        )
+        self.config = self.config.model_copy(update={"disks": disks})
+        write_record(self.config_path, self.config)
+        self.created, self.moving_to = [], None
+        self.write_registration(incoming=False)
+        self.log.error("a pivot failed halfway: disks recorded where QEMU uses them, files kept")
+        raise QemuError(
+            f"the switch to the copies failed halfway: VM {self.config.name}'s disks are now "
+            "split between datastores (recorded as they are; no file was removed); move them again"
+        )
 
     async def _switch_to_copies(self, new: VmConfig, record: Path, old_nodes: list[str]) -> None:
         """The copies are the VM's disks now: record it first, then remove the old files."""
@@ -606,18 +639,27 @@ class VirtualMachine:
         if self.storage.view.phase in ("completed", "pivoting", "pivoted"):
             raise Conflict("the disks have switched to their copies: too late", code="too_late")
         await self.storage.abort()
+        if self.storage.view.mode == "local" and self.moving_to is not None:
+            # Never remove a file the VM uses: if QEMU switched to the copies after all,
+            # they are the VM's now.
+            new = VmConfig.model_validate_json(self.moving_to.read_text())
+            if await self._copies_in_use(new) == "all":
+                await self._switch_to_copies(new, self.moving_to, [])
+                raise Conflict("the disks had switched to their copies: too late", code="too_late")
         if self.storage.view.mode in ("local", "cold"):
             self.drop_copies()
         return "disk copy cancelled; the VM keeps its disks"
 
-    async def mirror_to(self, host: str, port: int, datastore: str) -> None:
+    async def mirror_to(
+        self, host: str, port: int, datastore: str, speed_bps: int | None = None
+    ) -> None:
         """ "Change both", source side: copy every disk into the destination's NBD exports."""
         qmp = self._check_can_copy_disks()
         sources = await disk_nodes(qmp, len(self.config.disks))
         targets = [nbd_target(i, host, port, f"disk{i}") for i in range(len(self.config.disks))]
         mirror = DiskMirror(qmp, self.config.name, "nbd", datastore)
         self.storage = mirror
-        await mirror.start(sources, targets)
+        await mirror.start(sources, targets, speed_bps)
 
     def outgoing(self) -> Outgoing:
         if not isinstance(self.migration, Outgoing):

@@ -316,9 +316,11 @@ class _TaskRun:
                     f"the disk copy {phase}: {view.get('error') or 'no reason given'}",
                     code=f"disk_copy_{phase}",
                 )
+            stalled = time.monotonic() - last_move > self.ex.stall_timeout_s
             if copied != last_copied:
                 last_copied, last_move = copied, time.monotonic()
-            elif phase == "copying" and time.monotonic() - last_move > self.ex.stall_timeout_s:
+            elif phase == "copying" and view.get("mode") == "nbd" and stalled:
+                # Over the migration link only: a copy between local disks is slow, never cut.
                 raise KvmotionError(
                     f"no disk data copied for {self.ex.stall_timeout_s:.0f} s: the migration "
                     "link may be down",
@@ -379,7 +381,7 @@ class StorageMigration(_TaskRun):
         assert self.req.datastore is not None
         async with self.ex.inventory.agent(self.host) as agent:
             self.started = True
-            await agent.move_storage(self.vm.name, self.req.datastore)
+            await agent.move_storage(self.vm.name, self.req.datastore, self.req.max_bandwidth_bps)
             view = await self._watch_disk_copy(agent, "completed", (0.0, 95.0))
             info = await agent.get_vm(self.vm.name)
         await self.finalize(info, view)
@@ -539,7 +541,9 @@ class ComputeMigration(_TaskRun):
             self.ex.inventory.agent(self.dest) as dest_agent,
         ):
             self.disks_started = True
-            await agent.mirror_disks(self.vm.name, *self.nbd, self.req.datastore)
+            await agent.mirror_disks(
+                self.vm.name, *self.nbd, self.req.datastore, self.req.max_bandwidth_bps
+            )
             await self._watch_disk_copy(
                 agent, "ready", (0.0, 50.0), also=lambda: self._check_destination(dest_agent)
             )

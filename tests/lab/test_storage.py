@@ -200,7 +200,7 @@ def test_storage_move_of_a_powered_off_vm(lab: topology.LabState, center: httpx.
     assert center.post("/v1/vms/vm-o/power-on").status_code == 200
     guest = wait_for_guest(lab, guest_ip(9))
     guest.disk_start(RECORD_INTERVAL_MS)
-    time.sleep(0.5)
+    wait_until(lambda: guest.disk_status().acked > 10, 20, "the guest wrote nothing")
     assert_records_kept(lab, center, "vm-o", guest)
     remove_vm(center, "vm-o", guest)
 

@@ -823,7 +823,7 @@ async def test_storage_move_records_the_new_datastore(center: Center, fake: Fake
     assert task.state == TaskState.SUCCESS, task.error
     assert task.request["dest"] == SRC and task.request["datastore"] == "local-172"
     [move] = fake.called(SRC, "storage_move")
-    assert move.body == {"datastore": "local-172"}
+    assert move.body == {"datastore": "local-172", "max_bandwidth_bps": None}
     # The other host is asked nothing (beyond the center's own refresh).
     assert set(fake.routes(DST)) <= {"facts", "list"}
     record = await center.inventory.vm("vm-a")
@@ -874,15 +874,17 @@ async def test_storage_move_that_pivoted_is_finished_not_undone(
     assert datastores_of(await center.inventory.vm("vm-a")) == ["local-172"]
 
 
-async def test_storage_copy_that_stalls_is_aborted(center: Center, fake: FakeAgents) -> None:
+async def test_copy_over_a_stalled_link_is_aborted(center: Center, fake: FakeAgents) -> None:
     center.executor.stall_timeout_s = 0.05
     fake.script("vm-a", disk_phases=("copying",), disk_offsets=(2**20,))
     task = await run_to_end(
-        center, MigrationRequest("vm-a", "", kind="storage", datastore="local-172")
+        center, MigrationRequest("vm-a", DST, kind="both", datastore="local-173")
     )
     assert task.state == TaskState.ERROR and task.error_code == "copy_stalled"
     assert "link" in (task.error or "")
-    assert fake.called(SRC, "storage_cancel")
+    assert_rolled_back(fake)
+    vm = fake.vm(SRC, "vm-a")
+    assert vm is not None and vm.storage is not None and vm.storage["phase"] == "cancelled"
     assert datastores_of(await center.inventory.vm("vm-a")) == ["shared"]
 
 
