@@ -40,6 +40,8 @@ ROUTES: tuple[tuple[str, str, re.Pattern[str]], ...] = tuple(
         ("create", "POST", "/v1/vms"),
         ("get", "GET", _VM),
         ("power_on", "POST", f"{_VM}/power-on"),
+        ("power_off", "POST", f"{_VM}/power-off"),
+        ("delete", "DELETE", _VM),
         ("incoming", "POST", "/v1/migrations/incoming"),
         ("migrate", "POST", f"{_VM}/migrate"),
         ("cancel", "POST", f"{_VM}/migration/cancel"),
@@ -352,9 +354,21 @@ class FakeAgents(httpx.AsyncBaseTransport):
             return 200, vm.info()
         if route == "power_on":
             if vm.power_state != "poweredOff":
-                raise AgentError(409, "conflict", f"VM {vm.name} is {vm.power_state}")
+                raise AgentError(409, "wrong_state", f"VM {vm.name} is {vm.power_state}")
             vm.power_state, vm.qemu_status = "poweredOn", "running"
             return 200, vm.info()
+        if route == "power_off":
+            if vm.power_state != "poweredOn":
+                raise AgentError(409, "wrong_state", f"VM {vm.name} is {vm.power_state}")
+            vm.power_state, vm.qemu_status = "poweredOff", None
+            return 200, vm.info()
+        if route == "delete":
+            if vm.power_state != "poweredOff":
+                raise AgentError(
+                    409, "wrong_state", f"VM {vm.name} is {vm.power_state}: shut it down first"
+                )
+            del host.vms[vm.name]
+            return 204, None
         if route == "migrate":
             return 202, self._migrate(host, vm, body)
         if route == "cancel":
