@@ -301,5 +301,7 @@ async def serve(center: Center) -> None:
         port=center.config.port,
         log_level="info",
         access_log=False,
+        # Open task streams (a browser tab) must not hold a stopping center up.
+        timeout_graceful_shutdown=3,
     )
     await uvicorn.Server(config).serve()

@@ -20,8 +20,10 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    TypeDecorator,
     event,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -33,6 +35,18 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A UTC timestamp that comes back aware from every database (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
 
 
 class Base(DeclarativeBase):
@@ -72,7 +86,7 @@ class Host(Base):
     cluster_id: Mapped[int | None] = mapped_column(ForeignKey("clusters.id"), default=None)
     connection: Mapped[str] = mapped_column(String(20), default="connected")
     facts: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
     datastores: Mapped[list[Datastore]] = relationship(secondary="host_datastores", lazy="selectin")
 
 
@@ -127,14 +141,14 @@ class Task(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     error_code: Mapped[str | None] = mapped_column(String(80), default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=None)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
 
 
 class Event(Base):
     __tablename__ = "events"
     id: Mapped[int] = mapped_column(primary_key=True)
-    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    time: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     severity: Mapped[str] = mapped_column(String(10), default="info")  # info, warning, alarm
     message: Mapped[str] = mapped_column(Text)
     vm: Mapped[str | None] = mapped_column(String(80), default=None)

@@ -35,7 +35,7 @@ _NEXT = {
 
 # The seed's five steps, as timeline step names.
 STEPS = (
-    ("requested", "1. migration requested; the user is connected to the VM on the source"),
+    ("requested", "1. migration requested; the VM runs, its user connected, on the source"),
     ("precopy", "2. memory pre-copied to the destination; dirty pages re-sent in passes"),
     ("stunned", "3. VM stunned on the source; last dirty pages and device state sent"),
     ("resumed", "4. VM resumed on the destination and announced on the VM network"),
