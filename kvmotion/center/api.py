@@ -167,6 +167,11 @@ def create_app(center: Center) -> FastAPI:
     async def delete_vm(vm: str) -> None:
         record = await inv.vm(vm)
         if record.host is not None:
+            if center.executor.migrating(record.name):
+                raise Conflict(
+                    f"VM {vm} is being migrated: wait for it or cancel the task",
+                    code="already_migrating",
+                )
             async with inv.agent(record.host) as agent:
                 await agent.delete_vm(record.uuid)
         await inv.remove_vm(record.uuid)

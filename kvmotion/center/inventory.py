@@ -88,6 +88,11 @@ def vm_dict(vm: Vm) -> dict[str, Any]:
     }
 
 
+def _disk_places(info: dict[str, Any]) -> list[tuple[str, str]]:
+    disks = (info.get("config") or {}).get("disks") or []
+    return [(str(d.get("datastore")), str(d.get("path"))) for d in disks]
+
+
 def datastore_dict(ds: Datastore) -> dict[str, Any]:
     return {
         "name": ds.name,
@@ -352,7 +357,24 @@ class Inventory:
 
     async def _end_orphan_incoming(self, host: Host, info: dict[str, Any]) -> None:
         """A paused, receiving copy no migration feeds (its migration was aborted while this
-        host's agent was down): end it, and the partial disk copies made for it."""
+        host's agent was down): end it, and the partial disk copies made for it. Not while the
+        VM's own host still migrates it, or completed that (a center restarted mid-migration:
+        the destination is about to resume)."""
+        try:
+            known = await self.vm(info["uuid"])
+        except NotFound:
+            known = None
+        if known is not None and known.host is not None and known.host.name != host.name:
+            try:
+                async with self.agent(known.host) as agent:
+                    theirs = await agent.get_vm(known.uuid)
+            except NotFound:
+                theirs = None
+            except KvmotionError:
+                return  # cannot tell: ask again at the next refresh
+            view = (theirs or {}).get("migration") or {}
+            if view.get("side") == "source" and view.get("phase") not in ("failed", "cancelled"):
+                return
         try:
             async with self.agent(host) as agent:
                 done = (await agent.abort_migration(info["uuid"]))["done"]
@@ -386,8 +408,11 @@ class Inventory:
             return
         phase = ((theirs or {}).get("migration") or {}).get("phase")
         if theirs is not None and phase == "completed":
+            # A "change both" leaves the source's old disks to remove: only if the copy that
+            # runs now uses other files.
+            copied = _disk_places(theirs) != _disk_places(info)
             async with self.agent(vm.host) as agent:
-                await agent.finish_migration(vm.uuid)
+                await agent.finish_migration(vm.uuid, remove_files=copied)
         await record_event(
             self.db,
             f"VM {vm.name} runs on {other.name} after a migration the center did not finish; "

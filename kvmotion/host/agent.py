@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvmotion.errors import Conflict, InsufficientResources, NotFound
+from kvmotion.errors import Conflict, InsufficientResources, NotFound, QemuError
 from kvmotion.host import facts, taps
 from kvmotion.host.config import HostConfig
 from kvmotion.host.cpu import HostCpu, VmCpu
@@ -106,7 +106,11 @@ class HostAgent:
                     **{**registration["cpu"], "features": tuple(registration["cpu"]["features"])}
                 )
             self.vms[vm.config.uuid] = vm
-            attached = await vm.attach()
+            try:
+                attached = await vm.attach()
+            except (QemuError, OSError, ValueError) as exc:  # one VM must not stop the others
+                log.error("re-attaching %s failed: %s (left as is)", vm.config.name, exc)
+                continue
             if not attached and vm.incoming:
                 # The destination of a migration that ended while we were down: not ours.
                 log.info("dropping %s: an incoming migration that never completed", vm.config.name)
@@ -265,6 +269,12 @@ class HostAgent:
                     f"VM {vm.config.name} is {vm.state}: shut it down before deleting it",
                     code="wrong_state",
                 )
+            if vm.storage is not None and vm.storage.running:
+                raise Conflict(
+                    f"VM {vm.config.name}'s disks are being copied: cancel that first",
+                    code="wrong_state",
+                )
+            remove_folders(vm.created)
             remove_vm_files(vm.config, self.datastores, vm.config_path)
             shutil.rmtree(vm.run_dir, ignore_errors=True)
             del self.vms[vm.config.uuid]
@@ -410,7 +420,8 @@ class HostAgent:
 
     async def cancel_storage(self, ref: str) -> str:
         vm = self.get(ref)
-        return await vm.cancel_storage()
+        async with vm.lock:
+            return await vm.cancel_storage()
 
     def link_bandwidth_bps(self) -> int:
         """What the migration link carries, for QEMU's max-bandwidth (not its 128 MiB/s)."""

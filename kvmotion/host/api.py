@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator
 
 from kvmotion import __version__
 from kvmotion.host.agent import HostAgent, HostFacts
@@ -75,7 +75,7 @@ class DiskMirrorRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    host: str = Field(pattern=r"^[0-9.]{7,15}$")
+    host: IPvAnyAddress  # the destination's migration address
     port: int = Field(ge=1, le=65535)
     datastore: str
     max_bandwidth_bps: int | None = Field(None, ge=1_000_000)
@@ -231,7 +231,7 @@ def create_app(agent: HostAgent) -> FastAPI:
     @app.post("/v1/vms/{vm}/storage/mirror", dependencies=auth, status_code=202)
     async def mirror_disks(vm: str, req: DiskMirrorRequest) -> VmInfo:
         return await agent.mirror_disks(
-            vm, req.host, req.port, req.datastore, req.max_bandwidth_bps
+            vm, str(req.host), req.port, req.datastore, req.max_bandwidth_bps
         )
 
     @app.post("/v1/vms/{vm}/storage/cancel", dependencies=auth)

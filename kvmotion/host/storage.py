@@ -37,6 +37,9 @@ JOB_EVENTS = ["BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "
 # copies, but the VM's record does not say so yet).
 TERMINAL = ("completed", "cancelled", "failed")
 END_TIMEOUT = 30.0
+PIVOT_TIMEOUT = 600.0  # once QEMU was told to switch, wait for it rather than guess
+SWITCHOVER_TIMEOUT = 10.0  # the guest is stunned meanwhile: past this, cancel and resume
+NBD_OPEN_TIMEOUT = 15
 
 
 def device_id(index: int) -> str:
@@ -109,13 +112,15 @@ def local_target(index: int, node: str, path: str) -> MirrorTarget:
     return MirrorTarget(index, node, blockdev, path)
 
 
-def nbd_target(index: int, host: str, port: int, export: str) -> MirrorTarget:
-    node = f"nbd-disk{index}"
+def nbd_target(index: int, host: str, port: int, export: str, token: str) -> MirrorTarget:
+    node = f"nbd-disk{index}-{token}"
     blockdev = {
         "driver": "nbd",
         "node-name": node,
         "server": {"type": "inet", "host": host, "port": str(port)},
         "export": export,
+        # A destination that never answers must not hold QMP (and the guest) in connect().
+        "open-timeout": NBD_OPEN_TIMEOUT,
     }
     return MirrorTarget(index, node, blockdev, f"nbd://{host}:{port}/{export}")
 
@@ -131,6 +136,17 @@ async def _disks_inserted(qmp: QmpSession, count: int) -> list[dict[str, Any]]:
     if missing:
         raise QemuError(f"QEMU reports no block node for {', '.join(missing)}")
     return [by_device[device_id(i)] for i in range(count)]
+
+
+async def yank(qmp: QmpSession, nodes: list[str]) -> None:
+    """Shut the NBD connections of ``nodes`` at once: out of band (QEMU answers even with its
+    main loop stuck in a drain), else in band. Errors are ignored: a gone node needs nothing."""
+    instances = {"instances": [{"type": "block-node", "node-name": n} for n in nodes]}
+    try:
+        await qmp.execute("yank", instances, timeout=5, oob=True)
+    except QemuError:
+        with contextlib.suppress(QemuError):
+            await qmp.execute("yank", instances, timeout=5)
 
 
 async def disk_nodes(qmp: QmpSession, count: int) -> list[str]:
@@ -311,7 +327,7 @@ class DiskMirror:
         self.view.phase = "pivoting"
         for copy in self.view.disks:
             await self.qmp.execute("block-job-complete", {"device": copy.job})
-        await self._finish("pivot", "pivoted")
+        await self._finish("pivot", "pivoted", PIVOT_TIMEOUT)
 
     async def complete_at_switchover(self) -> None:
         """NBD copies, with the guest stunned: flush and end each mirror, never pivoting.
@@ -324,13 +340,13 @@ class DiskMirror:
         self.view.phase = "switching"
         for copy in self.view.disks:
             await self.qmp.execute("block-job-cancel", {"device": copy.job})
-        await self._finish("switchover", "completed")
+        await self._finish("switchover", "completed", SWITCHOVER_TIMEOUT)
         for target in self._targets:
             await delete_node(self.qmp, target.node)
 
-    async def _finish(self, what: str, phase: str) -> None:
-        if self._task is None or not await self._wait_ended(END_TIMEOUT):
-            raise QemuError(f"the disk copies did not end at {what} in {END_TIMEOUT:.0f} s")
+    async def _finish(self, what: str, phase: str, timeout: float) -> None:
+        if self._task is None or not await self._wait_ended(timeout):
+            raise QemuError(f"the disk copies did not end at {what} in {timeout:.0f} s")
         if self.view.phase != phase:
             raise QemuError(f"the disk copies ended {self.view.phase} at {what}: {self.view.error}")
 
@@ -347,10 +363,7 @@ class DiskMirror:
             self.view.marks["cancelled"] = time.time()
         nbd = [t.node for t in self._targets if t.blockdev["driver"] == "nbd"]
         if nbd:
-            with contextlib.suppress(QemuError):
-                await self.qmp.execute(
-                    "yank", {"instances": [{"type": "block-node", "node-name": n} for n in nbd]}
-                )
+            await yank(self.qmp, nbd)
         for copy in self.view.disks:
             if copy.status not in TERMINAL:
                 with contextlib.suppress(QemuError):

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from kvmotion.host.storage import (
     local_target,
     nbd_target,
     stop_exports,
+    yank,
 )
 from kvmotion.host.vmconfig import VmConfig
 from kvmotion.host.vmfiles import create_vm_files, remove_folders, remove_vm_files, write_record
@@ -216,6 +218,7 @@ class VirtualMachine:
                 nodes = [f"disk{i}" for i in range(len(self.config.disks))]
                 port = await export_disks(qmp, migration_address, nodes)
                 self.exporting = True
+                self.write_registration(incoming=True)
             return await incoming.listen(migration_address, postcopy=postcopy), port
         except BaseException:
             await self._cleanup_after_exit(kill=True)
@@ -261,7 +264,14 @@ class VirtualMachine:
             "exporting": self.exporting,
             "moving_to": str(self.moving_to) if self.moving_to else None,
         }
-        (self.run_dir / "registration.json").write_text(json.dumps(body))
+        # The registration is a commit point (a storage move's switch): write it atomically.
+        path = self.run_dir / "registration.json"
+        tmp = path.with_name(".registration.json.tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(body))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
         self.incoming = incoming
 
     async def attach(self) -> bool:
@@ -285,6 +295,12 @@ class VirtualMachine:
             await self._recover_incoming(self.qmp)
         if self.moving_to is not None:
             await self._recover_storage_move()
+        elif self.qmp is not None and not self.incoming:
+            # A "change both" source whose agent stopped mid-copy: end its copy, close its nodes.
+            try:
+                await self._end_copy_jobs(self.qmp)
+            except QemuError as exc:
+                self.log.error("could not end disk copies left in QEMU: %s", exc.message)
         self.log.info("re-attached to QEMU pid %d (%s)", process.pid, self.state)
         return True
 
@@ -292,8 +308,7 @@ class VirtualMachine:
         stats = MigrationStats.parse(await qmp.execute("query-migrate"))
         status = await qmp.query_status()
         if stats.status == "completed" and not status.running:
-            if self.exporting:
-                await stop_exports(qmp)
+            await stop_exports(qmp)  # harmless without exports; never leave disks served
             await qmp.execute("cont")
             await qmp.execute("announce-self", ANNOUNCE)
             self.created, self.exporting = [], False
@@ -306,31 +321,58 @@ class VirtualMachine:
             self.state = PowerState.INCOMING
 
     async def _recover_storage_move(self) -> None:
-        """The agent stopped during a storage move: finish the pivot's bookkeeping if QEMU had
-        switched to the copies, else cancel the copies (QEMU's jobs outlive the agent)."""
+        """The agent stopped during a storage move (QEMU's jobs outlive it): end the jobs left,
+        then look at what each device uses. All copies: the move is recorded; none: the copies
+        go; some: recorded as they are. If QEMU cannot be asked, nothing is touched."""
         assert self.moving_to is not None
-        new = VmConfig.model_validate_json(self.moving_to.read_text())
-        path0 = str(self.env.datastores.resolve(new.disks[0].datastore, new.disks[0].path))
-        using = ""
-        if self.qmp is not None:
-            with contextlib.suppress(QemuError):
-                using = (await disk_files(self.qmp, 1))[0]
-        if using == path0:
-            old, old_record = self.config, self.config_path
-            self.config, self.config_path = new, self.moving_to
-            self.created, self.moving_to = [], None
-            self.write_registration(incoming=self.incoming)
-            remove_vm_files(old, self.env.datastores, old_record)
-            self.log.warning("completed a storage move interrupted by an agent restart")
+        if self.qmp is None:
+            self.log.error("a storage move was interrupted and QMP does not answer: kept as is")
             return
-        if self.qmp is not None:
-            with contextlib.suppress(QemuError):
-                for job in await self.qmp.execute("query-block-jobs"):
-                    await self.qmp.execute(
-                        "block-job-cancel", {"device": job["device"], "force": True}
-                    )
-        self.drop_copies()
-        self.log.warning("cancelled a storage move interrupted by an agent restart")
+        try:
+            new = VmConfig.model_validate_json(self.moving_to.read_text())
+            await self._end_copy_jobs(self.qmp)
+            used = await self._copies_in_use(new)
+        except (OSError, ValueError, QemuError, Conflict) as exc:
+            self.log.error("cannot settle an interrupted storage move: %s (kept as is)", exc)
+            return
+        if used == "all":
+            await self._switch_to_copies(new, self.moving_to, [])
+            self.log.warning("completed a storage move interrupted by an agent restart")
+        elif used == "none":
+            self.drop_copies()
+            self.log.warning("cancelled a storage move interrupted by an agent restart")
+
+    async def _end_copy_jobs(self, qmp: QmpSession, timeout: float = 60.0) -> None:
+        """Cancel the disk-copy jobs a stopped agent left in QEMU (yanking NBD connections
+        first) and wait until QEMU reports none; closes stale NBD client nodes."""
+        jobs = [
+            j for j in await qmp.execute("query-block-jobs") if j["device"].startswith("mirror-")
+        ]
+        stale_nbd = [
+            str(n["node-name"])
+            for n in await qmp.execute("query-named-block-nodes", {"flat": True})
+            if str(n.get("node-name", "")).startswith("nbd-disk")
+        ]
+        if stale_nbd:
+            await yank(qmp, stale_nbd)
+        for job in jobs:
+            if job.get("status") not in ("pending", "concluded", "waiting"):
+                with contextlib.suppress(QemuError):
+                    await qmp.execute("block-job-cancel", {"device": job["device"], "force": True})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            left = [
+                j
+                for j in await qmp.execute("query-block-jobs")
+                if j["device"].startswith("mirror-")
+            ]
+            if not left:
+                break
+            await asyncio.sleep(0.2)
+        else:
+            raise QemuError("disk-copy jobs left by a stopped agent did not end")
+        for node in stale_nbd:
+            await delete_node(qmp, node)
 
     async def _connect(self) -> None:
         assert self.process is not None
@@ -538,7 +580,8 @@ class VirtualMachine:
         ]
 
         async def pivot() -> None:
-            await self._pivot_storage(new, record)
+            if self.storage is mirror:  # not a later copy's
+                await self._pivot_storage(new, record)
 
         mirror = DiskMirror(qmp, self.config.name, "local", datastore, on_ready=pivot)
         self.storage = mirror
@@ -577,8 +620,11 @@ class VirtualMachine:
             try:
                 await self.storage.pivot()
             except (QemuError, Conflict):
-                # What counts is what QEMU uses now, whatever the jobs said.
-                if await self._copies_in_use(new) == "none":
+                # What counts is what QEMU uses now, whatever the jobs said; with QEMU gone,
+                # the jobs' own reports (every one completed: every device switched).
+                used = await self._copies_in_use(new)
+                switched = all(d.status == "completed" for d in self.storage.view.disks)
+                if used == "none" or (used == "unknown" and not switched):
                     raise
             await self._switch_to_copies(new, record, old_nodes)
 
@@ -589,7 +635,7 @@ class VirtualMachine:
         record names each disk where it is, and nothing the VM uses is ever deleted.
         """
         if self.qmp is None:
-            return "none"
+            return "unknown"
         files = await disk_files(self.qmp, len(self.config.disks))
         paths = [str(self.env.datastores.resolve(d.datastore, d.path)) for d in new.disks]
         uses = [f == p for f, p in zip(files, paths, strict=True)]
@@ -641,14 +687,22 @@ class VirtualMachine:
         await self.storage.abort()
         if self.storage.view.mode == "local" and self.moving_to is not None:
             # Never remove a file the VM uses: if QEMU switched to the copies after all,
-            # they are the VM's now.
+            # they are the VM's now; if QEMU cannot say, both sets of files stay.
             new = VmConfig.model_validate_json(self.moving_to.read_text())
-            if await self._copies_in_use(new) == "all":
+            used = await self._copies_in_use(new)
+            if used == "all":
                 await self._switch_to_copies(new, self.moving_to, [])
                 raise Conflict("the disks had switched to their copies: too late", code="too_late")
+            if used == "unknown" or (self.qmp is not None and await self._copy_jobs_left()):
+                return "disk copy cancelled; its files are kept (QEMU could not confirm it let go)"
         if self.storage.view.mode in ("local", "cold"):
             self.drop_copies()
         return "disk copy cancelled; the VM keeps its disks"
+
+    async def _copy_jobs_left(self) -> bool:
+        assert self.qmp is not None
+        jobs = await self.qmp.execute("query-block-jobs")
+        return any(j["device"].startswith("mirror-") for j in jobs)
 
     async def mirror_to(
         self, host: str, port: int, datastore: str, speed_bps: int | None = None
@@ -656,7 +710,9 @@ class VirtualMachine:
         """ "Change both", source side: copy every disk into the destination's NBD exports."""
         qmp = self._check_can_copy_disks()
         sources = await disk_nodes(qmp, len(self.config.disks))
-        targets = [nbd_target(i, host, port, f"disk{i}") for i in range(len(self.config.disks))]
+        token = uuidlib.uuid4().hex[:6]
+        count = len(self.config.disks)
+        targets = [nbd_target(i, host, port, f"disk{i}", token) for i in range(count)]
         mirror = DiskMirror(qmp, self.config.name, "nbd", datastore)
         self.storage = mirror
         await mirror.start(sources, targets, speed_bps)
@@ -702,12 +758,8 @@ class VirtualMachine:
         the destination may own it, and two running copies must never exist.
         Destination: end the receiving QEMU.
         """
-        if isinstance(self.migration, Incoming) or self.incoming:
-            if self.state is PowerState.POWERED_ON and not self.incoming:
-                raise Conflict(
-                    f"VM {self.config.name} already resumed on this host: it is the owner now",
-                    code="too_late",
-                )
+        incoming = isinstance(self.migration, Incoming) and self.migration.view.phase != "resumed"
+        if self.incoming or (incoming and self.state is not PowerState.POWERED_ON):
             if self.process is not None:
                 await self._hard_stop(self.process)
             if self.created:
@@ -716,9 +768,16 @@ class VirtualMachine:
                 return "destination ended, its partial disk copies removed"
             return "destination ended"
         storage = ""
-        if self.storage is not None and self.storage.running:
-            await self.storage.abort()
+        if self.storage is not None and self.storage.view.phase != "completed":
+            # Even a copy that failed by itself still has target nodes to close.
+            with contextlib.suppress(Conflict):
+                await self.storage.abort()
             storage = ", its disk copy cancelled"
+        if isinstance(self.migration, Incoming) and not storage:
+            raise Conflict(
+                f"VM {self.config.name} already resumed on this host: it is the owner now",
+                code="too_late",
+            )
         if isinstance(self.migration, Outgoing) and self.migration.view.phase != "completed":
             await self.migration.cancel()
             return "source kept running" + storage

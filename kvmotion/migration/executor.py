@@ -141,6 +141,16 @@ class Executor:
             req = dataclasses.replace(req, dest=vm.host.name)
         elif not req.dest:
             raise InvalidInput(f"a {req.kind} migration needs a destination host")
+        elif req.kind == "both" and req.dest == vm.host.name:
+            raise InvalidInput(
+                f"VM {vm.name} already runs on {req.dest}: to move only its disks, use type "
+                "'storage'"
+            )
+        if req.kind == "both" and req.allow_postcopy:
+            raise InvalidInput(
+                "post-copy cannot be combined with a disk copy (the disks must be consistent "
+                "at switchover): drop allow_postcopy"
+            )
         return req, vm
 
     async def precheck(
@@ -292,6 +302,7 @@ class _TaskRun:
     async def _watch_disk_copy(
         self,
         agent: AgentClient,
+        datastore: str,
         until: str,
         span: tuple[float, float],
         also: Callable[[], Awaitable[None]] | None = None,
@@ -301,8 +312,21 @@ class _TaskRun:
         copy fails or stalls (no byte copied for the stall timeout: a cut link), Cancelled."""
         self._mark("disk_copy")
         last_copied, last_move = -1, time.monotonic()
+        seen_at = time.monotonic()
         while True:
             info = await agent.get_vm(self.vm.name)
+            if info.get("storage") is None:
+                # The agent restarted and forgot the copy: it settled it from its records.
+                if until == "completed" and self._disks_on(info, datastore):
+                    return {"phase": "completed", "marks": {}, "error": None}
+                if time.monotonic() - seen_at > LOST_VIEW_TIMEOUT:
+                    raise KvmotionError(
+                        "the host no longer reports this disk copy (its agent restarted)",
+                        code="migration_lost",
+                    )
+                await asyncio.sleep(POLL_INTERVAL * 2)
+                continue
+            seen_at = time.monotonic()
             view = info.get("storage") or {}
             phase = str(view.get("phase", "copying"))
             disks = view.get("disks") or []
@@ -331,6 +355,11 @@ class _TaskRun:
             if also is not None:
                 await also()
             await asyncio.sleep(POLL_INTERVAL * 2)
+
+    @staticmethod
+    def _disks_on(info: dict[str, Any], datastore: str) -> bool:
+        disks = (info.get("config") or {}).get("disks") or []
+        return bool(disks) and all(d.get("datastore") == datastore for d in disks)
 
     async def _disk_progress(
         self, view: dict[str, Any], copied: int, total: int, span: tuple[float, float]
@@ -382,7 +411,7 @@ class StorageMigration(_TaskRun):
         async with self.ex.inventory.agent(self.host) as agent:
             self.started = True
             await agent.move_storage(self.vm.name, self.req.datastore, self.req.max_bandwidth_bps)
-            view = await self._watch_disk_copy(agent, "completed", (0.0, 95.0))
+            view = await self._watch_disk_copy(agent, self.req.datastore, "completed", (0.0, 95.0))
             info = await agent.get_vm(self.vm.name)
         await self.finalize(info, view)
 
@@ -545,7 +574,11 @@ class ComputeMigration(_TaskRun):
                 self.vm.name, *self.nbd, self.req.datastore, self.req.max_bandwidth_bps
             )
             await self._watch_disk_copy(
-                agent, "ready", (0.0, 50.0), also=lambda: self._check_destination(dest_agent)
+                agent,
+                self.req.datastore,
+                "ready",
+                (0.0, 50.0),
+                also=lambda: self._check_destination(dest_agent),
             )
 
     async def migrate(self, uri: str) -> None:

@@ -196,6 +196,13 @@ def _target_datastore(vm: VmView, host: HostView, datastore: str, f: _Findings) 
             "datastore" + ("" if host.name == vm.host else ", or migrate compute only"),
         )
         return
+    if datastore in vm.disk_datastores:
+        f.error(
+            "disks_split",
+            f"some of VM {vm.name}'s disks are on datastore {datastore!r} already and some not: "
+            "move them all to a third datastore first (every disk moves with the VM's folder)",
+        )
+        return
     free = host.datastore_free_bytes.get(datastore)
     need = int(vm.disk_bytes * (1 + SPACE_MARGIN))
     if free is not None and need > free:

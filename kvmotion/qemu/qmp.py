@@ -88,11 +88,14 @@ class QmpSession:
             log.debug("%s: disconnect: %s", self.name, exc)
 
     async def execute(
-        self, command: str, arguments: JSON | None = None, timeout: float = 30.0
+        self, command: str, arguments: JSON | None = None, timeout: float = 30.0, oob: bool = False
     ) -> Any:
-        """Run one QMP command; raise QemuError with QEMU's own message on failure."""
+        """Run one QMP command; raise QemuError with QEMU's own message on failure.
+        ``oob``: out of band, answered even while QEMU's main loop is busy (commands that allow
+        it, such as ``yank``)."""
         try:
-            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+            call = self._client.execute(command, arguments, oob=oob)
+            return await asyncio.wait_for(call, timeout)
         except TimeoutError as exc:
             raise QemuError(f"{self.name}: QMP {command} timed out after {timeout:.0f} s") from exc
         except QMPError as exc:

@@ -243,12 +243,17 @@ def test_change_both_local_to_local_with_user_connected(
 
 
 def assert_kept_on_source(
-    lab: topology.LabState, center: httpx.Client, vm: str, guest: GuestClient, pid: int
+    lab: topology.LabState,
+    center: httpx.Client,
+    vm: str,
+    guest: GuestClient,
+    pid: int,
+    index: int = 0,
 ) -> None:
     info = center.get(f"/v1/vms/{vm}").json()
-    assert info["host"] == SRC and info["power_state"] == "poweredOn"
-    assert [d["datastore"] for d in info["config"]["disks"]] == ["local-172"]
-    assert qemus_on(lab, 0, info["uuid"]) == [pid]
+    assert info["host"] == lab.hosts[index].name and info["power_state"] == "poweredOn"
+    assert [d["datastore"] for d in info["config"]["disks"]] == [f"local-{172 + index}"]
+    assert qemus_on(lab, index, info["uuid"]) == [pid]
     assert_records_kept(lab, center, vm, guest)
 
 
@@ -293,28 +298,36 @@ def test_change_both_destination_agent_killed_mid_copy(
 def test_change_both_migration_link_cut_mid_copy(
     lab: topology.LabState, center: httpx.Client
 ) -> None:
+    """The VM first arrives on .173 by a migration (its agent then holds that migration's
+    record), then goes back with its disks while .172's migration link is cut mid-copy."""
     guest = create_vm(lab, center, "vm-c", 7, "local-172", prefill_mib=256)
     uuid = center.get("/v1/vms/vm-c").json()["uuid"]
-    [pid] = qemus_on(lab, 0, uuid)
-    topology.shape_link(SRC, 100)
+    task = migrate(center, "vm-c", type="both", host=DST, datastore="local-173")
+    assert task["state"] == "success", task["error"]
+    [pid] = qemus_on(lab, 1, uuid)
+    topology.shape_link(DST, 100)
     ping = user_ping_loop(lab, 7)
     try:
-        task_id = start(center, "vm-c", type="both", host=DST, datastore="local-173")
+        task_id = start(center, "vm-c", type="both", host=SRC, datastore="local-172")
         wait_copying(center, task_id)
-        topology.set_link_up(DST, False)
+        topology.set_link_up(SRC, False)
         task = wait_task(center, task_id, deadline=120)
         time.sleep(1.0)  # the user keeps working after the failed attempt
     finally:
-        topology.set_link_up(DST, True)
-        topology.shape_link(SRC, None)
+        topology.set_link_up(SRC, True)
+        topology.shape_link(DST, None)
         ping.stop()
         summary = ping.join(timeout=30)
     assert task["state"] == "error" and task["error_code"] == "copy_stalled", task
-    assert "link" in task["error"]
+    assert "link" in task["error"] and "disk copy cancelled" in task["error"], task["error"]
     assert_user_noticed_nothing(summary)
-    assert_kept_on_source(lab, center, "vm-c", guest, pid)
-    assert not qemus_on(lab, 1, uuid), "the destination's QEMU was left running"
-    assert not vm_folder(lab, "local-173", "vm-c").exists(), "partial copy left behind"
+    assert_kept_on_source(lab, center, "vm-c", guest, pid, index=1)
+    assert not qemus_on(lab, 0, uuid), "the destination's QEMU was left running"
+    assert not vm_folder(lab, "local-172", "vm-c").exists(), "partial copy left behind"
+    # The copy's leftovers are gone from the source's QEMU too: the VM moves again.
+    task = migrate(center, "vm-c", type="both", host=SRC, datastore="local-172")
+    assert task["state"] == "success", task["error"]
+    assert_records_kept(lab, center, "vm-c", guest)
     remove_vm(center, "vm-c", guest)
 
 

@@ -505,6 +505,11 @@ async def test_refused_unknown_vm(center: Center, fake: FakeAgents) -> None:
             MigrationRequest("vm-a", DST, kind="storage", datastore="shared"),
             "use type 'both'",
         ),
+        (MigrationRequest("vm-a", SRC, kind="both", datastore="local-172"), "use type 'storage'"),
+        (
+            MigrationRequest("vm-a", DST, kind="both", datastore="local-173", allow_postcopy=True),
+            "post-copy cannot be combined",
+        ),
     ],
 )
 async def test_refused_inconsistent_request(
@@ -937,6 +942,21 @@ async def test_change_both_destination_dies_mid_copy(center: Center, fake: FakeA
     vm = fake.vm(SRC, "vm-a")
     assert vm is not None and vm.storage is not None and vm.storage["phase"] == "cancelled"
     assert await vm_host(center) == SRC
+
+
+async def test_refresh_leaves_an_incoming_copy_its_source_still_feeds(
+    center: Center, fake: FakeAgents
+) -> None:
+    """A center restarted mid-migration must not end a destination the source still migrates
+    to (it may be about to resume)."""
+    source = fake.vm(SRC, "vm-a")
+    assert source is not None
+    source.migration = {"side": "source", "phase": "active", "marks": {}, "samples": []}
+    incoming = fake.add_vm(DST, "vm-a", power_state="incoming")
+    incoming.migration = None
+    await center.inventory.refresh_host(DST)
+    assert aborts(fake, DST) == []
+    assert fake.vm(DST, "vm-a") is not None
 
 
 async def test_refresh_ends_an_orphaned_incoming_copy(center: Center, fake: FakeAgents) -> None:

@@ -396,6 +396,13 @@ def test_compute_only_of_a_local_vm_suggests_both() -> None:
         (vm(migrating=True, **DISKS), LOCAL_172, "local-172", "already_migrating", "already"),
         (vm(**DISKS), LOCAL_173, "local-172", "datastore_not_visible", "does not see"),
         (vm(**DISKS), LOCAL_173, "shared", "same_datastore", "compute only"),
+        (
+            vm(disk_datastores=("shared", "local-172"), **DISKS),
+            LOCAL_172,
+            "local-172",
+            "disks_split",
+            "third datastore",
+        ),
         (vm(disk_bytes=46 * GiB), LOCAL_173, "local-173", "insufficient_space", "10%"),
     ],
 )
