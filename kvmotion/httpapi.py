@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvmotion.errors import KvmotionError, Unauthorized
 
@@ -31,6 +32,14 @@ class ErrorBody(BaseModel):
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
     status: {"model": ErrorBody} for status in (401, 404, 409, 422, 502, 507)
+}
+
+
+HTTP_CODES = {
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    400: "invalid_input",
 }
 
 
@@ -53,6 +62,19 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.http_status >= 500:
             log.error("%s: %s", exc.code, exc.message)
         return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """The framework's own refusals (no such route, wrong method, a body that does not
+        parse) in the same shape as ours."""
+        code = HTTP_CODES.get(
+            exc.status_code, "invalid_input" if exc.status_code < 500 else "error"
+        )
+        message = str(exc.detail)
+        if exc.status_code == 405:
+            message = f"{message}: see /docs for the methods this path accepts"
+        content = {"error": {"code": code, "message": message}}
+        return JSONResponse(status_code=exc.status_code, content=content, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -11,9 +11,10 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI
+from fastapi import Path as FastApiPath
 from fastapi.responses import StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -24,7 +25,7 @@ from kvmotion.center.db import Event
 from kvmotion.center.inventory import datastore_dict, host_dict, vm_dict
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import task_dict
-from kvmotion.errors import Conflict, KvmotionError
+from kvmotion.errors import Conflict, InvalidInput, KvmotionError
 from kvmotion.host.config import DEFAULT_AGENT_PORT
 from kvmotion.host.vmconfig import VmCreateRequest, check_name
 from kvmotion.httpapi import ERROR_RESPONSES, bearer_checker, install_error_handlers
@@ -33,7 +34,8 @@ from kvmotion.migration.executor import MigrationRequest
 
 class HostAdd(BaseModel):
     address: str = Field(pattern=r"^[A-Za-z0-9.:-]{1,255}$")
-    token: str = Field(min_length=1, max_length=512)
+    # Sent to the agent in an HTTP header: printable ASCII only.
+    token: str = Field(pattern=r"^[\x21-\x7e]{1,512}$")
     port: int = Field(DEFAULT_AGENT_PORT, ge=1, le=65535)
 
 
@@ -67,6 +69,7 @@ class MigrateBody(BaseModel):
 
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
+TaskId = Annotated[int, FastApiPath(ge=-(2**63), le=2**63 - 1)]  # what the database can hold
 STREAM_INTERVAL = 0.5
 
 
@@ -179,7 +182,10 @@ def create_app(center: Center) -> FastAPI:
     # -- migrations ------------------------------------------------------------------------------
     @app.post("/v1/vms/{vm}/migrate", dependencies=auth, status_code=202)
     async def migrate(vm: str, body: MigrateBody) -> dict[str, Any]:
-        check_name(vm, "VM name")
+        try:
+            check_name(vm, "VM name")
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
         task_id = await center.executor.submit(body.request(vm))
         return task_dict(await center.tasks.get(task_id))
 
@@ -248,11 +254,11 @@ def create_app(center: Center) -> FastAPI:
         return [task_dict(t) for t in await center.tasks.list(min(max(limit, 1), 500))]
 
     @app.get("/v1/tasks/{task_id}", dependencies=auth)
-    async def get_task(task_id: int) -> dict[str, Any]:
+    async def get_task(task_id: TaskId) -> dict[str, Any]:
         return task_dict(await center.tasks.get(task_id))
 
     @app.post("/v1/tasks/{task_id}/cancel", dependencies=auth)
-    async def cancel_task(task_id: int) -> dict[str, Any]:
+    async def cancel_task(task_id: TaskId) -> dict[str, Any]:
         return task_dict(await center.tasks.request_cancel(task_id))
 
     @app.get("/v1/tasks-stream", dependencies=auth)
