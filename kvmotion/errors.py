@@ -80,6 +80,11 @@ class Unauthorized(PreconditionError):
     http_status = 401
 
 
+class Forbidden(PreconditionError):
+    code = "forbidden"
+    http_status = 403
+
+
 class ExecutionError(KvmotionError):
     """Work started and failed partway."""
 

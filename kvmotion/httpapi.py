@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvmotion.errors import KvmotionError, Unauthorized
+from kvmotion.errors import Forbidden, KvmotionError, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class ErrorBody(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorBody} for status in (401, 404, 409, 422, 502, 507)
+    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 422, 502, 507)
 }
 
 
@@ -105,6 +105,36 @@ def api_client(
         transport=transport,
         verify=tls_context(),
     )
+
+
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def role_checker(
+    tokens: dict[str, tuple[str, str]], who: str, read_paths: tuple[str, ...] = ()
+) -> Callable[[Request], Awaitable[None]]:
+    """A FastAPI dependency for an API with roles. ``tokens``: token -> (name, role), role
+    "admin" (everything) or "read-only" (GET, and POSTs whose path ends with one of
+    ``read_paths``, such as a precheck that changes nothing). Raises Unauthorized (no or an
+    unknown token) or Forbidden (a read-only token asking for a change); never echoes a token."""
+    known = [(f"Bearer {t}".encode(), name, role) for t, (name, role) in tokens.items()]
+
+    async def check(request: Request) -> None:
+        given = (request.headers.get("authorization") or "").encode()
+        match = None
+        for expected, name, role in known:  # compare with every token: no timing hint
+            if secrets.compare_digest(given, expected):
+                match = (name, role)
+        if match is None:
+            raise Unauthorized(f"missing or wrong token: {who}")
+        name, role = match
+        reads = request.method in READ_METHODS or request.url.path.endswith(read_paths)
+        if role != "admin" and not reads:
+            raise Forbidden(
+                f"{name!r} may only look (role {role}): ask an administrator to do this"
+            )
+
+    return check
 
 
 def bearer_checker(token: str, who: str) -> Callable[[Request], Awaitable[None]]:

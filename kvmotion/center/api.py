@@ -7,7 +7,9 @@ Every route but ``/v1/health`` needs the center's token. Errors use the shared t
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -28,12 +30,25 @@ from kvmotion.center.tasks import task_dict
 from kvmotion.errors import Conflict, InvalidInput, KvmotionError
 from kvmotion.host.config import DEFAULT_AGENT_PORT
 from kvmotion.host.vmconfig import VmCreateRequest, check_name
-from kvmotion.httpapi import ERROR_RESPONSES, bearer_checker, install_error_handlers
+from kvmotion.httpapi import ERROR_RESPONSES, install_error_handlers, role_checker
 from kvmotion.migration.executor import MigrationRequest
 
 
 class HostAdd(BaseModel):
-    address: str = Field(pattern=r"^[A-Za-z0-9.:-]{1,255}$")
+    address: str = Field(max_length=255)  # an IP address or a DNS name
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            return str(ipaddress.ip_address(value))
+        except ValueError:
+            pass
+        labels = value.rstrip(".").split(".")
+        if not all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", x) for x in labels):
+            raise ValueError(f"{value[:80]!r} is neither an IP address nor a host name")
+        return value
+
     # Sent to the agent in an HTTP header: printable ASCII only.
     token: str = Field(pattern=r"^[\x21-\x7e]{1,512}$")
     port: int = Field(DEFAULT_AGENT_PORT, ge=1, le=65535)
@@ -98,7 +113,15 @@ def create_app(center: Center) -> FastAPI:
         title="kvmotion center", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES
     )
     install_error_handlers(app)
-    auth = [Depends(bearer_checker(center.config.token, "the center needs its API token"))]
+    auth = [
+        Depends(
+            role_checker(
+                center.config.api_tokens(),
+                "the center needs an API token (its own, or a user's from its config)",
+                read_paths=("/precheck",),
+            )
+        )
+    ]
     inv = center.inventory
 
     @app.get("/v1/health")

@@ -141,7 +141,7 @@ class Inventory:
     # -- hosts ---------------------------------------------------------------------------------
     async def add_host(self, address: str, token: str, port: int) -> Host:
         """Connect to a host's agent and add it (and its datastores, networks and VMs)."""
-        url = f"http://{address}:{port}"
+        url = f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
         async with AgentClient(url, token, timeout=10, transport=self.transport) as agent:
             facts = await agent.facts()
         async with self.db.session() as s:

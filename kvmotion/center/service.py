@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Literal
 
 import httpx
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from kvmotion.center.clusters import Clusters
 from kvmotion.center.db import Database
@@ -22,14 +23,29 @@ log = logging.getLogger(__name__)
 DEFAULT_CENTER_PORT = 8600
 
 
+class ApiToken(BaseModel):
+    """Someone who may use the center's API besides its administrator token."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+    token: str = Field(pattern=r"^[\x21-\x7e]{16,512}$", repr=False)
+    role: Literal["admin", "read-only"] = "read-only"
+
+
 class CenterConfig(ConfigFile):
     listen: str = "127.0.0.1"
     port: int = DEFAULT_CENTER_PORT
     db_url: str = "sqlite+aiosqlite:////var/lib/kvmotion/center.db"
-    token: str = Field(repr=False)
+    token: str = Field(repr=False)  # the administrator's ("admin")
+    users: list[ApiToken] = Field(default_factory=list)  # more tokens, each with a role
     refresh_interval_s: float = 5.0
     migrations_per_host: int = DEFAULT_HOST_LIMIT
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT  # a copy that moves no byte this long aborts
+
+    def api_tokens(self) -> dict[str, tuple[str, str]]:
+        """Every token the API accepts: token -> (name, role)."""
+        tokens: dict[str, tuple[str, str]] = {u.token: (u.name, u.role) for u in self.users}
+        tokens[self.token] = ("admin", "admin")
+        return tokens
 
 
 class Center:

@@ -19,12 +19,14 @@ import pytest
 import pytest_asyncio
 
 from kvmotion.center.api import create_app
-from kvmotion.center.service import Center, CenterConfig
+from kvmotion.center.service import ApiToken, Center, CenterConfig
 from tests.unit.fake_agent import PORT, TOKEN, FakeAgents
 
 SRC, DST = "172.16.0.172", "172.16.0.173"
 CENTER_TOKEN = "center-secret"
 AUTH = {"Authorization": f"Bearer {CENTER_TOKEN}"}
+READER_TOKEN = "read-only-token-0123456789"
+READER = {"Authorization": f"Bearer {READER_TOKEN}"}
 LONG = "a" * 10_000
 
 
@@ -160,6 +162,9 @@ CASES: list[Case] = [  # at least 50 kinds (issue 8)
     ("PUT", "/v1/vms/vm-a/evc", {"mode": "x" * 100}, 422, "invalid_input"),
     ("POST", "/v1/clusters/Cluster/hosts", {"host": "172.16.0.199"}, 404, "host_not_found"),
     ("POST", "/v1/hosts", {"address": "", "token": "t"}, 422, "invalid_input"),
+    ("POST", "/v1/hosts", {"address": ":", "token": "t"}, 422, "invalid_input"),
+    ("POST", "/v1/hosts", {"address": "a..b", "token": "t"}, 422, "invalid_input"),
+    ("POST", "/v1/hosts", {"address": SRC, "token": "t\u00e9"}, 422, "invalid_input"),
     ("POST", "/v1/hosts", {"address": SRC, "token": "t", "port": 0}, 422, "invalid_input"),
     ("POST", "/v1/hosts", {"address": SRC, "token": "t", "port": 70000}, 422, "invalid_input"),
     # -- query parameters ----------------------------------------------------------------------
@@ -182,7 +187,10 @@ async def api(folder: Path) -> AsyncIterator[httpx.AsyncClient]:
     fake.add_vm(SRC, "vm-a")
     fake.add_vm(SRC, "vm-off", power_state="poweredOff")
     config = CenterConfig(
-        db_url=f"sqlite+aiosqlite:///{folder}/c.db", token=CENTER_TOKEN, refresh_interval_s=3600
+        db_url=f"sqlite+aiosqlite:///{folder}/c.db",
+        token=CENTER_TOKEN,
+        refresh_interval_s=3600,
+        users=[ApiToken(name="student", token=READER_TOKEN, role="read-only")],
     )
     center = Center(config, transport=fake)
     await center.start()
@@ -248,6 +256,28 @@ async def test_requests_without_the_token_are_refused(
         assert r.status_code == 401, (method, path, r.text)
         assert r.json()["error"]["code"] == "unauthorized"
         assert CENTER_TOKEN not in r.text
+    assert await snapshot(api) == before
+
+
+async def test_a_read_only_user_looks_but_changes_nothing(api: httpx.AsyncClient) -> None:
+    before = await snapshot(api)
+    for path in ("/v1/vms", "/v1/hosts", "/v1/tasks", "/v1/clusters", "/v1/events"):
+        assert (await api.get(path, headers=READER)).status_code == 200, path
+    r = await api.post("/v1/vms/vm-a/migrate/precheck", json={"host": DST}, headers=READER)
+    assert r.status_code == 200 and r.json()["ok"], r.text  # a precheck changes nothing
+    for method, path, body in (
+        ("POST", "/v1/vms/vm-a/migrate", {"host": DST}),
+        ("POST", "/v1/vms/vm-a/power-off", None),
+        ("DELETE", "/v1/vms/vm-off", None),
+        ("POST", "/v1/clusters", {"name": "mine"}),
+        ("PUT", "/v1/clusters/Cluster/evc", {"mode": None}),
+        ("POST", "/v1/vms", spec()),
+    ):
+        r = await api.request(method, path, json=body, headers=READER)
+        assert r.status_code == 403, (method, path, r.text)
+        error = r.json()["error"]
+        assert error["code"] == "forbidden" and "student" in error["message"]
+        assert READER_TOKEN not in r.text
     assert await snapshot(api) == before
 
 
