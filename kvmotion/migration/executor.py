@@ -603,9 +603,22 @@ class ComputeMigration(_TaskRun):
             self.ex.inventory.agent(self.dest) as dest_agent,
         ):
             no_view_since = time.monotonic()
+            sent, moved_at = -1, time.monotonic()
             while True:
                 info = await agent.get_vm(self.vm.name)
                 view = info.get("migration") or {}
+                stats_now = view.get("stats") or {}
+                if int(stats_now.get("transferred_bytes") or 0) != sent:
+                    sent, moved_at = int(stats_now.get("transferred_bytes") or 0), time.monotonic()
+                elif (
+                    view.get("phase") == "active"
+                    and time.monotonic() - moved_at > self.ex.stall_timeout_s
+                ):
+                    raise KvmotionError(
+                        f"no memory sent for {self.ex.stall_timeout_s:.0f} s: the migration "
+                        "link may be down",
+                        code="migration_stalled",
+                    )
                 if view.get("side") != "source":
                     # The source agent forgot this migration (it restarted): nothing to follow.
                     if time.monotonic() - no_view_since > LOST_VIEW_TIMEOUT:
