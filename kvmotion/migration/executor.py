@@ -299,6 +299,25 @@ class _TaskRun:
     async def abort(self, reason: str, state: TaskState, code: str | None = None) -> None:
         raise NotImplementedError
 
+    async def _aborted(
+        self, state: TaskState, reason: str, code: str | None, notes: list[str], what: str
+    ) -> None:
+        """Record how an abort ended: the task's final state and reason, and an event."""
+        with contextlib.suppress(KvmotionError):
+            await self._update(
+                state=state,
+                phase="aborted",
+                error=reason + (f" ({'; '.join(notes)})" if notes else ""),
+                error_code=code or ("cancelled" if state is TaskState.CANCELLED else "failed"),
+            )
+        await record_event(
+            self.ex.db,
+            f"{what} of VM {self.vm.name} {state}: {reason}",
+            severity="warning",
+            vm=self.vm.name,
+            task_id=self.task_id,
+        )
+
     async def _watch_disk_copy(
         self,
         agent: AgentClient,
@@ -454,19 +473,12 @@ class StorageMigration(_TaskRun):
                 note = exc.message
             except KvmotionError as exc:
                 note = exc.message
-        with contextlib.suppress(KvmotionError):
-            await self._update(
-                state=state,
-                phase="aborted",
-                error=reason + (f" ({note})" if note else ""),
-                error_code=code or ("cancelled" if state is TaskState.CANCELLED else "failed"),
-            )
-        await record_event(
-            self.ex.db,
-            f"storage migration of VM {self.vm.name} to {self.req.datastore} {state}: {reason}",
-            severity="warning",
-            vm=self.vm.name,
-            task_id=self.task_id,
+        await self._aborted(
+            state,
+            reason,
+            code,
+            [note] if note else [],
+            f"storage migration to {self.req.datastore}",
         )
 
     async def _finish_after_pivot(self) -> bool:
@@ -840,19 +852,8 @@ class ComputeMigration(_TaskRun):
                 notes.append(f"source: {done}")
             except KvmotionError as exc:
                 notes.append(f"source: {exc.message}")
-        with contextlib.suppress(KvmotionError):
-            await self._update(
-                state=state,
-                phase="aborted",
-                error=reason + (f" ({'; '.join(notes)})" if notes else ""),
-                error_code=code or ("cancelled" if state is TaskState.CANCELLED else "failed"),
-            )
-        await record_event(
-            self.ex.db,
-            f"{self.req.kind} migration of VM {self.vm.name} to {self.dest.name} {state}: {reason}",
-            severity="warning",
-            vm=self.vm.name,
-            task_id=self.task_id,
+        await self._aborted(
+            state, reason, code, notes, f"{self.req.kind} migration to {self.dest.name}"
         )
 
 
