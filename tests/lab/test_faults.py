@@ -49,7 +49,7 @@ def guest(lab: topology.LabState, center: httpx.Client) -> Iterator[GuestClient]
     # Disk records, no memory dirtying: the shaped link makes pre-copy long already, and a busy
     # guest over a long pre-copy is where TCG loses writes (docs/vmotion.md), which would hide
     # what this test is about.
-    client.disk_start(5)
+    client.disk_start(20)
     yield client
     client.close()
 
