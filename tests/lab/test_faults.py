@@ -39,8 +39,10 @@ def center(lab: topology.LabState) -> Iterator[httpx.Client]:
     yield from center_http(lab)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def guest(lab: topology.LabState, center: httpx.Client) -> Iterator[GuestClient]:
+    """A fresh VM for each cell, so that cells are independent (under TCG a guest that lived
+    through one cell's failed migration must not be the next cell's subject)."""
     spec = vm_spec(VM, INDEX, memory_mib=256)
     r = center.post("/v1/vms", json={"host": lab.hosts[0].name, "spec": spec})
     assert r.status_code == 201, r.text
@@ -52,6 +54,8 @@ def guest(lab: topology.LabState, center: httpx.Client) -> Iterator[GuestClient]
     client.disk_start(20)
     yield client
     client.close()
+    center.post(f"/v1/vms/{VM}/power-off")
+    center.delete(f"/v1/vms/{VM}")
 
 
 def all_qemus(lab: topology.LabState, uuid: str) -> list[tuple[int, int]]:
