@@ -27,7 +27,7 @@ from kvmotion.center.db import Event
 from kvmotion.center.inventory import datastore_dict, host_dict, vm_dict
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import task_dict
-from kvmotion.errors import Conflict, InvalidInput, KvmotionError
+from kvmotion.errors import Conflict, KvmotionError
 from kvmotion.host.config import DEFAULT_AGENT_PORT
 from kvmotion.host.vmconfig import VmCreateRequest, check_name
 from kvmotion.httpapi import ERROR_RESPONSES, install_error_handlers, role_checker
@@ -205,10 +205,6 @@ def create_app(center: Center) -> FastAPI:
     # -- migrations ------------------------------------------------------------------------------
     @app.post("/v1/vms/{vm}/migrate", dependencies=auth, status_code=202)
     async def migrate(vm: str, body: MigrateBody) -> dict[str, Any]:
-        try:
-            check_name(vm, "VM name")
-        except ValueError as exc:
-            raise InvalidInput(str(exc)) from None
         task_id = await center.executor.submit(body.request(vm))
         return task_dict(await center.tasks.get(task_id))
 

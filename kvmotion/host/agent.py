@@ -98,7 +98,6 @@ class HostAgent:
                 continue
             vm.incoming = bool(registration.get("incoming", False))
             vm.created = [Path(p) for p in registration.get("created") or []]
-            vm.exporting = bool(registration.get("exporting", False))
             moving_to = registration.get("moving_to")
             vm.moving_to = Path(moving_to) if moving_to else None
             if registration.get("cpu"):

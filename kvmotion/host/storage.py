@@ -72,7 +72,9 @@ class StorageView:
     """What a host reports about a VM's disk copy."""
 
     mode: str  # "local": pivot to copies here; "nbd": copies for another host's VM
-    phase: str  # copying, ready, pivoting, completed, failed, cancelled
+    # copying, ready; then pivoting, pivoted (devices on the copies, record not yet), completed
+    # (storage move) or switching, completed (change both); or failed, cancelled
+    phase: str
     datastore: str
     disks: list[DiskCopy] = field(default_factory=list)
     marks: dict[str, float] = field(default_factory=dict)

@@ -109,7 +109,6 @@ class VirtualMachine:
         # Folders made on this host for this VM's new copy (a "change both" destination, or a
         # storage move's target): removed if the copy does not become the VM's.
         self.created: list[Path] = []
-        self.exporting = False  # a "change both" destination serving its disks over NBD
         self.moving_to: Path | None = None  # a storage move's new record, until it pivots
         self.log = log.getChild(config.name)
 
@@ -217,8 +216,6 @@ class VirtualMachine:
             if export:
                 nodes = [f"disk{i}" for i in range(len(self.config.disks))]
                 port = await export_disks(qmp, migration_address, nodes)
-                self.exporting = True
-                self.write_registration(incoming=True)
             return await incoming.listen(migration_address, postcopy=postcopy), port
         except BaseException:
             await self._cleanup_after_exit(kill=True)
@@ -227,7 +224,6 @@ class VirtualMachine:
     def _resumed_here(self) -> None:
         self._set_state(PowerState.POWERED_ON)
         self.created = []  # the new copy is the VM's own now
-        self.exporting = False
         self.write_registration(incoming=False)
 
     async def _start(self, *, incoming: bool) -> None:
@@ -261,7 +257,6 @@ class VirtualMachine:
             "incoming": incoming,
             "cpu": dataclasses.asdict(self.cpu) if self.cpu is not None else None,
             "created": [str(p) for p in self.created],
-            "exporting": self.exporting,
             "moving_to": str(self.moving_to) if self.moving_to else None,
         }
         # The registration is a commit point (a storage move's switch): write it atomically.
@@ -311,11 +306,11 @@ class VirtualMachine:
             await stop_exports(qmp)  # harmless without exports; never leave disks served
             await qmp.execute("cont")
             await qmp.execute("announce-self", ANNOUNCE)
-            self.created, self.exporting = [], False
+            self.created = []
             self.write_registration(incoming=False)
             self.log.warning("resumed after an agent restart: the incoming stream had completed")
         elif status.running:
-            self.created, self.exporting = [], False
+            self.created = []
             self.write_registration(incoming=False)
         else:
             self.state = PowerState.INCOMING
@@ -539,10 +534,9 @@ class VirtualMachine:
             raise Conflict(f"VM {self.config.name} is migrating", code="already_migrating")
         return self.qmp
 
-    async def disk_sizes(self) -> list[int]:
-        """Each disk's virtual size in bytes, as QEMU has it open."""
+    async def disk_sizes(self, nodes: list[str]) -> list[int]:
+        """The virtual size in bytes of each of ``nodes``, as QEMU has it open."""
         assert self.qmp is not None
-        nodes = await disk_nodes(self.qmp, len(self.config.disks))
         sizes = {
             str(n.get("node-name")): int(n["image"]["virtual-size"])
             for n in await self.qmp.execute("query-named-block-nodes", {"flat": True})
@@ -566,8 +560,8 @@ class VirtualMachine:
             return
         qmp = self._check_can_copy_disks()
         new = self.config.moved_to(datastore)
-        sizes = await self.disk_sizes()
         sources = await disk_nodes(qmp, len(self.config.disks))
+        sizes = await self.disk_sizes(sources)
         record, created = await create_vm_files(new, self.env.datastores, sizes)
         self.created, self.moving_to = created, record
         self.write_registration(incoming=False)

@@ -31,11 +31,6 @@ async def qemu_img(*args: str) -> None:
         raise ExecutionError(f"qemu-img {args[0]} failed: {out.decode().strip()}", code="qemu_img")
 
 
-def record_path(config: VmConfig, datastores: Datastores) -> Path:
-    """Where the VM's record lives: ``<datastore>/<name>/vm.json``."""
-    return datastores.resolve(config.datastore, f"{config.name}/{RECORD}")
-
-
 def write_record(path: Path, config: VmConfig) -> None:
     """Write the record atomically (a crash leaves the old one or the new one, never half)."""
     tmp = path.with_name(f".{path.name}.tmp")

@@ -13,7 +13,8 @@ import httpx
 import pytest
 
 from kvmotion.lab import labcenter, netns, topology
-from kvmotion.lab.demo import ensure_image
+from kvmotion.lab.demo import GUEST_PORT, ensure_image, guest_ip
+from kvmotion.lab.guestclient import PingLoop, PingSummary
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
 
@@ -119,3 +120,17 @@ def wait_task(center: httpx.Client, task_id: int, deadline: float = 120.0) -> di
             return task
         time.sleep(0.1)
     raise AssertionError(f"task {task_id} did not end in {deadline:.0f} s")
+
+
+def user_ping_loop(state: topology.LabState, index: int = 0) -> PingLoop:
+    """The user: a PING every 10 ms to the guest at ``guest_ip(index)``, on one TCP connection."""
+    sock = netns.connect_in_netns(state.client_netns, guest_ip(index), GUEST_PORT, timeout=5.0)
+    return PingLoop(sock, interval=0.01, max_duration=300, owns_socket=True).start()
+
+
+def assert_user_noticed_nothing(summary: PingSummary) -> None:
+    assert summary.same_connection, f"the user's connection dropped: {summary.error}"
+    assert summary.lost == 0, f"{summary.lost} requests lost"
+    assert summary.n_monotonic, "guestd restarted: the VM did not keep running"
+    assert summary.max_gap_ms < 1000, f"longest gap {summary.max_gap_ms:.0f} ms"
+    assert summary.answered == summary.sent >= 50

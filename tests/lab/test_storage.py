@@ -21,10 +21,16 @@ import httpx
 import pytest
 
 from kvmotion.lab import netns, topology
-from kvmotion.lab.demo import GUEST_PORT, guest_ip, vm_spec, wait_for_guest
-from kvmotion.lab.guestclient import GuestClient, PingLoop, PingSummary
+from kvmotion.lab.demo import guest_ip, vm_spec, wait_for_guest
+from kvmotion.lab.guestclient import GuestClient
 from kvmotion.lab.records import verify_records
-from tests.lab.conftest import center_http, qemu_pids_under, wait_task
+from tests.lab.conftest import (
+    assert_user_noticed_nothing,
+    center_http,
+    qemu_pids_under,
+    user_ping_loop,
+    wait_task,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -119,19 +125,6 @@ def assert_records_kept(
     assert check.ok, check.message
     verify = guest.disk_verify()  # and the guest reads them back through its own disk
     assert verify.passed, verify
-
-
-def user_ping_loop(lab: topology.LabState, index: int) -> PingLoop:
-    sock = netns.connect_in_netns(lab.client_netns, guest_ip(index), GUEST_PORT, timeout=5.0)
-    return PingLoop(sock, interval=0.01, max_duration=300, owns_socket=True).start()
-
-
-def assert_user_noticed_nothing(summary: PingSummary) -> None:
-    assert summary.same_connection, f"the user's connection dropped: {summary.error}"
-    assert summary.lost == 0, f"{summary.lost} requests lost"
-    assert summary.n_monotonic, "guestd restarted: the VM did not keep running"
-    assert summary.max_gap_ms < 1000, f"longest gap {summary.max_gap_ms:.0f} ms"
-    assert summary.answered == summary.sent >= 50
 
 
 def qemus_on(lab: topology.LabState, index: int, uuid: str) -> list[int]:

@@ -18,9 +18,15 @@ import httpx
 import pytest
 
 from kvmotion.lab import netns, topology
-from kvmotion.lab.demo import GUEST_PORT, WORKLOAD, guest_ip, vm_spec, wait_for_guest
-from kvmotion.lab.guestclient import GuestClient, PingLoop, PingSummary
-from tests.lab.conftest import center_http, qemu_pids_under, wait_task
+from kvmotion.lab.demo import WORKLOAD, guest_ip, vm_spec, wait_for_guest
+from kvmotion.lab.guestclient import GuestClient
+from tests.lab.conftest import (
+    assert_user_noticed_nothing,
+    center_http,
+    qemu_pids_under,
+    user_ping_loop,
+    wait_task,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -91,19 +97,6 @@ def assert_runs_only_on(lab: topology.LabState, center: httpx.Client, index: int
     assert agent_vm_names(lab, 1 - index) == []
     assert len(qemus_on(lab.hosts[index].netns, vm["uuid"])) == 1
     assert qemus_on(lab.hosts[1 - index].netns, vm["uuid"]) == []
-
-
-def user_ping_loop(lab: topology.LabState) -> PingLoop:
-    sock = netns.connect_in_netns(lab.client_netns, guest_ip(0), GUEST_PORT, timeout=5.0)
-    return PingLoop(sock, interval=0.01, max_duration=300, owns_socket=True).start()
-
-
-def assert_user_noticed_nothing(summary: PingSummary) -> None:
-    assert summary.same_connection, f"the user's connection dropped: {summary.error}"
-    assert summary.lost == 0, f"{summary.lost} requests lost"
-    assert summary.n_monotonic, "guestd restarted: the VM was not moved live"
-    assert summary.max_gap_ms < 1000, f"longest gap {summary.max_gap_ms:.0f} ms"
-    assert summary.answered == summary.sent >= 50
 
 
 def test_seed_procedure_there_and_back(
