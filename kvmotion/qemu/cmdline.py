@@ -57,6 +57,22 @@ def accel_option(accel: str) -> str:
     return "tcg,thread=single" if accel == "tcg" else accel
 
 
+# QEMU before 9.0 forgets, under TCG, to reset the vCPUs' TLB dirty state when it syncs the
+# migration bitmap in whole 64-page words (its fast path, taken when the RAM block's length is a
+# multiple of 256 KiB): a guest store through a cached TLB entry then marks nothing dirty, and the
+# page's new contents never reach the destination (fixed upstream by "physmem: Fix migration dirty
+# bitmap coherency with TCG memory access", QEMU 9.0; Debian 12's 7.2 lacks it). A RAM size 8 KiB
+# past a 256 KiB boundary sends the sync down QEMU's per-page path, which resets the TLB.
+TCG_RAM_PAD_KIB = 8
+
+
+def memory_option(memory_mib: int, accel: str) -> str:
+    """``-m`` for a VM of ``memory_mib`` under ``accel`` (see ``TCG_RAM_PAD_KIB``)."""
+    if accel == "tcg":
+        return f"{memory_mib * 1024 + TCG_RAM_PAD_KIB}k"
+    return f"{memory_mib}M"
+
+
 def build_command(launch: QemuLaunch, binary: str = QEMU_BINARY) -> list[str]:
     """Return the argv that starts ``launch`` daemonized, with QMP on a unix socket."""
     argv = [
@@ -67,7 +83,7 @@ def build_command(launch: QemuLaunch, binary: str = QEMU_BINARY) -> list[str]:
         "-accel", accel_option(launch.accel),
         "-cpu", launch.cpu_model,
         "-smp", str(launch.vcpus),
-        "-m", f"{launch.memory_mib}M",
+        "-m", memory_option(launch.memory_mib, launch.accel),
         "-nodefaults", "-no-user-config",
         "-display", "none",
         "-chardev", f"file,id=console0,path={launch.console_log}",

@@ -44,3 +44,14 @@ def test_same_config_same_devices_on_both_sides() -> None:
     src = build_command(launch())
     dst = build_command(launch(incoming=True))
     assert src == dst[: len(src)]
+
+
+def test_tcg_ram_is_not_a_multiple_of_256_kib() -> None:
+    """QEMU 7.2's whole-word bitmap sync skips the TCG TLB reset; an odd size avoids it."""
+    size = build_command(launch(memory_mib=1024))
+    value = size[size.index("-m") + 1]
+    assert value.endswith("k")
+    kib = int(value[:-1])
+    assert kib > 1024 * 1024 and kib % 256 != 0 and kib % 8 == 0  # QEMU rounds -m to 8 KiB
+    kvm = build_command(launch(memory_mib=1024, accel="kvm"))
+    assert kvm[kvm.index("-m") + 1] == "1024M"
