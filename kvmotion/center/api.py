@@ -71,7 +71,7 @@ class MigrateBody(BaseModel):
     priority: Literal["high", "normal"] = "normal"
     allow_postcopy: bool = False
     strategy: Literal["kvmotion", "qemu-defaults"] = "kvmotion"
-    predict: bool = False  # sample the guest's dirty rate (about 1 s) and predict first
+    predict: bool = False  # sample the guest's memory (about 4.5 s) and predict first
 
     _ds = field_validator("datastore")(lambda v: None if v is None else check_name(v, "datastore"))
 

@@ -356,7 +356,7 @@ def vm_migrate(
     ] = False,
     predict: Annotated[
         bool,
-        typer.Option("--predict", help="sample the guest's dirty rate first and predict"),
+        typer.Option("--predict", help="sample the guest's memory first (about 4.5 s) and predict"),
     ] = False,
     strategy: Annotated[
         str, typer.Option(help="kvmotion (the convergence engine) or qemu-defaults")

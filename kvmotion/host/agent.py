@@ -21,6 +21,7 @@ from kvmotion.host import facts, taps
 from kvmotion.host.config import HostConfig
 from kvmotion.host.cpu import HostCpu, VmCpu
 from kvmotion.host.datastores import DatastoreInfo, Datastores
+from kvmotion.host.guestmem import MemoryProfile
 from kvmotion.host.vm import PowerState, VirtualMachine, VmEnvironment, VmInfo
 from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
 from kvmotion.host.vmfiles import create_vm_files, remove_folders, remove_vm_files
@@ -466,6 +467,9 @@ class HostAgent:
 
     async def dirty_rate(self, ref: str, seconds: int) -> float:
         return await self.get(ref).measure_dirty_rate(seconds)
+
+    async def memory_profile(self, ref: str) -> MemoryProfile:
+        return await self.get(ref).memory_profile()
 
     async def cancel_migration(self, ref: str) -> VmInfo:
         vm = self.get(ref)

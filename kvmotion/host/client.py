@@ -161,6 +161,13 @@ class AgentClient:
         )
         return float(result["dirty_rate_bps"])
 
+    async def memory_profile(self, vm: str) -> dict[str, Any]:
+        """Non-zero RAM, dirty rate and working set of a running VM (bytes, bytes/s)."""
+        result: dict[str, Any] = await self.request(
+            "POST", f"/v1/vms/{vm}/memory-profile", timeout=60
+        )
+        return result
+
     async def cancel_migration(self, vm: str) -> Any:
         return await self.request("POST", f"/v1/vms/{vm}/migration/cancel", timeout=60)
 

@@ -20,7 +20,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from kvmotion.errors import Conflict, InvalidInput, NotFound, QemuError
-from kvmotion.host import taps
+from kvmotion.host import guestmem, taps
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.migration import ANNOUNCE, Incoming, MigrationStats, MigrationView, Outgoing
@@ -518,6 +518,19 @@ class VirtualMachine:
             if info.get("status") == "measured":
                 return float(info.get("dirty-rate", 0)) * 2**20
         raise QemuError(f"QEMU did not finish measuring {self.config.name}'s dirty rate")
+
+    async def memory_profile(self) -> guestmem.MemoryProfile:
+        """The inputs of a prediction: non-zero RAM, dirty rate and working set (about 4.5 s)."""
+        ram = self.config.memory_mib * 2**20
+        pid = self.process.pid if self.process is not None else None
+        nonzero = None if pid is None else await asyncio.to_thread(guestmem.nonzero_bytes, pid, ram)
+        short = await self.measure_dirty_rate(guestmem.SHORT_WINDOW_S)
+        long = await self.measure_dirty_rate(guestmem.LONG_WINDOW_S)
+        nonzero = nonzero or ram
+        working_set = guestmem.working_set_bytes(
+            short, guestmem.SHORT_WINDOW_S, long, guestmem.LONG_WINDOW_S, nonzero
+        )
+        return guestmem.MemoryProfile(ram, nonzero, short, working_set)
 
     # -- storage ---------------------------------------------------------------------------------
     def _check_can_copy_disks(self) -> QmpSession:

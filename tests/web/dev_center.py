@@ -13,7 +13,8 @@ has content:
   over a synthetic QEMU probe (nested feature sets per generation), so EVC modes, refusals and
   the precheck's CPU findings are the product's own;
 - VMs on shared and local datastores, one powered off, one started with a CPU only Westmere has;
-- power-on/-off, shutdown, dirty-rate sampling (predictions) and tuning routes the unit fake lacks;
+- power-on/-off, shutdown, dirty-rate and memory-profile sampling (predictions) and tuning
+  routes the unit fake lacks;
 - migrations slowed down (``--poll-delay``) so progress can be watched, with varied per-pass
   samples for the chart, and one finished migration in Recent Tasks at start.
 """
@@ -113,6 +114,7 @@ _EXTRA = (
     ("power_off", "POST", re.compile(r"^/v1/vms/(?P<vm>[^/]+)/power-off$")),
     ("shutdown", "POST", re.compile(r"^/v1/vms/(?P<vm>[^/]+)/shutdown$")),
     ("dirty_rate", "POST", re.compile(r"^/v1/vms/(?P<vm>[^/]+)/dirty-rate$")),
+    ("memory_profile", "POST", re.compile(r"^/v1/vms/(?P<vm>[^/]+)/memory-profile$")),
     ("tune", "POST", re.compile(r"^/v1/vms/(?P<vm>[^/]+)/migration/tune$")),
 )
 
@@ -173,12 +175,21 @@ class DevAgents(FakeAgents):
     async def _serve(
         self, host: FakeHost, route: str, ref: str | None, body: Any, query: dict[str, str]
     ) -> tuple[int, Any]:
-        if route in ("power_off", "shutdown", "dirty_rate", "tune"):
+        if route in ("power_off", "shutdown", "dirty_rate", "memory_profile", "tune"):
             assert ref is not None
             vm = host.find(ref)
             if route == "dirty_rate":
                 await asyncio.sleep(min(float((body or {}).get("seconds", 1)), 1.0))
                 return 200, {"dirty_rate_bps": 3.5 * 2**20}
+            if route == "memory_profile":
+                await asyncio.sleep(1.0)
+                ram = int(vm.config.get("memory_mib", 256)) * 2**20
+                return 200, {
+                    "ram_bytes": ram,
+                    "nonzero_bytes": ram // 4,
+                    "dirty_rate_bps": 3.5 * 2**20,
+                    "working_set_bytes": 16 * 2**20,
+                }
             if route == "tune":
                 return 200, self._with_cpu(vm.info())
             if vm.power_state != "poweredOn":
