@@ -8,6 +8,8 @@ center's token (``Authorization: Bearer ...``). Domain errors become responses i
 from __future__ import annotations
 
 import logging
+import re
+import uuid as uuidlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
@@ -21,7 +23,17 @@ from kvmotion import __version__
 from kvmotion.host.agent import HostAgent, HostFacts
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.vm import VmInfo
-from kvmotion.host.vmconfig import VmConfig, VmCreateRequest, check_name
+from kvmotion.host.vmconfig import (
+    KERNEL_ARGS_RE,
+    MAX_DISK_MIB,
+    MAX_MEMORY_MIB,
+    MAX_VCPUS,
+    VmConfig,
+    VmCreateRequest,
+    check_mac,
+    check_name,
+)
+from kvmotion.host.vmfiles import RECORD
 from kvmotion.httpapi import ERROR_RESPONSES, bearer_checker, install_error_handlers
 
 log = logging.getLogger(__name__)
@@ -36,6 +48,63 @@ class ShutdownResult(BaseModel):
     how: str  # "guest" (ACPI) or "hard"
 
 
+_QEMU_WORD_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a CPU model, machine type, format
+
+
+def check_record(config: VmConfig) -> VmConfig:
+    """A VM's record as a migration's source sends it. It names paths on this host (the run dir
+    by its uuid, its folder by its name, its disks) and QEMU's arguments, so it keeps the rules a
+    new VM's request keeps: a canonical uuid, names, relative disk paths of names, sizes."""
+    try:
+        canonical = str(uuidlib.UUID(config.uuid)) == config.uuid
+    except ValueError:
+        canonical = False
+    if not canonical:
+        raise ValueError(
+            f"invalid VM uuid {config.uuid[:80]!r}: send the record's own uuid, in its "
+            "canonical form (e.g. 12345678-1234-5678-1234-567812345678)"
+        )
+    check_name(config.name, "VM name")
+    check_name(config.datastore, "datastore")
+    if config.boot_image is not None:
+        check_name(config.boot_image, "image")
+    for value, what in ((config.cpu_model, "CPU model"), (config.machine_type, "machine type")):
+        if not _QEMU_WORD_RE.fullmatch(value):
+            raise ValueError(f"invalid {what} {value[:40]!r}")
+    if not 1 <= config.vcpus <= MAX_VCPUS or not 16 <= config.memory_mib <= MAX_MEMORY_MIB:
+        raise ValueError(
+            f"{config.vcpus} vCPUs and {config.memory_mib} MiB: a VM has 1-{MAX_VCPUS} vCPUs "
+            f"and 16-{MAX_MEMORY_MIB} MiB of memory"
+        )
+    if not KERNEL_ARGS_RE.fullmatch(config.kernel_args):
+        raise ValueError("kernel_args must be printable ASCII, at most 1024 characters")
+    for disk in config.disks:
+        check_name(disk.datastore, "datastore")
+        for part in disk.path.split("/"):
+            check_name(part, "disk path part")
+        if not _QEMU_WORD_RE.fullmatch(disk.format) or not 1 <= disk.size_mib <= MAX_DISK_MIB:
+            raise ValueError(
+                f"disk {disk.path}: {disk.size_mib} MiB in format {disk.format[:20]!r}; a disk "
+                f"has 1-{MAX_DISK_MIB} MiB in a format such as qcow2"
+            )
+    for nic in config.nics:
+        check_name(nic.network, "network")
+        check_mac(nic.mac)
+    return config
+
+
+def check_record_path(value: str) -> str:
+    """Where the record is: an absolute path to a record file (``.../vm.json``), printable."""
+    path = Path(value)
+    if not KERNEL_ARGS_RE.fullmatch(value) or not path.is_absolute() or path.name != RECORD:
+        raise ValueError(
+            f"invalid config_path {value[:80]!r}: the absolute path of the VM's {RECORD}"
+        )
+    if ".." in path.parts:
+        raise ValueError(f"invalid config_path {value[:80]!r}: no '..' in it")
+    return value
+
+
 class IncomingRequest(BaseModel):
     """Destination: receive this VM (its record, read from the shared datastore by the center)."""
 
@@ -46,6 +115,8 @@ class IncomingRequest(BaseModel):
     # "Change both": make new disks on this datastore and serve them over NBD for the copy.
     datastore: str | None = None
 
+    _config = field_validator("config")(check_record)
+    _path = field_validator("config_path")(check_record_path)
     _ds = field_validator("datastore")(lambda v: None if v is None else check_name(v, "datastore"))
 
 

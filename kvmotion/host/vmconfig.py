@@ -24,7 +24,7 @@ KERNEL_ARGS_RE = re.compile(r"^[\x20-\x7e]{0,1024}$")
 
 def check_name(value: str, what: str = "name") -> str:
     """A VM, datastore or network name: letters, digits, '.', '_', '-'; no '/', '..' or controls."""
-    if not NAME_RE.match(value) or ".." in value:
+    if not NAME_RE.fullmatch(value) or ".." in value:
         raise ValueError(
             f"invalid {what} {value[:80]!r}: use 1-63 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no '/', '..', spaces or control characters)"
@@ -34,7 +34,7 @@ def check_name(value: str, what: str = "name") -> str:
 
 def check_mac(value: str) -> str:
     mac = value.lower()
-    if not MAC_RE.match(mac):
+    if not MAC_RE.fullmatch(mac):
         raise ValueError(f"invalid MAC {value[:40]!r}: write six hex pairs, e.g. 52:54:00:12:34:56")
     if int(mac[:2], 16) & 1:
         raise ValueError(f"invalid MAC {value}: a multicast address cannot be a NIC's address")
@@ -90,14 +90,14 @@ class VmCreateRequest(BaseModel):
     @field_validator("cpu_model")
     @classmethod
     def _cpu(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^[A-Za-z0-9_.-]{1,64}$", value):
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
             raise ValueError(f"invalid CPU model {value[:40]!r}")
         return value
 
     @field_validator("kernel_args")
     @classmethod
     def _args(cls, value: str) -> str:
-        if not KERNEL_ARGS_RE.match(value):
+        if not KERNEL_ARGS_RE.fullmatch(value):
             raise ValueError("kernel_args must be printable ASCII, at most 1024 characters")
         return value
 
