@@ -14,7 +14,7 @@ from rich.table import Table
 
 from kvmotion.cli import host_cmds
 from kvmotion.cli.output import console, print_json
-from kvmotion.cli.remote import CenterOpt, JsonOpt, TokenOpt, call, connect
+from kvmotion.cli.remote import CenterOpt, JsonOpt, TokenOpt, call, connect, path_name
 
 cluster_app = typer.Typer(help="Clusters and their EVC mode (CPU baseline).", no_args_is_help=True)
 
@@ -27,7 +27,7 @@ def _mode(value: str) -> str | None:
 
 @host_cmds.app.command("evc-modes")
 def host_evc_modes(
-    host: Annotated[str, typer.Argument(help="host name, e.g. 172.16.0.172")],
+    host: Annotated[str, typer.Argument(help="host name, e.g. 172.16.0.172", callback=path_name)],
     json_out: JsonOpt = False,
     center: CenterOpt = None,
     token: TokenOpt = None,
@@ -95,7 +95,7 @@ def cluster_list(
 
 @cluster_app.command("show")
 def cluster_show(
-    name: Annotated[str, typer.Argument(help="cluster name")],
+    name: Annotated[str, typer.Argument(help="cluster name", callback=path_name)],
     json_out: JsonOpt = False,
     center: CenterOpt = None,
     token: TokenOpt = None,
@@ -122,8 +122,8 @@ def cluster_create(
 
 @cluster_app.command("add-host")
 def cluster_add_host(
-    name: Annotated[str, typer.Argument(help="cluster name")],
-    host: Annotated[str, typer.Argument(help="host name")],
+    name: Annotated[str, typer.Argument(help="cluster name", callback=path_name)],
+    host: Annotated[str, typer.Argument(help="host name", callback=path_name)],
     json_out: JsonOpt = False,
     center: CenterOpt = None,
     token: TokenOpt = None,
@@ -135,7 +135,7 @@ def cluster_add_host(
 
 @cluster_app.command("set-evc")
 def cluster_set_evc(
-    name: Annotated[str, typer.Argument(help="cluster name")],
+    name: Annotated[str, typer.Argument(help="cluster name", callback=path_name)],
     mode: ModeArg,
     json_out: JsonOpt = False,
     center: CenterOpt = None,
@@ -147,7 +147,7 @@ def cluster_set_evc(
 
 
 def vm_set_evc(
-    vm: Annotated[str, typer.Argument(help="VM name")],
+    vm: Annotated[str, typer.Argument(help="VM name", callback=path_name)],
     mode: ModeArg,
     json_out: JsonOpt = False,
     center: CenterOpt = None,

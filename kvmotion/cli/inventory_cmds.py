@@ -20,7 +20,15 @@ from kvmotion.center.client import CenterClient
 from kvmotion.cli import host_cmds
 from kvmotion.cli.output import console, fail, print_json
 from kvmotion.cli.progress import DEFAULT_WATCH_TIMEOUT_S, follow, human_bytes
-from kvmotion.cli.remote import CenterOpt, JsonOpt, TokenOpt, call, connect
+from kvmotion.cli.remote import (
+    CenterOpt,
+    JsonOpt,
+    TokenOpt,
+    call,
+    connect,
+    finite,
+    path_name,
+)
 from kvmotion.errors import InvalidInput
 from kvmotion.host.config import DEFAULT_AGENT_PORT
 
@@ -31,7 +39,9 @@ vm_app = typer.Typer(
 
 datastore_app = typer.Typer(help="Datastores: where VM disks live.", no_args_is_help=True)
 
-VmArg = Annotated[str, typer.Argument(help="VM name or uuid", show_default=False)]
+VmArg = Annotated[
+    str, typer.Argument(help="VM name or uuid", show_default=False, callback=path_name)
+]
 
 
 # -- datastores ---------------------------------------------------------------------------------
@@ -105,7 +115,7 @@ def host_list(json_out: JsonOpt = False, center: CenterOpt = None, token: TokenO
 
 @host_app.command("show")
 def host_show(
-    name: Annotated[str, typer.Argument(help="host name")],
+    name: Annotated[str, typer.Argument(help="host name", callback=path_name)],
     json_out: JsonOpt = False,
     center: CenterOpt = None,
     token: TokenOpt = None,
@@ -342,11 +352,18 @@ def vm_migrate(
     ] = None,
     max_bandwidth_mbit: Annotated[
         float | None,
-        typer.Option(min=8, help="cap the migration stream (Mbit/s)", show_default=False),
+        typer.Option(
+            min=8, help="cap the migration stream (Mbit/s)", show_default=False, callback=finite
+        ),
     ] = None,
     deadline: Annotated[
         float | None,
-        typer.Option(min=1, help="give up (abort) after this many seconds", show_default=False),
+        typer.Option(
+            min=1,
+            help="give up (abort) after this many seconds",
+            show_default=False,
+            callback=finite,
+        ),
     ] = None,
     priority: Annotated[
         str, typer.Option(help="normal, or high: brake the guest harder to finish sooner")

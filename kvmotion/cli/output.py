@@ -9,6 +9,7 @@ from typing import Any, NoReturn
 
 from pydantic import BaseModel
 from rich.console import Console
+from rich.markup import escape
 
 from kvmotion.errors import (
     KvmotionError,
@@ -32,8 +33,12 @@ def exit_code(exc: KvmotionError) -> int:
 
 
 def fail(exc: KvmotionError) -> NoReturn:
+    """One line, ``error (code): message``; the message is text (a name in it like ``[/x]`` is
+    not markup), then exit with the error's code."""
     err_console.print(
-        f"[bold red]error[/] ({exc.code}): {exc.message}", highlight=False, soft_wrap=True
+        f"[bold red]error[/] ({escape(exc.code)}): {escape(exc.message)}",
+        highlight=False,
+        soft_wrap=True,
     )
     sys.exit(exit_code(exc))
 

@@ -9,6 +9,7 @@ kvmotion error into one line and an exit code (:func:`kvmotion.cli.output.fail`)
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, TypeVar
@@ -17,7 +18,7 @@ import typer
 
 from kvmotion.center.client import CENTER_TOKEN_ENV, CENTER_URL_ENV, CenterClient, resolve_center
 from kvmotion.cli.output import fail
-from kvmotion.errors import KvmotionError
+from kvmotion.errors import InvalidInput, KvmotionError
 
 T = TypeVar("T")
 
@@ -39,6 +40,24 @@ TokenOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the center's JSON (for scripts)")]
+
+
+def path_name(value: str) -> str:
+    """A typer callback for a name that goes into the URL's path (a VM, host or cluster): '.',
+    '..' or a '/' would make it another URL, and no name has them."""
+    if value in ("", ".", "..") or "/" in value:
+        raise typer.BadParameter(
+            f"{value[:80]!r} cannot be a name (no '/', and not '.' or '..'): "
+            "give the name as the list command shows it"
+        )
+    return value
+
+
+def finite(value: float | None) -> float | None:
+    """A typer callback for a number the center is sent: not inf (nor a number past it)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 @dataclass(frozen=True)
@@ -69,3 +88,6 @@ def call(ref: CenterRef, action: Callable[[CenterClient], Awaitable[T]]) -> T:
         return asyncio.run(run())
     except KvmotionError as exc:
         fail(exc)
+    except UnicodeEncodeError as exc:  # bytes the shell passed that are not UTF-8 text
+        bad = exc.object[exc.start : exc.end]
+        fail(InvalidInput(f"{bad!r} is not UTF-8 text: type names and values as UTF-8"))
