@@ -48,6 +48,12 @@ SATURATION_FACTOR = 2.0  # when a pass stalled, the measured rate is a lower bou
 PROJECTION_SHARE = 0.5  # brake when pre-copy would need more than half the time left
 POSTCOPY_MARGIN_S = 5.0  # post-copy starts when the deadline is this close after its own time
 HISTORY_PASSES = 32  # the policy looks at the last passes only
+# QEMU closes a dirty-rate period at the first bitmap sync at least a second after the last one,
+# so a pass that lasted longer ends with a fresh measurement, even when the value repeats (a count
+# saturated at the working set over passes of equal length does). The margin covers the host's
+# sampling (it polls every 50 ms) and keeps the test models' 100 ms grid off the boundary.
+DIRTY_RATE_PERIOD_S = 1.0
+SAMPLE_MARGIN_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -195,13 +201,17 @@ def _per_pass(history: Sequence[Observation]) -> list[Observation]:
 
 def _dirty_estimates(passes: Sequence[Observation], threshold: float) -> list[tuple[float, bool]]:
     """Unbraked dirty rates, one per fresh QEMU measurement, each with whether it can be
-    trusted. QEMU updates dirty-pages-rate at most once a second: an unchanged value is the old
-    measurement, not a new one. A measurement covers the passes since the previous one, each
-    under its own throttle (the one its sample reported when it began), so it is divided by
-    their time-weighted keep. QEMU counts pages, not writes: once a pass lasts
-    long enough for the guest to rewrite its whole working set, the count saturates and the rate
-    is too low. It is trusted only if every pass it covers shrank (so none saturated), under one
-    throttle, after the bulk pass."""
+    trusted. QEMU updates dirty-pages-rate at the first bitmap sync at least a second after its
+    last update, so a value is fresh when it changed, or when the pass it ends lasted more than a
+    second: then a repeated value is a new measurement of that pass (a count saturated at the
+    working set repeats over passes of equal length), and taking it for the old one would
+    stretch the next measurement back over passes under a lighter brake and divide it by too
+    large a keep. Otherwise an unchanged value is the old measurement. A measurement covers the
+    passes since the previous one, each under its own throttle (the one its sample reported when
+    it began), so it is divided by their time-weighted keep. QEMU counts pages, not writes: once
+    a pass lasts long enough for the guest to rewrite its whole working set, the count saturates
+    and the rate is too low. It is trusted only if every pass it covers shrank (so none
+    saturated), under one throttle, after the bulk pass."""
     estimates: list[tuple[float, bool]] = []
     last_value = 0.0
     kept = span = 0.0
@@ -215,7 +225,8 @@ def _dirty_estimates(passes: Sequence[Observation], threshold: float) -> list[tu
         )
         trusted = trusted and shrank and before.pass_no >= 2
         trusted = trusted and obs.throttle_pct == before.throttle_pct
-        if obs.dirty_rate_bps > 0 and obs.dirty_rate_bps != last_value:
+        closed = dt >= DIRTY_RATE_PERIOD_S + SAMPLE_MARGIN_S
+        if obs.dirty_rate_bps > 0 and (obs.dirty_rate_bps != last_value or closed):
             average = kept / span if span > 0 else keep
             estimates.append((obs.dirty_rate_bps / max(average, 0.01), trusted))
             last_value = obs.dirty_rate_bps

@@ -31,10 +31,8 @@ from kvmotion.migration.simulator import Guest, Link, SimResult, simulate
 
 MiB = 2**20
 GiB = 2**30
-# Derandomized: the same examples every run, so CI is reproducible. Random exploration found a
-# guest the policy does not converge (256 MiB, 225 MiB working set dirtied at 44.5 MB/s over a
-# 100 Mbit link, normal priority: its estimate of the unbraked rate under a 75 % brake is half the
-# truth, so the brake holds too light); it is recorded on issue 6, not hidden here.
+# Derandomized: the same examples every run, so CI is reproducible. A guest random exploration
+# found (issue 6) is pinned below: test_the_counterexample_random_exploration_found.
 FAST = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
@@ -342,3 +340,24 @@ def test_the_issues_measurement_dd_over_64_mib_on_32_mib_s() -> None:
     ours = simulate(guest, Link(link), req, decide, 60.0)
     assert ours.converged and ours.downtime_ms is not None and ours.downtime_ms <= 100
     assert max_throttle(ours) > 80 and math.isfinite(ours.total_s)
+
+
+def test_the_counterexample_random_exploration_found() -> None:
+    """Issue 6: 256 MiB, 225 MiB working set dirtied at 44.5 MB/s (42.5 MiB/s) over 100 Mbit.
+    Passes last about 19 s and QEMU's count saturates at the working set, so dirty-pages-rate
+    repeated exactly from one pass to the next; the policy took the repeat for the old value and
+    divided the next one by the keep of a 26 % and a 75 % pass together: 21 MiB/s, half the
+    truth, so the brake held at 75 % and pre-copy crawled into the deadline."""
+    link = 12.5e6
+    guest = Guest(268435456, 251658240, 44531250.0, 235929600)
+    req = ConvergenceRequest(max_downtime_ms=100, priority="normal")
+    deadline = deadline_for(req, guest.ram_bytes, link)
+    result = run(guest, link, req, policy=True)
+    assert result.converged, result.decisions[-1][1].reason
+    assert result.outcome == "completed" and result.total_s <= deadline
+    assert result.downtime_ms is not None and result.downtime_ms <= req.max_downtime_ms
+    assert all(d.knobs.downtime_limit_ms <= req.max_downtime_ms for _, d in result.decisions)
+    assert max_throttle(result) >= 80  # 42.5 MiB/s x (1 - 0.8) is 70 % of the link
+    p = predict(guest.ram_bytes, guest.nonzero_bytes, 44531250.0, 235929600, link, req)
+    assert p.converges and p.brake_pct == max_throttle(result)
+    assert abs(p.total_s - result.total_s) <= 0.2 * result.total_s
