@@ -56,6 +56,9 @@ def host_view(host: Host) -> HostView:
             for m in cpu.get("evc_modes", [])
             if m.get("supported")
         ),
+        migration_tls=(str(tls["mode"]), bool(tls.get("ready")))
+        if (tls := facts.get("migration_tls"))
+        else None,
     )
 
 

@@ -6,6 +6,7 @@ seed's five steps with wall-clock times; progress and per-pass samples are updat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -98,6 +99,17 @@ class TaskStore:
         async with self.db.session() as s:
             rows = await s.scalars(select(Task).order_by(Task.id.desc()).limit(limit))
             return list(rows)
+
+    async def recent(self, kind: str, state: str, limit: int) -> Sequence[Task]:
+        """The newest ``limit`` tasks of ``kind`` that ended in ``state``, newest first."""
+        async with self.db.session() as s:
+            query = (
+                select(Task)
+                .where(Task.kind == kind, Task.state == state)
+                .order_by(Task.id.desc())
+                .limit(limit)
+            )
+            return [*await s.scalars(query)]
 
     async def update(self, task_id: int, **fields: Any) -> Task:
         """Set fields; a ``state`` change is checked against the lifecycle."""

@@ -105,6 +105,17 @@ def link(
     console.print(f"{host}: migration link {state}")
 
 
+@app.command("tls")
+def tls(
+    state: str = typer.Argument(..., help="on (encrypt migration streams) or off (plaintext)"),
+) -> None:
+    """Encrypt migration and disk-copy streams with the lab CA's certificates, or stop."""
+    if state not in ("on", "off"):
+        raise typer.BadParameter("say on or off", param_hint="STATE")
+    topology.set_migration_tls(state == "on", _log)
+    console.print(f"migration TLS {state}; the center sees it within its refresh (5 s)")
+
+
 def demo() -> None:
     """The seed's lab: vm-a moves 172.16.0.172 -> .173 -> .172 while its user stays connected."""
     asyncio.run(demo_mod.run_demo(_log))

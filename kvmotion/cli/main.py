@@ -19,6 +19,7 @@ from kvmotion.cli import (
     inventory_cmds,
     lab_cmds,
     task_cmds,
+    tls_cmds,
 )
 from kvmotion.cli.output import fail
 from kvmotion.errors import KvmotionError
@@ -36,6 +37,7 @@ app.add_typer(host_cmds.app, name="host")
 app.add_typer(image_cmds.app, name="image")
 app.add_typer(lab_cmds.app, name="lab")
 app.add_typer(task_cmds.app, name="task")
+app.add_typer(tls_cmds.app, name="tls")
 inventory_cmds.vm_app.command("set-evc")(evc_cmds.vm_set_evc)
 app.add_typer(inventory_cmds.vm_app, name="vm")
 app.command("demo")(lab_cmds.demo)

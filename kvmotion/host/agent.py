@@ -22,6 +22,7 @@ from kvmotion.host.config import HostConfig
 from kvmotion.host.cpu import HostCpu, VmCpu
 from kvmotion.host.datastores import DatastoreInfo, Datastores
 from kvmotion.host.guestmem import MemoryProfile
+from kvmotion.host.tls import MigrationTls
 from kvmotion.host.vm import PowerState, VirtualMachine, VmEnvironment, VmInfo
 from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
 from kvmotion.host.vmfiles import create_vm_files, remove_folders, remove_vm_files
@@ -48,6 +49,7 @@ class HostFacts:
     cpu: facts.CpuFacts
     cpu_model: dict[str, Any]  # what VMs get here: features, EVC modes (see host/cpu.py)
     migration_link_bps: int  # what the migration link carries (its speed, or tc's shaping)
+    migration_tls: dict[str, Any]  # {"mode": "required" | "off", "ready": bool}
     memory: facts.MemoryFacts
     accel: str
     accel_reason: str
@@ -68,6 +70,7 @@ class HostAgent:
         self.accel = AccelChoice("tcg", "not probed yet")
         self.qemu_version = "unknown"
         self.cpu = HostCpu(None, None, "not probed yet")
+        self.tls = MigrationTls(config.migration_tls, config.tls_dir)
         self._create_lock = asyncio.Lock()
 
     # -- start and stop ------------------------------------------------------------------------
@@ -131,6 +134,7 @@ class HostAgent:
             bridges={n.name: n.bridge for n in self.config.networks},
             image_dir=self.config.image_dir,
             accel=self.accel.accel,
+            tls=self.tls,
         )
 
     def _make_vm(self, config: VmConfig, config_path: Path) -> VirtualMachine:
@@ -161,6 +165,7 @@ class HostAgent:
             cpu=facts.read_cpu(),
             cpu_model=self.cpu.facts(),
             migration_link_bps=self.link_bandwidth_bps(),
+            migration_tls=self.tls.facts(),
             memory=memory,
             accel=self.accel.accel,
             accel_reason=self.accel.reason,

@@ -7,6 +7,7 @@ an admin, e.g. ``/etc/kvmotion/host.json``). Nothing here knows whether it runs 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -53,6 +54,11 @@ class HostConfig(ConfigFile):
     # enforces only that generation's features. For the lab's mixed clusters.
     cpu_generation: str | None = None
     machine_type: str = "pc-q35-7.2"
+    # Streams between hosts (memory, and disk copies over NBD): "required" encrypts them with the
+    # certificates in tls_dir (`kvmotion tls issue`; host/tls.py), "off" sends plaintext (for a
+    # migration network nobody else can reach, like the lab's).
+    migration_tls: Literal["required", "off"] = "required"
+    tls_dir: Path = Path("/etc/kvmotion/tls")
 
     # Run-dir layout, shared by the agent and by `lab down` (which must find QEMU pids).
     @property

@@ -24,6 +24,7 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
+from kvmotion import faults
 from kvmotion.errors import Conflict, QemuError
 from kvmotion.qemu.qmp import QmpSession
 
@@ -115,6 +116,13 @@ class MigrationView:
     knobs: dict[str, Any] = field(default_factory=dict)  # what the source runs with now
 
 
+def uri_host(uri: str) -> str:
+    """The host of a ``tcp:HOST:PORT`` migration URI (``tcp:[v6]:PORT`` too)."""
+    _, _, rest = uri.partition(":")
+    host, _, _ = rest.rpartition(":")
+    return host.strip("[]")
+
+
 def throttle_params(pct: int) -> dict[str, int]:
     """QEMU 7.2 parameters that hold the CPU throttle at ``pct`` % (1 % is its floor): the
     throttle rises by ``increment`` at each fast-dirtying pass, capped at ``max-cpu-throttle``."""
@@ -153,6 +161,7 @@ class Outgoing:
         *,
         brake: bool = False,
         postcopy: bool = False,
+        tls_creds: str | None = None,
     ) -> None:
         """Configure and start ``migrate``; the watcher runs until a final state.
 
@@ -169,6 +178,9 @@ class Outgoing:
         params: dict[str, Any] = {
             "max-bandwidth": max_bandwidth_bps,
             "downtime-limit": downtime_limit_ms,
+            # TLS, checking that the destination's certificate names the address sent to.
+            "tls-creds": tls_creds or "",
+            "tls-hostname": uri_host(uri) if tls_creds else "",
         }
         if brake:
             # The brake is steered through its cap: QEMU raises the throttle towards
@@ -254,6 +266,7 @@ class Outgoing:
                 await self.qmp.execute("migrate_cancel")
                 return
             self.view.marks["disks_completed"] = time.time()
+        await faults.hold("pre-switchover")
         await self.qmp.execute("migrate-continue", {"state": "pre-switchover"})
 
     async def _final_stats(self, stats: MigrationStats) -> MigrationStats:
@@ -362,8 +375,11 @@ class Incoming:
         self._task: asyncio.Task[None] | None = None
         self._events: EventListener | None = None
 
-    async def listen(self, address: str, *, postcopy: bool = False) -> str:
-        """Start listening on ``address`` (the migration network); return the URI to send to."""
+    async def listen(
+        self, address: str, *, postcopy: bool = False, tls_creds: str | None = None
+    ) -> str:
+        """Start listening on ``address`` (the migration network), accepting only TLS streams
+        from a certified host with ``tls_creds``; return the URI to send to."""
         await self.qmp.execute(
             "migrate-set-capabilities",
             {"capabilities": [
@@ -372,6 +388,7 @@ class Incoming:
                 {"capability": "postcopy-ram", "state": postcopy},
             ]},
         )  # fmt: skip
+        await self.qmp.execute("migrate-set-parameters", {"tls-creds": tls_creds or ""})
         # Listen for MIGRATION events before the stream can start, so none is missed.
         self._events = self.qmp.listener(["MIGRATION"])
         await self.qmp.execute("migrate-incoming", {"uri": f"tcp:{address}:0"})
@@ -401,6 +418,7 @@ class Incoming:
                 if status == "completed":
                     if self.before_resume is not None:
                         await self.before_resume()
+                    await faults.hold("resume")
                     await self.qmp.execute("cont")
                     self.view.marks["resumed"] = time.time()
                     self.view.phase = "resumed"

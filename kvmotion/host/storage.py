@@ -114,9 +114,13 @@ def local_target(index: int, node: str, path: str) -> MirrorTarget:
     return MirrorTarget(index, node, blockdev, path)
 
 
-def nbd_target(index: int, host: str, port: int, export: str, token: str) -> MirrorTarget:
+def nbd_target(
+    index: int, host: str, port: int, export: str, token: str, tls_creds: str | None = None
+) -> MirrorTarget:
+    """A disk's copy on another host, over NBD (TLS with ``tls_creds``, checking that the
+    server's certificate names ``host``)."""
     node = f"nbd-disk{index}-{token}"
-    blockdev = {
+    blockdev: dict[str, Any] = {
         "driver": "nbd",
         "node-name": node,
         "server": {"type": "inet", "host": host, "port": str(port)},
@@ -124,6 +128,8 @@ def nbd_target(index: int, host: str, port: int, export: str, token: str) -> Mir
         # A destination that never answers must not hold QMP (and the guest) in connect().
         "open-timeout": NBD_OPEN_TIMEOUT,
     }
+    if tls_creds is not None:
+        blockdev |= {"tls-creds": tls_creds, "tls-hostname": host}
     return MirrorTarget(index, node, blockdev, f"nbd://{host}:{port}/{export}")
 
 
@@ -462,8 +468,11 @@ class ColdCopy:
                 await self._task
 
 
-async def export_disks(qmp: QmpSession, address: str, nodes: list[str]) -> int:
-    """Destination: serve ``nodes`` writable over NBD on ``address``; return the port.
+async def export_disks(
+    qmp: QmpSession, address: str, nodes: list[str], *, tls_creds: str | None = None
+) -> int:
+    """Destination: serve ``nodes`` writable over NBD on ``address`` (TLS only, with
+    ``tls_creds``); return the port.
 
     The agent opens the listening socket itself (any free port on the migration address) and
     hands it to QEMU, so there is no port to guess and no race for it.
@@ -475,7 +484,10 @@ async def export_disks(qmp: QmpSession, address: str, nodes: list[str]) -> int:
         listener.listen(16)
         port = int(listener.getsockname()[1])
         await qmp.pass_fd(listener.fileno(), "nbd-listener")
-    await qmp.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": "nbd-listener"}}})
+    server: dict[str, Any] = {"addr": {"type": "fd", "data": {"str": "nbd-listener"}}}
+    if tls_creds is not None:
+        server["tls-creds"] = tls_creds
+    await qmp.execute("nbd-server-start", server)
     for node in nodes:
         await qmp.execute(
             "block-export-add",

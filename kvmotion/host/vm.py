@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from kvmotion import faults
 from kvmotion.errors import Conflict, InvalidInput, NotFound, QemuError
 from kvmotion.host import guestmem, taps
 from kvmotion.host.cpu import VmCpu
@@ -37,6 +38,7 @@ from kvmotion.host.storage import (
     stop_exports,
     yank,
 )
+from kvmotion.host.tls import MigrationTls
 from kvmotion.host.vmconfig import VmConfig
 from kvmotion.host.vmfiles import create_vm_files, remove_folders, remove_vm_files, write_record
 from kvmotion.qemu.cmdline import DiskLaunch, NicLaunch, QemuLaunch
@@ -74,6 +76,7 @@ class VmEnvironment:
     bridges: dict[str, str]  # network name -> bridge
     image_dir: Path | None
     accel: str
+    tls: MigrationTls  # how streams to and from other hosts are encrypted
 
 
 @dataclass(frozen=True)
@@ -212,11 +215,14 @@ class VirtualMachine:
         )
         self.migration = incoming
         try:
+            creds = await self.env.tls.creds(qmp, "server")
             port = None
             if export:
                 nodes = [f"disk{i}" for i in range(len(self.config.disks))]
-                port = await export_disks(qmp, migration_address, nodes)
-            return await incoming.listen(migration_address, postcopy=postcopy), port
+                port = await export_disks(qmp, migration_address, nodes, tls_creds=creds)
+            uri = await incoming.listen(migration_address, postcopy=postcopy, tls_creds=creds)
+            await faults.hold("prepare")
+            return uri, port
         except BaseException:
             await self._cleanup_after_exit(kill=True)
             raise
@@ -501,10 +507,12 @@ class VirtualMachine:
             if mirror is not None and mirror.running
             else None,
         )
+        creds = await self.env.tls.creds(self.qmp, "client")
         self.migration = outgoing
         await outgoing.start(
-            uri, max_bandwidth_bps, downtime_limit_ms, brake=brake, postcopy=postcopy
-        )
+            uri, max_bandwidth_bps, downtime_limit_ms, brake=brake, postcopy=postcopy,
+            tls_creds=creds,
+        )  # fmt: skip
 
     async def measure_dirty_rate(self, seconds: int) -> float:
         """The guest's dirty rate in bytes/s, measured by QEMU over ``seconds`` (1-60)."""
@@ -719,7 +727,8 @@ class VirtualMachine:
         sources = await disk_nodes(qmp, len(self.config.disks))
         token = uuidlib.uuid4().hex[:6]
         count = len(self.config.disks)
-        targets = [nbd_target(i, host, port, f"disk{i}", token) for i in range(count)]
+        creds = await self.env.tls.creds(qmp, "client")
+        targets = [nbd_target(i, host, port, f"disk{i}", token, creds) for i in range(count)]
         mirror = DiskMirror(qmp, self.config.name, "nbd", datastore)
         self.storage = mirror
         await mirror.start(sources, targets, speed_bps)

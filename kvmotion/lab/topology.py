@@ -37,6 +37,7 @@ from typing import Any
 import httpx
 from pydantic import TypeAdapter, ValidationError
 
+from kvmotion import pki
 from kvmotion.cpu.catalog import get_mode
 from kvmotion.errors import InvalidInput, LabError
 from kvmotion.host.config import (
@@ -229,6 +230,8 @@ class LabState:
     root_address: str = ROOT_ADDRESS
     # The agent command template ({config}, {address}, {port}); None: `kvmotion host serve`.
     agent_argv: list[str] | None = None
+    # Encrypt migration streams (`kvmotion lab tls on`): certificates from the lab's own CA.
+    migration_tls: bool = False
 
     def host(self, ref: int | str) -> LabHost:
         """A host by index, namespace or address; raises NotFound-like InvalidInput."""
@@ -316,6 +319,8 @@ def host_config(state: LabState, host: LabHost) -> HostConfig:
         ],
         networks=[NetworkConfig(name=VM_NETWORK_NAME, bridge=VM_BRIDGE)],
         image_dir=state.image_dir,
+        migration_tls="required" if state.migration_tls else "off",
+        tls_dir=host.host_dir / "tls",
         cpu_generation=host.cpu_generation,
         # Without EVC a VM sees its host's CPU: a simulated generation's model.
         default_cpu_model=(
@@ -513,6 +518,7 @@ def _write_files(
     token = previous.token if previous is not None else secrets.token_urlsafe(32)
     state = plan_state(count, directory, token, template)
     if previous is not None:
+        state = replace(state, migration_tls=previous.migration_tls)
         # Keep what the previous run learned: agent pids and link shaping.
         known = {host.name: host for host in previous.hosts}
         state = replace(state, hosts=[_merge_host(h, known.get(h.name)) for h in state.hosts])
@@ -645,6 +651,38 @@ def _tail(path: Path, lines: int = 20) -> str:
 # --- link shaping -----------------------------------------------------------------------------
 
 
+def set_migration_tls(on: bool, log: Log = print) -> LabState:
+    """Turn TLS for migration streams on or off in the whole lab (like a site's policy).
+
+    On: the lab's CA (``tls-ca`` in the lab dir, made once) issues each host a certificate
+    directory naming its management and migration addresses. Every agent restarts with the new
+    ``migration_tls`` (its VMs keep running). Raises LabError if the lab is not up.
+    """
+    with _lab_lock():
+        state = load_state()
+        if state is None:
+            raise LabError("the lab is not up: run `kvmotion lab up` first")
+        if on:
+            ca = state.lab_dir / "tls-ca"
+            pki.create_ca(ca, "kvmotion lab CA")
+            for host in state.hosts:
+                pki.issue_host(
+                    ca, host.host_dir / "tls", host.name,
+                    [host.management_address, host.migration_address],
+                )  # fmt: skip
+        hosts = []
+        for host in state.hosts:
+            if host.agent_pid is not None and agent_running(host):
+                netns.terminate(host.agent_pid, grace=5.0)
+            hosts.append(replace(host, agent_pid=None, agent_start_ticks=None))
+        state = replace(state, migration_tls=on, hosts=hosts)
+        for host in state.hosts:
+            host_config(state, host).save(host.config_path)
+        save_state(state)
+        log(f"migration TLS {'required' if on else 'off'} on every host; restarting the agents")
+        return _ensure_agents(state, log)
+
+
 def shape_link(host: int | str, rate_mbit: float | None) -> None:
     """Shape host ``host``'s migration link to ``rate_mbit`` in both directions (tbf on its
     ``vmotion0`` and on the switch-side peer); None removes the shaping.
@@ -670,16 +708,20 @@ def shape_link(host: int | str, rate_mbit: float | None) -> None:
             save_state(replace(state, hosts=hosts))
 
 
-def set_link_up(host: int | str, up: bool) -> None:
-    """Cut (``up=False``) or mend host ``host``'s migration link, as a pulled cable would: the
-    host's ``vmotion0`` goes down, nothing is told to the other end.
+def set_link_up(host: int | str, up: bool, network: str = "migration") -> None:
+    """Cut (``up=False``) or mend host ``host``'s migration (or ``management``) link, as a
+    pulled cable would: the host's ``vmotion0`` (``mgmt0``) goes down, nothing is told to the
+    other end.
 
-    Raises InvalidInput for an unknown host, LabError if the host is not up.
+    Raises InvalidInput for an unknown host or network, LabError if the host is not up.
     """
+    links = {"migration": HOST_MIGRATION_LINK, "management": HOST_MGMT_LINK}
+    if network not in links:
+        raise InvalidInput(f"network must be migration or management, not {network!r}")
     index = host_index(host)
     if not netns.netns_exists(host_netns(index)):
         raise LabError(f"lab host {management_address(index)} is not up; run `kvmotion lab up`")
-    netns.ip("link", "set", HOST_MIGRATION_LINK, "up" if up else "down", ns=host_netns(index))
+    netns.ip("link", "set", links[network], "up" if up else "down", ns=host_netns(index))
 
 
 def _apply_rate(index: int, rate_mbit: float | None) -> None:

@@ -17,18 +17,20 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import statistics
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from kvmotion import faults
 from kvmotion.center.db import Database, Host, Vm
 from kvmotion.center.inventory import Inventory, host_view, vm_view
 from kvmotion.center.tasks import TaskState, TaskStore, record_event
 from kvmotion.errors import Conflict, InvalidInput, KvmotionError, NotFound, PreconditionError
 from kvmotion.host.client import AgentClient
 from kvmotion.migration.convergence import Convergence, Strategy
-from kvmotion.migration.policy import ConvergenceRequest, Priority
+from kvmotion.migration.policy import SATURATION_FACTOR, ConvergenceRequest, Priority
 from kvmotion.migration.precheck import PrecheckResult, precheck_migration
 from kvmotion.migration.predictor import predict
 
@@ -40,6 +42,21 @@ LOST_VIEW_TIMEOUT = 10.0
 DEFAULT_HOST_LIMIT = 2
 DEFAULT_STALL_TIMEOUT = 20.0  # no byte copied for this long: the link is gone, abort
 KINDS = ("compute", "storage", "both")
+
+
+@dataclass(frozen=True)
+class PairHistory:
+    """A host pair's recent migrations: what QEMU achieved while copying (bytes/s; on TCG, or a
+    busy host, far below the link) and its setup time per GiB of RAM (the first bitmap sync)."""
+
+    throughput_bps: float | None
+    setup_s_per_gib: float | None
+    count: int
+
+
+HISTORY_SCAN, HISTORY_USED = 200, 10  # tasks looked at, measurements used (the newest)
+MIN_COPY_MS = 500  # shorter copies say more about QEMU's ramp-up than about the link
+SATURATED_SHARE = 0.85  # a 1 s sample this close to the working set is only a lower bound
 
 
 @dataclass(frozen=True)
@@ -548,15 +565,67 @@ class ComputeMigration(_TaskRun):
             profile = await agent.memory_profile(self.vm.name)
         ram = self.conv.ram_bytes
         nonzero = min(ram, max(1, int(profile["nonzero_bytes"])))
-        dirty = float(profile["dirty_rate_bps"])
+        sampled = float(profile["dirty_rate_bps"])
         working_set = min(nonzero, int(profile["working_set_bytes"]))
-        prediction = predict(ram, nonzero, dirty, working_set, self.conv.link_bps, self.conv.req)
+        # QEMU counts the pages that changed in its 1 s window: a guest that rewrites its whole
+        # working set within it shows only a lower bound, taken at the policy's own factor.
+        saturated = sampled > 0 and sampled * 1.0 >= SATURATED_SHARE * working_set
+        dirty = sampled * SATURATION_FACTOR if saturated else sampled
+        history = await self._pair_history()
+        link = min(self.conv.link_bps, history.throughput_bps or self.conv.link_bps)
+        setup_s = history.setup_s_per_gib * ram / 2**30 if history.setup_s_per_gib else 0.0
+        prediction = predict(ram, nonzero, dirty, working_set, link, self.conv.req, setup_s)
+        notes = [prediction.reason.rstrip(".") + "."]
+        if saturated:
+            notes.append(
+                f"The guest rewrote its whole working set ({working_set / 2**20:.0f} MiB) within "
+                f"the 1 s sample, so it dirties at least {sampled / 2**20:.0f} MiB/s; predicted "
+                f"with {dirty / 2**20:.0f} MiB/s."
+            )
+        if history.count:
+            notes.append(
+                f"From this host pair's last {history.count} migrations: QEMU copies at "
+                f"{link * 8 / 1e6:.0f} Mbit/s (the link: {self.conv.link_bps * 8 / 1e6:.0f}), "
+                f"and its setup takes {setup_s:.2f} s for this VM's RAM."
+            )
+        prediction = dataclasses.replace(prediction, reason=" ".join(notes))
         return asdict(prediction) | {
-            "sampled_dirty_bps": dirty,
+            "sampled_dirty_bps": sampled,
+            "dirty_rate_saturated": saturated,
             "nonzero_bytes": nonzero,
             "working_set_bytes": working_set,
             "link_bps": self.conv.link_bps,
+            "effective_link_bps": link,
+            "setup_s": setup_s,
+            "history_migrations": history.count,
         }
+
+    async def _pair_history(self) -> PairHistory:
+        """What this host pair's latest successful migrations measured (either direction; the
+        copy rate only over the link as it is now)."""
+        pair = {self.source.name, self.dest.name}
+        rates: list[float] = []
+        setups: list[float] = []
+        for task in await self.ex.tasks.recent("migrate", TaskState.SUCCESS, HISTORY_SCAN):
+            request, summary = task.request or {}, task.summary or {}
+            if request.get("type") == "storage":
+                continue
+            if {request.get("source"), request.get("dest")} != pair:
+                continue
+            total, setup = summary.get("total_time_ms"), summary.get("setup_time_ms")
+            copy_ms = (total or 0) - (setup or 0) - (summary.get("downtime_ms") or 0)
+            sent = summary.get("transferred_bytes") or 0
+            same_link = summary.get("link_bps") == self.conv.link_bps  # not reshaped since
+            if sent and same_link and copy_ms >= MIN_COPY_MS and len(rates) < HISTORY_USED:
+                rates.append(sent * 1000 / copy_ms)
+            ram_total = summary.get("ram_total_bytes") or 0
+            if setup is not None and ram_total and len(setups) < HISTORY_USED:
+                setups.append(setup / 1000 / (ram_total / 2**30))
+        return PairHistory(
+            statistics.median(rates) if rates else None,
+            statistics.median(setups) if setups else None,
+            max(len(rates), len(setups)),
+        )
 
     async def predict(self) -> None:
         """Predict before migrating; the task keeps it beside the actual figures."""
@@ -784,6 +853,7 @@ class ComputeMigration(_TaskRun):
     async def finalize(self) -> None:
         """Record the new host (the destination runs the VM), then end the source's copy (and
         with "change both", remove its old disks)."""
+        await faults.hold("finalize")
         fields: dict[str, Any] = {"host_id": self.dest.id, "power_state": "poweredOn"}
         if self.both:
             async with self.ex.inventory.agent(self.dest) as agent:

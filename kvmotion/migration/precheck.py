@@ -50,6 +50,9 @@ class HostView:
     cpu_family: str | None = None  # "intel" or "amd" as VMs see it; None: either (TCG)
     evc_modes: tuple[ModeView, ...] = ()  # the EVC modes this host supports
     datastore_free_bytes: Mapping[str, int] = field(default_factory=dict)
+    # How it encrypts streams to other hosts: ("required" | "off", certificates ready); None
+    # when the host did not say.
+    migration_tls: tuple[str, bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,30 @@ def _target_datastore(vm: VmView, host: HostView, datastore: str, f: _Findings) 
         )
 
 
+def _tls(source: HostView, dest: HostView, f: _Findings) -> None:
+    """Both ends of a stream must agree on TLS, and a host that requires it needs certificates."""
+    if source.migration_tls is None or dest.migration_tls is None:
+        return
+    (src_mode, _), (dst_mode, _) = source.migration_tls, dest.migration_tls
+    if src_mode != dst_mode:
+        tls, plain = (source, dest) if src_mode == "required" else (dest, source)
+        f.error(
+            "migration_tls_mismatch",
+            f"host {tls.name} requires TLS for migration streams and {plain.name} sends them in "
+            "plaintext (migration_tls: off): give both hosts the same migration_tls",
+        )
+    for host in _distinct(source, dest):
+        mode, ready = host.migration_tls or ("off", True)
+        if mode == "required" and not ready:
+            f.error(
+                "tls_not_ready",
+                f"host {host.name} requires migration TLS but lacks its certificates: issue "
+                f"them with `kvmotion tls issue --host {host.name} ...` into its tls_dir",
+            )
+
+
 def _network(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None:
+    _tls(source, dest, f)
     for host in _distinct(source, dest):
         if not host.migration_address:
             f.error(

@@ -71,8 +71,11 @@ def predict(
     working_set_bytes: int,
     link_bps: float,
     req: ConvergenceRequest,
+    setup_s: float = 0.0,
 ) -> Prediction:
-    """Predict a migration under kvmotion's policy. Raises InvalidInput for impossible sizes."""
+    """Predict a migration under kvmotion's policy. ``setup_s``: QEMU's setup before the first
+    page moves (its first bitmap sync; learned from earlier migrations), counted in the total.
+    Raises InvalidInput for impossible sizes."""
     if not 0 < nonzero_bytes <= ram_bytes or not 0 <= working_set_bytes <= ram_bytes:
         raise InvalidInput("need 0 < non-zero RAM <= RAM and 0 <= working set <= RAM")
     if link_bps <= 0 or dirty_rate_bps < 0:
@@ -84,7 +87,7 @@ def predict(
 
     def done(t: float, payload: float, passes: int, deepest: int) -> Prediction:
         downtime = 1000.0 * payload / link_bps
-        total = t + payload / link_bps
+        total = setup_s + t + payload / link_bps
         brake = f", with a brake of up to {deepest} %" if deepest else " without a brake"
         return Prediction(
             converges=True,

@@ -50,6 +50,7 @@ ROUTES: tuple[tuple[str, str, re.Pattern[str]], ...] = tuple(
         ("storage_move", "POST", f"{_VM}/storage/move"),
         ("storage_mirror", "POST", f"{_VM}/storage/mirror"),
         ("storage_cancel", "POST", f"{_VM}/storage/cancel"),
+        ("memory_profile", "POST", f"{_VM}/memory-profile"),
     )
 )
 
@@ -172,6 +173,12 @@ class FakeHost:
     die_before: set[str] = field(default_factory=set)
     die_after: dict[str, int] = field(default_factory=dict)  # route -> calls until death
     errors: dict[str, AgentError] = field(default_factory=dict)  # route -> answered error
+    # What /memory-profile answers for its VMs (bytes, bytes/s; ram_bytes is the VM's).
+    profile: dict[str, float] = field(
+        default_factory=lambda: {
+            "nonzero_bytes": 64 * 2**20, "dirty_rate_bps": 2**20, "working_set_bytes": 8 * 2**20
+        }
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if not self.facts:
@@ -345,6 +352,9 @@ class FakeAgents(httpx.AsyncBaseTransport):
             return 201, self._create(host, body).info()
         if route == "incoming":
             return 201, self._incoming(host, body)
+        if route == "memory_profile" and ref is not None:
+            ram = int(host.find(ref).config["memory_mib"]) * 2**20
+            return 200, {"ram_bytes": ram, **host.profile}
         if route == "unknown":
             raise AgentError(404, "not_found", "no such route")
         assert ref is not None

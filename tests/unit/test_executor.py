@@ -970,3 +970,34 @@ async def test_refresh_ends_an_orphaned_incoming_copy(center: Center, fake: Fake
     assert abort.vm in ("vm-a", orphan.uuid)
     assert fake.vm(DST, "vm-a") is None
     assert await vm_host(center) == SRC  # the inventory never moved the VM
+
+
+async def test_prediction_learns_from_the_host_pair(center: Center, fake: FakeAgents) -> None:
+    """The prediction's inputs: the agent's memory profile, and what this pair's earlier
+    migrations measured (QEMU's setup per GiB; its copy rate once copies lasted long enough)."""
+
+    async def predicted(dest: str) -> dict[str, Any]:
+        task_id = await center.executor.submit(MigrationRequest("vm-a", dest, predict=True))
+        await asyncio.wait_for(center.executor.wait(task_id), 10)
+        task = await center.tasks.get(task_id)
+        assert task.state == TaskState.SUCCESS, task.error
+        prediction: dict[str, Any] = task.summary["predicted"]
+        return prediction | {"link_bps": task.summary["link_bps"]}
+
+    first = await predicted(DST)
+    assert first["history_migrations"] == 0 and first["setup_s"] == 0.0
+    assert first["nonzero_bytes"] == 64 * 2**20 and first["working_set_bytes"] == 8 * 2**20
+    assert not first["dirty_rate_saturated"]
+    assert "host pair" not in first["reason"]
+    # The guest now rewrites its whole working set within QEMU's 1 s sample: a lower bound.
+    fake.hosts[DST].profile = {
+        "nonzero_bytes": 128 * 2**20, "dirty_rate_bps": 40 * 2**20, "working_set_bytes": 40 * 2**20
+    }  # fmt: skip
+    back = await predicted(SRC)
+    assert back["history_migrations"] == 1
+    # The fake's QEMU took 3 ms of setup for 256 MiB: 12 ms per GiB, so 3 ms for this VM.
+    assert back["setup_s"] == pytest.approx(0.003)
+    assert back["dirty_rate_saturated"] and "at least 40 MiB/s" in back["reason"]
+    assert "predicted with 80 MiB/s" in back["reason"]
+    assert back["effective_link_bps"] == back["link_bps"]  # the fake's copies were too short
+    assert "last 1 migrations" in back["reason"]

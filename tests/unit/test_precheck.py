@@ -431,3 +431,26 @@ def test_space_is_refused_exactly_when_the_copy_and_margin_do_not_fit(disk: int,
     result = precheck_migration(vm(disk_bytes=disk), dest, dest, "local-172")
     refused = "insufficient_space" in codes(result.errors)
     assert refused == (int(disk * (1 + SPACE_MARGIN)) > free)
+
+
+@pytest.mark.parametrize(
+    ("src", "dst", "expected"),
+    [
+        (("required", True), ("required", True), []),
+        (("off", True), ("off", True), []),
+        (("required", True), ("off", True), ["migration_tls_mismatch"]),
+        (("off", True), ("required", True), ["migration_tls_mismatch"]),
+        (("required", True), ("required", False), ["tls_not_ready"]),
+        (("required", False), ("required", False), ["tls_not_ready", "tls_not_ready"]),
+        (None, ("required", False), []),  # an agent that does not say: nothing to compare
+    ],
+)
+def test_migration_tls_must_agree_and_be_ready(
+    src: tuple[str, bool] | None, dst: tuple[str, bool] | None, expected: list[str]
+) -> None:
+    result = precheck_compute(
+        vm(), replace(SOURCE, migration_tls=src), replace(DEST, migration_tls=dst)
+    )
+    assert codes(result.errors) == expected
+    for finding in result.errors:
+        assert "migration_tls" in finding.message or "kvmotion tls issue" in finding.message

@@ -1,0 +1,201 @@
+"""Encrypted migration streams, for real: with `kvmotion lab tls on`, a VM's memory (compute) and
+its disks (change both) cross the migration link as TLS; a sniffer on the destination's link sees
+QEMU's stream magic and NBD's requests in plaintext runs and never in TLS runs. The user stays
+connected and every acknowledged disk write arrives. A host without certificates is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kvmotion.lab import topology
+from tests.lab.conftest import assert_user_noticed_nothing, center_http, user_ping_loop
+from tests.lab.test_storage import assert_records_kept, create_vm, migrate, remove_vm
+
+pytestmark = pytest.mark.lab
+
+SRC, DST = "172.16.0.172", "172.16.0.173"
+# What the sniffer looks for in plaintext: "QEVM", the magic a QEMU migration stream starts with;
+# 0x25609513, the magic of every NBD request (a disk copy's writes). NBD negotiates TLS in the
+# clear (NBDMAGIC, then STARTTLS), so its greeting shows either way; its requests must not.
+SNIFF_LIMIT_S = 120.0
+
+# Reads every TCP payload on one interface until SIGTERM (or the limit); prints what it saw.
+_SNIFFER = r"""
+import json, signal, socket, struct, sys, time
+iface, limit = sys.argv[1], float(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
+s.bind((iface, 0)); s.settimeout(0.2)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+seen = {"payload_bytes": 0, "qevm": False, "tls_handshakes": 0, "nbd_requests": False}
+tail = b""
+end = time.monotonic() + limit
+while not stop and time.monotonic() < end:
+    try:
+        frame = s.recv(65535)
+    except socket.timeout:
+        continue
+    if len(frame) < 34 or frame[12:14] != b"\x08\x00" or frame[23] != 6:
+        continue
+    ihl = (frame[14] & 0x0F) * 4
+    tcp = 14 + ihl
+    payload = frame[tcp + (frame[tcp + 12] >> 4) * 4:]
+    if not payload:
+        continue
+    seen["payload_bytes"] += len(payload)
+    if payload[:1] == b"\x16" and payload[1:2] == b"\x03" and payload[5:6] == b"\x01":
+        seen["tls_handshakes"] += 1
+    window = tail + payload
+    seen["qevm"] = seen["qevm"] or b"QEVM" in window
+    seen["nbd_requests"] = seen["nbd_requests"] or b"\x25\x60\x95\x13" in window
+    tail = payload[-16:]
+print(json.dumps(seen))
+"""
+
+
+class Sniffer:
+    """The destination host's migration link, watched from inside its namespace."""
+
+    def __init__(self, lab: topology.LabState, index: int) -> None:
+        host = lab.hosts[index]
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", host.netns, sys.executable, "-c", _SNIFFER,
+             topology.HOST_MIGRATION_LINK, str(SNIFF_LIMIT_S)],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(0.5)  # bound and reading
+
+    def stop(self) -> dict[str, Any]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise
+        seen: dict[str, Any] = json.loads(out)
+        return seen
+
+
+def wait_center_sees_tls(center: httpx.Client, mode: str) -> None:
+    """The center refreshes host facts every 5 s; wait until both hosts report ``mode``."""
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        modes = [
+            ((center.get(f"/v1/hosts/{h}").json().get("facts") or {}).get("migration_tls") or {})
+            for h in (SRC, DST)
+        ]
+        if all(m.get("mode") == mode and m.get("ready") for m in modes):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the center never saw migration_tls {mode} on both hosts: {modes}")
+
+
+def wait_center_sees_not_ready(center: httpx.Client, host: str) -> None:
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        facts = center.get(f"/v1/hosts/{host}").json().get("facts") or {}
+        if (facts.get("migration_tls") or {}).get("ready") is False:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the center never saw {host}'s missing certificates")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tls_off_at_the_end(lab: topology.LabState) -> Iterator[None]:
+    yield
+    topology.set_migration_tls(False, lambda _m: None)
+
+
+@pytest.fixture(scope="module")
+def center(lab: topology.LabState) -> Iterator[httpx.Client]:
+    yield from center_http(lab)
+
+
+def sniffed_migration(
+    lab: topology.LabState, center: httpx.Client, vm: str, dest: int, **body: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    sniffer = Sniffer(lab, dest)
+    try:
+        task = migrate(center, vm, host=lab.hosts[dest].name, **body)
+    finally:
+        seen = sniffer.stop()
+    return task, seen
+
+
+def test_plaintext_then_tls_compute_and_both(lab: topology.LabState, center: httpx.Client) -> None:
+    guest = create_vm(lab, center, "vm-t", 7, "local-172")
+    ping = user_ping_loop(lab, 7)
+    try:
+        # The lab's default: plaintext. The sniffer sees QEMU's stream (the control).
+        task, seen = sniffed_migration(lab, center, "vm-t", 1, type="both", datastore="local-173")
+        assert task["state"] == "success", task["error"]
+        assert seen["qevm"] and seen["nbd_requests"], seen
+        topology.set_migration_tls(True, lambda _m: None)
+        wait_center_sees_tls(center, "required")
+        # TLS: memory and disks back to .172.
+        task, seen = sniffed_migration(lab, center, "vm-t", 0, type="both", datastore="local-172")
+        assert task["state"] == "success", task["error"]
+        assert seen["payload_bytes"] > 1 << 20, seen  # the streams crossed this link
+        assert not seen["qevm"] and not seen["nbd_requests"], seen
+        assert seen["tls_handshakes"] >= 2, seen  # NBD and the memory stream
+        assert_records_kept(lab, center, "vm-t", guest)
+        assert center.get("/v1/vms/vm-t").json()["host"] == SRC
+    finally:
+        ping.stop()
+        result = ping.join(timeout=30)
+    assert_user_noticed_nothing(result)
+    remove_vm(center, "vm-t", guest)
+
+
+def test_tls_compute_on_shared_storage(lab: topology.LabState, center: httpx.Client) -> None:
+    guest = create_vm(lab, center, "vm-u", 8, "shared")
+    topology.set_migration_tls(True, lambda _m: None)
+    wait_center_sees_tls(center, "required")
+    ping = user_ping_loop(lab, 8)
+    try:
+        for dest in (1, 0):
+            task, seen = sniffed_migration(lab, center, "vm-u", dest)
+            assert task["state"] == "success", task["error"]
+            assert not seen["qevm"] and seen["tls_handshakes"] >= 1, seen
+            assert center.get("/v1/vms/vm-u").json()["host"] == lab.hosts[dest].name
+    finally:
+        ping.stop()
+        result = ping.join(timeout=30)
+    assert_user_noticed_nothing(result)
+    assert_records_kept(lab, center, "vm-u", guest)
+    remove_vm(center, "vm-u", guest)
+
+
+def test_missing_certificates_are_refused(lab: topology.LabState, center: httpx.Client) -> None:
+    """A host whose certificates are gone: the precheck names it and the fix; nothing moves."""
+    guest = create_vm(lab, center, "vm-v", 9, "shared")
+    topology.set_migration_tls(True, lambda _m: None)
+    key = Path(lab.hosts[1].host_dir) / "tls" / "server-key.pem"
+    saved = key.read_bytes()
+    key.unlink()
+    try:
+        wait_center_sees_not_ready(center, DST)
+        r = center.post("/v1/vms/vm-v/migrate", json={"host": DST})
+        assert r.status_code == 409, r.text
+        error = r.json()["error"]
+        assert error["code"] == "tls_not_ready" and "kvmotion tls issue" in error["message"]
+        assert center.get("/v1/vms/vm-v").json()["host"] == SRC
+    finally:
+        key.write_bytes(saved)
+        key.chmod(0o600)
+        topology.set_migration_tls(False, lambda _m: None)
+        wait_center_sees_tls(center, "off")
+    remove_vm(center, "vm-v", guest)
