@@ -24,7 +24,14 @@ from kvmotion.errors import Conflict, InvalidInput, NotFound, QemuError
 from kvmotion.host import guestmem, taps
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
-from kvmotion.host.migration import ANNOUNCE, Incoming, MigrationStats, MigrationView, Outgoing
+from kvmotion.host.migration import (
+    ACTIVE,
+    ANNOUNCE,
+    Incoming,
+    MigrationStats,
+    MigrationView,
+    Outgoing,
+)
 from kvmotion.host.storage import (
     ColdCopy,
     DiskMirror,
@@ -300,10 +307,42 @@ class VirtualMachine:
             # A "change both" source whose agent stopped mid-copy: end its copy, close its nodes.
             try:
                 await self._end_copy_jobs(self.qmp)
+                done = await self._recover_outgoing(self.qmp)
+                if done:
+                    self.log.warning("after an agent restart: %s", done)
             except QemuError as exc:
-                self.log.error("could not end disk copies left in QEMU: %s", exc.message)
+                self.log.error("could not end a migration left in QEMU: %s", exc.message)
         self.log.info("re-attached to QEMU pid %d (%s)", process.pid, self.state)
         return True
+
+    async def _recover_outgoing(
+        self, qmp: QmpSession, *, destination_gone: bool = False
+    ) -> str | None:
+        """An outgoing migration that outlived its agent's watch. QEMU waits at pre-switchover
+        for a ``migrate-continue`` nobody will send (the guest stunned), or streams on unwatched:
+        cancel it; the guest runs here again and the center sees the migration fail. One that
+        completed is left as it is (the destination owns the guest) unless the caller has seen
+        the destination's copy end (``destination_gone``): then the guest resumes here. Returns
+        what it did, or None when QEMU had no migration to recover."""
+        stats = MigrationStats.parse(await qmp.execute("query-migrate"))
+        if stats.status in ("setup", "active", "pre-switchover", "cancelling"):
+            with contextlib.suppress(QemuError):
+                await qmp.execute("migrate_cancel")
+            for _ in range(100):  # QEMU cancels within a moment; bounded at 10 s
+                stats = MigrationStats.parse(await qmp.execute("query-migrate"))
+                if stats.status not in ACTIVE:
+                    break
+                await asyncio.sleep(0.1)
+            status = await qmp.query_status()
+            if not status.running and status.status in ("paused", "finish-migrate"):
+                await qmp.execute("cont")
+            return "the migration left in QEMU was cancelled and the guest runs here"
+        if stats.status == "completed" and destination_gone:
+            status = await qmp.query_status()
+            if not status.running:
+                await qmp.execute("cont")
+                return "source resumed (the destination's copy had ended)"
+        return None
 
     async def _recover_incoming(self, qmp: QmpSession) -> None:
         stats = MigrationStats.parse(await qmp.execute("query-migrate"))
@@ -748,10 +787,13 @@ class VirtualMachine:
         ``remove_files``: the disks were copied too ("change both"): delete the source's disks
         and record. Returns what could not be removed.
         """
-        outgoing = self.outgoing()
-        if outgoing.view.phase != "completed":
+        if self.migration is None and self.qmp is not None:  # this agent restarted since
+            phase = MigrationStats.parse(await self.qmp.execute("query-migrate")).status
+        else:
+            phase = self.outgoing().view.phase
+        if phase != "completed":
             raise Conflict(
-                f"migration of {self.config.name} is {outgoing.view.phase}, not completed",
+                f"migration of {self.config.name} is {phase}, not completed",
                 code="not_completed",
             )
         if self.process is not None:
@@ -807,6 +849,10 @@ class VirtualMachine:
             return "source resumed (the destination's copy had ended)"
         if storage:
             return "source kept running" + storage
+        if self.migration is None and self.qmp is not None:  # this agent restarted since
+            done = await self._recover_outgoing(self.qmp, destination_gone=destination_gone)
+            if done:
+                return done
         return "nothing to abort"
 
     async def info(self) -> VmInfo:
