@@ -615,8 +615,11 @@ class ComputeMigration(_TaskRun):
             total, setup = summary.get("total_time_ms"), summary.get("setup_time_ms")
             copy_ms = (total or 0) - (setup or 0) - (summary.get("downtime_ms") or 0)
             sent = summary.get("transferred_bytes") or 0
-            same_link = summary.get("link_bps") == self.conv.link_bps  # not reshaped since
-            if sent and same_link and copy_ms >= MIN_COPY_MS and len(rates) < HISTORY_USED:
+            # Over the link as shaped now, with QEMU's rate set to it (not capped by a strategy).
+            same_link = summary.get("link_bps") == self.conv.link_bps
+            uncapped = summary.get("strategy", "kvmotion") == "kvmotion"
+            usable = sent and same_link and uncapped and copy_ms >= MIN_COPY_MS
+            if usable and len(rates) < HISTORY_USED:
                 rates.append(sent * 1000 / copy_ms)
             ram_total = summary.get("ram_total_bytes") or 0
             if setup is not None and ram_total and len(setups) < HISTORY_USED:
