@@ -16,7 +16,7 @@ from kvmotion.center.inventory import Inventory
 from kvmotion.center.tasks import TaskStore, record_event
 from kvmotion.configfile import ConfigFile
 from kvmotion.errors import KvmotionError
-from kvmotion.migration.executor import DEFAULT_HOST_LIMIT, DEFAULT_STALL_TIMEOUT, Executor
+from kvmotion.migration.executor import DEFAULT_STALL_TIMEOUT, Executor
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ class CenterConfig(ConfigFile):
     token: str = Field(repr=False)  # the administrator's ("admin")
     users: list[ApiToken] = Field(default_factory=list)  # more tokens, each with a role
     refresh_interval_s: float = 5.0
-    migrations_per_host: int = DEFAULT_HOST_LIMIT
+    # Concurrent migrations follow vCenter's costs (migration/costs.py); this caps the count per
+    # host on top (the lab sets 2: TCG on a small machine).
+    migrations_per_host: int | None = Field(None, ge=1, le=64)
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT  # a copy that moves no byte this long aborts
 
     def api_tokens(self) -> dict[str, tuple[str, str]]:

@@ -82,6 +82,7 @@ def _start(log: Log) -> LabCenter:
         token=token,
         refresh_interval_s=3.0,
         stall_timeout_s=10.0,  # a cut migration link in the lab shows within seconds
+        migrations_per_host=2,  # TCG guests on a machine of a few cores
     )
     config_path = directory / "center.json"
     config.save(config_path)

@@ -30,6 +30,7 @@ from kvmotion.center.tasks import TaskState, TaskStore, record_event
 from kvmotion.errors import Conflict, InvalidInput, KvmotionError, NotFound, PreconditionError
 from kvmotion.host.client import AgentClient
 from kvmotion.migration.convergence import Convergence, Strategy
+from kvmotion.migration.costs import Budget, CostLimits, Demand, demand
 from kvmotion.migration.policy import SATURATION_FACTOR, ConvergenceRequest, Priority
 from kvmotion.migration.precheck import PrecheckResult, precheck_migration
 from kvmotion.migration.predictor import predict
@@ -39,7 +40,6 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.05
 RESUME_TIMEOUT = 60.0
 LOST_VIEW_TIMEOUT = 10.0
-DEFAULT_HOST_LIMIT = 2
 DEFAULT_STALL_TIMEOUT = 20.0  # no byte copied for this long: the link is gone, abort
 KINDS = ("compute", "storage", "both")
 
@@ -86,27 +86,6 @@ class Cancelled(Exception):
     """The user cancelled the task."""
 
 
-class Slots:
-    """Per-host concurrency limit: beyond it, migrations wait (queued), never fail."""
-
-    def __init__(self, limit: int = DEFAULT_HOST_LIMIT) -> None:
-        self.limit = limit
-        self.busy: dict[str, int] = {}
-        self._cond = asyncio.Condition()
-
-    async def acquire(self, hosts: tuple[str, ...]) -> None:
-        async with self._cond:
-            await self._cond.wait_for(lambda: all(self.busy.get(h, 0) < self.limit for h in hosts))
-            for h in hosts:
-                self.busy[h] = self.busy.get(h, 0) + 1
-
-    async def release(self, hosts: tuple[str, ...]) -> None:
-        async with self._cond:
-            for h in hosts:
-                self.busy[h] -= 1
-            self._cond.notify_all()
-
-
 class Executor:
     """Starts and tracks migrations; one asyncio task per migration."""
 
@@ -115,14 +94,17 @@ class Executor:
         db: Database,
         inventory: Inventory,
         tasks: TaskStore,
-        limit: int,
+        limit: int | None = None,
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT,
     ) -> None:
         self.stall_timeout_s = stall_timeout_s
         self.db = db
         self.inventory = inventory
         self.tasks = tasks
-        self.slots = Slots(limit)
+        # What runs at once: vCenter's costs per host, link and datastore (costs.py), and
+        # ``limit`` migrations per host at most, if set.
+        self.limits = CostLimits(migrations_per_host=limit)
+        self.slots = Budget()
         self.active: dict[str, int] = {}  # VM name -> task id
         self._reserved: set[str] = set()  # VMs whose migration request is in its precheck
         self._runs: dict[int, asyncio.Task[None]] = {}
@@ -245,15 +227,25 @@ class Executor:
                 await run
 
 
+def link_of(host: Host) -> float | None:
+    """What a host's migration link carries (bytes/s), from its facts."""
+    value = (host.facts or {}).get("migration_link_bps")
+    return float(value) if value else None
+
+
+def vm_datastores(vm: Vm) -> set[str]:
+    return {str(d["datastore"]) for d in vm.config.get("disks", []) if d.get("datastore")}
+
+
 class _TaskRun:
     """What every migration run shares: its task and timeline, its guard (every failure goes
     through :meth:`abort`), and the watch of a disk copy."""
 
-    def __init__(self, ex: Executor, task_id: int, vm: Vm, hosts: tuple[str, ...]) -> None:
+    def __init__(self, ex: Executor, task_id: int, vm: Vm, need: Demand) -> None:
         self.ex = ex
         self.task_id = task_id
         self.vm = vm
-        self.hosts = hosts
+        self.need = need  # what it costs on hosts, links and datastores while it runs
         self.log = log.getChild(vm.name)
         self._kept_summary: dict[str, Any] = {}  # kept through progress updates
         # The task's timeline, kept here and written with the next update (one commit, not two).
@@ -281,11 +273,11 @@ class _TaskRun:
         self.timeline = list((await self.ex.tasks.get(self.task_id)).timeline)
         try:
             await self._update(phase="queued")
-            await self.ex.slots.acquire(self.hosts)
+            await self.ex.slots.acquire(self.need)
             try:
                 await self._guarded()
             finally:
-                await self.ex.slots.release(self.hosts)
+                await self.ex.slots.release(self.need)
         finally:
             self.ex.active.pop(self.vm.name, None)
 
@@ -432,7 +424,9 @@ class StorageMigration(_TaskRun):
     def __init__(
         self, ex: Executor, task_id: int, vm: Vm, host: Host, req: MigrationRequest
     ) -> None:
-        super().__init__(ex, task_id, vm, (host.name,))
+        datastores = {*vm_datastores(vm), req.datastore or ""} - {""}
+        need = demand("storage", {host.name: link_of(host)}, datastores, ex.limits)
+        super().__init__(ex, task_id, vm, need)
         self.host = host
         self.req = req
         self.started = False
@@ -517,7 +511,10 @@ class ComputeMigration(_TaskRun):
     def __init__(
         self, ex: Executor, task_id: int, vm: Vm, source: Host, dest: Host, req: MigrationRequest
     ) -> None:
-        super().__init__(ex, task_id, vm, (source.name, dest.name))
+        kind = "both" if req.kind == "both" else "compute"
+        hosts = {source.name: link_of(source), dest.name: link_of(dest)}
+        datastores = {*vm_datastores(vm), req.datastore or ""} - {""}
+        super().__init__(ex, task_id, vm, demand(kind, hosts, datastores, ex.limits))
         self.source = source
         self.dest = dest
         self.req = req

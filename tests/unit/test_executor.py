@@ -34,6 +34,7 @@ from kvmotion.errors import (
 )
 from kvmotion.host.client import AgentClient
 from kvmotion.migration import executor
+from kvmotion.migration.costs import CostLimits
 from kvmotion.migration.executor import ComputeMigration, Executor, MigrationRequest
 from tests.unit.fake_agent import PORT, TOKEN, Call, FakeAgents, wait_until
 
@@ -1001,3 +1002,26 @@ async def test_prediction_learns_from_the_host_pair(center: Center, fake: FakeAg
     assert "predicted with 80 MiB/s" in back["reason"]
     assert back["effective_link_bps"] == back["link_bps"]  # the fake's copies were too short
     assert "last 1 migrations" in back["reason"]
+
+
+async def test_a_full_migration_link_queues_the_next(db_dir: Path, fake: FakeAgents) -> None:
+    """The cost model, not a count: with a link that carries one vMotion, the second waits."""
+    center = await start_center(db_dir, fake, limit=8)
+    center.executor.limits = CostLimits(link_1g=1, link_10g=1)
+    try:
+        fake.script("vm-a", phases=("active",))  # holds its costs until released below
+        first = await center.executor.submit(MigrationRequest("vm-a", DST))
+        second = await center.executor.submit(MigrationRequest("vm-b", DST))
+        await wait_task(center, second, lambda t: t.phase == "queued")
+        await wait_until(lambda: len(fake.called(SRC, "get")) >= 3)
+        assert (await center.tasks.get(second)).state == TaskState.QUEUED
+        busy = center.executor.slots.busy
+        assert busy[f"link:{SRC}"] == busy[f"link:{DST}"] == 1
+        assert busy[f"host:{SRC}"] == 1 and busy["datastore:shared"] == 1
+        fake.scripts["vm-a"].phases = ("completed",)
+        for task_id in (first, second):
+            await asyncio.wait_for(center.executor.wait(task_id), 5)
+            assert (await center.tasks.get(task_id)).state == TaskState.SUCCESS
+        assert center.executor.slots.busy == {}
+    finally:
+        await center.close()
