@@ -1,6 +1,6 @@
 """Several migrations at once, for real: four running VMs moved between the seed's two hosts in
-one burst. Beyond the lab center's cap (2 per host) requests queue, never fail; every VM ends on the other
-host, once, and keeps its guest (the same guestd, counting on)."""
+one burst. Beyond the lab center's cap (2 per host) requests queue, never fail; every VM ends on
+the other host, once, and keeps its guest (the same guestd, counting on)."""
 
 from __future__ import annotations
 
