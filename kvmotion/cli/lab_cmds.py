@@ -96,13 +96,16 @@ def shape(
 @app.command("link")
 def link(
     host: str = typer.Argument(..., help="host name (management address), e.g. 172.16.0.173"),
-    state: str = typer.Argument(..., help="down (cut the migration link, as a pulled cable) or up"),
+    state: str = typer.Argument(..., help="down (cut the link, as a pulled cable) or up"),
+    network: str = typer.Option("migration", help="migration, or management (the center's)"),
 ) -> None:
-    """Cut or mend a host's migration link, to see a migration fail safely."""
+    """Cut or mend a host's migration (or management) link, to see a migration fail safely."""
     if state not in ("up", "down"):
         raise typer.BadParameter("say up or down", param_hint="STATE")
-    topology.set_link_up(host, state == "up")
-    console.print(f"{host}: migration link {state}")
+    if network not in ("migration", "management"):
+        raise typer.BadParameter("say migration or management", param_hint="--network")
+    topology.set_link_up(host, state == "up", network)
+    console.print(f"{host}: {network} link {state}")
 
 
 @app.command("tls")
