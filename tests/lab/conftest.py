@@ -62,6 +62,21 @@ def save_logs(state: topology.LabState, name: str) -> None:
             shutil.copy(log, target)
 
 
+def secrets_in_logs(state: topology.LabState) -> list[str]:
+    """Logs of the agents and the center that hold a token (the agents' or the center's)."""
+    center = labcenter.load_center()
+    tokens = [state.token] + ([center.token] if center is not None else [])
+    logs = [*(h.agent_log for h in state.hosts), labcenter.center_dir() / "center.log"]
+    found = []
+    for log in logs:
+        try:
+            text = log.read_text(errors="replace")
+        except OSError:
+            continue
+        found += [str(log) for token in tokens if token in text]
+    return found
+
+
 def assert_lab_gone(lab_dir: Path) -> None:
     leftovers = [ns for ns in netns.list_netns() if ns.startswith("kvm-")]
     assert leftovers == [], f"namespaces left behind: {leftovers}"
@@ -84,11 +99,14 @@ def _lab(
         yield state
     finally:
         current = topology.load_state()
+        leaked = []
         if current is not None:
             save_logs(current, request.module.__name__.rsplit(".", 1)[-1])
+            leaked = secrets_in_logs(current)
         labcenter.stop_center(lambda _msg: None)
         topology.lab_down(log=lambda _msg: None)
     assert_lab_gone(lab_dir)
+    assert leaked == [], f"secrets written to logs: {leaked}"
 
 
 @pytest.fixture(scope="module")
