@@ -55,7 +55,7 @@ class PairHistory:
 
 
 HISTORY_SCAN, HISTORY_USED = 200, 10  # tasks looked at, measurements used (the newest)
-MIN_COPY_MS = 500  # shorter copies say more about QEMU's ramp-up than about the link
+MIN_COPY_MS = 200  # shorter copies are mostly QEMU's first 100 ms bandwidth measurement
 SATURATED_SHARE = 0.85  # a 1 s sample this close to the working set is only a lower bound
 
 
