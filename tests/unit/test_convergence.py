@@ -229,8 +229,10 @@ def test_default_deadline_scales_with_ram_and_link() -> None:
 
 def test_initial_knobs_use_the_link_not_qemus_default() -> None:
     k = initial_knobs(ConvergenceRequest(), 10e9 / 8)
-    assert k == Knobs(100, int(10e9 / 8), 0, False)
+    assert k == Knobs(80, int(10e9 / 8), 0, False)  # 100 ms asked: 20 ms left for device state
     assert k.max_bandwidth_bps > QEMU_DEFAULT_BANDWIDTH_BPS
+    assert initial_knobs(ConvergenceRequest(max_downtime_ms=20), 1e9).downtime_limit_ms == 16
+    assert initial_knobs(ConvergenceRequest(max_downtime_ms=1000), 1e9).downtime_limit_ms == 980
 
 
 # -- the policy against the simulator ---------------------------------------------------------
