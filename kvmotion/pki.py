@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -43,12 +44,29 @@ def _name(common_name: str) -> x509.Name:
     )
 
 
+def _private_dir(directory: Path) -> None:
+    """Create ``directory`` 0700, or accept an existing one only if it is ours and nobody else
+    may write to it (a directory planted by another user could expose the keys)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise InvalidInput(
+            f"{directory} belongs to another user or others may write to it: choose a "
+            "directory only you control (not /tmp)"
+        )
+
+
 def _write(path: Path, data: bytes, private: bool = False) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    tmp.replace(path)
+    """Write atomically through a fresh temporary file (never one someone else made)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600 if private else 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -62,10 +80,15 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 def create_ca(directory: Path, name: str = "kvmotion CA") -> Path:
     """Create a CA in ``directory`` (``ca-cert.pem``, ``ca-key.pem``); returns the cert's path.
     An existing CA is kept (re-running is harmless)."""
-    directory.mkdir(parents=True, exist_ok=True)
+    _private_dir(directory)
     cert_path = directory / CA_CERT
     if cert_path.exists() and (directory / CA_KEY).exists():
         return cert_path
+    if cert_path.exists() or (directory / CA_KEY).exists():
+        raise InvalidInput(
+            f"{directory} holds half a CA (a certificate or a key alone; a host's tls_dir?): "
+            "give the CA its own directory"
+        )
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
     cert = (
@@ -134,9 +157,11 @@ def issue_host(ca_dir: Path, out_dir: Path, host: str, addresses: list[str]) -> 
     """Write ``host``'s TLS directory (``FILES``) into ``out_dir``, signed by the CA in
     ``ca_dir``; the certificates name ``host`` and every address in ``addresses`` (the
     migration address must be among them: the source checks it). Returns the files written."""
+    if out_dir.resolve() == ca_dir.resolve():
+        raise InvalidInput("write the host's certificates outside the CA's directory")
     ca_cert, ca_key = _load_ca(ca_dir)
     alt = x509.SubjectAlternativeName(_alt_names(host, addresses))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _private_dir(out_dir)
     now = datetime.datetime.now(datetime.UTC)
     written = []
     for role, usage in (

@@ -850,6 +850,15 @@ class VirtualMachine:
         if storage:
             return "source kept running" + storage
         if self.migration is None and self.qmp is not None:  # this agent restarted since
+            stats = MigrationStats.parse(await self.qmp.execute("query-migrate"))
+            if stats.status == "completed" and (await self.qmp.query_status()).running:
+                # A stream completed and the guest runs here: this host received it (or a
+                # source resumed it): either way it is the owner now.
+                raise Conflict(
+                    f"VM {self.config.name} runs on this host after a completed migration: "
+                    "it is the owner now",
+                    code="too_late",
+                )
             done = await self._recover_outgoing(self.qmp, destination_gone=destination_gone)
             if done:
                 return done

@@ -628,8 +628,15 @@ class ComputeMigration(_TaskRun):
         )
 
     async def predict(self) -> None:
-        """Predict before migrating; the task keeps it beside the actual figures."""
-        sampled = await self.sample_and_predict()
+        """Predict before migrating; the task keeps it beside the actual figures. A prediction
+        that cannot be made (an agent without memory profiles, QEMU busy measuring) is noted,
+        and the migration goes on."""
+        try:
+            sampled = await self.sample_and_predict()
+        except KvmotionError as exc:
+            self._kept_summary["prediction_unavailable"] = exc.message
+            self.log.warning("no prediction: %s", exc.message)
+            return
         task = await self.ex.tasks.get(self.task_id)
         self._kept_summary["predicted"] = {
             k: v for k, v in sampled.items() if k not in ("sampled_dirty_bps", "link_bps")
@@ -918,7 +925,9 @@ class ComputeMigration(_TaskRun):
             try:
                 async with self.ex.inventory.agent(self.dest) as agent:
                     done = (await agent.abort_migration(self.vm.name))["done"]
-                dest_gone = True
+                # Only an ended copy is gone; any other answer may come from a destination
+                # that runs the guest (after its agent restarted), and the source must not.
+                dest_gone = done.startswith("destination ended")
                 notes.append(f"destination: {done}")
             except NotFound:
                 dest_gone = True

@@ -219,9 +219,10 @@ def _target_datastore(vm: VmView, host: HostView, datastore: str, f: _Findings) 
 
 def _tls(source: HostView, dest: HostView, f: _Findings) -> None:
     """Both ends of a stream must agree on TLS, and a host that requires it needs certificates."""
-    if source.migration_tls is None or dest.migration_tls is None:
-        return
-    (src_mode, _), (dst_mode, _) = source.migration_tls, dest.migration_tls
+    if source.migration_tls is None and dest.migration_tls is None:
+        return  # agents from before TLS: both send plaintext
+    # An agent that does not report TLS predates it: it sends and accepts plaintext only.
+    (src_mode, _), (dst_mode, _) = (host.migration_tls or ("off", True) for host in (source, dest))
     if src_mode != dst_mode:
         tls, plain = (source, dest) if src_mode == "required" else (dest, source)
         f.error(

@@ -25,17 +25,20 @@ from tests.lab.test_storage import assert_records_kept, create_vm, migrate, remo
 pytestmark = pytest.mark.lab
 
 SRC, DST = "172.16.0.172", "172.16.0.173"
-# What the sniffer looks for in plaintext: "QEVM", the magic a QEMU migration stream starts with;
-# 0x25609513, the magic of every NBD request (a disk copy's writes). NBD negotiates TLS in the
-# clear (NBDMAGIC, then STARTTLS), so its greeting shows either way; its requests must not.
+# What the sniffer looks for in plaintext: "QEVM" and version 3, how a QEMU migration stream
+# starts; 0x25609513, the magic of every NBD request, with a write, trim or write-zeroes command
+# (a disk copy's). 7 or 8 fixed bytes: ciphertext matches them by chance about once in 10^8
+# migrations. NBD negotiates TLS in the clear (NBDMAGIC, then STARTTLS), so its greeting shows
+# either way; its requests must not.
 SNIFF_LIMIT_S = 120.0
 
 # Reads every TCP payload on one interface until SIGTERM (or the limit); prints what it saw.
 _SNIFFER = r"""
-import json, signal, socket, struct, sys, time
+import json, re, signal, socket, struct, sys, time
 iface, limit = sys.argv[1], float(sys.argv[2])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
 s.bind((iface, 0)); s.settimeout(0.2)
+NBD_WRITE = re.compile(rb"\x25\x60\x95\x13..\x00[\x01\x03\x06]", re.S)
 stop = []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 seen = {"payload_bytes": 0, "qevm": False, "tls_handshakes": 0, "nbd_requests": False}
@@ -57,8 +60,8 @@ while not stop and time.monotonic() < end:
     if payload[:1] == b"\x16" and payload[1:2] == b"\x03" and payload[5:6] == b"\x01":
         seen["tls_handshakes"] += 1
     window = tail + payload
-    seen["qevm"] = seen["qevm"] or b"QEVM" in window
-    seen["nbd_requests"] = seen["nbd_requests"] or b"\x25\x60\x95\x13" in window
+    seen["qevm"] = seen["qevm"] or b"QEVM\x00\x00\x00\x03" in window
+    seen["nbd_requests"] = seen["nbd_requests"] or NBD_WRITE.search(window) is not None
     tail = payload[-16:]
 print(json.dumps(seen))
 """

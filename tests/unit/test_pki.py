@@ -67,3 +67,33 @@ def test_qemu_loads_the_credentials(tmp_path: Path) -> None:
         subprocess.run(["kill", str(pid)], check=True)
     (tmp_path / "h" / "server-key.pem").write_text("not a key\n")
     assert qemu(tmp_path / "h", "server").returncode != 0
+
+
+def test_keys_stay_private_whatever_was_planted(tmp_path: Path) -> None:
+    """A directory others may write to is refused; a planted file or symlink is never written
+    through; half a CA is never silently replaced."""
+    pki.create_ca(tmp_path / "ca")
+    open_dir = tmp_path / "open"
+    open_dir.mkdir()
+    open_dir.chmod(0o777)
+    with pytest.raises(InvalidInput, match="others may write"):
+        pki.issue_host(tmp_path / "ca", open_dir, "h", ["10.0.0.1"])
+    out = tmp_path / "h"
+    out.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    (out / "server-key.pem.tmp").write_text("planted")
+    (out / "server-key.pem.tmp").chmod(0o666)
+    (out / "client-key.pem").symlink_to(victim)
+    pki.issue_host(tmp_path / "ca", out, "h", ["10.0.0.1"])
+    assert victim.read_text() == "keep me\n"
+    for key in ("server-key.pem", "client-key.pem"):
+        path = out / key
+        assert not path.is_symlink() and path.stat().st_mode & 0o077 == 0
+    half = tmp_path / "half"
+    half.mkdir(mode=0o700)
+    (half / pki.CA_CERT).write_text("a host's CA certificate")
+    with pytest.raises(InvalidInput, match="half a CA"):
+        pki.create_ca(half)
+    with pytest.raises(InvalidInput, match="outside the CA"):
+        pki.issue_host(tmp_path / "ca", tmp_path / "ca", "h", [])

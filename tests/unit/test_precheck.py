@@ -442,7 +442,9 @@ def test_space_is_refused_exactly_when_the_copy_and_margin_do_not_fit(disk: int,
         (("off", True), ("required", True), ["migration_tls_mismatch"]),
         (("required", True), ("required", False), ["tls_not_ready"]),
         (("required", False), ("required", False), ["tls_not_ready", "tls_not_ready"]),
-        (None, ("required", False), []),  # an agent that does not say: nothing to compare
+        (None, None, []),  # agents from before TLS: plaintext on both
+        (None, ("required", True), ["migration_tls_mismatch"]),  # an old agent sends plaintext
+        (None, ("required", False), ["migration_tls_mismatch", "tls_not_ready"]),
     ],
 )
 def test_migration_tls_must_agree_and_be_ready(
