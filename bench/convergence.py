@@ -376,7 +376,7 @@ def markdown(table: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     )
 
 
-def plots(table: list[dict[str, Any]], out: Path) -> list[Path]:
+def plots(table: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -436,7 +436,7 @@ def plots(table: list[dict[str, Any]], out: Path) -> list[Path]:
         ax.set_title(title)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out / f"convergence-{fname}.png"
+        path = out / f"{name}-{fname}.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)
@@ -483,7 +483,7 @@ async def bench(args: argparse.Namespace) -> int:
                 with contextlib.suppress(Exception):
                     topology.shape_link(host, None)
     write(rows, args, accel, started)
-    print((RESULTS / "convergence.md").read_text())
+    print((RESULTS / f"{args.out}.md").read_text())
     return 0
 
 
@@ -498,12 +498,12 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace, accel: str, star
         "elapsed_s": time.monotonic() - started,
     }
     table = cells(rows)
-    (RESULTS / "convergence.json").write_text(
+    (RESULTS / f"{args.out}.json").write_text(
         json.dumps({"meta": meta, "cells": table, "runs": rows}, indent=1) + "\n"
     )
-    (RESULTS / "convergence.md").write_text(markdown(table, meta) + "\n")
+    (RESULTS / f"{args.out}.md").write_text(markdown(table, meta) + "\n")
     if table:
-        plots(table, RESULTS)
+        plots(table, RESULTS, args.out)
 
 
 def main() -> None:
@@ -516,6 +516,7 @@ def main() -> None:
     )
     parser.add_argument("--links", type=ints, default=[1000, 10000], help="Mbit/s")
     parser.add_argument("--deadline", type=float, default=60.0, help="seconds, every migration")
+    parser.add_argument("--out", default="convergence", help="result file names in bench/results")
     args = parser.parse_args()
     raise SystemExit(asyncio.run(bench(args)))
 
