@@ -116,7 +116,7 @@ def tls(
     if state not in ("on", "off"):
         raise typer.BadParameter("say on or off", param_hint="STATE")
     topology.set_migration_tls(state == "on", _log)
-    console.print(f"migration TLS {state}; the center sees it at its next refresh (every 3 s in the lab)")
+    console.print(f"migration TLS {state}; the center sees it at its next refresh (3 s in the lab)")
 
 
 def demo() -> None:
