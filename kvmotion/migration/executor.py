@@ -27,7 +27,14 @@ from kvmotion import faults
 from kvmotion.center.db import Database, Host, Vm
 from kvmotion.center.inventory import Inventory, host_view, vm_view
 from kvmotion.center.tasks import TaskState, TaskStore, record_event
-from kvmotion.errors import Conflict, InvalidInput, KvmotionError, NotFound, PreconditionError
+from kvmotion.errors import (
+    Conflict,
+    HostUnreachable,
+    InvalidInput,
+    KvmotionError,
+    NotFound,
+    PreconditionError,
+)
 from kvmotion.host.client import AgentClient
 from kvmotion.migration.convergence import Convergence, Strategy
 from kvmotion.migration.costs import Budget, CostLimits, Demand, demand
@@ -54,6 +61,7 @@ class PairHistory:
     count: int
 
 
+SOURCE_RETRY_S = 60.0  # an abort keeps asking an unreachable source this long (see abort)
 HISTORY_SCAN, HISTORY_USED = 200, 10  # tasks looked at, measurements used (the newest)
 MIN_COPY_MS = 200  # shorter copies are mostly QEMU's first 100 ms bandwidth measurement
 SATURATED_SHARE = 0.85  # a 1 s sample this close to the working set is only a lower bound
@@ -909,6 +917,28 @@ class ComputeMigration(_TaskRun):
                 task_id=self.task_id,
             )
 
+    async def _abort_source(self, dest_gone: bool) -> str:
+        """The source's side of an abort. Once the destination's copy is gone, the source's is
+        the only one left, and once streaming possibly paused: if its agent is unreachable
+        (restarting), keep asking for ``SOURCE_RETRY_S`` rather than leave the guest stunned
+        with no one to resume it."""
+        # Only a source seen migrating can have a stunned guest (the last view the center got
+        # may be older than the moment the stream completed).
+        streamed = bool(self.last_view)
+        deadline = time.monotonic() + (SOURCE_RETRY_S if dest_gone and streamed else 0.0)
+        while True:
+            try:
+                async with self.ex.inventory.agent(self.source) as agent:
+                    answer = await agent.abort_migration(self.vm.name, destination_gone=dest_gone)
+                return str(answer["done"])
+            except HostUnreachable as exc:
+                if time.monotonic() >= deadline:
+                    return exc.message
+                self.log.warning("source unreachable during the abort; asking again")
+                await asyncio.sleep(2.0)
+            except KvmotionError as exc:
+                return exc.message
+
     async def abort(self, reason: str, state: TaskState, code: str | None = None) -> None:
         """Undo what was done, idempotently; the VM keeps running on the source."""
         if TaskState((await self.ex.tasks.get(self.task_id)).state).final:
@@ -935,14 +965,7 @@ class ComputeMigration(_TaskRun):
             except KvmotionError as exc:
                 notes.append(f"destination: {exc.message}")
         if self.migrate_started or self.disks_started:
-            try:
-                async with self.ex.inventory.agent(self.source) as agent:
-                    done = (await agent.abort_migration(self.vm.name, destination_gone=dest_gone))[
-                        "done"
-                    ]
-                notes.append(f"source: {done}")
-            except KvmotionError as exc:
-                notes.append(f"source: {exc.message}")
+            notes.append(f"source: {await self._abort_source(dest_gone)}")
         await self._aborted(
             state, reason, code, notes, f"{self.req.kind} migration to {self.dest.name}"
         )

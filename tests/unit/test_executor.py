@@ -1027,3 +1027,28 @@ async def test_a_full_migration_link_queues_the_next(db_dir: Path, fake: FakeAge
         assert center.executor.slots.busy == {}
     finally:
         await center.close()
+
+
+async def test_an_abort_keeps_asking_a_source_that_is_restarting(
+    center: Center, fake: FakeAgents
+) -> None:
+    """The destination's copy is ended, the source's agent does not answer for a moment: the
+    abort asks again until it does, so the source's guest is never left stunned."""
+    fake.script("vm-a", phases=("active",))
+    task_id = await center.executor.submit(MigrationRequest("vm-a", DST))
+    await wait_until(lambda: bool(fake.called(SRC, "migrate")))
+    fake.host(SRC).dead = True  # the source's agent dies mid-migration...
+    await wait_until(lambda: bool(aborts(fake, DST)), timeout=10)
+
+    async def revive() -> None:
+        await asyncio.sleep(0.5)
+        fake.host(SRC).dead = False  # ... and is back a moment later
+
+    reviving = asyncio.create_task(revive())
+    await asyncio.wait_for(center.executor.wait(task_id), 15)
+    await reviving
+    task = await center.tasks.get(task_id)
+    assert task.state == TaskState.ERROR
+    asked = aborts(fake, SRC)  # refused while dead, then answered
+    assert len(asked) >= 2 and all(c.query.get("destination_gone") == "true" for c in asked)
+    assert await vm_host(center) == SRC and source_runs(fake)
