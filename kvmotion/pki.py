@@ -77,6 +77,37 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+def _builder(
+    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey, *, ca: bool
+) -> x509.CertificateBuilder:
+    """What every certificate here shares: serial, validity, and a CA's or a host's usage."""
+    now = datetime.datetime.now(datetime.UTC)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                key_agreement=not ca,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
+
+
 def create_ca(directory: Path, name: str = "kvmotion CA") -> Path:
     """Create a CA in ``directory`` (``ca-cert.pem``, ``ca-key.pem``); returns the cert's path.
     An existing CA is kept (re-running is harmless)."""
@@ -90,32 +121,7 @@ def create_ca(directory: Path, name: str = "kvmotion CA") -> Path:
             "give the CA its own directory"
         )
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(_name(name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                key_cert_sign=True,
-                crl_sign=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(key, hashes.SHA256())
-    )
+    cert = _builder(_name(name), _name(name), key.public_key(), ca=True).sign(key, hashes.SHA256())
     _write(directory / CA_KEY, _key_pem(key), private=True)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
     return cert_path
@@ -162,7 +168,6 @@ def issue_host(ca_dir: Path, out_dir: Path, host: str, addresses: list[str]) -> 
     ca_cert, ca_key = _load_ca(ca_dir)
     alt = x509.SubjectAlternativeName(_alt_names(host, addresses))
     _private_dir(out_dir)
-    now = datetime.datetime.now(datetime.UTC)
     written = []
     for role, usage in (
         ("server", ExtendedKeyUsageOID.SERVER_AUTH),
@@ -170,28 +175,7 @@ def issue_host(ca_dir: Path, out_dir: Path, host: str, addresses: list[str]) -> 
     ):
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(host))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    key_encipherment=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    content_commitment=False,
-                    data_encipherment=False,
-                    key_agreement=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            _builder(_name(host), ca_cert.subject, key.public_key(), ca=False)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(alt, critical=False)
             .sign(ca_key, hashes.SHA256())
