@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -18,8 +19,22 @@ from kvmotion.errors import (
     Unauthorized,
 )
 
-console = Console()
-err_console = Console(stderr=True)
+UNWRAPPED_WIDTH = 1000  # "as wide as it needs": rich has no unbounded width
+
+
+def _console(stderr: bool = False) -> Console:
+    """A terminal gets rich's wrapping at its width. Anything else (a pipe, a log file, CI) reads
+    one line as one line: no wrapping, so a path, an id or a timeline step is never cut, and
+    tables as wide as they need unless COLUMNS says otherwise."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    width = None if os.environ.get("COLUMNS") else UNWRAPPED_WIDTH
+    return Console(stderr=stderr, soft_wrap=True, width=width)
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 
 def exit_code(exc: KvmotionError) -> int:

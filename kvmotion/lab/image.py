@@ -144,10 +144,13 @@ def install_image(image: GuestImage, image_dir: Path) -> Path:
 
 
 def _logger(log: Log | None) -> Log:
+    """The caller's ``log`` if it gave one (the CLI prints), else this module's logger: each
+    line once."""
+    if log is not None:
+        return log
+
     def say(msg: str) -> None:
         log_.info("%s", msg)
-        if log is not None:
-            log(msg)
 
     return say
 

@@ -61,7 +61,9 @@ class PairHistory:
     count: int
 
 
-SOURCE_RETRY_S = 60.0  # an abort keeps asking an unreachable source this long (see abort)
+# An abort, and a finish after the switchover, keep asking an unreachable (restarting) source
+# agent this long: its copy must be resumed, or removed, not forgotten.
+SOURCE_RETRY_S = 60.0
 HISTORY_SCAN, HISTORY_USED = 200, 10  # tasks looked at, measurements used (the newest)
 MIN_COPY_MS = 200  # shorter copies are mostly QEMU's first 100 ms bandwidth measurement
 SATURATED_SHARE = 0.85  # a 1 s sample this close to the working set is only a lower bound
@@ -106,6 +108,7 @@ class Executor:
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT,
     ) -> None:
         self.stall_timeout_s = stall_timeout_s
+        self.source_retry_s = SOURCE_RETRY_S
         self.db = db
         self.inventory = inventory
         self.tasks = tasks
@@ -875,8 +878,7 @@ class ComputeMigration(_TaskRun):
                 info = await agent.get_vm(self.vm.name)
             fields |= {"config": info["config"], "config_path": info["config_path"]}
         await self.ex.inventory.set_vm(self.vm.uuid, **fields)
-        async with self.ex.inventory.agent(self.source) as agent:
-            problems = await agent.finish_migration(self.vm.name, remove_files=self.both)
+        problems = await self._finish_source()
         if problems:
             self._kept_summary["old_files_left"] = problems
         self._mark("source_removed")
@@ -892,6 +894,21 @@ class ComputeMigration(_TaskRun):
             task_id=self.task_id,
         )
         self.log.info("migrated to %s", self.dest.name)
+
+    async def _finish_source(self) -> Any:
+        """End the source's paused copy. The guest runs on the destination, so that copy is
+        stale: if the source's agent is unreachable (restarting), keep asking for
+        ``source_retry_s`` rather than leave it behind."""
+        deadline = time.monotonic() + self.ex.source_retry_s
+        while True:
+            try:
+                async with self.ex.inventory.agent(self.source) as agent:
+                    return await agent.finish_migration(self.vm.name, remove_files=self.both)
+            except HostUnreachable:
+                if time.monotonic() >= deadline:
+                    raise
+                self.log.warning("source unreachable after the switchover; asking again")
+                await asyncio.sleep(min(2.0, self.ex.source_retry_s))
 
     async def _finish_after_resume(self, reason: str) -> None:
         """The VM runs on the destination; whatever failed after that, it stays there."""
@@ -925,7 +942,7 @@ class ComputeMigration(_TaskRun):
         # Only a source seen migrating can have a stunned guest (the last view the center got
         # may be older than the moment the stream completed).
         streamed = bool(self.last_view)
-        deadline = time.monotonic() + (SOURCE_RETRY_S if dest_gone and streamed else 0.0)
+        deadline = time.monotonic() + (self.ex.source_retry_s if dest_gone and streamed else 0.0)
         while True:
             try:
                 async with self.ex.inventory.agent(self.source) as agent:

@@ -166,17 +166,20 @@ def test_sign_in_and_migrate_vm_a_with_the_wizard(
     open_item(browser, "host", SRC)
     wait("the host summary", lambda: css(browser, "#host-summary"))
     assert "172.16.1.172" in field_text(browser, "#host-summary", "migration_address")
-    assert "intel-merom" in field_text(browser, "#host-summary", "evc_modes").lower() or (
-        "merom" in field_text(browser, "#host-summary", "evc_modes").lower()
-    )
+    # The modes the summary lists are exactly those the host reports supported: Merom, the seed's.
+    listed = [li.get_attribute("data-mode") for li in browser.find_elements(
+        By.CSS_SELECTOR, '#host-summary [data-field="evc_modes"] li[data-mode]')]  # fmt: skip
+    facts = center.get(f"/v1/hosts/{SRC}").json()["facts"]["cpu_model"]
+    assert listed == [m["key"] for m in facts["evc_modes"] if m["supported"]], (listed, facts)
+    assert "intel-merom" in listed and facts["highest_evc_mode"] == "intel-merom", facts
     shot(browser, "03-host-summary")
 
     open_item(browser, "vm", "vm-a")
     wait("the VM summary", lambda: css(browser, "#vm-summary"))
     assert SRC in field_text(browser, "#vm-summary", "host")
-    assert "poweredOn" in field_text(browser, "#vm-summary", "power_state") or "on" in (
-        field_text(browser, "#vm-summary", "power_state").lower()
-    )
+    power = css(browser, '#vm-summary [data-field="power_state"]')
+    assert power is not None and power.get_attribute("data-value") == "poweredOn"
+    assert power.text == "Powered on"
     assert "shared" in field_text(browser, "#vm-summary", "datastores")
     shot(browser, "04-vm-summary")
 

@@ -313,7 +313,7 @@ def test_the_prediction_with_a_brake(
     assert p.converges == result.converged
     # The same bound as without a brake; docs/convergence.md has the distribution.
     assert abs(p.total_s - result.total_s) <= max(0.2 * result.total_s, 0.1)
-    assert p.needs_brake == (max_throttle(result) > 0) or result.total_s < 2.0
+    assert p.needs_brake == (max_throttle(result) > 0), (p, result.total_s, max_throttle(result), g)
 
 
 @FAST

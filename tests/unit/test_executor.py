@@ -395,8 +395,7 @@ async def test_cancel_during_precopy(center: Center, fake: FakeAgents) -> None:
     assert task.state == TaskState.CANCELLED and task.error_code == "cancelled"
     assert task.error is not None and "cancelled by the user" in task.error
     routes = [(c.host, c.route) for c in fake.calls if c.route in ("abort", "cancel")]
-    assert routes[0] == (DST, "abort")  # the destination first
-    assert (SRC, "abort") in routes or (SRC, "cancel") in routes
+    assert routes == [(DST, "abort"), (SRC, "abort")]  # the destination first, once each
     assert_rolled_back(fake)
     assert await vm_host(center) == SRC
     with pytest.raises(Conflict):
@@ -755,6 +754,7 @@ async def test_a_second_abort_keeps_the_first_reason(center: Center, fake: FakeA
 async def test_after_resume_a_failed_finalize_never_undoes(
     center: Center, fake: FakeAgents
 ) -> None:
+    center.executor.source_retry_s = 0.3  # the source's agent never comes back
     fake.host(SRC).kill_before("finish")
     task = await migrate(center)
 
@@ -763,6 +763,31 @@ async def test_after_resume_a_failed_finalize_never_undoes(
     assert dest_vm is not None and dest_vm.qemu_status == "running"
     assert aborts(fake, DST) == [] and aborts(fake, SRC) == []
     assert task.phase != "aborted"  # it was not undone: the VM moved
+    assert task.state == TaskState.ERROR and task.error_code == "source_cleanup_failed"
+    assert len(fake.called(SRC, "finish")) >= 2  # asked again before giving up
+
+
+async def test_finalize_keeps_asking_a_source_that_is_restarting(
+    center: Center, fake: FakeAgents
+) -> None:
+    """The guest runs on the destination and the source's agent is restarting: the center asks
+    again until it answers, so the paused copy on the source is removed, not left behind."""
+    fake.host(SRC).kill_before("finish")
+
+    async def revive() -> None:
+        await wait_until(lambda: bool(fake.called(SRC, "finish")), timeout=10)
+        await asyncio.sleep(0.5)
+        fake.host(SRC).die_before.clear()
+        fake.host(SRC).dead = False  # the agent is back
+
+    reviving = asyncio.create_task(revive())
+    task = await migrate(center)
+    await reviving
+    assert task.state == TaskState.SUCCESS, task.error
+    assert await vm_host(center) == DST
+    refused, *_, answered = fake.called(SRC, "finish")
+    assert refused.status is None and answered.status == 200
+    assert fake.vm(SRC, "vm-a") is None  # the paused copy is gone
 
 
 async def test_internal_error_still_rolls_back(center: Center, fake: FakeAgents) -> None:
@@ -899,7 +924,10 @@ async def test_change_both_moves_disks_then_memory(center: Center, fake: FakeAge
         center, MigrationRequest("vm-a", DST, kind="both", datastore="local-173")
     )
     assert task.state == TaskState.SUCCESS, task.error
-    assert fake.routes(SRC)[:1] == ["get"] or "storage_mirror" in fake.routes(SRC)
+    src = fake.routes(SRC)
+    # The center follows the disk copy on the source until it is ready, and only then sends memory.
+    watching = src[src.index("storage_mirror") + 1 : src.index("migrate")]
+    assert watching and set(watching) == {"get"}, src
     order = [c.route for c in fake.calls if c.route in ("incoming", "storage_mirror", "migrate")]
     assert order == ["incoming", "storage_mirror", "migrate"]
     [incoming] = fake.called(DST, "incoming")

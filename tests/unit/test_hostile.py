@@ -8,6 +8,7 @@ behind an ASGI transport: nothing leaves the process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -180,9 +181,9 @@ def folder() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def api(folder: Path) -> AsyncIterator[httpx.AsyncClient]:
-    """One center for the module: every refusal must leave it as it was (checked per case)."""
+@contextlib.asynccontextmanager
+async def running_center(folder: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """A center with hosts .172 and .173, vm-a running and vm-off off on .172."""
     fake = FakeAgents(SRC, DST)
     fake.add_vm(SRC, "vm-a")
     fake.add_vm(SRC, "vm-off", power_state="poweredOff")
@@ -194,12 +195,22 @@ async def api(folder: Path) -> AsyncIterator[httpx.AsyncClient]:
     )
     center = Center(config, transport=fake)
     await center.start()
-    for host in (SRC, DST):
-        await center.inventory.add_host(host, TOKEN, PORT)
-    transport = httpx.ASGITransport(app=create_app(center))
-    async with httpx.AsyncClient(transport=transport, base_url="http://center") as client:
+    try:
+        for host in (SRC, DST):
+            await center.inventory.add_host(host, TOKEN, PORT)
+        transport = httpx.ASGITransport(app=create_app(center))
+        async with httpx.AsyncClient(transport=transport, base_url="http://center") as client:
+            yield client
+    finally:
+        await center.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def api(folder: Path) -> AsyncIterator[httpx.AsyncClient]:
+    """One center for the module's refusals: each must leave it as it was (checked per case).
+    A test that changes the center (a migration that is accepted) takes its own."""
+    async with running_center(folder) as client:
         yield client
-    await center.close()
 
 
 async def snapshot(api: httpx.AsyncClient) -> dict[str, Any]:
@@ -281,7 +292,13 @@ async def test_a_read_only_user_looks_but_changes_nothing(api: httpx.AsyncClient
     assert await snapshot(api) == before
 
 
-async def test_two_migrations_of_one_vm_at_once_one_runs(api: httpx.AsyncClient) -> None:
+@pytest.mark.asyncio(loop_scope="function")
+async def test_two_migrations_of_one_vm_at_once_one_runs(tmp_path: Path) -> None:
+    async with running_center(tmp_path) as api:
+        await _two_migrations_at_once_one_runs(api)
+
+
+async def _two_migrations_at_once_one_runs(api: httpx.AsyncClient) -> None:
     body = {"host": DST}
     first, second = await asyncio.gather(
         api.post("/v1/vms/vm-a/migrate", json=body, headers=AUTH),

@@ -120,7 +120,10 @@ def test_verify_raw_image(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img is not installed")
-def test_verify_qcow2_image(tmp_path: Path) -> None:
+def test_verify_qcow2_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    scratch = tmp_path / "tmp"  # the converted copy's folder: this test's own, not the machine's
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     raw, qcow = tmp_path / "disk.raw", tmp_path / "disk.qcow2"
     raw.write_bytes(bytes(disk(30, 256)))
     subprocess.run(
@@ -132,7 +135,7 @@ def test_verify_qcow2_image(tmp_path: Path) -> None:
     assert not bad.ok and bad.first_bad == 31
     # a small lookahead is bounded by the disk size and still finds every acked record
     assert verify_records(qcow, 30, lookahead=10_000).highest == 30
-    assert not list(Path(tempfile.gettempdir()).glob("kvmotion-records-*"))
+    assert list(scratch.iterdir()) == []  # the converted copy is removed
 
 
 def test_verify_missing_image(tmp_path: Path) -> None:
