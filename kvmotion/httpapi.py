@@ -20,7 +20,17 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvmotion.errors import Forbidden, KvmotionError, Unauthorized
+from kvmotion.errors import (
+    Conflict,
+    ExecutionError,
+    Forbidden,
+    HostUnreachable,
+    InsufficientResources,
+    InvalidInput,
+    KvmotionError,
+    NotFound,
+    Unauthorized,
+)
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +40,41 @@ class ErrorBody(BaseModel):
     message: str
 
 
+# The one error table, both ways: a domain error is answered with its class's status, and a
+# status read back (by the agent's and the center's clients) is raised as that class again, with
+# the code and message of the body. 500s (QEMU, the lab) come back as ExecutionError.
+ERRORS_BY_STATUS: dict[int, type[KvmotionError]] = {
+    cls.http_status: cls
+    for cls in (
+        InvalidInput, NotFound, Conflict, InsufficientResources, Unauthorized, Forbidden,
+        HostUnreachable,
+    )
+}  # fmt: skip
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
-    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 422, 502, 507)
+    status: {"model": ErrorBody} for status in sorted(ERRORS_BY_STATUS)
 }
-
-
+# The framework's own refusals (no route, wrong method), in the same codes.
 HTTP_CODES = {
-    401: "unauthorized",
-    404: "not_found",
+    400: InvalidInput.code,
+    401: Unauthorized.code,
+    404: NotFound.code,
     405: "method_not_allowed",
-    400: "invalid_input",
 }
 
 
 def error_response(exc: KvmotionError) -> JSONResponse:
     return JSONResponse(status_code=exc.http_status, content={"error": exc.to_dict()})
+
+
+def error_from_response(response: httpx.Response, what: str) -> KvmotionError:
+    """The domain error an error response stands for (the reverse of ``error_response``)."""
+    try:
+        body = response.json()["error"]
+        code, message = str(body["code"]), str(body["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", f"{what}: HTTP {response.status_code} {response.text[:200]}"
+    cls = ERRORS_BY_STATUS.get(response.status_code, ExecutionError)
+    return cls(message, code=code)
 
 
 def _validation_message(exc: RequestValidationError) -> str:

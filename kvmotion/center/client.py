@@ -15,8 +15,7 @@ from urllib.parse import quote
 import httpx
 
 from kvmotion.errors import ExecutionError, HostUnreachable, InvalidInput
-from kvmotion.host.client import error_from_response
-from kvmotion.httpapi import api_client
+from kvmotion.httpapi import api_client, error_from_response
 
 CENTER_URL_ENV = "KVMOTION_CENTER_URL"
 CENTER_TOKEN_ENV = "KVMOTION_CENTER_TOKEN"
@@ -128,9 +127,6 @@ class CenterClient:
         return body
 
     # -- health and hosts ----------------------------------------------------------------------
-    async def health(self) -> JsonObject:
-        return await self._object("GET", "/v1/health")
-
     async def add_host(self, address: str, token: str, port: int | None = None) -> JsonObject:
         body: JsonObject = {"address": address, "token": token}
         if port is not None:
@@ -212,9 +208,6 @@ class CenterClient:
 
     async def cancel_task(self, task_id: int) -> JsonObject:
         return await self._object("POST", f"/v1/tasks/{task_id}/cancel")
-
-    async def events(self, limit: int = 100) -> list[JsonObject]:
-        return await self._list("/v1/events", params={"limit": limit})
 
     # -- clusters and EVC ----------------------------------------------------------------------
     async def clusters(self) -> list[JsonObject]:

@@ -128,15 +128,6 @@ class TaskStore:
             await s.commit()
             return task
 
-    async def mark(self, task_id: int, step: str, when: float | None = None, **extra: Any) -> None:
-        """Append a timeline step (once per step name)."""
-        task = await self.get(task_id)
-        if any(t["step"] == step for t in task.timeline):
-            return
-        entry = {"step": step, "time": when or datetime.now(UTC).timestamp(), **extra}
-        timeline = sorted([*task.timeline, entry], key=lambda t: float(t["time"]))
-        await self.update(task_id, timeline=timeline)
-
     async def request_cancel(self, task_id: int) -> Task:
         task = await self.get(task_id)
         if TaskState(task.state).final:

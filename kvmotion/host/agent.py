@@ -31,6 +31,7 @@ from kvmotion.qemu.accel import AccelChoice, choose_accelerator
 log = logging.getLogger(__name__)
 
 PROBE_IMAGE = "kvmotion-guest"
+UNKNOWN_LINK_CAP_BPS = 10_000_000_000 // 8  # QEMU's bandwidth cap on a link of unknown speed
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,9 @@ class HostFacts:
     migration_address: str | None
     cpu: facts.CpuFacts
     cpu_model: dict[str, Any]  # what VMs get here: features, EVC modes (see host/cpu.py)
-    migration_link_bps: int  # what the migration link carries (its speed, or tc's shaping)
+    # What the migration link carries (its speed, or tc's shaping); None: unknown (a NIC that
+    # reports no speed), which the center costs as the slower link.
+    migration_link_bps: int | None
     migration_tls: dict[str, Any]  # {"mode": "required" | "off", "ready": bool}
     memory: facts.MemoryFacts
     accel: str
@@ -156,7 +159,12 @@ class HostAgent:
         return [await vm.info() for vm in sorted(self.vms.values(), key=lambda v: v.config.name)]
 
     async def facts(self) -> HostFacts:
+        """What the center keeps of this host. The slow parts (the migration link's speed from
+        `ip` and `tc`, each datastore's statvfs) run off the event loop."""
         memory = facts.read_memory()
+        link_bps, datastores = await asyncio.gather(
+            asyncio.to_thread(self.link_bandwidth_bps), self.datastores.all_info()
+        )
         return HostFacts(
             name=self.config.name,
             hostname=facts.hostname(),
@@ -164,7 +172,7 @@ class HostAgent:
             migration_address=self.config.migration_address,
             cpu=facts.read_cpu(),
             cpu_model=self.cpu.facts(),
-            migration_link_bps=self.link_bandwidth_bps(),
+            migration_link_bps=link_bps,
             migration_tls=self.tls.facts(),
             memory=memory,
             accel=self.accel.accel,
@@ -172,7 +180,7 @@ class HostAgent:
             qemu_version=self.qemu_version,
             machine_type=self.config.machine_type,
             default_cpu_model=self.config.default_cpu_model,
-            datastores=self.datastores.all_info(),
+            datastores=datastores,
             networks=[
                 NetworkInfo(n.name, n.bridge, taps.bridge_exists(n.bridge))
                 for n in self.config.networks
@@ -189,7 +197,7 @@ class HostAgent:
         datastore), InsufficientResources (memory, space). Nothing is created on error.
         """
         async with self._create_lock:
-            self._check_new(req)
+            await self._check_new(req)
             config = VmConfig.from_request(
                 req, cpu_model=self.config.default_cpu_model, machine_type=self.config.machine_type
             )
@@ -202,7 +210,7 @@ class HostAgent:
             log.info("created VM %s (%s) on %s", config.name, config.uuid, req.datastore)
             return await vm.info()
 
-    def _check_new(self, req: VmCreateRequest) -> None:
+    async def _check_new(self, req: VmCreateRequest) -> None:
         if any(vm.config.name == req.name for vm in self.vms.values()):
             raise Conflict(
                 f"a VM named {req.name!r} already exists on this host", code="name_taken"
@@ -239,7 +247,7 @@ class HostAgent:
             ds = disk.datastore or req.datastore
             need[ds] = need.get(ds, 0) + disk.size_mib * 2**20
         for ds, size in need.items():
-            free = self.datastores.info(ds).free_bytes
+            free = (await self.datastores.info(ds)).free_bytes
             if size > free:
                 raise InsufficientResources(
                     f"disks need {size // 2**20} MiB on datastore {ds!r}, which has "
@@ -375,7 +383,7 @@ class HostAgent:
     async def _prepare_with_disks(
         self, config: VmConfig, cpu: VmCpu | None, address: str, postcopy: bool, datastore: str
     ) -> tuple[VmInfo, str, int | None]:
-        self.check_space(datastore, config)
+        await self.check_space(datastore, config)
         self._check_memory(config.name, config.memory_mib)
         new = config.moved_to(datastore)
         record, created = await create_vm_files(new, self.datastores)
@@ -392,10 +400,10 @@ class HostAgent:
             remove_folders(created)
             raise
 
-    def check_space(self, datastore: str, config: VmConfig) -> None:
+    async def check_space(self, datastore: str, config: VmConfig) -> None:
         """Refuse to copy ``config``'s disks to ``datastore`` without room for them (their full
         size, plus a tenth for the copy's metadata and the guest's growth)."""
-        free = self.datastores.info(datastore).free_bytes
+        free = (await self.datastores.info(datastore)).free_bytes
         need = sum(d.size_mib for d in config.disks) * 2**20
         if need * 1.1 > free:
             raise InsufficientResources(
@@ -409,7 +417,7 @@ class HostAgent:
         """Copy a running VM's disks to another datastore here, and switch to the copies."""
         vm = self.get(ref)
         self.datastores.get(datastore)
-        self.check_space(datastore, vm.config)
+        await self.check_space(datastore, vm.config)
         async with vm.lock:
             await vm.move_storage(datastore, speed_bps)
             return await vm.info()
@@ -428,10 +436,10 @@ class HostAgent:
         async with vm.lock:
             return await vm.cancel_storage()
 
-    def link_bandwidth_bps(self) -> int:
-        """What the migration link carries, for QEMU's max-bandwidth (not its 128 MiB/s)."""
+    def link_bandwidth_bps(self) -> int | None:
+        """What the migration link carries (bytes/s); None when its speed is unknown."""
         mbps = facts.link_speed_mbps(self.config.migration_address)
-        return int((mbps or 10_000) * 1e6 / 8)
+        return int(mbps * 1e6 / 8) if mbps else None
 
     async def migrate(
         self,
@@ -444,10 +452,13 @@ class HostAgent:
         postcopy: bool = False,
     ) -> VmInfo:
         vm = self.get(ref)
+        if not max_bandwidth_bps:  # QEMU's cap: the link (not QEMU's 128 MiB/s)
+            link = await asyncio.to_thread(self.link_bandwidth_bps)
+            max_bandwidth_bps = link or UNKNOWN_LINK_CAP_BPS
         async with vm.lock:
             await vm.migrate_out(
                 uri,
-                max_bandwidth_bps or self.link_bandwidth_bps(),
+                max_bandwidth_bps,
                 downtime_limit_ms,
                 brake=brake,
                 postcopy=postcopy,

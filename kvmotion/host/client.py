@@ -10,35 +10,8 @@ from typing import Any
 
 import httpx
 
-from kvmotion.errors import (
-    Conflict,
-    ExecutionError,
-    HostUnreachable,
-    InsufficientResources,
-    InvalidInput,
-    KvmotionError,
-    NotFound,
-    Unauthorized,
-)
-from kvmotion.httpapi import api_client
-
-_BY_STATUS: dict[int, type[KvmotionError]] = {
-    401: Unauthorized,
-    404: NotFound,
-    409: Conflict,
-    422: InvalidInput,
-    507: InsufficientResources,
-}
-
-
-def error_from_response(response: httpx.Response, what: str) -> KvmotionError:
-    try:
-        body = response.json()["error"]
-        code, message = str(body["code"]), str(body["message"])
-    except (ValueError, KeyError, TypeError):
-        code, message = "http_error", f"{what}: HTTP {response.status_code} {response.text[:200]}"
-    cls = _BY_STATUS.get(response.status_code, ExecutionError)
-    return cls(message, code=code)
+from kvmotion.errors import HostUnreachable
+from kvmotion.httpapi import api_client, error_from_response
 
 
 class AgentClient:
@@ -78,9 +51,6 @@ class AgentClient:
             raise error_from_response(response, what)
         return None if response.status_code == 204 else response.json()
 
-    async def health(self) -> Any:
-        return await self.request("GET", "/v1/health")
-
     async def facts(self) -> Any:
         return await self.request("GET", "/v1/host")
 
@@ -107,9 +77,6 @@ class AgentClient:
 
     async def power_off(self, vm: str) -> Any:
         return await self.request("POST", f"/v1/vms/{vm}/power-off", timeout=60)
-
-    async def reset(self, vm: str) -> Any:
-        return await self.request("POST", f"/v1/vms/{vm}/reset")
 
     async def prepare_incoming(
         self,
@@ -153,13 +120,6 @@ class AgentClient:
 
     async def start_postcopy(self, vm: str) -> Any:
         return await self.request("POST", f"/v1/vms/{vm}/migration/postcopy")
-
-    async def dirty_rate(self, vm: str, seconds: int = 1) -> float:
-        body = {"seconds": seconds}
-        result = await self.request(
-            "POST", f"/v1/vms/{vm}/dirty-rate", json=body, timeout=seconds + 30
-        )
-        return float(result["dirty_rate_bps"])
 
     async def memory_profile(self, vm: str) -> dict[str, Any]:
         """Non-zero RAM, dirty rate and working set of a running VM (bytes, bytes/s)."""

@@ -6,7 +6,10 @@ names were validated already, this is the second lock on the door.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +27,13 @@ class DatastoreInfo:
     accessible: bool
 
 
+PROBE_TIMEOUT_S = 5.0  # a datastore whose statvfs takes longer is reported inaccessible
+
+
 class Datastores:
     def __init__(self, configs: list[DatastoreConfig]) -> None:
         self._by_name = {ds.name: ds for ds in configs}
+        self._probes: dict[str, Future[os.statvfs_result]] = {}
 
     def names(self) -> list[str]:
         return sorted(self._by_name)
@@ -49,16 +56,41 @@ class Datastores:
             raise InvalidInput(f"path {relative!r} leaves datastore {name!r}", code="invalid_path")
         return path
 
-    def info(self, name: str) -> DatastoreInfo:
+    async def info(self, name: str, timeout: float = PROBE_TIMEOUT_S) -> DatastoreInfo:
+        """Capacity and free space, read in a thread of the datastores' own: a hung NFS mount
+        never blocks the agent's event loop (which sends ``migrate-continue`` while a guest is
+        stunned). A datastore that does not answer in ``timeout``, or whose last probe still
+        hangs, is inaccessible; the hung probe is not queued again."""
         ds = self.get(name)
+        pending = self._probes.get(name)
+        inaccessible = DatastoreInfo(ds.name, str(ds.path), ds.shared, 0, 0, False)
+        if pending is not None and not pending.done():
+            return inaccessible
+        pending = _statvfs_in_thread(ds.path)
+        self._probes[name] = pending
         try:
-            st = os.statvfs(ds.path)
-            return DatastoreInfo(
-                ds.name, str(ds.path), ds.shared, st.f_blocks * st.f_frsize,
-                st.f_bavail * st.f_frsize, True,
-            )  # fmt: skip
-        except OSError:
-            return DatastoreInfo(ds.name, str(ds.path), ds.shared, 0, 0, False)
+            st = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(pending)), timeout)
+        except (OSError, TimeoutError):
+            return inaccessible
+        return DatastoreInfo(
+            ds.name, str(ds.path), ds.shared, st.f_blocks * st.f_frsize,
+            st.f_bavail * st.f_frsize, True,
+        )  # fmt: skip
 
-    def all_info(self) -> list[DatastoreInfo]:
-        return [self.info(name) for name in self.names()]
+    async def all_info(self) -> list[DatastoreInfo]:
+        return list(await asyncio.gather(*(self.info(name) for name in self.names())))
+
+
+def _statvfs_in_thread(path: Path) -> Future[os.statvfs_result]:
+    """statvfs in a daemon thread of its own: one that never returns (a hung mount) must not
+    hold the agent's exit, as a worker of a thread pool would."""
+    result: Future[os.statvfs_result] = Future()
+
+    def probe() -> None:
+        try:
+            result.set_result(os.statvfs(path))
+        except OSError as exc:
+            result.set_exception(exc)
+
+    threading.Thread(target=probe, name=f"statvfs {path}", daemon=True).start()
+    return result

@@ -9,7 +9,8 @@ Destination side (:class:`Incoming`): QEMU was started paused with ``-incoming d
 the migration address; when the stream completes, ``cont`` at once (the guest resumes here) and
 ``announce-self`` so the VM network learns the VM's new place.
 
-Status queries never act: :meth:`Outgoing.status` only reads.
+Reading a migration never acts: the agent answers with ``Outgoing.view`` or ``Incoming.view`` as
+they are; only the watch loops and the center's requests (continue, abort, finish) change them.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ class MigrationView:
     """What a host reports about a VM's migration: side, phase, samples, marks."""
 
     side: str  # "source" or "destination"
-    phase: str  # QEMU status, or our own: "listening", "resumed", "finished", "aborted"
+    phase: str  # QEMU's status, or our own: "listening", "resumed", "failed", "aborted"
     uri: str | None = None
     stats: MigrationStats | None = None
     samples: list[PassSample] = field(default_factory=list)
@@ -422,8 +423,10 @@ class Incoming:
                     await self.qmp.execute("cont")
                     self.view.marks["resumed"] = time.time()
                     self.view.phase = "resumed"
-                    self.on_resumed()
-                    await self.qmp.execute("announce-self", ANNOUNCE)
+                    try:  # announce first: the VM network learns the new place at once
+                        await self.qmp.execute("announce-self", ANNOUNCE)
+                    finally:  # then record that the guest runs here (a registration fsync)
+                        self.on_resumed()
                     self.view.stats = MigrationStats.parse(await self.qmp.execute("query-migrate"))
                     self.log.info("resumed on this host and announced")
                     return

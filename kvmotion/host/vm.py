@@ -67,7 +67,8 @@ class PowerState(StrEnum):
 
 
 _TRANSITIONS: dict[PowerState, set[PowerState]] = {
-    PowerState.POWERED_OFF: {PowerState.POWERING_ON, PowerState.INCOMING},
+    # POWERED_ON from POWERED_OFF: an agent (re)started and found the VM's QEMU running.
+    PowerState.POWERED_OFF: {PowerState.POWERING_ON, PowerState.INCOMING, PowerState.POWERED_ON},
     PowerState.INCOMING: {PowerState.POWERED_ON, PowerState.POWERED_OFF},
     PowerState.POWERING_ON: {PowerState.POWERED_ON, PowerState.POWERED_OFF},
     PowerState.POWERED_ON: {PowerState.POWERING_OFF, PowerState.POWERED_OFF},
@@ -298,9 +299,10 @@ class VirtualMachine:
             await self._connect()
         except QemuError:
             self.log.warning("QEMU pid %d runs but QMP does not answer", process.pid)
-        self.state = PowerState.POWERED_ON
+        still_incoming = False
         if self.incoming and self.qmp is not None:
-            await self._recover_incoming(self.qmp)
+            still_incoming = await self._recover_incoming(self.qmp)
+        self._set_state(PowerState.INCOMING if still_incoming else PowerState.POWERED_ON)
         if self.moving_to is not None:
             await self._recover_storage_move()
         elif self.qmp is not None and not self.incoming:
@@ -344,7 +346,9 @@ class VirtualMachine:
                 return "source resumed (the destination's copy had ended)"
         return None
 
-    async def _recover_incoming(self, qmp: QmpSession) -> None:
+    async def _recover_incoming(self, qmp: QmpSession) -> bool:
+        """A destination's copy whose agent restarted: resume a completed stream (this copy is
+        the VM now); True if the stream is still incomplete (the copy stays incoming)."""
         stats = MigrationStats.parse(await qmp.execute("query-migrate"))
         status = await qmp.query_status()
         if stats.status == "completed" and not status.running:
@@ -354,11 +358,12 @@ class VirtualMachine:
             self.created = []
             self.write_registration(incoming=False)
             self.log.warning("resumed after an agent restart: the incoming stream had completed")
-        elif status.running:
+            return False
+        if status.running:
             self.created = []
             self.write_registration(incoming=False)
-        else:
-            self.state = PowerState.INCOMING
+            return False
+        return True
 
     async def _recover_storage_move(self) -> None:
         """The agent stopped during a storage move (QEMU's jobs outlive it): end the jobs left,
@@ -426,8 +431,7 @@ class VirtualMachine:
         await process.wait_exit(None)
         self.log.info("QEMU pid %d ended", process.pid)
         if self.process is process:
-            await self._cleanup_after_exit(kill=False)
-            self.state = PowerState.POWERED_OFF
+            await self._cleanup_after_exit(kill=False)  # POWERED_OFF
 
     async def _cleanup_after_exit(self, *, kill: bool) -> None:
         if self.migration is not None:
@@ -443,7 +447,7 @@ class VirtualMachine:
         self.process = None
         await self._remove_taps()
         self.pidfile.unlink(missing_ok=True)
-        self.state = PowerState.POWERED_OFF
+        self._set_state(PowerState.POWERED_OFF)  # allowed from every state
 
     async def _remove_taps(self) -> None:
         for i in range(len(self.config.nics)):

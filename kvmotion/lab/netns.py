@@ -306,10 +306,6 @@ class LinkInfo:
     flags: frozenset[str]
 
     @property
-    def admin_up(self) -> bool:
-        return "UP" in self.flags
-
-    @property
     def up(self) -> bool:
         """Administratively up and with carrier (for a veth: its peer is up too)."""
         return "UP" in self.flags and "LOWER_UP" in self.flags

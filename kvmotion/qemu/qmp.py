@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ class VmStatus:
 
 
 class QmpSession:
-    """One QMP connection to one QEMU. Use ``async with QmpSession.open(path):``."""
+    """One QMP connection to one QEMU: ``connect()``, commands and events, ``close()``."""
 
     def __init__(self, socket_path: Path, name: str) -> None:
         self.socket_path = socket_path
@@ -45,18 +43,6 @@ class QmpSession:
         self._client.logger = log.getChild(name)
         # QEMU's own chatter at INFO is noise for agent logs.
         self._client.logger.setLevel(logging.WARNING)
-
-    @classmethod
-    @asynccontextmanager
-    async def open(
-        cls, socket_path: Path, name: str, timeout: float = 10.0
-    ) -> AsyncIterator[QmpSession]:
-        session = cls(socket_path, name)
-        await session.connect(timeout)
-        try:
-            yield session
-        finally:
-            await session.close()
 
     async def connect(self, timeout: float = 10.0) -> None:
         """Connect, retrying while QEMU creates its socket, until ``timeout``.
@@ -76,10 +62,6 @@ class QmpSession:
             f"{self.name}: QEMU's QMP socket {self.socket_path} did not answer in {timeout:.0f} s: "
             f"{last}"
         ) from last
-
-    @property
-    def connected(self) -> bool:
-        return self._client.runstate.name == "RUNNING"
 
     async def close(self) -> None:
         try:
@@ -119,12 +101,6 @@ class QmpSession:
         """Unregister ``lst``; a listener removed already is left alone."""
         if lst in self._client._listeners:
             self._client.remove_listener(lst)
-
-    async def disconnected(self) -> None:
-        """Return when the connection ends (QEMU exited, or close())."""
-        await self._client.runstate_changed()
-        while self._client.runstate.name == "RUNNING":
-            await self._client.runstate_changed()
 
     async def query_status(self) -> VmStatus:
         return VmStatus.parse(await self.execute("query-status"))

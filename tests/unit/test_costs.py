@@ -13,7 +13,9 @@ GBIT, TEN_GBIT = 1e9 / 8, 10e9 / 8
 LIMITS = CostLimits()
 
 
-def compute(src: str = "a", dst: str = "b", link: float = GBIT) -> dict[str, tuple[int, int]]:
+def compute(
+    src: str = "a", dst: str = "b", link: float | None = GBIT
+) -> dict[str, tuple[int, int]]:
     return demand("compute", {src: link, dst: link}, {"shared"}, LIMITS)
 
 
@@ -23,7 +25,7 @@ def test_what_each_kind_costs() -> None:
         "datastore:shared": (1, 128),
     }  # fmt: skip
     assert compute(link=TEN_GBIT)["link:a"] == (1, 8)
-    assert compute(link=None)["link:a"] == (1, 4)  # type: ignore[arg-type]  # unknown: careful
+    assert compute(link=None)["link:a"] == (1, 4)  # unknown: as the slower link
     storage = demand("storage", {"a": GBIT}, {"local-a", "shared"}, LIMITS)
     assert storage == {
         "host:a": (4, 8),

@@ -59,6 +59,9 @@ async def test_facts(client: httpx.AsyncClient) -> None:
     assert facts["memory"]["total_bytes"] > 0
     assert facts["datastores"][0]["name"] == "shared" and facts["datastores"][0]["shared"]
     assert facts["networks"] == [{"name": "vm-network", "bridge": "kvtest-nobr", "present": False}]
+    # No migration address, so no link to measure: unknown (costed as the slower link), never a
+    # made-up 10 Gbit/s.
+    assert facts["migration_link_bps"] is None
 
 
 async def test_create_list_delete(client: httpx.AsyncClient, config: HostConfig) -> None:
