@@ -5,7 +5,12 @@ For N migrations of a busy guest back and forth between the seed's hosts, measur
   (precheck with fresh host facts, the destination QEMU started and listening, migrate issued);
 - resume -> done: from the guest resuming on the destination to the task's success (the inventory
   updated, the source QEMU ended);
-- QEMU's own total migration time, and its downtime.
+- QEMU's own total migration time, and its downtime;
+- CPU time the center and the two agents spent per migration (their own and their children's, from
+  /proc/PID/stat, request to the task's end), beside what they spend in the same wall time with no
+  migration (refresh loops, measured for ``IDLE_S`` before the runs): the control plane's own cost,
+  which pulling progress (agent polls QEMU, center polls agents, every sample a database commit)
+  drives up (issue 14).
 Goal (issue 3): each overhead at most 300 ms.
 
 Run as root: ``.venv/bin/python -m bench.control_plane [--runs 10]``. Writes
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -28,6 +34,19 @@ from kvmotion.lab.demo import WORKLOAD, ensure_image, guest_ip, vm_spec, wait_fo
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_MS = 300
+IDLE_S = 10.0
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU time of ``pid`` and its waited-for children (ip, tc, qemu-img), in ms."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+    return (utime + stime + cutime + cstime) * 1000 / TICKS
+
+
+def control_plane_ms(pids: dict[str, int]) -> dict[str, float]:
+    return {name: cpu_ms(pid) for name, pid in pids.items()}
 
 
 async def measure(runs: int) -> list[dict[str, Any]]:
@@ -44,9 +63,17 @@ async def measure(runs: int) -> list[dict[str, Any]]:
             await center.power_on("bench-cp")
         guest = await asyncio.to_thread(wait_for_guest, state, guest_ip(5))
         guest.dirty(*WORKLOAD)
+        pids = {"center": lc.pid} | {
+            f"agent {h.name}": h.agent_pid for h in state.hosts[:2] if h.agent_pid is not None
+        }
+        before, t0 = control_plane_ms(pids), time.monotonic()
+        await asyncio.sleep(IDLE_S)
+        after, idle_s = control_plane_ms(pids), time.monotonic() - t0
+        idle_per_s = {k: (after[k] - before[k]) / idle_s for k in pids}
         for i in range(runs):
             where = (await center.vm("bench-cp"))["host"]
             dest = hosts[1] if where == hosts[0] else hosts[0]
+            before, t0 = control_plane_ms(pids), time.monotonic()
             task = await center.migrate("bench-cp", dest)
             end = time.monotonic() + 120
             while task["state"] not in ("success", "error", "cancelled"):
@@ -54,8 +81,11 @@ async def measure(runs: int) -> list[dict[str, Any]]:
                     raise RuntimeError(f"migration {i} did not end in 120 s")
                 await asyncio.sleep(0.05)
                 task = await center.task(task["id"])
+            after, wall_s = control_plane_ms(pids), time.monotonic() - t0
             if task["state"] != "success":
                 raise RuntimeError(f"migration {i} {task['state']}: {task['error']}")
+            used = {k: after[k] - before[k] for k in pids}
+            agents = [k for k in pids if k.startswith("agent")]
             s = task["summary"]
             rows.append({
                 "run": i,
@@ -65,6 +95,11 @@ async def measure(runs: int) -> list[dict[str, Any]]:
                 "qemu_total_ms": s["total_time_ms"],
                 "qemu_downtime_ms": s["downtime_ms"],
                 "task_ms": s["task_time_ms"],
+                "wall_ms": round(wall_s * 1000),
+                "center_cpu_ms": round(used["center"]),
+                "agents_cpu_ms": round(sum(used[k] for k in agents)),
+                "center_idle_cpu_ms": round(idle_per_s["center"] * wall_s),
+                "agents_idle_cpu_ms": round(sum(idle_per_s[k] for k in agents) * wall_s),
             })  # fmt: skip
             print(json.dumps(rows[-1]))
         guest.dirty_stop()
@@ -93,10 +128,20 @@ def report(rows: list[dict[str, Any]]) -> str:
         ("qemu_total_ms", ""),
         ("qemu_downtime_ms", ""),
         ("task_ms", ""),
+        ("center_cpu_ms", ""),
+        ("agents_cpu_ms", ""),
+        ("center_idle_cpu_ms", ""),
+        ("agents_idle_cpu_ms", ""),
     ):
         med, worst = statistics.median(col(key)), max(col(key))
         ok = "" if not goal else (" met" if worst <= GOAL_MS else " MISSED")
         lines.append(f"| {key} | {med:.0f} | {worst:.0f} | {med / qemu:.2f} | {goal}{ok} |")
+    lines += [
+        "",
+        "CPU rows: CPU time (own and children's) of the center and of both agents together from "
+        "the request to the task's end; the *_idle_* rows are what the same processes spend in "
+        f"the same wall time with no migration (measured over {IDLE_S:.0f} s before the runs).",
+    ]
     return "\n".join(lines) + "\n"
 
 
