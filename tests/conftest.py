@@ -7,7 +7,7 @@ it started with; the error names the test that changed them.
 
 The session's own start matters too: a process that a non-interactive shell starts in the
 background begins with SIGINT ignored, and Python then never raises KeyboardInterrupt (the Ctrl-C
-test failed in CI only for that reason, issue 13). The report's header says so when it is.
+test failed in CI only for that reason, issue 13). The session says so when it is.
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ _previous = ["the session's start"]
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _SESSION_HANDLERS.update(_handlers())
-
-
-def pytest_report_header() -> str | None:
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        return "SIGINT is ignored in this process (inherited from the shell that started it)"
-    return None
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and reporter is not None:
+        reporter.write_line(
+            "note: SIGINT is ignored in this test process (inherited from the shell that "
+            "started it); tests that press Ctrl-C reset it for the program they signal"
+        )
 
 
 @pytest.fixture(autouse=True)
