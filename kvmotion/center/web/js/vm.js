@@ -1,0 +1,145 @@
+// The VM summary, its "migrating now" banner, and the power buttons.
+
+import { $, $$, h } from "./dom.js";
+import { fmtDateTime, fmtMiB, parseTime, plural, POWER_LABEL } from "./format.js";
+import {
+  activeTaskFor, evcText, FINAL_STATES, state, TYPE_LABEL, vmDatastores, vmNetworks,
+} from "./state.js";
+import { api, enc, errorText } from "./api.js";
+import {
+  actionMessage, card, closeModal, cpuText, itemLink, openModal, powerBadge, showActionMessage,
+  summaryHeader, table,
+} from "./widgets.js";
+import { refreshInventory } from "./session.js";
+import { renderMain } from "./router.js";
+import { openWizard } from "./wizard.js";
+import { routeText } from "./tasks.js";
+
+export const vmView = {
+  find: (name) => state.idx.vm.get(name),
+  sig: (v) => {
+    const host = v.host && state.idx.host.get(v.host);
+    const t = activeTaskFor(v.name);
+    return [v, host && host.connection, state.idx.clusterOfHost.get(v.host),
+      t && [t.id, FINAL_STATES.has(t.state)]];
+  },
+  live: (v) => updateVmTaskBanner(v),
+  render: renderVm,
+};
+
+function renderVm(v) {
+  const cfg = v.config || {};
+  const host = v.host && state.idx.host.get(v.host);
+  const cluster = v.host && state.idx.clusterOfHost.get(v.host);
+  const clusterObj = cluster && state.idx.cluster.get(cluster);
+  const task = activeTaskFor(v.name);
+  const on = v.power_state === "poweredOn";
+  const effective = v.evc_mode || (clusterObj && clusterObj.evc_mode) || null;
+  const features = (v.cpu && v.cpu.features) || [];
+  const actions = [
+    h("button", {
+      id: "migrate-btn", class: "btn btn-primary", type: "button", disabled: Boolean(task),
+      title: task ? `task ${task.id} is migrating this VM` : "Move this VM to another host or datastore",
+      onclick: () => openWizard(v.name),
+    }, "Migrate..."),
+    h("button", {
+      id: "power-on-btn", class: "btn", type: "button", disabled: on || Boolean(task),
+      title: on ? "the VM is already powered on" : "Start the VM on its host",
+      onclick: () => powerAction(v.name, "power-on"),
+    }, "Power on"),
+    h("button", {
+      id: "power-off-btn", class: "btn", type: "button", disabled: !on || Boolean(task),
+      title: on ? "Stop the VM at once, as pulling its power" : "the VM is not running",
+      onclick: () => confirmPowerOff(v.name),
+    }, "Power off"),
+  ];
+  return h("div", { id: "vm-summary", class: "summary" },
+    summaryHeader("vm", v.name, `Virtual machine${host ? ` on ${host.name}` : ""}`, actions, powerBadge(v.power_state)),
+    actionMessage(),
+    h("div", { id: "vm-task-banner", class: "task-banner", hidden: true }),
+    h("div", { class: "cards" },
+      card("Summary", [
+        ["Power state", POWER_LABEL[v.power_state] || v.power_state, "power_state", null, v.power_state],
+        ["Host", v.host ? itemLink("host", v.host) : "none", "host", null, v.host || ""],
+        ["Cluster", cluster ? itemLink("cluster", cluster) : "—", "cluster"],
+        ["Datastores", vmDatastores(v).map((d, i) => [i ? ", " : "", itemLink("datastore", d)]), "datastores"],
+        ["Networks", vmNetworks(v).map((n, i) => [i ? ", " : "", itemLink("network", n)]), "networks"],
+        v.qemu_status ? ["QEMU status", v.qemu_status, "qemu_status"] : null,
+      ]),
+      card("Hardware", [
+        ["vCPUs", String(cfg.vcpus ?? "—"), "vcpus"],
+        ["Memory", fmtMiB(cfg.memory_mib), "memory"],
+        ["CPU", cpuText(v), "cpu", "the CPU the VM runs with (QEMU's -cpu)"],
+        ["Configured CPU model", cfg.cpu_model || "—", "cpu_model"],
+        ["EVC mode", v.evc_mode ? `${evcText(v.evc_mode)} (this VM's own)`
+          : effective ? `${evcText(effective)} (from cluster ${cluster})` : "none", "evc_mode",
+        "the baseline the VM gets at its next power-on"],
+        ["Machine type", cfg.machine_type || "—", "machine_type"],
+      ], features.length ? h("details", { class: "more" },
+        h("summary", null, `${plural(features.length, "CPU feature")} the guest was started with`),
+        h("p", { class: "mono small wrap" }, features.join(" "))) : null),
+      h("section", { class: "card wide" }, h("h2", null, "Disks"),
+        table(["Disk", "Datastore", "File", "Size", "Format"], (cfg.disks || []).map((d, i) => h("tr", null,
+          h("td", null, `Hard disk ${i + 1}`),
+          h("td", null, itemLink("datastore", d.datastore)),
+          h("td", { class: "mono" }, d.path),
+          h("td", null, fmtMiB(d.size_mib)),
+          h("td", null, d.format || "—"))), { field: "disks", empty: "No disks." })),
+      card("Files", [
+        ["UUID", h("span", { class: "mono" }, v.uuid), "uuid"],
+        ["Configuration", h("span", { class: "mono" }, v.config_path || "—"), "config_path"],
+        ["Created", fmtDateTime(parseTime(cfg.created_at)), "created_at"],
+      ])));
+}
+
+/** The "migrating now" line of a VM summary, updated in place as task events arrive. */
+export function updateVmTaskBanner(v) {
+  const el = $("#vm-task-banner");
+  if (!el) return;
+  const t = activeTaskFor(v.name);
+  if (!t) {
+    el.hidden = true;
+    return;
+  }
+  el.hidden = false;
+  el.replaceChildren(
+    h("strong", null, `Migrating (task ${t.id}): `), `${routeText(t)} · ${TYPE_LABEL[(t.request || {}).type] || "migration"} · `,
+    `${t.state}${t.phase ? `, phase ${t.phase}` : ""}, ${Math.round(t.progress || 0)} %. `,
+    h("a", { href: `#/task/${t.id}` }, "Show the task"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Power
+
+async function powerAction(vm, action) {
+  const label = action === "power-on" ? "Powering on" : "Powering off";
+  showActionMessage(`${label} ${vm}...`, "info");
+  $$("#vm-summary .actions .btn").forEach((b) => { b.disabled = true; });
+  try {
+    await api(`/v1/vms/${enc(vm)}/${action}`, { method: "POST" });
+    showActionMessage(`${vm} is ${action === "power-on" ? "powered on" : "powered off"}.`, "ok");
+    state.mainSig = null;
+    await refreshInventory();
+    showActionMessage(`${vm} is ${action === "power-on" ? "powered on" : "powered off"}.`, "ok");
+  } catch (err) {
+    state.mainSig = null;
+    renderMain(true);
+    showActionMessage(`${errorText(err)}`, "bad");
+  }
+}
+
+function confirmPowerOff(vm) {
+  openModal({
+    id: "confirm-dialog",
+    title: `Power off ${vm}?`,
+    body: h("p", null, "The VM stops at once, as if its power were pulled: unsaved guest data is lost. ",
+      "The guest is not asked to shut down."),
+    buttons: [
+      h("button", { id: "confirm-cancel", class: "btn", type: "button", onclick: closeModal }, "Cancel"),
+      h("button", {
+        id: "confirm-ok", class: "btn btn-danger", type: "button",
+        onclick: () => { closeModal(); powerAction(vm, "power-off"); },
+      }, "Power off"),
+    ],
+  });
+}
