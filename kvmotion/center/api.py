@@ -31,7 +31,7 @@ from kvmotion.errors import Conflict, KvmotionError
 from kvmotion.host.config import DEFAULT_AGENT_PORT
 from kvmotion.host.vmconfig import VmCreateRequest, check_name
 from kvmotion.httpapi import ERROR_RESPONSES, install_error_handlers, role_checker
-from kvmotion.migration.executor import MigrationRequest
+from kvmotion.migration.request import MigrationRequest
 
 
 class HostAdd(BaseModel):

@@ -12,11 +12,11 @@ from pydantic import BaseModel, Field
 
 from kvmotion.center.clusters import Clusters
 from kvmotion.center.db import Database
+from kvmotion.center.executor import DEFAULT_STALL_TIMEOUT, Executor
 from kvmotion.center.inventory import Inventory
 from kvmotion.center.tasks import TaskStore, record_event
 from kvmotion.configfile import ConfigFile
 from kvmotion.errors import KvmotionError
-from kvmotion.migration.executor import DEFAULT_STALL_TIMEOUT, Executor
 
 log = logging.getLogger(__name__)
 

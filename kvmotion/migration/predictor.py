@@ -17,12 +17,16 @@ report, so the prediction brakes, ramps, starts post-copy or gives up as the mig
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 from kvmotion.errors import InvalidInput
+from kvmotion.migration.history import PairHistory
 from kvmotion.migration.policy import (
+    SATURATION_FACTOR,
     ConvergenceRequest,
     Observation,
     deadline_for,
@@ -35,6 +39,7 @@ SLICE_S = 0.01  # the shortest pass: QEMU's loop around an empty bitmap
 MAX_PASSES = 5000
 _ABORTS = "the policy aborts then, and the VM keeps running on the source"
 PAGE = 4096
+SATURATED_SHARE = 0.85  # a 1 s sample this close to the working set is only a lower bound
 
 
 def auto_converge(
@@ -303,3 +308,50 @@ def _gives_up(t: float, passes: int, deepest: int, deadline: float, why: str) ->
         needs_brake=deepest > 0,
         reason=f"Does not converge within the deadline of {deadline:.0f} s{brake}: {why}.",
     )
+
+
+def predict_sampled(
+    ram_bytes: int,
+    nonzero_bytes: int,
+    sampled_dirty_bps: float,
+    working_set_bytes: int,
+    link_bps: float,
+    history: PairHistory,
+    req: ConvergenceRequest,
+) -> dict[str, Any]:
+    """A prediction from a sample of the guest's memory (the agent's memory profile) and what
+    the host pair's earlier migrations measured, with its inputs and a reason a user can read.
+    Raises InvalidInput for impossible sizes."""
+    nonzero = min(ram_bytes, max(1, nonzero_bytes))
+    working_set = min(nonzero, working_set_bytes)
+    # QEMU counts the pages that changed in its 1 s window: a guest that rewrites its whole
+    # working set within it shows only a lower bound, taken at the policy's own factor.
+    saturated = sampled_dirty_bps > 0 and sampled_dirty_bps * 1.0 >= SATURATED_SHARE * working_set
+    dirty = sampled_dirty_bps * SATURATION_FACTOR if saturated else sampled_dirty_bps
+    link = min(link_bps, history.throughput_bps or link_bps)
+    setup_s = history.setup_s_per_gib * ram_bytes / 2**30 if history.setup_s_per_gib else 0.0
+    prediction = predict(ram_bytes, nonzero, dirty, working_set, link, req, setup_s)
+    notes = [prediction.reason.rstrip(".") + "."]
+    if saturated:
+        notes.append(
+            f"The guest rewrote its whole working set ({working_set / 2**20:.0f} MiB) within "
+            f"the 1 s sample, so it dirties at least {sampled_dirty_bps / 2**20:.0f} MiB/s; "
+            f"predicted with {dirty / 2**20:.0f} MiB/s."
+        )
+    if history.count:
+        notes.append(
+            f"From this host pair's last {history.count} migrations: QEMU copies at "
+            f"{link * 8 / 1e6:.0f} Mbit/s (the link: {link_bps * 8 / 1e6:.0f}), "
+            f"and its setup takes {setup_s:.2f} s for this VM's RAM."
+        )
+    prediction = dataclasses.replace(prediction, reason=" ".join(notes))
+    return asdict(prediction) | {
+        "sampled_dirty_bps": sampled_dirty_bps,
+        "dirty_rate_saturated": saturated,
+        "nonzero_bytes": nonzero,
+        "working_set_bytes": working_set,
+        "link_bps": link_bps,
+        "effective_link_bps": link,
+        "setup_s": setup_s,
+        "history_migrations": history.count,
+    }

@@ -21,7 +21,10 @@ import pytest
 from sqlalchemy import event, select
 from sqlalchemy.util import await_only
 
+from kvmotion.center import runs
+from kvmotion.center.compute_run import ComputeMigration
 from kvmotion.center.db import Database, Event, Task
+from kvmotion.center.executor import Executor
 from kvmotion.center.service import Center, CenterConfig
 from kvmotion.center.tasks import TaskState, TaskStore
 from kvmotion.errors import (
@@ -33,9 +36,8 @@ from kvmotion.errors import (
     Unauthorized,
 )
 from kvmotion.host.client import AgentClient
-from kvmotion.migration import executor
 from kvmotion.migration.costs import CostLimits
-from kvmotion.migration.executor import ComputeMigration, Executor, MigrationRequest
+from kvmotion.migration.request import MigrationRequest
 from tests.unit.fake_agent import PORT, TOKEN, Call, FakeAgents, wait_until
 
 SRC, DST = "172.16.0.172", "172.16.0.173"
@@ -43,7 +45,7 @@ SRC, DST = "172.16.0.172", "172.16.0.173"
 
 @pytest.fixture(autouse=True)
 def fast(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(executor, "POLL_INTERVAL", 0.002)
+    monkeypatch.setattr(runs, "POLL_INTERVAL", 0.002)
 
 
 def standard_fake() -> FakeAgents:
@@ -355,7 +357,7 @@ async def test_destination_fails_to_load(center: Center, fake: FakeAgents) -> No
 async def test_destination_never_resumes(
     center: Center, fake: FakeAgents, monkeypatch: pytest.MonkeyPatch, dest_abort: str
 ) -> None:
-    monkeypatch.setattr(executor, "RESUME_TIMEOUT", 0.05)
+    monkeypatch.setattr(runs, "RESUME_TIMEOUT", 0.05)
     fake.script("vm-a", dest="hang")
     if dest_abort == "dies":
         fake.host(DST).kill_before("abort")

@@ -34,14 +34,14 @@ from typing import Any
 
 import httpx
 
+from kvmotion.center import runs
 from kvmotion.center.api import create_app
 from kvmotion.center.service import Center, CenterConfig
 from kvmotion.cpu.catalog import get_mode
 from kvmotion.cpu.qemu_cpus import CpuModel, CpuProbe
 from kvmotion.errors import KvmotionError
 from kvmotion.host.cpu import HostCpu
-from kvmotion.migration import executor
-from kvmotion.migration.executor import MigrationRequest
+from kvmotion.migration.request import MigrationRequest
 from tests.unit.fake_agent import PORT, TOKEN, AgentError, FakeAgents, FakeHost, FakeVm, GiB
 
 log = logging.getLogger("dev_center")
@@ -329,7 +329,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    executor.POLL_INTERVAL = 0.1  # the center's polls of the (slowed) fake agents
+    runs.POLL_INTERVAL = 0.1  # the center's polls of the (slowed) fake agents
 
     import uvicorn
 

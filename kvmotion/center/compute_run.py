@@ -1,0 +1,435 @@
+"""The compute migration, driven by the center across two agents, as named steps.
+
+(queue for a slot) → prepare (destination listens) → migrate (source streams over the migration
+network) → watch (passes, progress, cancel) → switchover (source agent continues at
+pre-switchover; destination resumes and announces) → finalize (the inventory records the new host
+only once the destination runs; the source QEMU is ended). "Change both" copies the disks into
+the destination's new ones between prepare and migrate.
+
+Every failure goes through one idempotent :meth:`ComputeMigration.abort`, which undoes what the
+run's phase says was done (:data:`~kvmotion.migration.phases.UNDO`): the destination QEMU is
+ended, the source keeps (or resumes) running, the task fails with the reason, the inventory is
+unchanged. Once the destination has resumed the VM it is the owner, and abort is no longer
+possible: the migration is finalized instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from kvmotion import faults
+from kvmotion.center import runs
+from kvmotion.center.db import Host, Vm
+from kvmotion.center.prediction import link_bps, ram_bytes, sample_and_predict
+from kvmotion.center.runs import Cancelled, TaskRun
+from kvmotion.center.tasks import TaskState, record_event
+from kvmotion.errors import HostUnreachable, KvmotionError, NotFound
+from kvmotion.host.client import AgentClient
+from kvmotion.migration.convergence import Convergence
+from kvmotion.migration.history import timeline_summary
+from kvmotion.migration.phases import COMPUTE_PHASES, UNDO, ComputePhase
+from kvmotion.migration.request import MigrationRequest
+
+if TYPE_CHECKING:
+    from kvmotion.center.executor import Executor
+
+
+class ComputeMigration(TaskRun[ComputePhase]):
+    """Compute vMotion, or "change both" (``req.kind == "both"``): the destination makes new
+    disks and serves them over NBD, the source copies its disks into them first, and they end
+    consistent at switchover, with the guest stunned."""
+
+    def __init__(
+        self, ex: Executor, task_id: int, vm: Vm, source: Host, dest: Host, req: MigrationRequest
+    ) -> None:
+        super().__init__(ex, task_id, vm, ex.costs(req, vm, source, dest), COMPUTE_PHASES)
+        self.source = source
+        self.dest = dest
+        self.req = req
+        self.both = req.kind == "both"
+        self.nbd: tuple[str, int] | None = None
+        self.conv = Convergence(
+            req.convergence(),
+            link_bps=link_bps(req, source, dest),
+            ram_bytes=ram_bytes(vm),
+            strategy=req.strategy,
+        )
+        self._t0 = time.monotonic()
+
+    async def steps(self) -> None:
+        if self.req.predict:
+            await self.predict()
+        uri = await self.prepare()
+        await self._check_cancel()
+        if self.both:
+            await self.copy_disks()
+        await self.migrate(uri)
+        await self.watch()
+        await self.confirm_resumed()
+        await self.finalize()
+
+    async def predict(self) -> None:
+        """Predict before migrating; the task keeps it beside the actual figures. A prediction
+        that cannot be made (an agent without memory profiles, QEMU busy measuring) is noted,
+        and the migration goes on."""
+        try:
+            sampled = await sample_and_predict(
+                self.ex.inventory, self.ex.tasks, self.req, self.vm, self.source, self.dest
+            )
+        except KvmotionError as exc:
+            self._kept_summary["prediction_unavailable"] = exc.message
+            self.log.warning("no prediction: %s", exc.message)
+            return
+        task = await self.ex.tasks.get(self.task_id)
+        self._kept_summary["predicted"] = {
+            k: v for k, v in sampled.items() if k not in ("sampled_dirty_bps", "link_bps")
+        }
+        self._kept_summary["sampled_dirty_bps"] = sampled["sampled_dirty_bps"]
+        await self._update(summary=task.summary | self._kept_summary)
+
+    async def prepare(self) -> str:
+        async with self.ex.inventory.agent(self.dest) as agent:
+            # From here on, abort must clean the destination.
+            await self.enter(ComputePhase.PREPARING)
+            result = await agent.prepare_incoming(
+                self.vm.config,
+                self.vm.config_path,
+                self.vm.cpu,
+                postcopy=self.req.allow_postcopy,
+                datastore=self.req.datastore if self.both else None,
+            )
+        detail = f"listening at {result['uri']}"
+        if self.both:
+            self.nbd = (str(result["nbd_host"]), int(result["nbd_port"]))
+            detail += f"; new disks on {self.req.datastore} served at {self.nbd[0]}:{self.nbd[1]}"
+        self._mark("prepared", detail=detail)
+        return str(result["uri"])
+
+    async def copy_disks(self) -> None:
+        """Change both: the source copies every disk into the destination's new ones, until
+        every copy is ready (tracking the guest's writes); memory follows."""
+        assert self.nbd is not None and self.req.datastore is not None
+        async with (
+            self.ex.inventory.agent(self.source) as agent,
+            self.ex.inventory.agent(self.dest) as dest_agent,
+        ):
+            await self.enter(ComputePhase.COPYING_DISKS)
+            await agent.mirror_disks(
+                self.vm.name, *self.nbd, self.req.datastore, self.req.max_bandwidth_bps
+            )
+            await self._watch_disk_copy(
+                agent,
+                self.req.datastore,
+                "ready",
+                (0.0, 50.0),
+                also=lambda: self._check_destination(dest_agent),
+            )
+
+    async def migrate(self, uri: str) -> None:
+        await self.enter(ComputePhase.MIGRATING)
+        async with self.ex.inventory.agent(self.source) as agent:
+            knobs = self.conv.knobs
+            self._t0 = time.monotonic()
+            await agent.migrate(
+                self.vm.name,
+                uri,
+                knobs.downtime_limit_ms,
+                knobs.max_bandwidth_bps,
+                brake=self.conv.brake,
+                postcopy=self.req.allow_postcopy,
+            )
+
+    async def watch(self) -> None:
+        """Follow the source until QEMU completes; progress and samples flow into the task."""
+        async with (
+            self.ex.inventory.agent(self.source) as agent,
+            self.ex.inventory.agent(self.dest) as dest_agent,
+        ):
+            no_view_since = time.monotonic()
+            sent, moved_at = -1, time.monotonic()
+            while True:
+                info = await agent.get_vm(self.vm.name)
+                view = info.get("migration") or {}
+                stats_now = view.get("stats") or {}
+                if int(stats_now.get("transferred_bytes") or 0) != sent:
+                    sent, moved_at = int(stats_now.get("transferred_bytes") or 0), time.monotonic()
+                elif (
+                    view.get("phase") == "active"
+                    and time.monotonic() - moved_at > self.ex.stall_timeout_s
+                ):
+                    raise KvmotionError(
+                        f"no memory sent for {self.ex.stall_timeout_s:.0f} s: the migration "
+                        "link may be down",
+                        code="migration_stalled",
+                    )
+                if view.get("side") != "source":
+                    # The source agent forgot this migration (it restarted): nothing to follow.
+                    if time.monotonic() - no_view_since > runs.LOST_VIEW_TIMEOUT:
+                        raise KvmotionError(
+                            f"the source {self.source.name} no longer reports this migration",
+                            code="migration_lost",
+                        )
+                    await asyncio.sleep(runs.POLL_INTERVAL)
+                    continue
+                no_view_since = time.monotonic()
+                stats = view.get("stats") or {}
+                phase = view.get("phase", "setup")
+                await self._seen(phase)
+                await self._progress(view, stats, phase)
+                if phase == "completed":
+                    return
+                if phase == "active":
+                    await self._converge(agent, stats)
+                if phase in ("failed", "cancelled"):
+                    dest_view = await self._destination_view(dest_agent)
+                    also = f"; destination: {dest_view}" if dest_view else ""
+                    raise KvmotionError(
+                        f"QEMU migration {phase}: {view.get('error') or 'no reason given'}{also}",
+                        code=f"migration_{phase}",
+                    )
+                await self._check_destination(dest_agent)
+                # Past pre-switchover the guest is stunned: finishing beats undoing.
+                cancel = (await self.ex.tasks.get(self.task_id)).cancel_requested
+                if cancel and self.phase is not ComputePhase.SWITCHOVER:
+                    raise Cancelled()
+                await asyncio.sleep(runs.POLL_INTERVAL)
+
+    async def _seen(self, qemu_phase: str) -> None:
+        """The source reports its migration: it streams, and from pre-switchover on its guest
+        is stunned."""
+        if self.phase is ComputePhase.MIGRATING:
+            await self.enter(ComputePhase.STREAMING)
+        if self.phase is ComputePhase.STREAMING and qemu_phase in ("pre-switchover", "device"):
+            await self.enter(ComputePhase.SWITCHOVER)
+
+    async def _converge(self, agent: AgentClient, stats: dict[str, Any]) -> None:
+        """Ask the convergence engine; apply and record what it decides."""
+        decision = self.conv.observe(time.monotonic() - self._t0, stats)
+        if decision is None:
+            return
+        self.log.info("convergence: %s (%s)", decision.action, decision.reason)
+        if decision.action == "abort":
+            raise KvmotionError(
+                f"the migration did not converge in time: {decision.reason}",
+                code="deadline_passed",
+            )
+        if decision.action == "start_postcopy":
+            await agent.start_postcopy(self.vm.name)
+            return
+        knobs = decision.knobs
+        await agent.tune_migration(
+            self.vm.name,
+            downtime_limit_ms=knobs.downtime_limit_ms,
+            max_bandwidth_bps=knobs.max_bandwidth_bps,
+            throttle_pct=knobs.throttle_pct if self.conv.brake else None,
+        )
+
+    async def _destination_view(self, dest_agent: AgentClient) -> str | None:
+        with contextlib.suppress(KvmotionError):
+            view = (await dest_agent.get_vm(self.vm.name)).get("migration") or {}
+            return str(view.get("error") or view.get("phase") or "") or None
+        return None
+
+    async def _check_destination(self, dest_agent: AgentClient) -> None:
+        """The destination must stay alive while we copy to it (HostUnreachable if its agent
+        died: the migration is aborted rather than completed into a host nobody drives)."""
+        info = await dest_agent.get_vm(self.vm.name)
+        view = info.get("migration") or {}
+        if info["power_state"] == "poweredOff" or view.get("phase") in ("failed", "cancelled"):
+            why = view.get("error") or "its QEMU ended"
+            raise KvmotionError(
+                f"the destination {self.dest.name} stopped receiving: {why}",
+                code="destination_failed",
+            )
+
+    async def _progress(self, view: dict[str, Any], stats: dict[str, Any], phase: str) -> None:
+        transferred = int(stats.get("transferred_bytes", 0))
+        remaining = int(stats.get("remaining_bytes", 0))
+        total = transferred + remaining
+        progress = 100.0 * transferred / total if total and phase != "completed" else 0.0
+        if phase == "completed":
+            progress = 95.0
+        if self.both:  # the disks took the first half
+            progress = 50.0 + progress * 45.0 / 95.0
+        marks = view.get("marks", {})
+        if "first_byte" in marks:
+            self._mark("precopy", marks["first_byte"])
+        if "stunned" in marks:
+            self._mark("stunned", marks["stunned"])
+        await self._update(
+            phase="switchover" if phase in ("pre-switchover", "device") else phase,
+            progress=min(progress, 95.0),
+            samples=view.get("samples", []),
+            summary=self._summary(stats),
+        )
+
+    def _summary(self, stats: dict[str, Any]) -> dict[str, Any]:
+        return self._kept_summary | {
+            "strategy": self.req.strategy,
+            "link_bps": self.conv.link_bps,
+            "decisions": self.conv.decisions,
+            "status": stats.get("status"),
+            "total_time_ms": stats.get("total_time_ms"),
+            "setup_time_ms": stats.get("setup_time_ms"),
+            "downtime_ms": stats.get("downtime_ms"),
+            "expected_downtime_ms": stats.get("expected_downtime_ms"),
+            "transferred_bytes": stats.get("transferred_bytes"),
+            "remaining_bytes": stats.get("remaining_bytes"),
+            "ram_total_bytes": stats.get("total_bytes"),
+            "throughput_mbps": stats.get("mbps"),
+            "passes": stats.get("passes"),
+            "dirty_rate_bps": (stats.get("dirty_pages_rate") or 0)
+            * (stats.get("page_size") or 4096),
+        }
+
+    async def confirm_resumed(self) -> None:
+        """The destination resumes the guest itself on completion; wait until it says so."""
+        await self.enter(ComputePhase.RESUMING)
+        deadline = time.monotonic() + runs.RESUME_TIMEOUT
+        async with self.ex.inventory.agent(self.dest) as agent:
+            while time.monotonic() < deadline:
+                info = await agent.get_vm(self.vm.name)
+                view = info.get("migration") or {}
+                if info["power_state"] == "poweredOn" and info.get("qemu_status") == "running":
+                    await self.enter(ComputePhase.RESUMED)
+                    self._mark("resumed", view.get("marks", {}).get("resumed"))
+                    return
+                if (
+                    view.get("phase") in ("failed", "cancelled")
+                    or info["power_state"] == "poweredOff"
+                ):
+                    why = view.get("error") or view.get("phase")
+                    raise KvmotionError(
+                        f"the destination did not resume the VM: {why}", code="resume_failed"
+                    )
+                await asyncio.sleep(runs.POLL_INTERVAL / 2.5)
+        raise KvmotionError(
+            f"the destination did not resume the VM in {runs.RESUME_TIMEOUT:.0f} s",
+            code="resume_timeout",
+        )
+
+    async def finalize(self) -> None:
+        """Record the new host (the destination runs the VM), then end the source's copy (and
+        with "change both", remove its old disks)."""
+        await faults.hold("finalize")
+        fields: dict[str, Any] = {"host_id": self.dest.id, "power_state": "poweredOn"}
+        if self.both:
+            async with self.ex.inventory.agent(self.dest) as agent:
+                info = await agent.get_vm(self.vm.name)
+            fields |= {"config": info["config"], "config_path": info["config_path"]}
+        await self.ex.inventory.set_vm(self.vm.uuid, **fields)
+        problems = await self._finish_source()
+        if problems:
+            self._kept_summary["old_files_left"] = problems
+        self._mark("source_removed")
+        summary = dict((await self.ex.tasks.get(self.task_id)).summary) | self._kept_summary
+        summary.update(timeline_summary({t["step"]: float(t["time"]) for t in self.timeline}))
+        await self.enter(
+            ComputePhase.DONE, state=TaskState.SUCCESS, progress=100.0, summary=summary
+        )
+        await record_event(
+            self.ex.db,
+            f"VM {self.vm.name} migrated from {self.source.name} to {self.dest.name} "
+            f"(downtime {summary.get('downtime_ms')} ms)",
+            vm=self.vm.name,
+            host=self.dest.name,
+            task_id=self.task_id,
+        )
+        self.log.info("migrated to %s", self.dest.name)
+
+    async def _finish_source(self) -> Any:
+        """End the source's paused copy. The guest runs on the destination, so that copy is
+        stale: if the source's agent is unreachable (restarting), keep asking for
+        ``source_retry_s`` rather than leave it behind."""
+        deadline = time.monotonic() + self.ex.source_retry_s
+        while True:
+            try:
+                async with self.ex.inventory.agent(self.source) as agent:
+                    return await agent.finish_migration(self.vm.name, remove_files=self.both)
+            except HostUnreachable:
+                if time.monotonic() >= deadline:
+                    raise
+                self.log.warning("source unreachable after the switchover; asking again")
+                await asyncio.sleep(min(runs.RETRY_PAUSE_S, self.ex.source_retry_s))
+
+    async def _finish_after_resume(self, reason: str) -> None:
+        """The VM runs on the destination; whatever failed after that, it stays there."""
+        try:
+            await self.finalize()
+        except KvmotionError as exc:
+            await self.ex.inventory.set_vm(
+                self.vm.uuid, host_id=self.dest.id, power_state="poweredOn"
+            )
+            await self.enter(
+                ComputePhase.DONE,
+                state=TaskState.ERROR,
+                error=f"VM {self.vm.name} moved to {self.dest.name}, but removing its copy on "
+                f"{self.source.name} failed: {exc.message} (after: {reason})",
+                error_code="source_cleanup_failed",
+            )
+            await record_event(
+                self.ex.db,
+                f"VM {self.vm.name} runs on {self.dest.name}; its paused copy on "
+                f"{self.source.name} could not be removed: {exc.message}",
+                severity="warning",
+                vm=self.vm.name,
+                task_id=self.task_id,
+            )
+
+    async def _abort_destination(self) -> tuple[bool, str]:
+        """End the destination's copy, first: once it is ended, the source may safely resume.
+        Returns whether the copy is gone, and a note for the task's error."""
+        try:
+            async with self.ex.inventory.agent(self.dest) as agent:
+                done = str((await agent.abort_migration(self.vm.name))["done"])
+        except NotFound:
+            return True, "destination: nothing left"
+        except KvmotionError as exc:
+            return False, f"destination: {exc.message}"
+        # Only an ended copy is gone; any other answer may come from a destination that runs
+        # the guest (after its agent restarted), and the source must not.
+        return done.startswith("destination ended"), f"destination: {done}"
+
+    async def _abort_source(self, dest_gone: bool, insist: bool) -> str:
+        """The source's side of an abort. Once the destination's copy is gone, the source's is
+        the only one left, and once streaming possibly paused: if its agent is unreachable
+        (restarting), keep asking for ``source_retry_s`` (``insist``) rather than leave the
+        guest stunned with no one to resume it."""
+        deadline = time.monotonic() + (self.ex.source_retry_s if dest_gone and insist else 0.0)
+        while True:
+            try:
+                async with self.ex.inventory.agent(self.source) as agent:
+                    answer = await agent.abort_migration(self.vm.name, destination_gone=dest_gone)
+                return str(answer["done"])
+            except HostUnreachable as exc:
+                if time.monotonic() >= deadline:
+                    return exc.message
+                self.log.warning("source unreachable during the abort; asking again")
+                await asyncio.sleep(runs.RETRY_PAUSE_S)
+            except KvmotionError as exc:
+                return exc.message
+
+    async def abort(self, reason: str, state: TaskState, code: str | None = None) -> None:
+        """Undo what the phase says was done (``UNDO``), idempotently; the VM keeps running
+        on the source. Once resumed on the destination, the run finishes instead."""
+        if self.phase in (ComputePhase.DONE, ComputePhase.ABORTED) or await self._ended():
+            return  # already ended: keep the first reason
+        self.log.warning("aborting migration: %s", reason)
+        if self.phase is ComputePhase.RESUMED:
+            # The destination runs the VM: it is the owner now. Finish instead of undoing.
+            await self._finish_after_resume(reason)
+            return
+        undo = UNDO[self.phase]
+        notes = []
+        dest_gone = True  # nothing was made there
+        if undo.destination:
+            dest_gone, note = await self._abort_destination()
+            notes.append(note)
+        if undo.source:
+            notes.append(f"source: {await self._abort_source(dest_gone, undo.insist)}")
+        await self._aborted(
+            state, reason, code, notes, f"{self.req.kind} migration to {self.dest.name}"
+        )

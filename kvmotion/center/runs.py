@@ -1,0 +1,240 @@
+"""What every migration run shares: its task and timeline, its phase, its guard (every failure
+goes through the run's one idempotent ``abort``), and the watch of a disk copy.
+
+A run's phase is an enum of its kind with a :class:`~kvmotion.migration.phases.PhaseTable`:
+where it starts, the moves allowed, and the task phase a user sees on entering a phase.
+:meth:`TaskRun.enter` is the only way to move, and refuses a move the table does not allow;
+``abort`` decides from the phase alone.
+
+The task's stored ``phase`` (read by the CLI, the web client and tests) is the user's view of a
+run: "queued" until the run has its slot, then "prepare"; each kind's table names what entering
+a phase shows ("precopy", "resume", "done", "aborted", ...); while memory or disks are copied,
+the agent's finer steps show instead (setup, active, switchover, completed; disk_copy,
+disk_switch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Generic
+
+from kvmotion.center.db import Vm
+from kvmotion.center.tasks import TaskState, record_event
+from kvmotion.errors import KvmotionError
+from kvmotion.host.client import AgentClient
+from kvmotion.migration.costs import Demand
+from kvmotion.migration.phases import P, PhaseTable
+
+if TYPE_CHECKING:
+    from kvmotion.center.executor import Executor
+
+log = logging.getLogger(__name__)
+
+# Tunables, read at each use as ``runs.NAME`` (tests shorten them).
+POLL_INTERVAL = 0.05
+RESUME_TIMEOUT = 60.0
+LOST_VIEW_TIMEOUT = 10.0
+RETRY_PAUSE_S = 2.0  # between two requests to an unreachable (restarting) source agent
+
+
+class Cancelled(Exception):
+    """The user cancelled the task."""
+
+
+class TaskRun(Generic[P]):
+    """One migration: its task, its phase, and the guard that sends every failure to
+    :meth:`abort`. One coroutine drives a run (its :meth:`run`, or a test step by step)."""
+
+    def __init__(
+        self, ex: Executor, task_id: int, vm: Vm, need: Demand, phases: PhaseTable[P]
+    ) -> None:
+        self.ex = ex
+        self.task_id = task_id
+        self.vm = vm
+        self.need = need  # what it costs on hosts, links and datastores while it runs
+        self.phases = phases
+        self.phase = phases.start
+        self.log = log.getChild(vm.name)
+        self._kept_summary: dict[str, Any] = {}  # kept through progress updates
+        # The task's timeline, kept here and written with the next update (one commit, not two).
+        self.timeline: list[dict[str, Any]] = []
+        self._timeline_dirty = False
+
+    async def enter(self, phase: P, **fields: Any) -> None:
+        """Move to ``phase``; ``fields`` (and the task phase the table shows for it) are written
+        to the task first, in one update. Raises Conflict for a move the table does not allow
+        (nothing changes)."""
+        self.phases.check(self.phase, phase)
+        if phase in self.phases.shown:
+            fields["phase"] = self.phases.shown[phase]
+        if fields:
+            await self._update(**fields)
+        self.phase = phase
+
+    def _mark(self, step: str, when: float | None = None, **extra: Any) -> None:
+        if any(t["step"] == step for t in self.timeline):
+            return
+        self.timeline.append({"step": step, "time": when or time.time(), **extra})
+        self.timeline.sort(key=lambda t: float(t["time"]))
+        self._timeline_dirty = True
+
+    async def _update(self, **fields: Any) -> None:
+        if self._timeline_dirty:
+            fields["timeline"] = list(self.timeline)
+            self._timeline_dirty = False
+        await self.ex.tasks.update(self.task_id, **fields)
+
+    async def _check_cancel(self) -> None:
+        if (await self.ex.tasks.get(self.task_id)).cancel_requested:
+            raise Cancelled()
+
+    async def _ended(self) -> bool:
+        """The task ended already (an abort after that keeps the first reason)."""
+        return TaskState((await self.ex.tasks.get(self.task_id)).state).final
+
+    async def run(self) -> None:
+        self.timeline = list((await self.ex.tasks.get(self.task_id)).timeline)
+        try:
+            await self._update(phase="queued")
+            await self.ex.slots.acquire(self.need)
+            try:
+                await self._guarded()
+            finally:
+                await self.ex.slots.release(self.need)
+        finally:
+            self.ex.active.pop(self.vm.name, None)
+
+    async def _guarded(self) -> None:
+        try:
+            await self._check_cancel()
+            await self._update(state=TaskState.RUNNING, phase="prepare")
+            await self.steps()
+        except asyncio.CancelledError:
+            await self.abort("the center stopped during the migration", TaskState.ERROR)
+            raise
+        except Cancelled:
+            await self.abort("cancelled by the user", TaskState.CANCELLED)
+        except KvmotionError as exc:
+            await self.abort(exc.message, TaskState.ERROR, exc.code)
+        except Exception as exc:  # a bug must still leave the VM running somewhere
+            self.log.exception("migration failed")
+            await self.abort(f"internal error: {exc!r}", TaskState.ERROR, "internal")
+
+    async def steps(self) -> None:
+        raise NotImplementedError
+
+    async def abort(self, reason: str, state: TaskState, code: str | None = None) -> None:
+        raise NotImplementedError
+
+    async def _aborted(
+        self, state: TaskState, reason: str, code: str | None, notes: list[str], what: str
+    ) -> None:
+        """Record how an abort ended: the task's final state and reason, and an event."""
+        with contextlib.suppress(KvmotionError):
+            await self.enter(
+                self.phases.aborted,
+                state=state,
+                error=reason + (f" ({'; '.join(notes)})" if notes else ""),
+                error_code=code or ("cancelled" if state is TaskState.CANCELLED else "failed"),
+            )
+        await record_event(
+            self.ex.db,
+            f"{what} of VM {self.vm.name} {state}: {reason}",
+            severity="warning",
+            vm=self.vm.name,
+            task_id=self.task_id,
+        )
+
+    async def _watch_disk_copy(
+        self,
+        agent: AgentClient,
+        datastore: str,
+        until: str,
+        span: tuple[float, float],
+        also: Callable[[], Awaitable[None]] | None = None,
+    ) -> dict[str, Any]:
+        """Follow the VM's disk copy on ``agent`` until its phase is ``until``; progress (within
+        ``span`` percent) and per-disk bytes flow into the task. Raises KvmotionError if the
+        copy fails or stalls (no byte copied for the stall timeout: a cut link), Cancelled."""
+        self._mark("disk_copy")
+        last_copied, last_move = -1, time.monotonic()
+        seen_at = time.monotonic()
+        while True:
+            info = await agent.get_vm(self.vm.name)
+            if info.get("storage") is None:
+                # The agent restarted and forgot the copy: it settled it from its records.
+                if until == "completed" and self._disks_on(info, datastore):
+                    return {"phase": "completed", "marks": {}, "error": None}
+                if time.monotonic() - seen_at > LOST_VIEW_TIMEOUT:
+                    raise KvmotionError(
+                        "the host no longer reports this disk copy (its agent restarted)",
+                        code="migration_lost",
+                    )
+                await asyncio.sleep(POLL_INTERVAL * 2)
+                continue
+            seen_at = time.monotonic()
+            view = info.get("storage") or {}
+            phase = str(view.get("phase", "copying"))
+            disks = view.get("disks") or []
+            copied = sum(int(d.get("offset", 0)) for d in disks)
+            total = sum(int(d.get("length", 0)) for d in disks)
+            await self._disk_progress(view, copied, total, span)
+            if phase == until:
+                return dict(view)
+            if phase in ("failed", "cancelled"):
+                raise KvmotionError(
+                    f"the disk copy {phase}: {view.get('error') or 'no reason given'}",
+                    code=f"disk_copy_{phase}",
+                )
+            stalled = time.monotonic() - last_move > self.ex.stall_timeout_s
+            if copied != last_copied:
+                last_copied, last_move = copied, time.monotonic()
+            elif phase == "copying" and view.get("mode") == "nbd" and stalled:
+                # Over the migration link only: a copy between local disks is slow, never cut.
+                raise KvmotionError(
+                    f"no disk data copied for {self.ex.stall_timeout_s:.0f} s: the migration "
+                    "link may be down",
+                    code="copy_stalled",
+                )
+            if phase in ("copying", "ready"):
+                await self._check_cancel()
+            if also is not None:
+                await also()
+            await asyncio.sleep(POLL_INTERVAL * 2)
+
+    @staticmethod
+    def _disks_on(info: dict[str, Any], datastore: str) -> bool:
+        disks = (info.get("config") or {}).get("disks") or []
+        return bool(disks) and all(d.get("datastore") == datastore for d in disks)
+
+    async def _disk_progress(
+        self, view: dict[str, Any], copied: int, total: int, span: tuple[float, float]
+    ) -> None:
+        marks = view.get("marks") or {}
+        if "ready" in marks:
+            self._mark("disks_ready", marks["ready"])
+        started = marks.get("started")
+        elapsed = (marks.get("ready") or time.time()) - started if started else None
+        self._kept_summary["disk_copy"] = {
+            "datastore": view.get("datastore"),
+            "copied_bytes": copied,
+            "total_bytes": total,
+            "copy_time_ms": round(elapsed * 1000) if elapsed is not None else None,
+            "throughput_bps": round(copied / elapsed) if elapsed else None,
+            "disks": [
+                {"disk": d.get("index"), "copied_bytes": d.get("offset"),
+                 "total_bytes": d.get("length"), "status": d.get("status")}
+                for d in view.get("disks") or []
+            ],
+        }  # fmt: skip
+        share = copied / total if total else 0.0
+        task = await self.ex.tasks.get(self.task_id)
+        await self._update(
+            phase="disk_copy" if view.get("phase") == "copying" else "disk_switch",
+            progress=round(span[0] + (span[1] - span[0]) * share, 1),
+            summary=task.summary | self._kept_summary,
+        )
