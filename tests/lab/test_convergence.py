@@ -84,7 +84,8 @@ def test_policy_converges_within_the_downtime(center: httpx.Client, heavy: Guest
     # QEMU's own figure; device state is outside its estimate, so allow a margin.
     assert summary["downtime_ms"] <= 100 + 150
     assert summary["predicted"]["needs_brake"] is True, (
-        summary["predicted"], summary.get("sampled_dirty_bps")
+        summary["predicted"],
+        summary.get("sampled_dirty_bps"),
     )
     assert center.get("/v1/vms/heavy").json()["host"] == DST
     assert heavy.ping().n > before, "the guest moved live (guestd was not restarted)"
