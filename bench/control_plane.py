@@ -6,8 +6,8 @@ For N migrations of a busy guest back and forth between the seed's hosts, measur
 - resume -> done: from the guest resuming on the destination to the task's success (the inventory
   updated, the source QEMU ended);
 - QEMU's own total migration time, and its downtime;
-- CPU time the center and the two agents spent per migration (their own and their children's, from
-  /proc/PID/stat, request to the task's end), beside what they spend in the same wall time with no
+- CPU time the center and the two agents spent per migration (their own, from /proc/PID/stat,
+  request to the task's end; not their children's: an agent reaps the QEMU it ends), beside what they spend in the same wall time with no
   migration (refresh loops, measured for ``IDLE_S`` before the runs): the control plane's own cost,
   which pulling progress (agent polls QEMU, center polls agents, every sample a database commit)
   drives up (issue 14).
@@ -39,10 +39,11 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_ms(pid: int) -> float:
-    """CPU time of ``pid`` and its waited-for children (ip, tc, qemu-img), in ms."""
+    """CPU time of ``pid`` itself, in ms. Not its children's: an agent reaps the QEMU it
+    started, and the guest's whole CPU time would count as the agent's."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
-    return (utime + stime + cutime + cstime) * 1000 / TICKS
+    utime, stime = (int(x) for x in fields[11:13])
+    return (utime + stime) * 1000 / TICKS
 
 
 def control_plane_ms(pids: dict[str, int]) -> dict[str, float]:
@@ -138,7 +139,7 @@ def report(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {key} | {med:.0f} | {worst:.0f} | {med / qemu:.2f} | {goal}{ok} |")
     lines += [
         "",
-        "CPU rows: CPU time (own and children's) of the center and of both agents together from "
+        "CPU rows: CPU time (their own) of the center and of both agents together from "
         "the request to the task's end; the *_idle_* rows are what the same processes spend in "
         f"the same wall time with no migration (measured over {IDLE_S:.0f} s before the runs).",
     ]
