@@ -7,10 +7,10 @@ For N migrations of a busy guest back and forth between the seed's hosts, measur
   updated, the source QEMU ended);
 - QEMU's own total migration time, and its downtime;
 - CPU time the center and the two agents spent per migration (their own, from /proc/PID/stat,
-  request to the task's end; not their children's: an agent reaps the QEMU it ends), beside what they spend in the same wall time with no
-  migration (refresh loops, measured for ``IDLE_S`` before the runs): the control plane's own cost,
-  which pulling progress (agent polls QEMU, center polls agents, every sample a database commit)
-  drives up (issue 14).
+  request to the task's end; not their children's: an agent reaps the QEMU it ends), beside
+  what they spend in the same wall time with no migration (refresh loops, measured for
+  ``IDLE_S`` before the runs): the control plane's own cost, which pulling progress (agent polls
+  QEMU, center polls agents, every sample a database commit) drives up (issue 14).
 Goal (issue 3): each overhead at most 300 ms.
 
 Run as root: ``.venv/bin/python -m bench.control_plane [--runs 10]``. Writes
