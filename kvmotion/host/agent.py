@@ -27,6 +27,7 @@ from kvmotion.host.vm import PowerState, VirtualMachine, VmEnvironment, VmInfo
 from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
 from kvmotion.host.vmfiles import create_vm_files, remove_folders, remove_vm_files
 from kvmotion.qemu.accel import AccelChoice, choose_accelerator
+from kvmotion.qemu.process import QemuProcess
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,10 @@ class HostAgent:
             image_dir=self.config.image_dir,
             accel=self.accel.accel,
             tls=self.tls,
+            start_qemu=QemuProcess.start,
+            find_qemu=QemuProcess.find,
+            create_tap=taps.create_tap,
+            delete_tap=taps.delete_tap,
         )
 
     def _make_vm(self, config: VmConfig, config_path: Path) -> VirtualMachine:

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 import uuid as uuidlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -49,7 +50,7 @@ from kvmotion.host.tls import MigrationTls
 from kvmotion.host.vmconfig import VmConfig
 from kvmotion.host.vmfiles import create_vm_files, remove_folders, remove_vm_files, write_record
 from kvmotion.qemu.cmdline import DiskLaunch, NicLaunch, QemuLaunch
-from kvmotion.qemu.process import QemuProcess
+from kvmotion.qemu.process import QemuHandle
 from kvmotion.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
@@ -85,13 +86,21 @@ _TRANSITIONS: dict[PowerState, set[PowerState]] = {
 
 @dataclass(frozen=True)
 class VmEnvironment:
-    """What a host gives its VMs."""
+    """What a host gives its VMs.
+
+    The last four act on the host itself (they need root or a real QEMU): the agent passes
+    ``QemuProcess.start``/``find`` and ``taps.create_tap``/``delete_tap``; unit tests pass fakes.
+    """
 
     datastores: Datastores
     bridges: dict[str, str]  # network name -> bridge
     image_dir: Path | None
     accel: str
     tls: MigrationTls  # how streams to and from other hosts are encrypted
+    start_qemu: Callable[[QemuLaunch], Awaitable[QemuHandle]]  # raises QemuError
+    find_qemu: Callable[[Path, str], QemuHandle | None]  # by pidfile and the VM's uuid
+    create_tap: Callable[[str, str], Awaitable[None]]  # tap name, bridge
+    delete_tap: Callable[[str], Awaitable[None]]  # tap name; one that is gone is fine
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,7 @@ class VirtualMachine:
         self.run_dir = run_dir
         self.env = env
         self.state = PowerState.POWERED_OFF
-        self.process: QemuProcess | None = None
+        self.process: QemuHandle | None = None
         self.qmp: QmpSession | None = None
         self.lock = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
@@ -248,7 +257,7 @@ class VirtualMachine:
         self.write_registration(incoming=False)
 
     async def _start(self, *, incoming: bool) -> None:
-        if QemuProcess.find(self.pidfile, self.config.uuid) is not None:
+        if self.env.find_qemu(self.pidfile, self.config.uuid) is not None:
             raise Conflict(f"VM {self.config.name} already has a QEMU running", code="wrong_state")
         launch = self.launch(incoming=incoming)
         for disk in launch.disks:
@@ -261,10 +270,10 @@ class VirtualMachine:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.console_log.unlink(missing_ok=True)
             for i, nic in enumerate(self.config.nics):
-                await taps.create_tap(
+                await self.env.create_tap(
                     taps.tap_name(self.config.uuid, i), self.env.bridges[nic.network]
                 )
-            self.process = await QemuProcess.start(launch)
+            self.process = await self.env.start_qemu(launch)
             await self._connect()
         except BaseException:
             await self._cleanup_after_exit(kill=True)
@@ -297,7 +306,7 @@ class VirtualMachine:
         resumed here now (the source stays in postmigrate and never resumes by itself, so
         this copy is the only one); if it had not, the VM stays incoming until the center aborts.
         """
-        process = QemuProcess.find(self.pidfile, self.config.uuid)
+        process = self.env.find_qemu(self.pidfile, self.config.uuid)
         if process is None:
             await self._remove_taps()
             return False
@@ -434,7 +443,7 @@ class VirtualMachine:
             self._watch(self.process), name=f"watch-{self.config.name}"
         )
 
-    async def _watch(self, process: QemuProcess) -> None:
+    async def _watch(self, process: QemuHandle) -> None:
         await process.wait_exit(None)
         self.log.info("QEMU pid %d ended", process.pid)
         if self.process is process:
@@ -458,7 +467,7 @@ class VirtualMachine:
 
     async def _remove_taps(self) -> None:
         for i in range(len(self.config.nics)):
-            await taps.delete_tap(taps.tap_name(self.config.uuid, i))
+            await self.env.delete_tap(taps.tap_name(self.config.uuid, i))
 
     async def shutdown(self, timeout: float = 60.0) -> str:
         """Ask the guest to power off (ACPI); past ``timeout``, power off hard. Says which."""
@@ -485,7 +494,7 @@ class VirtualMachine:
         self._set_state(PowerState.POWERING_OFF)
         await self._hard_stop(self.process)
 
-    async def _hard_stop(self, process: QemuProcess) -> None:
+    async def _hard_stop(self, process: QemuHandle) -> None:
         with contextlib.suppress(QemuError):
             if self.qmp is not None:
                 await self.qmp.execute("quit", timeout=5)
@@ -493,7 +502,7 @@ class VirtualMachine:
             await process.kill()
         await self._stopped(process)
 
-    async def _stopped(self, process: QemuProcess) -> None:
+    async def _stopped(self, process: QemuHandle) -> None:
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -854,10 +863,7 @@ class VirtualMachine:
             return "source kept running" + storage
         if isinstance(self.migration, Outgoing):  # completed
             if not destination_gone:
-                raise Conflict(
-                    f"migration of {self.config.name} completed: the destination owns the VM",
-                    code="too_late",
-                )
+                raise self._destination_may_own()
             await self.migration.resume_after_completion()
             return "source resumed (the destination's copy had ended)"
         if storage:
@@ -875,7 +881,16 @@ class VirtualMachine:
             done = await self._recover_outgoing(self.qmp, destination_gone=destination_gone)
             if done:
                 return done
+            if stats.status == "completed":  # kept paused, as without the restart
+                raise self._destination_may_own()
         return "nothing to abort"
+
+    def _destination_may_own(self) -> Conflict:
+        """A completed stream, and nobody has seen the destination's copy end."""
+        return Conflict(
+            f"migration of {self.config.name} completed: the destination owns the VM",
+            code="too_late",
+        )
 
     async def info(self) -> VmInfo:
         status = None

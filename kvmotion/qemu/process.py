@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Protocol
 
 from kvmotion.errors import QemuError
 from kvmotion.qemu.cmdline import QemuLaunch, build_command
@@ -56,6 +57,18 @@ def read_pidfile(pidfile: Path) -> int | None:
         return int(pidfile.read_text().strip())
     except (OSError, ValueError):
         return None
+
+
+class QemuHandle(Protocol):
+    """What a VM needs of its running QEMU: a :class:`QemuProcess`, or a unit test's fake."""
+
+    pid: int
+
+    def alive(self) -> bool: ...
+
+    async def wait_exit(self, timeout: float | None) -> bool: ...
+
+    async def kill(self, timeout: float = 10.0) -> None: ...
 
 
 class QemuProcess:

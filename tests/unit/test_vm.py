@@ -1,0 +1,412 @@
+"""kvmotion/host/vm.py's abort and restart-recovery paths, against a fake QEMU (fake_qmp.py).
+
+These are the branches behind "never two running copies of a VM": each test says what QEMU was
+sent (above all whether ``cont`` was, or never was), the power state that results, and the answer
+or error code the center gets. The VM is real (:class:`VirtualMachine` with its Outgoing and
+Incoming sides and a real QmpSession); only the host operations of its VmEnvironment are fakes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from kvmotion.errors import Conflict
+from kvmotion.host.config import DatastoreConfig
+from kvmotion.host.datastores import Datastores
+from kvmotion.host.taps import tap_name
+from kvmotion.host.tls import MigrationTls
+from kvmotion.host.vm import PowerState, VirtualMachine, VmEnvironment
+from kvmotion.host.vmconfig import NicConfig, VmConfig
+from tests.unit.fake_qmp import FakeHost, FakeQemu, failing
+
+UUID = "6f1c2a3e-0000-4000-8000-000000000001"
+TAP = tap_name(UUID, 0)
+DEST_URI = "tcp:10.0.0.2:4444"
+
+
+def make_vm(root: Path, host: FakeHost) -> VirtualMachine:
+    (root / "ds").mkdir(exist_ok=True)
+    config = VmConfig(
+        uuid=UUID,
+        name="vm-a",
+        datastore="ds",
+        vcpus=1,
+        memory_mib=64,
+        disks=(),
+        nics=(NicConfig(network="vm-network", mac="52:54:00:12:34:56"),),
+        cpu_model="qemu64",
+        machine_type="pc-q35-7.2",
+        boot_image=None,
+        kernel_args="",
+        created_at=datetime.now(UTC),
+    )
+    env = VmEnvironment(
+        datastores=Datastores([DatastoreConfig(name="ds", path=root / "ds")]),
+        bridges={"vm-network": "br-vm"},
+        image_dir=None,
+        accel="tcg",
+        tls=MigrationTls("off", root / "tls"),
+        start_qemu=host.start_qemu,
+        find_qemu=host.find_qemu,
+        create_tap=host.create_tap,
+        delete_tap=host.delete_tap,
+    )
+    return VirtualMachine(config, root / "ds" / "vm-a" / "vm.json", root / "run", env)
+
+
+@pytest.fixture
+async def host() -> AsyncIterator[FakeHost]:
+    host = FakeHost()
+    yield host
+    await host.close()
+
+
+@pytest.fixture
+async def vm(tmp_path: Path, host: FakeHost) -> AsyncIterator[VirtualMachine]:
+    vm = make_vm(tmp_path, host)
+    yield vm
+    # QEMU first: a migration watcher still polling ends on its own then (cancelling it can
+    # fail to stop it, see test_host_migration.py); then the VM lets go.
+    await host.close()
+    if vm.migration is not None:
+        await vm.migration.close()
+    await vm.detach()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+async def refused(call: Awaitable[object], code: str, match: str | None = None) -> None:
+    """``call`` is refused with a Conflict of ``code`` (what the center gets: HTTP 409)."""
+    with pytest.raises(Conflict, match=match) as exc:
+        await call
+    assert exc.value.code == code
+
+
+def new_copy_folder(vm: VirtualMachine, root: Path) -> Path:
+    """A folder made for this VM's new copy on another datastore (a "change both")."""
+    folder = root / "ds2" / "vm-a"
+    folder.mkdir(parents=True)
+    vm.created = [folder]
+    return folder
+
+
+def registered_incoming(vm: VirtualMachine) -> bool:
+    return '"incoming": true' in (vm.run_dir / "registration.json").read_text()
+
+
+# -- the ways a VM gets into each state ------------------------------------------------------------
+async def migrating(vm: VirtualMachine, host: FakeHost) -> FakeQemu:
+    """A source whose QEMU streams to a destination, watched by this agent."""
+    await vm.power_on()
+    await vm.migrate_out(DEST_URI, 10**9, 300)
+    await until(lambda: vm.outgoing().view.phase == "active")
+    return host.qemus[vm.pidfile]
+
+
+async def completed(vm: VirtualMachine, host: FakeHost) -> FakeQemu:
+    """A source whose stream completed: the guest sits in postmigrate."""
+    qemu = await migrating(vm, host)
+    qemu.pause_before_switchover()  # the watcher continues at once
+    await until(lambda: vm.outgoing().view.phase == "completed")
+    assert qemu.status == "postmigrate"
+    return qemu
+
+
+async def receiving(vm: VirtualMachine, host: FakeHost) -> FakeQemu:
+    """A destination, registered as the agent registers it, its QEMU listening."""
+    vm.write_registration(incoming=True)
+    uri, port = await vm.prepare_incoming("127.0.0.1")
+    assert (uri, port) == ("tcp:127.0.0.1:49152", None)
+    return host.qemus[vm.pidfile]
+
+
+async def left_running(
+    vm: VirtualMachine, host: FakeHost, *, status: str, migration: str = "none"
+) -> FakeQemu:
+    """A QEMU left running by an agent that stopped."""
+    vm.run_dir.mkdir(parents=True, exist_ok=True)
+    return await host.left_running(vm.pidfile, vm.qmp_socket, status=status, migration=migration)
+
+
+async def restarted(
+    vm: VirtualMachine, host: FakeHost, *, status: str, migration: str = "none"
+) -> FakeQemu:
+    """A QEMU left running by an agent that stopped; this one attaches to it."""
+    qemu = await left_running(vm, host, status=status, migration=migration)
+    assert await vm.attach() is True
+    return qemu
+
+
+# -- abort_migration ----------------------------------------------------------------------------
+async def test_abort_without_a_migration_does_nothing(vm: VirtualMachine, host: FakeHost) -> None:
+    await vm.power_on()
+    qemu = host.qemus[vm.pidfile]
+    assert host.taps == {TAP: "br-vm"}
+
+    assert await vm.abort_migration() == "nothing to abort"
+    assert vm.state is PowerState.POWERED_ON
+    assert qemu.status == "running"
+    assert set(qemu.commands) == {"qmp_capabilities", "query-migrate"}  # asked, nothing done
+
+
+async def test_abort_ends_the_destination_copy(vm: VirtualMachine, host: FakeHost) -> None:
+    qemu = await receiving(vm, host)
+    assert vm.state is PowerState.INCOMING
+
+    assert await vm.abort_migration() == "destination ended"
+    assert vm.state is PowerState.POWERED_OFF
+    assert "quit" in qemu.commands and "cont" not in qemu.commands
+    assert not qemu.process.alive()
+    assert host.taps == {} and not vm.pidfile.exists()
+
+
+async def test_abort_removes_the_destination_partial_disk_copies(
+    vm: VirtualMachine, host: FakeHost, tmp_path: Path
+) -> None:
+    folder = new_copy_folder(vm, tmp_path)
+    qemu = await receiving(vm, host)
+
+    assert await vm.abort_migration() == "destination ended, its partial disk copies removed"
+    assert vm.state is PowerState.POWERED_OFF
+    assert not folder.exists() and vm.created == []
+    assert "cont" not in qemu.commands
+
+
+async def test_abort_is_too_late_once_the_destination_resumed(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    qemu = await receiving(vm, host)
+    qemu.complete_incoming()
+    await until(lambda: vm.state is PowerState.POWERED_ON)
+    assert [c for c in qemu.commands if c in ("cont", "announce-self")] == ["cont", "announce-self"]
+    assert not registered_incoming(vm)
+
+    await refused(vm.abort_migration(), "too_late", "already resumed on this host")
+    assert vm.state is PowerState.POWERED_ON
+    assert qemu.status == "running" and "quit" not in qemu.commands
+
+
+async def test_abort_cancels_a_migration_in_flight(vm: VirtualMachine, host: FakeHost) -> None:
+    qemu = await migrating(vm, host)
+
+    assert await vm.abort_migration() == "source kept running"
+    assert "migrate_cancel" in qemu.commands
+    assert qemu.migration == "cancelled" and qemu.status == "running"
+    assert "cont" not in qemu.commands  # it never stopped
+    assert vm.state is PowerState.POWERED_ON
+
+
+async def test_abort_resumes_a_source_stopped_for_the_switchover(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    qemu = await migrating(vm, host)
+    # The switchover fails: the watcher ends, the guest stays stunned at pre-switchover.
+    qemu.reply("migrate-continue", failing("the destination hung up"))
+    qemu.resume_on_cancel = False  # and QEMU will not restart it by itself
+    qemu.pause_before_switchover()
+    await until(lambda: qemu.commands.count("migrate-continue") == 1)
+    await until(lambda: not vm.outgoing().running)
+
+    assert await vm.abort_migration() == "source kept running"
+    assert qemu.commands[-3:] == ["migrate_cancel", "query-status", "cont"]
+    assert qemu.status == "running"
+    assert vm.state is PowerState.POWERED_ON
+
+
+async def test_abort_after_completion_is_too_late_while_the_destination_may_run_it(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    qemu = await completed(vm, host)
+
+    await refused(vm.abort_migration(), "too_late", "the destination owns the VM")
+    assert "cont" not in qemu.commands and "migrate_cancel" not in qemu.commands
+    assert qemu.status == "postmigrate"
+
+
+async def test_abort_after_completion_resumes_once_the_destination_copy_ended(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    qemu = await completed(vm, host)
+
+    done = await vm.abort_migration(destination_gone=True)
+    assert done == "source resumed (the destination's copy had ended)"
+    assert qemu.commands[-2:] == ["query-status", "cont"]
+    assert qemu.status == "running"
+    assert vm.outgoing().view.phase == "aborted"
+    assert vm.state is PowerState.POWERED_ON
+
+
+# -- abort_migration after an agent restart (QEMU is asked) ----------------------------------------
+async def test_abort_after_restart_is_too_late_when_the_guest_runs_here(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    qemu = await restarted(vm, host, status="running", migration="completed")
+
+    await refused(vm.abort_migration(destination_gone=True), "too_late", "it is the owner now")
+    assert "cont" not in qemu.commands and "quit" not in qemu.commands
+    assert vm.state is PowerState.POWERED_ON
+
+
+async def test_abort_after_restart_keeps_a_completed_source_paused(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    """Nobody has seen the destination's copy end: it may run the guest, so this one stays
+    stopped."""
+    qemu = await restarted(vm, host, status="postmigrate", migration="completed")
+
+    await refused(vm.abort_migration(), "too_late", "the destination owns the VM")
+    assert "cont" not in qemu.commands
+    assert qemu.status == "postmigrate"
+
+
+async def test_abort_after_restart_resumes_once_the_destination_copy_ended(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    qemu = await restarted(vm, host, status="postmigrate", migration="completed")
+
+    done = await vm.abort_migration(destination_gone=True)
+    assert done == "source resumed (the destination's copy had ended)"
+    assert qemu.commands[-1] == "cont" and qemu.status == "running"
+    assert vm.state is PowerState.POWERED_ON
+
+
+async def test_abort_after_restart_cancels_what_attach_could_not(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    """attach's own recovery failed (QEMU refused a query): the abort cancels the migration."""
+    qemu = await left_running(vm, host, status="running", migration="active")
+    qemu.reply("query-block-jobs", failing("QEMU is busy"))
+    assert await vm.attach() is True
+    assert "migrate_cancel" not in qemu.commands and qemu.migration == "active"
+    qemu.pause_before_switchover()
+    qemu.resume_on_cancel = False
+
+    done = await vm.abort_migration()
+    assert done == "the migration left in QEMU was cancelled and the guest runs here"
+    assert qemu.commands[-2:] == ["query-status", "cont"]
+    assert qemu.migration == "cancelled" and qemu.status == "running"
+    assert vm.state is PowerState.POWERED_ON
+
+
+# -- attach: recovering an outgoing migration ------------------------------------------------------
+async def test_attach_cancels_a_migration_stuck_at_pre_switchover(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    """The old agent died while QEMU waited for migrate-continue (the guest stunned)."""
+    qemu = await left_running(vm, host, status="running", migration="active")
+    qemu.pause_before_switchover()
+    qemu.resume_on_cancel = False
+
+    assert await vm.attach() is True
+    assert "migrate_cancel" in qemu.commands and "migrate-continue" not in qemu.commands
+    assert qemu.commands[-1] == "cont" and qemu.status == "running"
+    assert vm.state is PowerState.POWERED_ON and vm.migration is None
+
+
+async def test_attach_cancels_a_stream_nobody_watches(vm: VirtualMachine, host: FakeHost) -> None:
+    qemu = await restarted(vm, host, status="running", migration="active")
+
+    assert "migrate_cancel" in qemu.commands and "cont" not in qemu.commands
+    assert qemu.migration == "cancelled" and qemu.status == "running"
+    assert vm.state is PowerState.POWERED_ON
+
+
+async def test_attach_leaves_a_completed_source_paused(vm: VirtualMachine, host: FakeHost) -> None:
+    qemu = await restarted(vm, host, status="postmigrate", migration="completed")
+
+    assert "cont" not in qemu.commands and "migrate_cancel" not in qemu.commands
+    assert qemu.status == "postmigrate"
+    assert vm.state is PowerState.POWERED_ON  # QEMU runs; the center finishes or aborts it
+
+
+async def test_attach_finds_no_qemu_and_removes_the_taps(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    assert await vm.attach() is False
+    assert host.taps_deleted == [TAP]
+    assert vm.state is PowerState.POWERED_OFF and vm.process is None
+
+
+# -- attach: recovering an incoming migration ------------------------------------------------------
+async def test_attach_resumes_a_completed_incoming_stream(
+    vm: VirtualMachine, host: FakeHost, tmp_path: Path
+) -> None:
+    """The stream completed while no agent watched: this copy is the VM now."""
+    folder = new_copy_folder(vm, tmp_path)
+    vm.write_registration(incoming=True)
+
+    qemu = await restarted(vm, host, status="paused", migration="completed")
+    acts = [c for c in qemu.commands if not c.startswith("query-")]
+    assert acts == ["qmp_capabilities", "nbd-server-stop", "cont", "announce-self"]
+    assert qemu.status == "running"
+    assert vm.state is PowerState.POWERED_ON
+    assert not registered_incoming(vm) and not vm.incoming
+    assert vm.created == [] and folder.exists()  # the copy is the VM's own now
+
+
+async def test_attach_adopts_an_incoming_copy_that_runs(vm: VirtualMachine, host: FakeHost) -> None:
+    vm.write_registration(incoming=True)
+
+    qemu = await restarted(vm, host, status="running", migration="completed")
+    assert "cont" not in qemu.commands
+    assert vm.state is PowerState.POWERED_ON and not registered_incoming(vm)
+
+
+async def test_attach_keeps_an_unfinished_incoming_copy_incoming(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    vm.write_registration(incoming=True)
+
+    qemu = await restarted(vm, host, status="inmigrate", migration="active")
+    assert "cont" not in qemu.commands
+    assert vm.state is PowerState.INCOMING and registered_incoming(vm)
+
+    assert await vm.abort_migration() == "destination ended"  # the center's abort, later
+    assert vm.state is PowerState.POWERED_OFF and "cont" not in qemu.commands
+
+
+# -- finish_outgoing -------------------------------------------------------------------------------
+async def test_finish_ends_the_source_after_completion(vm: VirtualMachine, host: FakeHost) -> None:
+    qemu = await completed(vm, host)
+
+    assert await vm.finish_outgoing() == []
+    assert qemu.commands[-1] == "quit" and "cont" not in qemu.commands
+    assert vm.state is PowerState.POWERED_OFF
+    assert not qemu.process.alive() and host.taps == {}
+
+
+async def test_finish_refuses_a_migration_that_has_not_completed(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    qemu = await migrating(vm, host)
+
+    await refused(vm.finish_outgoing(), "not_completed", "is active, not completed")
+    assert "quit" not in qemu.commands and qemu.process.alive()
+    assert vm.state is PowerState.POWERED_ON
+
+
+async def test_finish_after_restart_asks_qemu(vm: VirtualMachine, host: FakeHost) -> None:
+    qemu = await restarted(vm, host, status="postmigrate", migration="completed")
+
+    assert await vm.finish_outgoing() == []
+    assert qemu.commands[-1] == "quit" and "cont" not in qemu.commands
+    assert vm.state is PowerState.POWERED_OFF
+
+
+async def test_finish_after_restart_refuses_a_source_that_did_not_complete(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    qemu = await restarted(vm, host, status="running", migration="cancelled")
+
+    await refused(vm.finish_outgoing(), "not_completed", "is cancelled, not completed")
+    assert "quit" not in qemu.commands and vm.state is PowerState.POWERED_ON
