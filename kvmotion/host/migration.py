@@ -211,11 +211,15 @@ class Outgoing:
     async def _next_status(self) -> str | None:
         """The status of the next MIGRATION event, or None after a poll interval without one."""
         assert self._events is not None
-        with contextlib.suppress(TimeoutError):
-            event = await asyncio.wait_for(self._events.get(), POLL_INTERVAL)
-            data: Any = event.get("data") or {}  # type: ignore[attr-defined]
-            return str(data.get("status"))
-        return None
+        # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancel that arrives as the
+        # event does, and close() could not stop this watcher.
+        try:
+            async with asyncio.timeout(POLL_INTERVAL):
+                event = await self._events.get()
+        except TimeoutError:
+            return None
+        data: Any = event.get("data") or {}  # type: ignore[attr-defined]
+        return str(data.get("status"))
 
     async def _watch(self) -> None:
         last_pass = -1
@@ -411,7 +415,8 @@ class Incoming:
             while True:
                 status = None
                 with contextlib.suppress(TimeoutError):
-                    event = await asyncio.wait_for(self._events.get(), 1.0)
+                    async with asyncio.timeout(1.0):  # not wait_for: see Outgoing._next_status
+                        event = await self._events.get()
                     data: Any = event.get("data") or {}  # type: ignore[attr-defined]
                     status = str(data.get("status"))
                 if status is None:  # no event for a while: look, in case one was missed
