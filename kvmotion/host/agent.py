@@ -9,23 +9,27 @@ again, and never starts a second copy.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from kvmotion.errors import Conflict, InsufficientResources, NotFound, QemuError
 from kvmotion.host import facts, taps
 from kvmotion.host.config import HostConfig
 from kvmotion.host.cpu import HostCpu, VmCpu
-from kvmotion.host.datastores import DatastoreInfo, Datastores
+from kvmotion.host.datastores import Datastores
+from kvmotion.host.facts import HostFacts, NetworkInfo
 from kvmotion.host.guestmem import MemoryProfile
 from kvmotion.host.tls import MigrationTls
-from kvmotion.host.vm import PowerState, VirtualMachine, VmEnvironment, VmInfo
+from kvmotion.host.vm import VirtualMachine
 from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
-from kvmotion.host.vmfiles import create_vm_files, remove_folders, remove_vm_files
+from kvmotion.host.vmfiles import (
+    Registration,
+    create_vm_files,
+    remove_folders,
+    remove_vm_files,
+)
+from kvmotion.host.vmstate import PowerState, VmEnvironment, VmInfo
 from kvmotion.qemu.accel import AccelChoice, choose_accelerator
 from kvmotion.qemu.process import QemuProcess
 
@@ -33,37 +37,6 @@ log = logging.getLogger(__name__)
 
 PROBE_IMAGE = "kvmotion-guest"
 UNKNOWN_LINK_CAP_BPS = 10_000_000_000 // 8  # QEMU's bandwidth cap on a link of unknown speed
-
-
-@dataclass(frozen=True)
-class NetworkInfo:
-    name: str
-    bridge: str
-    present: bool
-
-
-@dataclass(frozen=True)
-class HostFacts:
-    name: str
-    hostname: str
-    management_address: str
-    migration_address: str | None
-    cpu: facts.CpuFacts
-    cpu_model: dict[str, Any]  # what VMs get here: features, EVC modes (see host/cpu.py)
-    # What the migration link carries (its speed, or tc's shaping); None: unknown (a NIC that
-    # reports no speed), which the center costs as the slower link.
-    migration_link_bps: int | None
-    migration_tls: dict[str, Any]  # {"mode": "required" | "off", "ready": bool}
-    memory: facts.MemoryFacts
-    accel: str
-    accel_reason: str
-    qemu_version: str
-    machine_type: str
-    default_cpu_model: str
-    datastores: list[DatastoreInfo]
-    networks: list[NetworkInfo]
-    vms: int
-    vms_powered_on: int
 
 
 class HostAgent:
@@ -94,24 +67,17 @@ class HostAgent:
             "host %s: accelerator %s (%s)", self.config.name, self.accel.accel, self.accel.reason
         )
         self.config.vms_run_dir.mkdir(parents=True, exist_ok=True)
-        for reg in sorted(self.config.vms_run_dir.glob("*/registration.json")):
+        for path in sorted(self.config.vms_run_dir.glob(f"*/{Registration.FILE}")):
             try:
-                registration = json.loads(reg.read_text())
-                config_path = Path(registration["config_path"])
+                registration = Registration.read(path)
+                config_path = registration.config_path
                 vm = self._make_vm(
                     VmConfig.model_validate_json(config_path.read_text()), config_path
                 )
-            except (OSError, ValueError, KeyError) as exc:
-                log.error("cannot load registration %s: %s (left as is)", reg, exc)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                log.error("cannot load registration %s: %s (left as is)", path, exc)
                 continue
-            vm.incoming = bool(registration.get("incoming", False))
-            vm.created = [Path(p) for p in registration.get("created") or []]
-            moving_to = registration.get("moving_to")
-            vm.moving_to = Path(moving_to) if moving_to else None
-            if registration.get("cpu"):
-                vm.cpu = VmCpu(
-                    **{**registration["cpu"], "features": tuple(registration["cpu"]["features"])}
-                )
+            vm.restore(registration)
             self.vms[vm.config.uuid] = vm
             try:
                 attached = await vm.attach()
@@ -125,7 +91,7 @@ class HostAgent:
                 self._unregister(vm)
             elif not attached and vm.moving_to is not None:
                 log.info("dropping the unfinished disk copies of %s", vm.config.name)
-                vm.drop_copies()
+                vm.storage_move.drop_copies()
 
     async def close(self) -> None:
         """Let go of every VM without stopping any (they outlive the agent)."""
@@ -424,7 +390,7 @@ class HostAgent:
         self.datastores.get(datastore)
         await self.check_space(datastore, vm.config)
         async with vm.lock:
-            await vm.move_storage(datastore, speed_bps)
+            await vm.storage_move.move(datastore, speed_bps)
             return await vm.info()
 
     async def mirror_disks(
@@ -433,13 +399,13 @@ class HostAgent:
         """ "Change both", source: copy the VM's disks into the destination's NBD exports."""
         vm = self.get(ref)
         async with vm.lock:
-            await vm.mirror_to(host, port, datastore, speed_bps)
+            await vm.storage_move.mirror_to(host, port, datastore, speed_bps)
             return await vm.info()
 
     async def cancel_storage(self, ref: str) -> str:
         vm = self.get(ref)
         async with vm.lock:
-            return await vm.cancel_storage()
+            return await vm.storage_move.cancel()
 
     def link_bandwidth_bps(self) -> int | None:
         """What the migration link carries (bytes/s); None when its speed is unknown."""

@@ -20,9 +20,9 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, field_validator
 
 from kvmotion import __version__
-from kvmotion.host.agent import HostAgent, HostFacts
+from kvmotion.host.agent import HostAgent
 from kvmotion.host.cpu import VmCpu
-from kvmotion.host.vm import VmInfo
+from kvmotion.host.facts import HostFacts
 from kvmotion.host.vmconfig import (
     KERNEL_ARGS_RE,
     MAX_DISK_MIB,
@@ -34,6 +34,7 @@ from kvmotion.host.vmconfig import (
     check_name,
 )
 from kvmotion.host.vmfiles import RECORD
+from kvmotion.host.vmstate import VmInfo
 from kvmotion.httpapi import ERROR_RESPONSES, bearer_checker, install_error_handlers
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,9 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from kvmotion.host.datastores import DatastoreInfo
 from kvmotion.qemu.cmdline import QEMU_BINARY
 
 
@@ -107,3 +109,34 @@ def _shaped_mbps(ifname: str) -> float | None:
     except ValueError:
         return None
     return None
+
+
+@dataclass(frozen=True)
+class NetworkInfo:
+    name: str
+    bridge: str
+    present: bool
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    name: str
+    hostname: str
+    management_address: str
+    migration_address: str | None
+    cpu: CpuFacts
+    cpu_model: dict[str, Any]  # what VMs get here: features, EVC modes (see host/cpu.py)
+    # What the migration link carries (its speed, or tc's shaping); None: unknown (a NIC that
+    # reports no speed), which the center costs as the slower link.
+    migration_link_bps: int | None
+    migration_tls: dict[str, Any]  # {"mode": "required" | "off", "ready": bool}
+    memory: MemoryFacts
+    accel: str
+    accel_reason: str
+    qemu_version: str
+    machine_type: str
+    default_cpu_model: str
+    datastores: list[DatastoreInfo]
+    networks: list[NetworkInfo]
+    vms: int
+    vms_powered_on: int

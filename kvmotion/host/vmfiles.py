@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvmotion.errors import Conflict, ExecutionError
+from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.vmconfig import VmConfig
 
@@ -92,3 +96,50 @@ def remove_vm_files(config: VmConfig, datastores: Datastores, record: Path) -> l
     for problem in problems:
         log.warning("could not remove %s", problem)
     return problems
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A VM registered on this host (``<run_dir>/registration.json``), pointing at its record.
+
+    It is a commit point (a migration's destination becoming the owner, a storage move's
+    switch), so it is written atomically: a crash leaves the old one or the new one.
+    """
+
+    config_path: Path
+    incoming: bool = False  # a migration's destination, not (yet) the VM's owner
+    cpu: VmCpu | None = None  # the CPU the VM runs with here
+    created: tuple[Path, ...] = ()  # folders made here for a copy that is not yet the VM's
+    moving_to: Path | None = None  # a storage move's new record, until it pivots
+
+    FILE = "registration.json"
+
+    def write(self, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        body = {
+            "config_path": str(self.config_path),
+            "incoming": self.incoming,
+            "cpu": dataclasses.asdict(self.cpu) if self.cpu is not None else None,
+            "created": [str(p) for p in self.created],
+            "moving_to": str(self.moving_to) if self.moving_to else None,
+        }
+        path = run_dir / self.FILE
+        tmp = path.with_name(f".{self.FILE}.tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(body))
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, path: Path) -> Registration:
+        """Raises OSError, ValueError or KeyError for a file that cannot be read as one."""
+        body = json.loads(path.read_text())
+        cpu = body.get("cpu")
+        return cls(
+            config_path=Path(body["config_path"]),
+            incoming=bool(body.get("incoming", False)),
+            cpu=VmCpu(**{**cpu, "features": tuple(cpu["features"])}) if cpu else None,
+            created=tuple(Path(p) for p in body.get("created") or []),
+            moving_to=Path(body["moving_to"]) if body.get("moving_to") else None,
+        )

@@ -1,5 +1,5 @@
 """A fake QEMU for unit tests of a host's VMs: a QMP server on a unix socket, a process stand-in,
-and the host operations of :class:`~kvmotion.host.vm.VmEnvironment` built on them.
+and the host operations of :class:`~kvmotion.host.vmstate.VmEnvironment` built on them.
 
 :class:`FakeQemu` speaks QMP as QEMU does, as far as ``qemu.qmp``'s client checks it
 (qemu/qmp/qmp_client.py, models.py): a greeting ``{"QMP": {"version": ..., "capabilities":
@@ -12,7 +12,12 @@ It keeps the state a VM's QEMU would report (``status``: running, paused, finish
 postmigrate, inmigrate...; ``migration``: none, setup, active, pre-switchover, completed, failed,
 cancelled) and changes it as QEMU does on ``cont``, ``stop``, ``migrate``, ``migrate-continue``,
 ``migrate_cancel``, ``migrate-incoming`` and ``quit``, with the events QEMU sends (RESUME, STOP,
-MIGRATION, SHUTDOWN). A test sets the state, scripts a reply (:meth:`FakeQemu.reply`) and reads
+MIGRATION, SHUTDOWN). Its block layer holds the VM's disk devices, the nodes they use and mirror
+jobs (``blockdev-add``/``-del``/``-mirror``, ``block-job-complete`` pivots a device onto its copy,
+``block-job-cancel`` of a READY mirror ends it consistent without pivoting, ``yank``), with the
+BLOCK_JOB_* events; a test makes a copy READY (:meth:`FakeQemu.mirrors_ready`).
+
+A test sets the state, scripts a reply (:meth:`FakeQemu.reply`) and reads
 what was sent (:attr:`FakeQemu.commands`). A command it does not know is refused as QEMU refuses
 one (``CommandNotFound``), so code that sends something unexpected fails loudly.
 """
@@ -102,6 +107,9 @@ class FakeQemu:
         # cancelled (migration_iteration_finish); False: a QEMU that leaves it paused.
         self.resume_on_cancel = True
         self.block_jobs: list[JSON] = []
+        self.devices: dict[str, str] = {}  # disk device id (virtio-disk0) -> the node it uses
+        self.nodes: dict[str, JSON] = {}  # node name -> {"file": path or NBD URI, "size": n}
+        self.yanked: list[str] = []  # nodes whose connections were yanked
         self.nbd_serving = False
         self.capabilities: dict[str, bool] = {}
         self.parameters: JSON = {}
@@ -152,6 +160,19 @@ class FakeQemu:
         """The source with pause-before-switchover: the guest stopped, waiting for continue."""
         self.set_status("finish-migrate")
         self.set_migration("pre-switchover")
+
+    def add_disk(self, index: int, node: str, path: str, size: int = 2**30) -> None:
+        """Disk ``index`` as QEMU opens it from the command line: a format node on a file."""
+        self.nodes[node] = {"file": path, "size": size}
+        self.nodes[f"{node}-file"] = {"file": path, "size": size}
+        self.devices[f"virtio-disk{index}"] = node
+
+    def mirrors_ready(self) -> None:
+        """Every running mirror job has copied its disk and now tracks the guest's writes."""
+        for job in self.block_jobs:
+            if job["status"] == "running":
+                job |= {"status": "ready", "ready": True, "offset": job["len"]}
+                self.emit("BLOCK_JOB_READY", self._job_event(job))
 
     def complete_incoming(self) -> None:
         """The destination: the whole stream arrived (the guest waits for ``cont`` with -S)."""
@@ -331,18 +352,93 @@ class FakeQemu:
         return {}
 
     def _cmd_query_block_jobs(self, _: JSON) -> Any:
-        return list(self.block_jobs)
+        return [{k: v for k, v in j.items() if not k.startswith("_")} for j in self.block_jobs]
+
+    def _job(self, device: str) -> JSON:
+        job = next((j for j in self.block_jobs if j["device"] == device), None)
+        if job is None:
+            raise QmpFailure(f"Block job '{device}' not found", "DeviceNotActive")
+        return job
+
+    @staticmethod
+    def _job_event(job: JSON) -> JSON:
+        return {"device": job["device"], "type": job.get("type", "mirror"), "len": job["len"],
+                "offset": job["offset"], "speed": 0}  # fmt: skip
 
     def _cmd_block_job_cancel(self, args: JSON) -> Any:
-        job = next((j for j in self.block_jobs if j["device"] == args["device"]), None)
-        if job is None:
-            raise QmpFailure(f"Block job '{args['device']}' not found", "DeviceNotActive")
+        job = self._job(args["device"])
         self.block_jobs.remove(job)
-        self.emit("BLOCK_JOB_CANCELLED", {"device": job["device"], "type": job.get("type")})
+        if job["status"] == "ready" and not args.get("force"):
+            # A READY mirror cancelled gracefully ends with its target a consistent copy.
+            self.emit("BLOCK_JOB_COMPLETED", self._job_event(job))
+        else:
+            self.emit("BLOCK_JOB_CANCELLED", self._job_event(job))
         return {}
 
+    def _cmd_block_job_complete(self, args: JSON) -> Any:
+        job = self._job(args["device"])
+        if job["status"] != "ready":
+            raise QmpFailure(f"The active block job '{job['device']}' cannot be completed")
+        self.block_jobs.remove(job)
+        for device, node in self.devices.items():
+            if node == job["_source"]:
+                self.devices[device] = job["_target"]  # the pivot
+        self.emit("BLOCK_JOB_COMPLETED", self._job_event(job))
+        return {}
+
+    def _cmd_query_block(self, _: JSON) -> Any:
+        return [
+            {"device": "", "qdev": f"/machine/peripheral/{device}/virtio-backend",
+             "inserted": {"node-name": node, "file": self.nodes[node]["file"]}}
+            for device, node in self.devices.items()
+        ]  # fmt: skip
+
     def _cmd_query_named_block_nodes(self, _: JSON) -> Any:
-        return []
+        return [
+            {"node-name": name, "file": n["file"], "image": {"virtual-size": n["size"]}}
+            for name, n in self.nodes.items()
+        ]
+
+    def _cmd_blockdev_add(self, args: JSON) -> Any:
+        file = args.get("file")
+        if isinstance(file, dict):
+            self._cmd_blockdev_add(file)
+            where = str(file.get("filename"))
+        elif args["driver"] == "nbd":
+            server = args["server"]
+            where = f"nbd://{server['host']}:{server['port']}/{args['export']}"
+        else:
+            where = str(args.get("filename"))
+        if args["node-name"] in self.nodes:
+            raise QmpFailure(f"Duplicate nodes with node-name='{args['node-name']}'")
+        self.nodes[args["node-name"]] = {"file": where, "size": 0}
+        return {}
+
+    def _cmd_blockdev_del(self, args: JSON) -> Any:
+        name = args["node-name"]
+        if name not in self.nodes:
+            raise QmpFailure(f"Failed to find node with node-name='{name}'")
+        if name in self.devices.values():
+            raise QmpFailure(f"Node '{name}' is busy: block device is in use by a guest device")
+        del self.nodes[name]
+        return {}
+
+    def _cmd_blockdev_mirror(self, args: JSON) -> Any:
+        source, target = args["device"], args["target"]
+        if source not in self.nodes or target not in self.nodes:
+            raise QmpFailure(f"Cannot find device='{source}' nor node-name='{source}'")
+        if any(j["device"] == args["job-id"] for j in self.block_jobs):
+            raise QmpFailure(f"Job ID '{args['job-id']}' already in use")
+        size = self.nodes[source]["size"]
+        self.block_jobs.append(
+            {"device": args["job-id"], "type": "mirror", "status": "running", "ready": False,
+             "offset": 0, "len": size, "_source": source, "_target": target}
+        )  # fmt: skip
+        return {}
+
+    def _cmd_yank(self, args: JSON) -> Any:
+        self.yanked += [i["node-name"] for i in args["instances"]]
+        return {}
 
     def _cmd_nbd_server_stop(self, _: JSON) -> Any:
         if not self.nbd_serving:
@@ -364,6 +460,8 @@ class FakeHost:
     async def start_qemu(self, launch: QemuLaunch) -> FakeProcess:
         self.launches.append(launch)
         qemu = FakeQemu(launch.qmp_socket, status="inmigrate" if launch.incoming else "running")
+        for i, disk in enumerate(launch.disks):
+            qemu.add_disk(i, disk.node, str(disk.path))
         await qemu.start()
         self.qemus[launch.pidfile] = qemu
         return qemu.process

@@ -15,13 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from kvmotion.errors import Conflict
+from kvmotion.errors import Conflict, QemuError
+from kvmotion.host import recovery
+from kvmotion.host import vm as vm_module
 from kvmotion.host.config import DatastoreConfig
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.taps import tap_name
 from kvmotion.host.tls import MigrationTls
-from kvmotion.host.vm import PowerState, VirtualMachine, VmEnvironment
+from kvmotion.host.vm import VirtualMachine
 from kvmotion.host.vmconfig import NicConfig, VmConfig
+from kvmotion.host.vmstate import MigrationRole, PowerState, VmEnvironment
 from tests.unit.fake_qmp import FakeHost, FakeQemu, failing
 
 UUID = "6f1c2a3e-0000-4000-8000-000000000001"
@@ -70,11 +73,17 @@ async def host() -> AsyncIterator[FakeHost]:
 async def vm(tmp_path: Path, host: FakeHost) -> AsyncIterator[VirtualMachine]:
     vm = make_vm(tmp_path, host)
     yield vm
-    # QEMU first: a migration watcher still polling ends on its own then (cancelling it can
-    # fail to stop it, see test_host_migration.py); then the VM lets go.
+    await release(vm, host)
+
+
+async def release(vm: VirtualMachine, host: FakeHost) -> None:
+    """End a test's VM: QEMU first (a migration watcher still polling ends on its own then;
+    cancelling it can fail to stop it, see test_host_migration.py), then the VM lets go."""
     await host.close()
     if vm.migration is not None:
         await vm.migration.close()
+    if vm.storage is not None:
+        await vm.storage.close()
     await vm.detach()
 
 
@@ -110,7 +119,7 @@ async def migrating(vm: VirtualMachine, host: FakeHost) -> FakeQemu:
     await vm.power_on()
     await vm.migrate_out(DEST_URI, 10**9, 300)
     await until(lambda: vm.outgoing().view.phase == "active")
-    return host.qemus[vm.pidfile]
+    return host.qemus[vm.files.pidfile]
 
 
 async def completed(vm: VirtualMachine, host: FakeHost) -> FakeQemu:
@@ -127,7 +136,7 @@ async def receiving(vm: VirtualMachine, host: FakeHost) -> FakeQemu:
     vm.write_registration(incoming=True)
     uri, port = await vm.prepare_incoming("127.0.0.1")
     assert (uri, port) == ("tcp:127.0.0.1:49152", None)
-    return host.qemus[vm.pidfile]
+    return host.qemus[vm.files.pidfile]
 
 
 async def left_running(
@@ -135,7 +144,9 @@ async def left_running(
 ) -> FakeQemu:
     """A QEMU left running by an agent that stopped."""
     vm.run_dir.mkdir(parents=True, exist_ok=True)
-    return await host.left_running(vm.pidfile, vm.qmp_socket, status=status, migration=migration)
+    return await host.left_running(
+        vm.files.pidfile, vm.files.qmp_socket, status=status, migration=migration
+    )
 
 
 async def restarted(
@@ -150,7 +161,7 @@ async def restarted(
 # -- abort_migration ----------------------------------------------------------------------------
 async def test_abort_without_a_migration_does_nothing(vm: VirtualMachine, host: FakeHost) -> None:
     await vm.power_on()
-    qemu = host.qemus[vm.pidfile]
+    qemu = host.qemus[vm.files.pidfile]
     assert host.taps == {TAP: "br-vm"}
 
     assert await vm.abort_migration() == "nothing to abort"
@@ -167,7 +178,7 @@ async def test_abort_ends_the_destination_copy(vm: VirtualMachine, host: FakeHos
     assert vm.state is PowerState.POWERED_OFF
     assert "quit" in qemu.commands and "cont" not in qemu.commands
     assert not qemu.process.alive()
-    assert host.taps == {} and not vm.pidfile.exists()
+    assert host.taps == {} and not vm.files.pidfile.exists()
 
 
 async def test_abort_removes_the_destination_partial_disk_copies(
@@ -246,7 +257,35 @@ async def test_abort_after_completion_resumes_once_the_destination_copy_ended(
     assert vm.state is PowerState.POWERED_ON
 
 
+async def test_abort_of_a_destination_whose_qemu_ended_forgets_it(
+    vm: VirtualMachine, host: FakeHost, tmp_path: Path
+) -> None:
+    folder = new_copy_folder(vm, tmp_path)
+    qemu = await receiving(vm, host)
+    qemu.process.end()  # the receiving QEMU crashed
+    await until(lambda: vm.state is PowerState.POWERED_OFF)
+
+    assert await vm.abort_migration() == "destination ended, its partial disk copies removed"
+    assert "quit" not in qemu.commands and not folder.exists()
+
+
 # -- abort_migration after an agent restart (QEMU is asked) ----------------------------------------
+async def test_abort_cannot_tell_when_qmp_does_not_answer(
+    vm: VirtualMachine, host: FakeHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QEMU runs, but its QMP does not answer the agent that attaches: nothing is known, so
+    nothing is claimed (and nothing is done)."""
+    monkeypatch.setattr(vm_module, "QMP_CONNECT_TIMEOUT", 0.2)
+    vm.run_dir.mkdir(parents=True)
+    host.qemus[vm.files.pidfile] = FakeQemu(vm.files.qmp_socket)  # never listens
+
+    assert await vm.attach() is True
+    assert vm.qmp is None and vm.state is PowerState.POWERED_ON
+    assert vm.role is MigrationRole.UNWATCHED
+    with pytest.raises(QemuError, match="does not answer"):
+        await vm.abort_migration()
+
+
 async def test_abort_after_restart_is_too_late_when_the_guest_runs_here(
     vm: VirtualMachine, host: FakeHost
 ) -> None:
@@ -311,6 +350,33 @@ async def test_attach_cancels_a_migration_stuck_at_pre_switchover(
     assert "migrate_cancel" in qemu.commands and "migrate-continue" not in qemu.commands
     assert qemu.commands[-1] == "cont" and qemu.status == "running"
     assert vm.state is PowerState.POWERED_ON and vm.migration is None
+
+
+async def test_attach_waits_while_qemu_cancels(vm: VirtualMachine, host: FakeHost) -> None:
+    qemu = await left_running(vm, host, status="running", migration="active")
+
+    def cancelling(_: object) -> object:
+        qemu.set_migration("cancelling")
+        asyncio.get_running_loop().call_later(0.25, qemu.set_migration, "cancelled")
+        return {}
+
+    qemu.reply("migrate_cancel", cancelling)
+    assert await vm.attach() is True
+    assert qemu.commands.count("query-migrate") >= 3  # asked again until it had cancelled
+    assert qemu.migration == "cancelled" and qemu.status == "running"
+
+
+async def test_a_cancel_qemu_never_finishes_is_reported(
+    vm: VirtualMachine, host: FakeHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(recovery, "CANCEL_POLLS", 3)
+    qemu = await restarted(vm, host, status="running", migration="active")
+    qemu.reply("migrate_cancel", lambda _: qemu.set_migration("cancelling") or {})
+    qemu.set_migration("active")
+
+    with pytest.raises(QemuError, match="did not cancel the migration left in it"):
+        await vm.abort_migration()
+    assert "cont" not in qemu.commands
 
 
 async def test_attach_cancels_a_stream_nobody_watches(vm: VirtualMachine, host: FakeHost) -> None:
