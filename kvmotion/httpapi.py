@@ -123,6 +123,7 @@ def api_client(
     token: str,
     timeout: float,
     transport: httpx.AsyncBaseTransport | None = None,
+    keepalive_expiry_s: float = 5.0,
 ) -> httpx.AsyncClient:
     """An HTTP client of a kvmotion API: bearer token, no proxy from the environment (lab and
     host traffic must never leave for one), a shared TLS context; tests plug fakes in through
@@ -134,6 +135,9 @@ def api_client(
         trust_env=False,
         transport=transport,
         verify=tls_context(),
+        limits=httpx.Limits(
+            max_connections=100, max_keepalive_connections=20, keepalive_expiry=keepalive_expiry_s
+        ),
     )
 
 

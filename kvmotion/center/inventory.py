@@ -127,6 +127,7 @@ class Inventory:
         self.migrating = migrating  # is a migration of this VM (by name) in flight?
         self.transport = transport  # None: real HTTP; tests plug fake agents in here
         self._refresh_locks: dict[str, asyncio.Lock] = {}
+        self._agents: dict[tuple[str, str], AgentClient] = {}  # by agent URL and token
 
     async def ensure_defaults(self) -> None:
         async with self.db.session() as s:
@@ -139,7 +140,18 @@ class Inventory:
             await s.commit()
 
     def agent(self, host: Host) -> AgentClient:
-        return AgentClient(host.url, host.token, transport=self.transport)
+        """The center's one client of ``host``'s agent (connections reused across calls)."""
+        key = (host.url, host.token)
+        client = self._agents.get(key)
+        if client is None:
+            client = AgentClient(host.url, host.token, transport=self.transport, shared=True)
+            self._agents[key] = client
+        return client
+
+    async def close(self) -> None:
+        agents, self._agents = list(self._agents.values()), {}
+        for client in agents:
+            await client.aclose()
 
     # -- hosts ---------------------------------------------------------------------------------
     async def add_host(self, address: str, token: str, port: int) -> Host:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -63,6 +64,9 @@ class TaskRun(Generic[P]):
         # The task's timeline, kept here and written with the next update (one commit, not two).
         self.timeline: list[dict[str, Any]] = []
         self._timeline_dirty = False
+        # What was last written of each task field (as JSON): a progress update that changes
+        # nothing is not written, and samples are rewritten only when a pass adds one.
+        self._written: dict[str, str] = {}
 
     async def enter(self, phase: P, **fields: Any) -> None:
         """Move to ``phase``; ``fields`` (and the task phase the table shows for it) are written
@@ -83,10 +87,16 @@ class TaskRun(Generic[P]):
         self._timeline_dirty = True
 
     async def _update(self, **fields: Any) -> None:
+        """Write the fields that changed since the last write (none: no write)."""
         if self._timeline_dirty:
             fields["timeline"] = list(self.timeline)
             self._timeline_dirty = False
-        await self.ex.tasks.update(self.task_id, **fields)
+        seen = {k: json.dumps(v, sort_keys=True, default=str) for k, v in fields.items()}
+        changed = {k: v for k, v in fields.items() if self._written.get(k) != seen[k]}
+        if not changed:
+            return
+        await self.ex.tasks.update(self.task_id, **changed)
+        self._written |= {k: seen[k] for k in changed}
 
     async def _check_cancel(self) -> None:
         if (await self.ex.tasks.get(self.task_id)).cancel_requested:

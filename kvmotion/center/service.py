@@ -106,4 +106,5 @@ class Center:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
         await self.executor.close()
+        await self.inventory.close()
         await self.db.close()

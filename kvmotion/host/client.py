@@ -13,9 +13,17 @@ import httpx
 from kvmotion.errors import HostUnreachable
 from kvmotion.httpapi import api_client, error_from_response
 
+# Idle connections are dropped before the agent's server would close them (uvicorn: 5 s), so a
+# request never goes out on a connection the server is closing.
+KEEPALIVE_EXPIRY_S = 2.0
+
 
 class AgentClient:
-    """``async with AgentClient(url, token) as agent: await agent.list_vms()``."""
+    """``async with AgentClient(url, token) as agent: await agent.list_vms()``.
+
+    ``shared``: one client a center keeps per agent and lends out (connections reused); leaving
+    ``async with`` does not close it, :meth:`aclose` does.
+    """
 
     def __init__(
         self,
@@ -23,15 +31,19 @@ class AgentClient:
         token: str,
         timeout: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        shared: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = api_client(self.base_url, token, timeout, transport)
+        self.shared = shared
+        self._http = api_client(self.base_url, token, timeout, transport, KEEPALIVE_EXPIRY_S)
 
     async def __aenter__(self) -> AgentClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+        if not self.shared:
+            await self.aclose()
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -40,11 +52,17 @@ class AgentClient:
         self, method: str, path: str, json: Any = None, timeout: float | None = None
     ) -> Any:
         what = f"{method} {self.base_url}{path}"
+        kwargs: dict[str, Any] = {"json": json}
+        if timeout is not None:
+            kwargs["timeout"] = timeout
         try:
-            kwargs: dict[str, Any] = {"json": json}
-            if timeout is not None:
-                kwargs["timeout"] = timeout
-            response = await self._http.request(method, path, **kwargs)
+            try:
+                response = await self._http.request(method, path, **kwargs)
+            except httpx.RemoteProtocolError:
+                if method != "GET":
+                    raise
+                # A reused connection the agent had closed (it restarted): a read asks again.
+                response = await self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise HostUnreachable(f"host agent at {self.base_url} did not answer: {exc!r}") from exc
         if response.status_code >= 400:
