@@ -17,7 +17,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kvmotion.errors import (
@@ -77,7 +77,8 @@ def error_from_response(response: httpx.Response, what: str) -> KvmotionError:
     return cls(message, code=code)
 
 
-def _validation_message(exc: RequestValidationError) -> str:
+def validation_message(exc: RequestValidationError | ValidationError) -> str:
+    """What a user reads of a request that broke a model's rules (at most five faults)."""
     parts = []
     for err in exc.errors()[:5]:
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
@@ -108,7 +109,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        content = {"error": {"code": "invalid_input", "message": _validation_message(exc)}}
+        content = {"error": {"code": "invalid_input", "message": validation_message(exc)}}
         return JSONResponse(status_code=422, content=content)
 
 

@@ -29,6 +29,7 @@ from kvmotion.center.service import Center
 from kvmotion.center.tasks import task_dict
 from kvmotion.errors import Conflict, KvmotionError
 from kvmotion.host.config import DEFAULT_AGENT_PORT
+from kvmotion.host.protocol import vm_json
 from kvmotion.host.vmconfig import VmCreateRequest, check_name
 from kvmotion.httpapi import ERROR_RESPONSES, install_error_handlers, role_checker
 from kvmotion.migration.request import MigrationRequest
@@ -163,7 +164,7 @@ def create_app(center: Center) -> FastAPI:
         host = await inv.host(body.host)
         async with inv.agent(host) as agent:
             info = await agent.create_vm(body.spec.model_dump(mode="json"))
-        return vm_dict(await inv.upsert_vm(info, host))
+        return vm_dict(await inv.upsert_vm(vm_json(info), host))
 
     async def _power(vm: str, action: str, **kw: Any) -> dict[str, Any]:
         if center.executor.migrating((await inv.vm(vm)).name):
@@ -171,9 +172,13 @@ def create_app(center: Center) -> FastAPI:
         record = await inv.vm(vm)
         assert record.host is not None
         async with inv.agent(record.host) as agent:
-            result = await getattr(agent, action)(record.uuid, **kw)
-        info = result.get("vm", result)
-        return vm_dict(await inv.upsert_vm(info, record.host))
+            if action == "power_on":
+                info = await agent.power_on(record.uuid, **kw)
+            elif action == "shutdown":
+                info = (await agent.shutdown(record.uuid)).vm
+            else:
+                info = await agent.power_off(record.uuid)
+        return vm_dict(await inv.upsert_vm(vm_json(info), record.host))
 
     @app.post("/v1/vms/{vm}/power-on", dependencies=auth)
     async def power_on(vm: str) -> dict[str, Any]:

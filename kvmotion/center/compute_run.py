@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 from kvmotion import faults
@@ -28,6 +29,14 @@ from kvmotion.center.runs import Cancelled, TaskRun
 from kvmotion.center.tasks import TaskState, record_event
 from kvmotion.errors import HostUnreachable, KvmotionError, NotFound
 from kvmotion.host.client import AgentClient
+from kvmotion.host.migration import MigrationStats, MigrationView
+from kvmotion.host.protocol import (
+    DiskMirrorRequest,
+    IncomingRequest,
+    MigrateRequest,
+    TuneRequest,
+    build,
+)
 from kvmotion.migration.convergence import Convergence
 from kvmotion.migration.history import timeline_summary
 from kvmotion.migration.phases import COMPUTE_PHASES, UNDO, ComputePhase
@@ -95,18 +104,26 @@ class ComputeMigration(TaskRun[ComputePhase]):
             # From here on, abort must clean the destination.
             await self.enter(ComputePhase.PREPARING)
             result = await agent.prepare_incoming(
-                self.vm.config,
-                self.vm.config_path,
-                self.vm.cpu,
-                postcopy=self.req.allow_postcopy,
-                datastore=self.req.datastore if self.both else None,
+                build(
+                    IncomingRequest,
+                    config=self.vm.config,
+                    config_path=self.vm.config_path,
+                    cpu=self.vm.cpu,
+                    postcopy=self.req.allow_postcopy,
+                    datastore=self.req.datastore if self.both else None,
+                )
             )
-        detail = f"listening at {result['uri']}"
+        detail = f"listening at {result.uri}"
         if self.both:
-            self.nbd = (str(result["nbd_host"]), int(result["nbd_port"]))
+            if result.nbd_host is None or result.nbd_port is None:
+                raise KvmotionError(
+                    f"{self.dest.name} made the new disks but serves them nowhere",
+                    code="protocol_mismatch",
+                )
+            self.nbd = (result.nbd_host, result.nbd_port)
             detail += f"; new disks on {self.req.datastore} served at {self.nbd[0]}:{self.nbd[1]}"
         self._mark("prepared", detail=detail)
-        return str(result["uri"])
+        return result.uri
 
     async def copy_disks(self) -> None:
         """Change both: the source copies every disk into the destination's new ones, until
@@ -118,7 +135,14 @@ class ComputeMigration(TaskRun[ComputePhase]):
         ):
             await self.enter(ComputePhase.COPYING_DISKS)
             await agent.mirror_disks(
-                self.vm.name, *self.nbd, self.req.datastore, self.req.max_bandwidth_bps
+                self.vm.name,
+                build(
+                    DiskMirrorRequest,
+                    host=self.nbd[0],
+                    port=self.nbd[1],
+                    datastore=self.req.datastore,
+                    max_bandwidth_bps=self.req.max_bandwidth_bps,
+                ),
             )
             await self._watch_disk_copy(
                 agent,
@@ -135,11 +159,14 @@ class ComputeMigration(TaskRun[ComputePhase]):
             self._t0 = time.monotonic()
             await agent.migrate(
                 self.vm.name,
-                uri,
-                knobs.downtime_limit_ms,
-                knobs.max_bandwidth_bps,
-                brake=self.conv.brake,
-                postcopy=self.req.allow_postcopy,
+                build(
+                    MigrateRequest,
+                    uri=uri,
+                    downtime_limit_ms=knobs.downtime_limit_ms,
+                    max_bandwidth_bps=knobs.max_bandwidth_bps,
+                    brake=self.conv.brake,
+                    postcopy=self.req.allow_postcopy,
+                ),
             )
 
     async def watch(self) -> None:
@@ -151,13 +178,13 @@ class ComputeMigration(TaskRun[ComputePhase]):
             no_view_since = time.monotonic()
             sent, moved_at = -1, time.monotonic()
             while True:
-                info = await agent.get_vm(self.vm.name)
-                view = info.get("migration") or {}
-                stats_now = view.get("stats") or {}
-                if int(stats_now.get("transferred_bytes") or 0) != sent:
-                    sent, moved_at = int(stats_now.get("transferred_bytes") or 0), time.monotonic()
+                view = (await agent.get_vm(self.vm.name)).migration
+                stats = view.stats if view is not None else None
+                if stats is not None and stats.transferred_bytes != sent:
+                    sent, moved_at = stats.transferred_bytes, time.monotonic()
                 elif (
-                    view.get("phase") == "active"
+                    view is not None
+                    and view.phase == "active"
                     and time.monotonic() - moved_at > self.ex.stall_timeout_s
                 ):
                     raise KvmotionError(
@@ -165,7 +192,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
                         "link may be down",
                         code="migration_stalled",
                     )
-                if view.get("side") != "source":
+                if view is None or view.side != "source":
                     # The source agent forgot this migration (it restarted): nothing to follow.
                     if time.monotonic() - no_view_since > runs.LOST_VIEW_TIMEOUT:
                         raise KvmotionError(
@@ -175,8 +202,8 @@ class ComputeMigration(TaskRun[ComputePhase]):
                     await asyncio.sleep(runs.POLL_INTERVAL)
                     continue
                 no_view_since = time.monotonic()
-                stats = view.get("stats") or {}
-                phase = view.get("phase", "setup")
+                stats = stats or MigrationStats(status="setup")
+                phase = view.phase
                 await self._seen(phase)
                 await self._progress(view, stats, phase)
                 if phase == "completed":
@@ -187,7 +214,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
                     dest_view = await self._destination_view(dest_agent)
                     also = f"; destination: {dest_view}" if dest_view else ""
                     raise KvmotionError(
-                        f"QEMU migration {phase}: {view.get('error') or 'no reason given'}{also}",
+                        f"QEMU migration {phase}: {view.error or 'no reason given'}{also}",
                         code=f"migration_{phase}",
                     )
                 await self._check_destination(dest_agent)
@@ -205,9 +232,9 @@ class ComputeMigration(TaskRun[ComputePhase]):
         if self.phase is ComputePhase.STREAMING and qemu_phase in ("pre-switchover", "device"):
             await self.enter(ComputePhase.SWITCHOVER)
 
-    async def _converge(self, agent: AgentClient, stats: dict[str, Any]) -> None:
+    async def _converge(self, agent: AgentClient, stats: MigrationStats) -> None:
         """Ask the convergence engine; apply and record what it decides."""
-        decision = self.conv.observe(time.monotonic() - self._t0, stats)
+        decision = self.conv.observe(time.monotonic() - self._t0, asdict(stats))
         if decision is None:
             return
         self.log.info("convergence: %s (%s)", decision.action, decision.reason)
@@ -222,39 +249,42 @@ class ComputeMigration(TaskRun[ComputePhase]):
         knobs = decision.knobs
         await agent.tune_migration(
             self.vm.name,
-            downtime_limit_ms=knobs.downtime_limit_ms,
-            max_bandwidth_bps=knobs.max_bandwidth_bps,
-            throttle_pct=knobs.throttle_pct if self.conv.brake else None,
+            build(
+                TuneRequest,
+                downtime_limit_ms=knobs.downtime_limit_ms,
+                max_bandwidth_bps=knobs.max_bandwidth_bps,
+                throttle_pct=knobs.throttle_pct if self.conv.brake else None,
+            ),
         )
 
     async def _destination_view(self, dest_agent: AgentClient) -> str | None:
         with contextlib.suppress(KvmotionError):
-            view = (await dest_agent.get_vm(self.vm.name)).get("migration") or {}
-            return str(view.get("error") or view.get("phase") or "") or None
+            view = (await dest_agent.get_vm(self.vm.name)).migration
+            return (view.error or view.phase or None) if view is not None else None
         return None
 
     async def _check_destination(self, dest_agent: AgentClient) -> None:
         """The destination must stay alive while we copy to it (HostUnreachable if its agent
         died: the migration is aborted rather than completed into a host nobody drives)."""
         info = await dest_agent.get_vm(self.vm.name)
-        view = info.get("migration") or {}
-        if info["power_state"] == "poweredOff" or view.get("phase") in ("failed", "cancelled"):
-            why = view.get("error") or "its QEMU ended"
+        view = info.migration
+        failed = view is not None and view.phase in ("failed", "cancelled")
+        if info.power_state == "poweredOff" or failed:
+            why = (view.error if view is not None else None) or "its QEMU ended"
             raise KvmotionError(
                 f"the destination {self.dest.name} stopped receiving: {why}",
                 code="destination_failed",
             )
 
-    async def _progress(self, view: dict[str, Any], stats: dict[str, Any], phase: str) -> None:
-        transferred = int(stats.get("transferred_bytes", 0))
-        remaining = int(stats.get("remaining_bytes", 0))
+    async def _progress(self, view: MigrationView, stats: MigrationStats, phase: str) -> None:
+        transferred, remaining = stats.transferred_bytes, stats.remaining_bytes
         total = transferred + remaining
         progress = 100.0 * transferred / total if total and phase != "completed" else 0.0
         if phase == "completed":
             progress = 95.0
         if self.both:  # the disks took the first half
             progress = 50.0 + progress * 45.0 / 95.0
-        marks = view.get("marks", {})
+        marks = view.marks
         if "first_byte" in marks:
             self._mark("precopy", marks["first_byte"])
         if "stunned" in marks:
@@ -262,27 +292,26 @@ class ComputeMigration(TaskRun[ComputePhase]):
         await self._update(
             phase="switchover" if phase in ("pre-switchover", "device") else phase,
             progress=min(progress, 95.0),
-            samples=view.get("samples", []),
+            samples=[asdict(sample) for sample in view.samples],
             summary=self._summary(stats),
         )
 
-    def _summary(self, stats: dict[str, Any]) -> dict[str, Any]:
+    def _summary(self, stats: MigrationStats) -> dict[str, Any]:
         return self._kept_summary | {
             "strategy": self.req.strategy,
             "link_bps": self.conv.link_bps,
             "decisions": self.conv.decisions,
-            "status": stats.get("status"),
-            "total_time_ms": stats.get("total_time_ms"),
-            "setup_time_ms": stats.get("setup_time_ms"),
-            "downtime_ms": stats.get("downtime_ms"),
-            "expected_downtime_ms": stats.get("expected_downtime_ms"),
-            "transferred_bytes": stats.get("transferred_bytes"),
-            "remaining_bytes": stats.get("remaining_bytes"),
-            "ram_total_bytes": stats.get("total_bytes"),
-            "throughput_mbps": stats.get("mbps"),
-            "passes": stats.get("passes"),
-            "dirty_rate_bps": (stats.get("dirty_pages_rate") or 0)
-            * (stats.get("page_size") or 4096),
+            "status": stats.status,
+            "total_time_ms": stats.total_time_ms,
+            "setup_time_ms": stats.setup_time_ms,
+            "downtime_ms": stats.downtime_ms,
+            "expected_downtime_ms": stats.expected_downtime_ms,
+            "transferred_bytes": stats.transferred_bytes,
+            "remaining_bytes": stats.remaining_bytes,
+            "ram_total_bytes": stats.total_bytes,
+            "throughput_mbps": stats.mbps,
+            "passes": stats.passes,
+            "dirty_rate_bps": stats.dirty_rate_bps,
         }
 
     async def confirm_resumed(self) -> None:
@@ -292,16 +321,14 @@ class ComputeMigration(TaskRun[ComputePhase]):
         async with self.ex.inventory.agent(self.dest) as agent:
             while time.monotonic() < deadline:
                 info = await agent.get_vm(self.vm.name)
-                view = info.get("migration") or {}
-                if info["power_state"] == "poweredOn" and info.get("qemu_status") == "running":
+                view = info.migration
+                if info.power_state == "poweredOn" and info.qemu_status == "running":
                     await self.enter(ComputePhase.RESUMED)
-                    self._mark("resumed", view.get("marks", {}).get("resumed"))
+                    self._mark("resumed", view.marks.get("resumed") if view else None)
                     return
-                if (
-                    view.get("phase") in ("failed", "cancelled")
-                    or info["power_state"] == "poweredOff"
-                ):
-                    why = view.get("error") or view.get("phase")
+                failed = view is not None and view.phase in ("failed", "cancelled")
+                if failed or info.power_state == "poweredOff":
+                    why = (view.error or view.phase) if view is not None else "its QEMU ended"
                     raise KvmotionError(
                         f"the destination did not resume the VM: {why}", code="resume_failed"
                     )
@@ -319,7 +346,10 @@ class ComputeMigration(TaskRun[ComputePhase]):
         if self.both:
             async with self.ex.inventory.agent(self.dest) as agent:
                 info = await agent.get_vm(self.vm.name)
-            fields |= {"config": info["config"], "config_path": info["config_path"]}
+            fields |= {
+                "config": info.config.model_dump(mode="json"),
+                "config_path": info.config_path,
+            }
         await self.ex.inventory.set_vm(self.vm.uuid, **fields)
         problems = await self._finish_source()
         if problems:
@@ -384,7 +414,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
         Returns whether the copy is gone, and a note for the task's error."""
         try:
             async with self.ex.inventory.agent(self.dest) as agent:
-                done = str((await agent.abort_migration(self.vm.name))["done"])
+                done = await agent.abort_migration(self.vm.name)
         except NotFound:
             return True, "destination: nothing left"
         except KvmotionError as exc:
@@ -402,8 +432,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
         while True:
             try:
                 async with self.ex.inventory.agent(self.source) as agent:
-                    answer = await agent.abort_migration(self.vm.name, destination_gone=dest_gone)
-                return str(answer["done"])
+                    return await agent.abort_migration(self.vm.name, destination_gone=dest_gone)
             except HostUnreachable as exc:
                 if time.monotonic() >= deadline:
                     return exc.message

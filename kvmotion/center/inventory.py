@@ -21,9 +21,12 @@ from kvmotion.center.db import Cluster, Database, Datacenter, Datastore, Host, N
 from kvmotion.center.tasks import record_event
 from kvmotion.errors import Conflict, HostUnreachable, KvmotionError, NotFound
 from kvmotion.host.client import AgentClient
+from kvmotion.host.protocol import facts_json, vm_json
 from kvmotion.migration.precheck import HostView, ModeView, VmView
 
 log = logging.getLogger(__name__)
+
+ENDED = ("failed", "cancelled")  # a migration phase after which nothing follows
 
 DEFAULT_DATACENTER = "Datacenter"
 DEFAULT_CLUSTER = "Cluster"
@@ -158,7 +161,7 @@ class Inventory:
         """Connect to a host's agent and add it (and its datastores, networks and VMs)."""
         url = f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
         async with AgentClient(url, token, timeout=10, transport=self.transport) as agent:
-            facts = await agent.facts()
+            facts = facts_json(await agent.facts())
         async with self.db.session() as s:
             if await s.scalar(select(Host).where(Host.name == facts["name"])) is not None:
                 raise Conflict(
@@ -219,8 +222,8 @@ class Inventory:
         host = await self.host(name)
         try:
             async with self.agent(host) as agent:
-                facts = await agent.facts()
-                vms = await agent.list_vms()
+                facts = facts_json(await agent.facts())
+                vms = [vm_json(info) for info in await agent.list_vms()]
         except HostUnreachable:
             if host.connection != "disconnected":
                 await record_event(
@@ -241,7 +244,7 @@ class Inventory:
         host = await self.host(name)
         try:
             async with self.agent(host) as agent:
-                facts = await agent.facts()
+                facts = facts_json(await agent.facts())
         except HostUnreachable:
             host = await self._set_host(name, connection="disconnected")
             if unreachable_ok:
@@ -256,7 +259,7 @@ class Inventory:
         assert vm.host is not None
         async with self.agent(vm.host) as agent:
             info = await agent.get_vm(vm.uuid)
-        return await self.upsert_vm(info, vm.host)
+        return await self.upsert_vm(vm_json(info), vm.host)
 
     async def _set_host(self, name: str, **fields: Any) -> Host:
         async with self.db.session() as s:
@@ -387,12 +390,12 @@ class Inventory:
                 theirs = None
             except KvmotionError:
                 return  # cannot tell: ask again at the next refresh
-            view = (theirs or {}).get("migration") or {}
-            if view.get("side") == "source" and view.get("phase") not in ("failed", "cancelled"):
+            view = theirs.migration if theirs is not None else None
+            if view is not None and view.side == "source" and view.phase not in ENDED:
                 return
         try:
             async with self.agent(host) as agent:
-                done = (await agent.abort_migration(info["uuid"]))["done"]
+                done = await agent.abort_migration(info["uuid"])
         except KvmotionError as exc:
             log.warning("could not end the orphaned incoming %s on %s: %s", info["name"],
                         host.name, exc.message)  # fmt: skip
@@ -418,14 +421,14 @@ class Inventory:
             theirs = None
         except HostUnreachable:
             return  # cannot tell yet; the next refresh asks again
-        if theirs is not None and theirs.get("qemu_status") == "running":
+        if theirs is not None and theirs.qemu_status == "running":
             await self._alarm_two_copies(vm, other)
             return
-        phase = ((theirs or {}).get("migration") or {}).get("phase")
+        phase = theirs.migration.phase if theirs is not None and theirs.migration else None
         if theirs is not None and phase == "completed":
             # A "change both" leaves the source's old disks to remove: only if the copy that
             # runs now uses other files.
-            copied = _disk_places(theirs) != _disk_places(info)
+            copied = _disk_places(vm_json(theirs)) != _disk_places(info)
             async with self.agent(vm.host) as agent:
                 await agent.finish_migration(vm.uuid, remove_files=copied)
         await record_event(

@@ -61,9 +61,9 @@ async def sample_and_predict(
     )
     return predict_sampled(
         ram_bytes(vm),
-        int(profile["nonzero_bytes"]),
-        float(profile["dirty_rate_bps"]),
-        int(profile["working_set_bytes"]),
+        profile.nonzero_bytes,
+        profile.dirty_rate_bps,
+        profile.working_set_bytes,
         link,
         history,
         req.convergence(),

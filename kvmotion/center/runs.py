@@ -27,6 +27,8 @@ from kvmotion.center.db import Vm
 from kvmotion.center.tasks import TaskState, record_event
 from kvmotion.errors import KvmotionError
 from kvmotion.host.client import AgentClient
+from kvmotion.host.protocol import VmInfo
+from kvmotion.host.storage import StorageView
 from kvmotion.migration.costs import Demand
 from kvmotion.migration.phases import P, PhaseTable
 
@@ -166,7 +168,7 @@ class TaskRun(Generic[P]):
         until: str,
         span: tuple[float, float],
         also: Callable[[], Awaitable[None]] | None = None,
-    ) -> dict[str, Any]:
+    ) -> StorageView:
         """Follow the VM's disk copy on ``agent`` until its phase is ``until``; progress (within
         ``span`` percent) and per-disk bytes flow into the task. Raises KvmotionError if the
         copy fails or stalls (no byte copied for the stall timeout: a cut link), Cancelled."""
@@ -175,10 +177,11 @@ class TaskRun(Generic[P]):
         seen_at = time.monotonic()
         while True:
             info = await agent.get_vm(self.vm.name)
-            if info.get("storage") is None:
+            view = info.storage
+            if view is None:
                 # The agent restarted and forgot the copy: it settled it from its records.
                 if until == "completed" and self._disks_on(info, datastore):
-                    return {"phase": "completed", "marks": {}, "error": None}
+                    return StorageView(mode="local", phase="completed", datastore=datastore)
                 if time.monotonic() - seen_at > LOST_VIEW_TIMEOUT:
                     raise KvmotionError(
                         "the host no longer reports this disk copy (its agent restarted)",
@@ -187,64 +190,59 @@ class TaskRun(Generic[P]):
                 await asyncio.sleep(POLL_INTERVAL * 2)
                 continue
             seen_at = time.monotonic()
-            view = info.get("storage") or {}
-            phase = str(view.get("phase", "copying"))
-            disks = view.get("disks") or []
-            copied = sum(int(d.get("offset", 0)) for d in disks)
-            total = sum(int(d.get("length", 0)) for d in disks)
-            await self._disk_progress(view, copied, total, span)
-            if phase == until:
-                return dict(view)
-            if phase in ("failed", "cancelled"):
+            copied = view.copied_bytes
+            await self._disk_progress(view, span)
+            if view.phase == until:
+                return view
+            if view.phase in ("failed", "cancelled"):
                 raise KvmotionError(
-                    f"the disk copy {phase}: {view.get('error') or 'no reason given'}",
-                    code=f"disk_copy_{phase}",
+                    f"the disk copy {view.phase}: {view.error or 'no reason given'}",
+                    code=f"disk_copy_{view.phase}",
                 )
             stalled = time.monotonic() - last_move > self.ex.stall_timeout_s
             if copied != last_copied:
                 last_copied, last_move = copied, time.monotonic()
-            elif phase == "copying" and view.get("mode") == "nbd" and stalled:
+            elif view.phase == "copying" and view.mode == "nbd" and stalled:
                 # Over the migration link only: a copy between local disks is slow, never cut.
                 raise KvmotionError(
                     f"no disk data copied for {self.ex.stall_timeout_s:.0f} s: the migration "
                     "link may be down",
                     code="copy_stalled",
                 )
-            if phase in ("copying", "ready"):
+            if view.phase in ("copying", "ready"):
                 await self._check_cancel()
             if also is not None:
                 await also()
             await asyncio.sleep(POLL_INTERVAL * 2)
 
     @staticmethod
-    def _disks_on(info: dict[str, Any], datastore: str) -> bool:
-        disks = (info.get("config") or {}).get("disks") or []
-        return bool(disks) and all(d.get("datastore") == datastore for d in disks)
+    def _disks_on(info: VmInfo, datastore: str) -> bool:
+        disks = info.config.disks
+        return bool(disks) and all(d.datastore == datastore for d in disks)
 
-    async def _disk_progress(
-        self, view: dict[str, Any], copied: int, total: int, span: tuple[float, float]
-    ) -> None:
-        marks = view.get("marks") or {}
+    async def _disk_progress(self, view: StorageView, span: tuple[float, float]) -> None:
+        marks = view.marks
         if "ready" in marks:
             self._mark("disks_ready", marks["ready"])
         started = marks.get("started")
         elapsed = (marks.get("ready") or time.time()) - started if started else None
+        copied, total = view.copied_bytes, view.total_bytes
         self._kept_summary["disk_copy"] = {
-            "datastore": view.get("datastore"),
+            "datastore": view.datastore,
             "copied_bytes": copied,
             "total_bytes": total,
             "copy_time_ms": round(elapsed * 1000) if elapsed is not None else None,
             "throughput_bps": round(copied / elapsed) if elapsed else None,
             "disks": [
-                {"disk": d.get("index"), "copied_bytes": d.get("offset"),
-                 "total_bytes": d.get("length"), "status": d.get("status")}
-                for d in view.get("disks") or []
+                {"disk": d.index, "copied_bytes": d.offset, "total_bytes": d.length,
+                 "status": d.status}
+                for d in view.disks
             ],
         }  # fmt: skip
         share = copied / total if total else 0.0
         task = await self.ex.tasks.get(self.task_id)
         await self._update(
-            phase="disk_copy" if view.get("phase") == "copying" else "disk_switch",
+            phase="disk_copy" if view.phase == "copying" else "disk_switch",
             progress=round(span[0] + (span[1] - span[0]) * share, 1),
             summary=task.summary | self._kept_summary,
         )

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from kvmotion.center import runs
 from kvmotion.center.db import Host, Vm
 from kvmotion.center.runs import TaskRun
 from kvmotion.center.tasks import TaskState, record_event
 from kvmotion.errors import Conflict, KvmotionError
+from kvmotion.host.protocol import StorageMoveRequest, VmInfo, build
+from kvmotion.host.storage import StorageView
 from kvmotion.migration.phases import STORAGE_PHASES, StoragePhase
 from kvmotion.migration.request import MigrationRequest
 
@@ -37,22 +39,29 @@ class StorageMigration(TaskRun[StoragePhase]):
         assert self.req.datastore is not None
         async with self.ex.inventory.agent(self.host) as agent:
             await self.enter(StoragePhase.COPYING)
-            await agent.move_storage(self.vm.name, self.req.datastore, self.req.max_bandwidth_bps)
+            req = build(
+                StorageMoveRequest,
+                datastore=self.req.datastore,
+                max_bandwidth_bps=self.req.max_bandwidth_bps,
+            )
+            await agent.move_storage(self.vm.name, req)
             view = await self._watch_disk_copy(agent, self.req.datastore, "completed", (0.0, 95.0))
             await self.enter(StoragePhase.PIVOTED)
             info = await agent.get_vm(self.vm.name)
         await self.finalize(info, view)
 
-    async def finalize(self, info: dict[str, Any], view: dict[str, Any]) -> None:
+    async def finalize(self, info: VmInfo, view: StorageView) -> None:
         await self.ex.inventory.set_vm(
-            self.vm.uuid, config=info["config"], config_path=info["config_path"]
+            self.vm.uuid,
+            config=info.config.model_dump(mode="json"),
+            config_path=info.config_path,
         )
-        self._mark("disks_switched", (view.get("marks") or {}).get("completed"))
+        self._mark("disks_switched", view.marks.get("completed"))
         old = sorted({d["datastore"] for d in self.vm.config.get("disks", [])})
         summary = (await self.ex.tasks.get(self.task_id)).summary | self._kept_summary
         summary["disk_copy"] = summary.get("disk_copy", {}) | {
             "from": old,
-            "old_files_left": view.get("error"),
+            "old_files_left": view.error,
         }
         await self.enter(
             StoragePhase.DONE, state=TaskState.SUCCESS, progress=100.0, summary=summary
@@ -62,7 +71,7 @@ class StorageMigration(TaskRun[StoragePhase]):
             f"VM {self.vm.name}'s disks moved from {', '.join(old)} to {self.req.datastore} "
             f"on {self.host.name} "
             + ("while it ran" if self.vm.power_state == "poweredOn" else "(powered off)"),
-            severity="warning" if view.get("error") else "info",
+            severity="warning" if view.error else "info",
             vm=self.vm.name,
             host=self.host.name,
             task_id=self.task_id,
@@ -79,7 +88,7 @@ class StorageMigration(TaskRun[StoragePhase]):
         if self.phase is StoragePhase.COPYING:
             try:
                 async with self.ex.inventory.agent(self.host) as agent:
-                    note = (await agent.cancel_storage(self.vm.name))["done"]
+                    note = await agent.cancel_storage(self.vm.name)
             except Conflict as exc:
                 # The agent pivoted before the cancel arrived.
                 if exc.code == "too_late" and await self._finish_after_pivot():
@@ -108,12 +117,12 @@ class StorageMigration(TaskRun[StoragePhase]):
         async with self.ex.inventory.agent(self.host) as agent:
             while time.monotonic() < deadline:
                 info = await agent.get_vm(self.vm.name)
-                view = info.get("storage") or {}
-                if view.get("phase") == "completed":
+                view = info.storage
+                if view is not None and view.phase == "completed":
                     await self.enter(StoragePhase.PIVOTED)
                     await self.finalize(info, view)
                     return True
-                if view.get("phase") in ("failed", "cancelled"):
+                if view is not None and view.phase in ("failed", "cancelled"):
                     return False
                 await asyncio.sleep(runs.POLL_INTERVAL * 2)
         return False

@@ -1,17 +1,45 @@
 """Client of a host agent's HTTP API, for the center, the CLI and tests.
 
-HTTP failures are converted here, once: a host that does not answer is :class:`HostUnreachable`;
-an error body becomes the domain error of its status, with the agent's code and message.
+Requests are built from, and replies validated against, :mod:`kvmotion.host.protocol`: every
+method returns typed values. HTTP failures are converted here, once: a host that does not answer
+is :class:`HostUnreachable`; an error body becomes the domain error of its status, with the
+agent's code and message; a reply in a shape the protocol does not have is an ExecutionError
+(``protocol_mismatch``), never a KeyError deep in the center.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from kvmotion.errors import HostUnreachable
+from kvmotion.errors import ExecutionError, HostUnreachable
+from kvmotion.host.protocol import (
+    HOST_FACTS,
+    VM_INFO,
+    VM_LIST,
+    AbortResult,
+    DiskMirrorRequest,
+    FinishRequest,
+    FinishResult,
+    HostFacts,
+    IncomingRequest,
+    IncomingResult,
+    MemoryProfileOut,
+    MigrateRequest,
+    PowerOnRequest,
+    ShutdownRequest,
+    ShutdownResult,
+    StorageMoveRequest,
+    TuneRequest,
+    VmCreateRequest,
+    VmInfo,
+    build,
+)
 from kvmotion.httpapi import api_client, error_from_response
+
+T = TypeVar("T")
 
 # Idle connections are dropped before the agent's server would close them (uvicorn: 5 s), so a
 # request never goes out on a connection the server is closing.
@@ -69,117 +97,100 @@ class AgentClient:
             raise error_from_response(response, what)
         return None if response.status_code == 204 else response.json()
 
-    async def facts(self) -> Any:
-        return await self.request("GET", "/v1/host")
+    async def call(
+        self,
+        reply: TypeAdapter[T],
+        method: str,
+        path: str,
+        body: BaseModel | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """One request of the protocol: ``body`` sent as JSON, the answer validated as ``reply``."""
+        json = None if body is None else body.model_dump(mode="json")
+        answer = await self.request(method, path, json=json, timeout=timeout)
+        try:
+            return reply.validate_python(answer)
+        except ValidationError as exc:
+            raise ExecutionError(
+                f"host agent at {self.base_url} answered {method} {path} in a shape this center "
+                f"does not know (a different kvmotion version?): {exc}",
+                code="protocol_mismatch",
+            ) from exc
 
-    async def list_vms(self) -> Any:
-        return await self.request("GET", "/v1/vms")
+    async def facts(self) -> HostFacts:
+        return await self.call(HOST_FACTS, "GET", "/v1/host")
 
-    async def get_vm(self, vm: str) -> Any:
-        return await self.request("GET", f"/v1/vms/{vm}")
+    async def list_vms(self) -> list[VmInfo]:
+        return await self.call(VM_LIST, "GET", "/v1/vms")
 
-    async def create_vm(self, spec: dict[str, Any]) -> Any:
-        return await self.request("POST", "/v1/vms", json=spec, timeout=120)
+    async def get_vm(self, vm: str) -> VmInfo:
+        return await self.call(VM_INFO, "GET", f"/v1/vms/{vm}")
+
+    async def create_vm(self, spec: dict[str, Any]) -> VmInfo:
+        body = build(VmCreateRequest, **spec)
+        return await self.call(VM_INFO, "POST", "/v1/vms", body, timeout=120)
 
     async def delete_vm(self, vm: str) -> None:
         await self.request("DELETE", f"/v1/vms/{vm}")
 
-    async def power_on(self, vm: str, evc_mode: str | None = None) -> Any:
-        body = {"evc_mode": evc_mode}
-        return await self.request("POST", f"/v1/vms/{vm}/power-on", json=body, timeout=120)
+    async def power_on(self, vm: str, evc_mode: str | None = None) -> VmInfo:
+        body = build(PowerOnRequest, evc_mode=evc_mode)
+        return await self.call(VM_INFO, "POST", f"/v1/vms/{vm}/power-on", body, timeout=120)
 
-    async def shutdown(self, vm: str, timeout_s: float = 60) -> Any:
-        return await self.request(
-            "POST", f"/v1/vms/{vm}/shutdown", json={"timeout_s": timeout_s}, timeout=timeout_s + 30
-        )
+    async def shutdown(self, vm: str, timeout_s: float = 60) -> ShutdownResult:
+        body = build(ShutdownRequest, timeout_s=timeout_s)
+        path = f"/v1/vms/{vm}/shutdown"
+        return await self.call(_SHUTDOWN, "POST", path, body, timeout=timeout_s + 30)
 
-    async def power_off(self, vm: str) -> Any:
-        return await self.request("POST", f"/v1/vms/{vm}/power-off", timeout=60)
+    async def power_off(self, vm: str) -> VmInfo:
+        return await self.call(VM_INFO, "POST", f"/v1/vms/{vm}/power-off", timeout=60)
 
-    async def prepare_incoming(
-        self,
-        config: dict[str, Any],
-        config_path: str,
-        cpu: dict[str, Any] | None = None,
-        *,
-        postcopy: bool = False,
-        datastore: str | None = None,
-    ) -> Any:
-        body = {
-            "config": config,
-            "config_path": config_path,
-            "cpu": cpu,
-            "postcopy": postcopy,
-            "datastore": datastore,
-        }
-        return await self.request("POST", "/v1/migrations/incoming", json=body, timeout=120)
+    async def prepare_incoming(self, req: IncomingRequest) -> IncomingResult:
+        return await self.call(_INCOMING, "POST", "/v1/migrations/incoming", req, timeout=120)
 
-    async def migrate(
-        self,
-        vm: str,
-        uri: str,
-        downtime_limit_ms: int,
-        max_bandwidth_bps: int | None = None,
-        *,
-        brake: bool = False,
-        postcopy: bool = False,
-    ) -> Any:
-        body = {
-            "uri": uri,
-            "downtime_limit_ms": downtime_limit_ms,
-            "max_bandwidth_bps": max_bandwidth_bps,
-            "brake": brake,
-            "postcopy": postcopy,
-        }
-        return await self.request("POST", f"/v1/vms/{vm}/migrate", json=body)
+    async def migrate(self, vm: str, req: MigrateRequest) -> VmInfo:
+        return await self.call(VM_INFO, "POST", f"/v1/vms/{vm}/migrate", req)
 
-    async def tune_migration(self, vm: str, **knobs: int | None) -> Any:
-        return await self.request("POST", f"/v1/vms/{vm}/migration/tune", json=knobs)
+    async def tune_migration(self, vm: str, req: TuneRequest) -> VmInfo:
+        return await self.call(VM_INFO, "POST", f"/v1/vms/{vm}/migration/tune", req)
 
-    async def start_postcopy(self, vm: str) -> Any:
-        return await self.request("POST", f"/v1/vms/{vm}/migration/postcopy")
+    async def start_postcopy(self, vm: str) -> VmInfo:
+        return await self.call(VM_INFO, "POST", f"/v1/vms/{vm}/migration/postcopy")
 
-    async def memory_profile(self, vm: str) -> dict[str, Any]:
+    async def memory_profile(self, vm: str) -> MemoryProfileOut:
         """Non-zero RAM, dirty rate and working set of a running VM (bytes, bytes/s)."""
-        result: dict[str, Any] = await self.request(
-            "POST", f"/v1/vms/{vm}/memory-profile", timeout=60
-        )
-        return result
+        path = f"/v1/vms/{vm}/memory-profile"
+        return await self.call(_PROFILE, "POST", path, timeout=60)
 
-    async def cancel_migration(self, vm: str) -> Any:
-        return await self.request("POST", f"/v1/vms/{vm}/migration/cancel", timeout=60)
+    async def cancel_migration(self, vm: str) -> VmInfo:
+        return await self.call(VM_INFO, "POST", f"/v1/vms/{vm}/migration/cancel", timeout=60)
 
     async def finish_migration(self, vm: str, *, remove_files: bool = False) -> list[str]:
         """End the source's copy; returns the files it could not remove (``remove_files``)."""
-        body = {"remove_files": remove_files}
-        result = await self.request("POST", f"/v1/vms/{vm}/migration/finish", json=body, timeout=60)
-        return list((result or {}).get("problems", []))
+        body = FinishRequest(remove_files=remove_files)
+        path = f"/v1/vms/{vm}/migration/finish"
+        return (await self.call(_FINISH, "POST", path, body, timeout=60)).problems
 
-    async def move_storage(
-        self, vm: str, datastore: str, max_bandwidth_bps: int | None = None
-    ) -> Any:
-        body = {"datastore": datastore, "max_bandwidth_bps": max_bandwidth_bps}
-        return await self.request("POST", f"/v1/vms/{vm}/storage/move", json=body, timeout=120)
+    async def move_storage(self, vm: str, req: StorageMoveRequest) -> VmInfo:
+        return await self.call(VM_INFO, "POST", f"/v1/vms/{vm}/storage/move", req, timeout=120)
 
-    async def mirror_disks(
-        self,
-        vm: str,
-        host: str,
-        port: int,
-        datastore: str,
-        max_bandwidth_bps: int | None = None,
-    ) -> Any:
-        body = {
-            "host": host,
-            "port": port,
-            "datastore": datastore,
-            "max_bandwidth_bps": max_bandwidth_bps,
-        }
-        return await self.request("POST", f"/v1/vms/{vm}/storage/mirror", json=body, timeout=60)
+    async def mirror_disks(self, vm: str, req: DiskMirrorRequest) -> VmInfo:
+        return await self.call(VM_INFO, "POST", f"/v1/vms/{vm}/storage/mirror", req, timeout=60)
 
-    async def cancel_storage(self, vm: str) -> Any:
-        return await self.request("POST", f"/v1/vms/{vm}/storage/cancel", timeout=60)
+    async def cancel_storage(self, vm: str) -> str:
+        """Cancel a disk copy; says what was done."""
+        path = f"/v1/vms/{vm}/storage/cancel"
+        return (await self.call(_ABORT, "POST", path, timeout=60)).done
 
-    async def abort_migration(self, vm: str, *, destination_gone: bool = False) -> Any:
+    async def abort_migration(self, vm: str, *, destination_gone: bool = False) -> str:
+        """Undo this host's side of a migration; says what was done."""
         query = "?destination_gone=true" if destination_gone else ""
-        return await self.request("POST", f"/v1/vms/{vm}/migration/abort{query}", timeout=60)
+        path = f"/v1/vms/{vm}/migration/abort{query}"
+        return (await self.call(_ABORT, "POST", path, timeout=60)).done
+
+
+_SHUTDOWN = TypeAdapter(ShutdownResult)
+_INCOMING = TypeAdapter(IncomingResult)
+_PROFILE = TypeAdapter(MemoryProfileOut)
+_FINISH = TypeAdapter(FinishResult)
+_ABORT = TypeAdapter(AbortResult)

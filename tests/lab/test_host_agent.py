@@ -11,13 +11,13 @@ import asyncio
 import os
 import signal
 import time
-from typing import Any
 
 import httpx
 import pytest
 
 from kvmotion.errors import Conflict, InvalidInput, NotFound, Unauthorized
 from kvmotion.host.client import AgentClient
+from kvmotion.host.protocol import ShutdownResult, VmInfo
 from kvmotion.lab import topology
 from kvmotion.lab.demo import guest_ip, vm_spec, wait_for_guest
 from kvmotion.lab.records import verify_records
@@ -43,10 +43,10 @@ def _cmdline(pid: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def booted(lab: topology.LabState) -> dict[str, Any]:
+def booted(lab: topology.LabState) -> dict[str, VmInfo]:
     """vm-a on .172 and vm-b on .173, both on the shared datastore, powered on."""
 
-    async def boot() -> dict[str, Any]:
+    async def boot() -> dict[str, VmInfo]:
         vms = {}
         for index, name in enumerate(("vm-a", "vm-b")):
             async with agent(lab, index) as a:
@@ -57,22 +57,24 @@ def booted(lab: topology.LabState) -> dict[str, Any]:
     return asyncio.run(boot())
 
 
-async def test_vms_run_on_the_seeds_hosts(lab: topology.LabState, booted: dict[str, Any]) -> None:
+async def test_vms_run_on_the_seeds_hosts(
+    lab: topology.LabState, booted: dict[str, VmInfo]
+) -> None:
     for index, name in enumerate(("vm-a", "vm-b")):
         async with agent(lab, index) as a:
             vm = await a.get_vm(name)
             facts = await a.facts()
-        assert vm["power_state"] == "poweredOn" and vm["qemu_status"] == "running"
-        assert facts["management_address"] == f"172.16.0.{172 + index}"
-        assert facts["migration_address"] == f"172.16.1.{172 + index}"
-        assert facts["accel"] in ("kvm", "tcg") and facts["accel_reason"]
-        assert facts["vms_powered_on"] == 1
-        assert {d["name"] for d in facts["datastores"]} == {"shared", f"local-{172 + index}"}
-        assert facts["networks"][0]["present"] is True
-        assert qemu_pids_of(vm["uuid"]) == [vm["pid"]]
+        assert vm.power_state == "poweredOn" and vm.qemu_status == "running"
+        assert facts.management_address == f"172.16.0.{172 + index}"
+        assert facts.migration_address == f"172.16.1.{172 + index}"
+        assert facts.accel in ("kvm", "tcg") and facts.accel_reason
+        assert facts.vms_powered_on == 1
+        assert {d.name for d in facts.datastores} == {"shared", f"local-{172 + index}"}
+        assert facts.networks[0].present is True
+        assert qemu_pids_of(vm.uuid) == [vm.pid]
 
 
-def test_client_reaches_both_guests(lab: topology.LabState, booted: dict[str, Any]) -> None:
+def test_client_reaches_both_guests(lab: topology.LabState, booted: dict[str, VmInfo]) -> None:
     for index in (0, 1):
         client = wait_for_guest(lab, guest_ip(index))
         first, second = client.ping(), client.ping()
@@ -81,7 +83,7 @@ def test_client_reaches_both_guests(lab: topology.LabState, booted: dict[str, An
 
 
 def test_disk_records_survive_a_graceful_shutdown(
-    lab: topology.LabState, booted: dict[str, Any]
+    lab: topology.LabState, booted: dict[str, VmInfo]
 ) -> None:
     client = wait_for_guest(lab, guest_ip(1))
     client.disk_start(0)
@@ -90,15 +92,14 @@ def test_disk_records_survive_a_graceful_shutdown(
     assert acked > 0
     client.close()
 
-    async def shutdown() -> dict[str, Any]:
+    async def shutdown() -> ShutdownResult:
         async with agent(lab, 1) as a:
-            result: dict[str, Any] = await a.shutdown("vm-b", timeout_s=30)
-            return result
+            return await a.shutdown("vm-b", timeout_s=30)
 
     result = asyncio.run(shutdown())
-    assert result["how"] == "guest", "the guest should power off on ACPI, not be pulled"
-    assert result["vm"]["power_state"] == "poweredOff"
-    assert qemu_pids_of(booted["vm-b"]["uuid"]) == []
+    assert result.how == "guest", "the guest should power off on ACPI, not be pulled"
+    assert result.vm.power_state == "poweredOff"
+    assert qemu_pids_of(booted["vm-b"].uuid) == []
     disk = lab.shared_datastore / "vm-b" / "vm-b.qcow2"
     check = verify_records(disk, acked)
     assert check.ok, check.message
@@ -106,10 +107,10 @@ def test_disk_records_survive_a_graceful_shutdown(
 
 
 def test_agent_restart_keeps_the_vm_running_once(
-    lab: topology.LabState, booted: dict[str, Any]
+    lab: topology.LabState, booted: dict[str, VmInfo]
 ) -> None:
     host = lab.hosts[0]
-    uuid, pid = booted["vm-a"]["uuid"], booted["vm-a"]["pid"]
+    uuid, pid = booted["vm-a"].uuid, booted["vm-a"].pid
     client = wait_for_guest(lab, guest_ip(0))
     before = client.ping()
     current = topology.load_state()
@@ -125,7 +126,7 @@ def test_agent_restart_keeps_the_vm_running_once(
     async def check() -> None:
         async with AgentClient(host.agent_url, lab.token) as a:
             vm = await a.get_vm("vm-a")
-            assert vm["power_state"] == "poweredOn" and vm["pid"] == pid
+            assert vm.power_state == "poweredOn" and vm.pid == pid
             with pytest.raises(Conflict):
                 await a.power_on("vm-a")
 
@@ -136,7 +137,7 @@ def test_agent_restart_keeps_the_vm_running_once(
 
 
 async def test_bad_input_is_refused_and_changes_nothing(
-    lab: topology.LabState, booted: dict[str, Any]
+    lab: topology.LabState, booted: dict[str, VmInfo]
 ) -> None:
     async with agent(lab, 0) as a:
         before = await a.list_vms()
@@ -160,12 +161,12 @@ async def test_bad_input_is_refused_and_changes_nothing(
 
 
 async def test_delete_running_vm_is_refused_then_allowed(
-    lab: topology.LabState, booted: dict[str, Any]
+    lab: topology.LabState, booted: dict[str, VmInfo]
 ) -> None:
     async with agent(lab, 0) as a:
         with pytest.raises(Conflict, match="shut it down"):
             await a.delete_vm("vm-a")
         await a.power_off("vm-a")
         await a.delete_vm("vm-a")
-        assert [v["name"] for v in await a.list_vms()] == []
+        assert [v.name for v in await a.list_vms()] == []
     assert not (lab.shared_datastore / "vm-a").exists()

@@ -2,8 +2,9 @@
 
 It serves the routes the center uses (facts, VMs, the migration endpoints) from in-memory state,
 routed by the request's host (``http://172.16.0.172:8700`` and ``.173`` are two agents), answers
-in the real agent's shapes (``VmInfo`` with its ``migration`` view; errors as
-``{"error": {"code", "message"}}`` with the real status codes) and records every call.
+in the real agent's shapes (every reply passes through its type in kvmotion/host/protocol.py, so
+a fake that drifts from the agent fails the test; errors as ``{"error": {"code", "message"}}``
+with the real status codes) and records every call.
 
 A migration is scripted per VM (:class:`Script`): each GET of the source VM is one poll, and the
 source's QEMU phase moves one step along ``Script.phases`` per poll (the last one repeats). What the
@@ -25,6 +26,17 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import httpx
+from pydantic import TypeAdapter
+
+from kvmotion.host.protocol import (
+    HOST_FACTS,
+    VM_INFO,
+    VM_LIST,
+    AbortResult,
+    FinishResult,
+    IncomingResult,
+    MemoryProfileOut,
+)
 
 PORT = 8700
 TOKEN = "secret"
@@ -53,6 +65,31 @@ ROUTES: tuple[tuple[str, str, re.Pattern[str]], ...] = tuple(
         ("memory_profile", "POST", f"{_VM}/memory-profile"),
     )
 )
+
+
+# What each route answers, as the real agent does (kvmotion/host/protocol.py).
+REPLIES: dict[str, TypeAdapter[Any]] = {
+    "facts": HOST_FACTS,
+    "list": VM_LIST,
+    **dict.fromkeys(
+        (
+            "create",
+            "get",
+            "power_on",
+            "power_off",
+            "migrate",
+            "cancel",
+            "storage_move",
+            "storage_mirror",
+        ),
+        VM_INFO,
+    ),
+    "incoming": TypeAdapter(IncomingResult),
+    "memory_profile": TypeAdapter(MemoryProfileOut),
+    "finish": TypeAdapter(FinishResult),
+    "storage_cancel": TypeAdapter(AbortResult),
+    "abort": TypeAdapter(AbortResult),
+}
 
 
 class AgentError(Exception):
@@ -124,7 +161,9 @@ class FakeVm:
             "config_path": self.config_path,
             "config": self.config,
             "migration": self.migration,
+            "cpu": None,
             "storage": self.storage,
+            "incoming": self.power_state == "incoming",
         }
 
 
@@ -194,6 +233,9 @@ class FakeHost:
                     "count": 8,
                     "flags": ["sse2", "ssse3", "sse4_1", "sse4_2", "popcnt", "avx", "avx2"],
                 },
+                "cpu_model": {},
+                "migration_link_bps": None,  # unknown
+                "migration_tls": {"mode": "off", "ready": True},
                 "memory": {"total_bytes": 16 * GiB, "available_bytes": 12 * GiB},
                 "accel": "tcg",
                 "accel_reason": "fake",
@@ -318,6 +360,10 @@ class FakeAgents(httpx.AsyncBaseTransport):
             if route in host.errors:
                 raise host.errors[route]
             status, content = await self._serve(host, route, vm_ref, body, query)
+            if route in REPLIES:  # answered in the protocol's shape, or the test fails here
+                content = REPLIES[route].dump_python(
+                    REPLIES[route].validate_python(content), mode="json"
+                )
         except AgentError as exc:
             status, content = exc.status, {"error": {"code": exc.code, "message": exc.message}}
         call.status = status

@@ -33,6 +33,8 @@ from kvmotion.center.service import Center, CenterConfig
 from kvmotion.cli.main import app
 from kvmotion.cli.progress import snapshot, timeline
 from kvmotion.errors import Conflict, NotFound
+from kvmotion.host.protocol import HOST_FACTS, VM_INFO, facts_json
+from kvmotion.host.protocol import vm_json as info_json
 from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
 from kvmotion.httpapi import bearer_checker, install_error_handlers
 
@@ -59,7 +61,7 @@ class FakeVm:
     def info(self) -> dict[str, Any]:
         on = self.power_state == "poweredOn"
         status = "running" if on else "inmigrate" if self.power_state == "incoming" else None
-        return {
+        info = {
             "uuid": self.config["uuid"],
             "name": self.config["name"],
             "power_state": self.power_state,
@@ -68,7 +70,11 @@ class FakeVm:
             "config_path": self.config_path,
             "config": self.config,
             "migration": self.migration,
+            "cpu": None,
+            "storage": None,
+            "incoming": self.power_state == "incoming",
         }
+        return info_json(VM_INFO.validate_python(info))  # the real agent's shape, or fail here
 
 
 def _stats(status: str, elapsed: float, duration: float) -> dict[str, Any]:
@@ -138,18 +144,20 @@ class FakeAgents:
 
     def facts(self, host: str) -> dict[str, Any]:
         vms = self.vms[host].values()
-        return {
+        return facts_json(HOST_FACTS.validate_python({
             "name": host, "hostname": f"fake-{host}", "management_address": host,
             "migration_address": HOSTS[host],
             "cpu": {"vendor": "GenuineIntel", "model_name": "Fake CPU", "count": 4, "flags": []},
             "memory": {"total_bytes": 16 * 2**30, "available_bytes": 8 * 2**30},
+            "cpu_model": {}, "migration_link_bps": None,
+            "migration_tls": {"mode": "off", "ready": True},
             "accel": "tcg", "accel_reason": "fake agent", "qemu_version": "9.2.0",
             "machine_type": "pc-q35-9.2", "default_cpu_model": "qemu64",
             "datastores": [{"name": "shared", "path": "/fake/shared", "shared": True,
                             "capacity_bytes": 2**40, "free_bytes": 2**39, "accessible": True}],
             "networks": [{"name": "vm-network", "bridge": "br-vm", "present": True}],
             "vms": len(vms), "vms_powered_on": sum(v.power_state == "poweredOn" for v in vms),
-        }  # fmt: skip
+        }))  # fmt: skip
 
     def _build(self) -> FastAPI:
         fake = FastAPI()
@@ -232,10 +240,11 @@ class FakeAgents:
                                       "first_byte": vm.started + 0.005}}  # fmt: skip
             return vm.info()
 
-        @fake.post("/v1/vms/{ref}/migration/finish", dependencies=deps, status_code=204)
-        async def finish(request: Request, ref: str) -> None:
+        @fake.post("/v1/vms/{ref}/migration/finish", dependencies=deps)
+        async def finish(request: Request, ref: str) -> dict[str, list[str]]:
             vm = self.find(host_of(request), ref)
             del self.vms[host_of(request)][vm.config["uuid"]]  # step 5: gone from the source
+            return {"problems": []}
 
         @fake.post("/v1/vms/{ref}/migration/abort", dependencies=deps)
         async def abort(request: Request, ref: str) -> dict[str, str]:

@@ -816,17 +816,17 @@ async def test_the_fake_agent_answers_like_an_agent(fake: FakeAgents) -> None:
         created = await agent.create_vm(
             {"name": "vm-n", "datastore": "shared", "nics": [{"network": "vm-network"}]}
         )
-        assert created["power_state"] == "poweredOff" and created["migration"] is None
-        assert (await agent.power_on("vm-n"))["qemu_status"] == "running"
-        assert (await agent.get_vm(created["uuid"]))["name"] == "vm-n"
+        assert created.power_state == "poweredOff" and created.migration is None
+        assert (await agent.power_on("vm-n")).qemu_status == "running"
+        assert (await agent.get_vm(created.uuid)).name == "vm-n"
         with pytest.raises(NotFound):
             await agent.get_vm("vm-zz")
         with pytest.raises(Conflict) as info:
             await agent.cancel_migration("vm-n")
         assert info.value.code == "no_migration"
-        assert (await agent.abort_migration("vm-n"))["done"] == "nothing to abort"
+        assert await agent.abort_migration("vm-n") == "nothing to abort"
         facts = await agent.facts()
-        assert facts["vms"] == 4 and facts["vms_powered_on"] == 3
+        assert facts.vms == 4 and facts.vms_powered_on == 3
     async with AgentClient(f"http://{DST}:{PORT}", "wrong", transport=fake) as agent:
         with pytest.raises(Unauthorized):
             await agent.list_vms()
