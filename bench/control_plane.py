@@ -9,8 +9,8 @@ For N migrations of a busy guest back and forth between the seed's hosts, measur
 - CPU time the center and the two agents spent per migration (their own, from /proc/PID/stat,
   request to the task's end; not their children's: an agent reaps the QEMU it ends), beside
   what they spend in the same wall time with no migration (refresh loops, measured for
-  ``IDLE_S`` before the runs): the control plane's own cost, which pulling progress (agent polls
-  QEMU, center polls agents, every sample a database commit) drives up (issue 14).
+  ``IDLE_S`` before the runs): the control plane's own cost (issue 14). The benchmark follows
+  each task over the center's task stream, as the web client does.
 Goal (issue 3): each overhead at most 300 ms.
 
 Run as root: ``.venv/bin/python -m bench.control_plane [--runs 10]``. Writes
@@ -27,6 +27,8 @@ import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
 
 from kvmotion.center.client import CenterClient
 from kvmotion.lab import labcenter, topology
@@ -48,6 +50,23 @@ def cpu_ms(pid: int) -> float:
 
 def control_plane_ms(pids: dict[str, int]) -> dict[str, float]:
     return {name: cpu_ms(pid) for name, pid in pids.items()}
+
+
+async def until_ended(url: str, token: str, task_id: int) -> None:
+    """Follow the center's task stream (as the web client does) until the task ends."""
+    headers = {"Authorization": f"Bearer {token}"}
+    timeout = httpx.Timeout(30.0, read=60.0)
+    async with (
+        asyncio.timeout(120),
+        httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as http,
+        http.stream("GET", "/v1/tasks-stream", params={"limit": 5}) as stream,
+    ):
+        async for line in stream.aiter_lines():
+            if line.startswith("data: "):
+                task = json.loads(line.removeprefix("data: "))
+                if task["id"] == task_id and task["state"] in ("success", "error", "cancelled"):
+                    return
+    raise RuntimeError(f"the task stream ended before task {task_id} did")
 
 
 async def measure(runs: int) -> list[dict[str, Any]]:
@@ -76,13 +95,9 @@ async def measure(runs: int) -> list[dict[str, Any]]:
             dest = hosts[1] if where == hosts[0] else hosts[0]
             before, t0 = control_plane_ms(pids), time.monotonic()
             task = await center.migrate("bench-cp", dest)
-            end = time.monotonic() + 120
-            while task["state"] not in ("success", "error", "cancelled"):
-                if time.monotonic() > end:
-                    raise RuntimeError(f"migration {i} did not end in 120 s")
-                await asyncio.sleep(0.05)
-                task = await center.task(task["id"])
+            await until_ended(lc.url, lc.token, task["id"])
             after, wall_s = control_plane_ms(pids), time.monotonic() - t0
+            task = await center.task(task["id"])
             if task["state"] != "success":
                 raise RuntimeError(f"migration {i} {task['state']}: {task['error']}")
             used = {k: after[k] - before[k] for k in pids}

@@ -26,13 +26,14 @@ from kvmotion import __version__
 from kvmotion.center.db import Event
 from kvmotion.center.inventory import datastore_dict, host_dict, vm_dict
 from kvmotion.center.service import Center
-from kvmotion.center.tasks import task_dict
+from kvmotion.center.tasks import TaskState, task_dict
 from kvmotion.errors import Conflict, KvmotionError
 from kvmotion.host.config import DEFAULT_AGENT_PORT
 from kvmotion.host.protocol import vm_json
 from kvmotion.host.vmconfig import VmCreateRequest, check_name
 from kvmotion.httpapi import ERROR_RESPONSES, install_error_handlers, role_checker
 from kvmotion.migration.request import MigrationRequest
+from kvmotion.pulse import wait_beat
 
 
 class HostAdd(BaseModel):
@@ -86,7 +87,8 @@ class MigrateBody(BaseModel):
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 TaskId = Annotated[int, FastApiPath(ge=-(2**63), le=2**63 - 1)]  # what the database can hold
-STREAM_INTERVAL = 0.5
+STREAM_GAP_S = 0.1  # a task stream sends at most this often (a migration's figures change faster)
+STREAM_KEEPALIVE_S = 15.0  # a comment line after this long without a change keeps proxies open
 
 
 class ClusterCreate(BaseModel):
@@ -283,17 +285,19 @@ def create_app(center: Center) -> FastAPI:
 
     @app.post("/v1/tasks/{task_id}/cancel", dependencies=auth)
     async def cancel_task(task_id: TaskId) -> dict[str, Any]:
-        return task_dict(await center.tasks.request_cancel(task_id))
+        return task_dict(await center.executor.request_cancel(task_id))
 
     @app.get("/v1/tasks-stream", dependencies=auth)
     async def task_stream(limit: int = 20) -> StreamingResponse:
-        """Server-sent events: each recent task as it changes (``event: task``), polled from the
-        store twice a second; a comment line every 15 s keeps proxies from closing the stream."""
-        return StreamingResponse(
-            _task_events(center, min(max(limit, 1), 100)),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+        """Server-sent events: each recent task as it changes (``event: task``), pushed when it
+        changes (the web client's stream)."""
+        return _sse(_task_events(center, min(max(limit, 1), 100), None))
+
+    @app.get("/v1/tasks/{task_id}/stream", dependencies=auth)
+    async def one_task_stream(task_id: TaskId) -> StreamingResponse:
+        """Server-sent events: one task as it changes, ending after it ends (the CLI's)."""
+        await center.tasks.get(task_id)  # NotFound before the stream starts
+        return _sse(_task_events(center, 1, task_id))
 
     @app.get("/v1/events", dependencies=auth)
     async def events(limit: int = 100) -> list[dict[str, Any]]:
@@ -310,21 +314,34 @@ def create_app(center: Center) -> FastAPI:
     return app
 
 
-async def _task_events(center: Center, limit: int) -> AsyncIterator[str]:
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _task_events(center: Center, limit: int, task_id: int | None) -> AsyncIterator[str]:
+    """Each task (``task_id``, or the ``limit`` newest) whenever it changed: woken by the task
+    store's pulse (a run's live figures are in memory, not polled from the database)."""
     seen: dict[int, str] = {}
-    quiet = 0.0
     while True:
-        for task in reversed(await center.tasks.list(limit)):
+        beat = center.tasks.changed.next()
+        if task_id is not None:
+            tasks = [await center.tasks.get(task_id)]
+        else:
+            tasks = list(reversed(await center.tasks.list(limit)))
+        for task in tasks:
             body = json.dumps(task_dict(task), default=str)
             if seen.get(task.id) != body:
                 seen[task.id] = body
                 yield f"event: task\ndata: {body}\n\n"
-                quiet = 0.0
-        if quiet >= 15.0:
+        if task_id is not None and TaskState(tasks[0].state).final:
+            return
+        if not await wait_beat(beat, STREAM_KEEPALIVE_S):
             yield ": keep-alive\n\n"
-            quiet = 0.0
-        await asyncio.sleep(STREAM_INTERVAL)
-        quiet += STREAM_INTERVAL
+        await asyncio.sleep(STREAM_GAP_S)
 
 
 async def serve(center: Center) -> None:

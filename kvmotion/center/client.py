@@ -8,7 +8,9 @@ code and message). Bodies are returned as the center's JSON objects: the CLI pri
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 from urllib.parse import quote
 
@@ -26,8 +28,28 @@ _POWER_ON_TIMEOUT = 150.0
 _SHUTDOWN_TIMEOUT = 120.0
 _POWER_OFF_TIMEOUT = 90.0
 _PRECHECK_TIMEOUT = 90.0  # fresh facts from two hosts
+_STREAM_TIMEOUT = httpx.Timeout(30.0, read=60.0)  # a task stream says something every 15 s
 
 JsonObject = dict[str, Any]
+
+
+async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str]]:
+    """Server-sent events as (event, data) pairs; comments (keep-alives) skipped."""
+    event, data = "message", list[str]()
+    async for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
 
 
 def resolve_center(url: str | None, token: str | None) -> tuple[str, str]:
@@ -205,6 +227,23 @@ class CenterClient:
 
     async def task(self, task_id: int) -> JsonObject:
         return await self._object("GET", f"/v1/tasks/{task_id}")
+
+    async def follow_task(self, task_id: int) -> AsyncGenerator[JsonObject, None]:
+        """The task each time it changes, from the center's task stream, until it ends (or the
+        center ends the stream). Raises NotFound, HostUnreachable."""
+        path = f"/v1/tasks/{task_id}/stream"
+        what = f"GET {self.url}{path}"
+        try:
+            # Quiet for up to the stream's keep-alive (15 s) while nothing changes.
+            async with self._http.stream("GET", path, timeout=_STREAM_TIMEOUT) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise error_from_response(response, what)
+                async for event, data in sse_events(response.aiter_lines()):
+                    if event == "task":
+                        yield json.loads(data)
+        except httpx.HTTPError as exc:
+            raise HostUnreachable(f"the center at {self.url} stopped answering: {exc!r}") from exc
 
     async def cancel_task(self, task_id: int) -> JsonObject:
         return await self._object("POST", f"/v1/tasks/{task_id}/cancel")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from kvmotion.center.db import Host, Vm
 from kvmotion.center.prediction import link_bps, ram_bytes, sample_and_predict
 from kvmotion.center.runs import Cancelled, TaskRun
 from kvmotion.center.tasks import TaskState, record_event
+from kvmotion.center.watch import HostWatch, watching
 from kvmotion.errors import HostUnreachable, KvmotionError, NotFound
 from kvmotion.host.client import AgentClient
 from kvmotion.host.migration import MigrationStats, MigrationView
@@ -35,6 +37,7 @@ from kvmotion.host.protocol import (
     IncomingRequest,
     MigrateRequest,
     TuneRequest,
+    VmInfo,
     build,
 )
 from kvmotion.migration.convergence import Convergence
@@ -76,9 +79,21 @@ class ComputeMigration(TaskRun[ComputePhase]):
         if self.both:
             await self.copy_disks()
         await self.migrate(uri)
-        await self.watch()
-        await self.confirm_resumed()
+        async with self.watches() as (agent, src, dst):
+            await self.watch(agent, src, dst)
+            await self.confirm_resumed(dst)
         await self.finalize()
+
+    @contextlib.asynccontextmanager
+    async def watches(self) -> AsyncIterator[tuple[AgentClient, HostWatch, HostWatch]]:
+        """The source's agent, and a watch of the VM on each host, while memory moves."""
+        async with (
+            self.ex.inventory.agent(self.source) as agent,
+            self.ex.inventory.agent(self.dest) as dest_agent,
+            watching(agent, self.vm.name, self.wake) as src,
+            watching(dest_agent, self.vm.name, self.wake) as dst,
+        ):
+            yield agent, src, dst
 
     async def predict(self) -> None:
         """Predict before migrating; the task keeps it beside the actual figures. A prediction
@@ -144,13 +159,17 @@ class ComputeMigration(TaskRun[ComputePhase]):
                     max_bandwidth_bps=self.req.max_bandwidth_bps,
                 ),
             )
-            await self._watch_disk_copy(
-                agent,
-                self.req.datastore,
-                "ready",
-                (0.0, 50.0),
-                also=lambda: self._check_destination(dest_agent),
-            )
+            async with (
+                watching(agent, self.vm.name, self.wake) as src,
+                watching(dest_agent, self.vm.name, self.wake) as dst,
+            ):
+                await self._watch_disk_copy(
+                    src,
+                    self.req.datastore,
+                    "ready",
+                    (0.0, 50.0),
+                    also=lambda: self._check_destination(dst.latest()),
+                )
 
     async def migrate(self, uri: str) -> None:
         await self.enter(ComputePhase.MIGRATING)
@@ -169,60 +188,56 @@ class ComputeMigration(TaskRun[ComputePhase]):
                 ),
             )
 
-    async def watch(self) -> None:
-        """Follow the source until QEMU completes; progress and samples flow into the task."""
-        async with (
-            self.ex.inventory.agent(self.source) as agent,
-            self.ex.inventory.agent(self.dest) as dest_agent,
-        ):
+    async def watch(self, agent: AgentClient, src: HostWatch, dst: HostWatch) -> None:
+        """Follow the source until QEMU completes; progress and samples flow into the task.
+        Each look follows a change either host reports (or a cancel, or ``TICK_S``)."""
+        no_view_since = time.monotonic()
+        sent, moved_at = -1, time.monotonic()
+        while True:
+            view = src.latest().migration
+            stats = view.stats if view is not None else None
+            if stats is not None and stats.transferred_bytes != sent:
+                sent, moved_at = stats.transferred_bytes, time.monotonic()
+            elif (
+                view is not None
+                and view.phase == "active"
+                and time.monotonic() - moved_at > self.ex.stall_timeout_s
+            ):
+                raise KvmotionError(
+                    f"no memory sent for {self.ex.stall_timeout_s:.0f} s: the migration "
+                    "link may be down",
+                    code="migration_stalled",
+                )
+            if view is None or view.side != "source":
+                # The source agent forgot this migration (it restarted): nothing to follow.
+                if time.monotonic() - no_view_since > runs.LOST_VIEW_TIMEOUT:
+                    raise KvmotionError(
+                        f"the source {self.source.name} no longer reports this migration",
+                        code="migration_lost",
+                    )
+                await self._next()
+                continue
             no_view_since = time.monotonic()
-            sent, moved_at = -1, time.monotonic()
-            while True:
-                view = (await agent.get_vm(self.vm.name)).migration
-                stats = view.stats if view is not None else None
-                if stats is not None and stats.transferred_bytes != sent:
-                    sent, moved_at = stats.transferred_bytes, time.monotonic()
-                elif (
-                    view is not None
-                    and view.phase == "active"
-                    and time.monotonic() - moved_at > self.ex.stall_timeout_s
-                ):
-                    raise KvmotionError(
-                        f"no memory sent for {self.ex.stall_timeout_s:.0f} s: the migration "
-                        "link may be down",
-                        code="migration_stalled",
-                    )
-                if view is None or view.side != "source":
-                    # The source agent forgot this migration (it restarted): nothing to follow.
-                    if time.monotonic() - no_view_since > runs.LOST_VIEW_TIMEOUT:
-                        raise KvmotionError(
-                            f"the source {self.source.name} no longer reports this migration",
-                            code="migration_lost",
-                        )
-                    await asyncio.sleep(runs.POLL_INTERVAL)
-                    continue
-                no_view_since = time.monotonic()
-                stats = stats or MigrationStats(status="setup")
-                phase = view.phase
-                await self._seen(phase)
-                await self._progress(view, stats, phase)
-                if phase == "completed":
-                    return
-                if phase == "active":
-                    await self._converge(agent, stats)
-                if phase in ("failed", "cancelled"):
-                    dest_view = await self._destination_view(dest_agent)
-                    also = f"; destination: {dest_view}" if dest_view else ""
-                    raise KvmotionError(
-                        f"QEMU migration {phase}: {view.error or 'no reason given'}{also}",
-                        code=f"migration_{phase}",
-                    )
-                await self._check_destination(dest_agent)
-                # Past pre-switchover the guest is stunned: finishing beats undoing.
-                cancel = (await self.ex.tasks.get(self.task_id)).cancel_requested
-                if cancel and self.phase is not ComputePhase.SWITCHOVER:
-                    raise Cancelled()
-                await asyncio.sleep(runs.POLL_INTERVAL)
+            stats = stats or MigrationStats(status="setup")
+            phase = view.phase
+            await self._seen(phase)
+            await self._progress(view, stats, phase)
+            if phase == "completed":
+                return
+            if phase == "active":
+                await self._converge(agent, stats)
+            if phase in ("failed", "cancelled"):
+                dest_view = self._destination_view(dst)
+                also = f"; destination: {dest_view}" if dest_view else ""
+                raise KvmotionError(
+                    f"QEMU migration {phase}: {view.error or 'no reason given'}{also}",
+                    code=f"migration_{phase}",
+                )
+            self._check_destination(dst.latest())
+            # Past pre-switchover the guest is stunned: finishing beats undoing.
+            if self.cancel_requested and self.phase is not ComputePhase.SWITCHOVER:
+                raise Cancelled()
+            await self._next()
 
     async def _seen(self, qemu_phase: str) -> None:
         """The source reports its migration: it streams, and from pre-switchover on its guest
@@ -257,16 +272,17 @@ class ComputeMigration(TaskRun[ComputePhase]):
             ),
         )
 
-    async def _destination_view(self, dest_agent: AgentClient) -> str | None:
+    @staticmethod
+    def _destination_view(dst: HostWatch) -> str | None:
         with contextlib.suppress(KvmotionError):
-            view = (await dest_agent.get_vm(self.vm.name)).migration
+            view = dst.latest().migration
             return (view.error or view.phase or None) if view is not None else None
         return None
 
-    async def _check_destination(self, dest_agent: AgentClient) -> None:
-        """The destination must stay alive while we copy to it (HostUnreachable if its agent
-        died: the migration is aborted rather than completed into a host nobody drives)."""
-        info = await dest_agent.get_vm(self.vm.name)
+    def _check_destination(self, info: VmInfo) -> None:
+        """The destination must stay alive while we copy to it (its watch raises HostUnreachable
+        if its agent died: the migration is aborted rather than completed into a host nobody
+        drives)."""
         view = info.migration
         failed = view is not None and view.phase in ("failed", "cancelled")
         if info.power_state == "poweredOff" or failed:
@@ -314,25 +330,24 @@ class ComputeMigration(TaskRun[ComputePhase]):
             "dirty_rate_bps": stats.dirty_rate_bps,
         }
 
-    async def confirm_resumed(self) -> None:
+    async def confirm_resumed(self, dst: HostWatch) -> None:
         """The destination resumes the guest itself on completion; wait until it says so."""
         await self.enter(ComputePhase.RESUMING)
         deadline = time.monotonic() + runs.RESUME_TIMEOUT
-        async with self.ex.inventory.agent(self.dest) as agent:
-            while time.monotonic() < deadline:
-                info = await agent.get_vm(self.vm.name)
-                view = info.migration
-                if info.power_state == "poweredOn" and info.qemu_status == "running":
-                    await self.enter(ComputePhase.RESUMED)
-                    self._mark("resumed", view.marks.get("resumed") if view else None)
-                    return
-                failed = view is not None and view.phase in ("failed", "cancelled")
-                if failed or info.power_state == "poweredOff":
-                    why = (view.error or view.phase) if view is not None else "its QEMU ended"
-                    raise KvmotionError(
-                        f"the destination did not resume the VM: {why}", code="resume_failed"
-                    )
-                await asyncio.sleep(runs.POLL_INTERVAL / 2.5)
+        while time.monotonic() < deadline:
+            info = dst.latest()
+            view = info.migration
+            if info.power_state == "poweredOn" and info.qemu_status == "running":
+                await self.enter(ComputePhase.RESUMED)
+                self._mark("resumed", view.marks.get("resumed") if view else None)
+                return
+            failed = view is not None and view.phase in ("failed", "cancelled")
+            if failed or info.power_state == "poweredOff":
+                why = (view.error or view.phase) if view is not None else "its QEMU ended"
+                raise KvmotionError(
+                    f"the destination did not resume the VM: {why}", code="resume_failed"
+                )
+            await self._next(min(runs.TICK_S, max(deadline - time.monotonic(), 0.0)))
         raise KvmotionError(
             f"the destination did not resume the VM in {runs.RESUME_TIMEOUT:.0f} s",
             code="resume_timeout",

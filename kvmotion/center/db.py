@@ -169,8 +169,8 @@ class Database:
         self.url = url
         self.engine: AsyncEngine = create_async_engine(url)
         if url.startswith("sqlite"):
-            # Tasks are updated many times a second during a migration: WAL with NORMAL sync
-            # keeps each commit cheap and stays crash-safe (a power cut may lose the last ones).
+            # Tasks are written at each phase change of a migration: WAL with NORMAL sync keeps
+            # each commit cheap and stays crash-safe (a power cut may lose the last ones).
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.session: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from kvmotion.center.compute_run import ComputeMigration
-from kvmotion.center.db import Database, Host, Vm
+from kvmotion.center.db import Database, Host, Task, Vm
 from kvmotion.center.inventory import Inventory, host_view, vm_view
 from kvmotion.center.prediction import link_of, sample_and_predict
 from kvmotion.center.storage_run import StorageMigration
@@ -58,6 +58,7 @@ class Executor:
         self.active: dict[str, int] = {}  # VM name -> task id
         self._reserved: set[str] = set()  # VMs whose migration request is in its precheck
         self._runs: dict[int, asyncio.Task[None]] = {}
+        self._running: dict[int, ComputeMigration | StorageMigration] = {}  # task id -> run
 
     def migrating(self, vm_name: str) -> bool:
         """A migration of this VM runs, or a request for one is being checked."""
@@ -170,8 +171,24 @@ class Executor:
             run = StorageMigration(self, task.id, vm, source, req)
         else:
             run = ComputeMigration(self, task.id, vm, source, dest, req)
-        self._runs[task.id] = asyncio.create_task(run.run(), name=f"migrate-{vm.name}")
+        self._running[task.id] = run
+        self._runs[task.id] = asyncio.create_task(self._drive(run), name=f"migrate-{vm.name}")
         return task.id
+
+    async def _drive(self, run: ComputeMigration | StorageMigration) -> None:
+        try:
+            await run.run()
+        finally:
+            self._running.pop(run.task_id, None)
+
+    async def request_cancel(self, task_id: int) -> Task:
+        """Record the user's cancel and tell the task's run at once. Raises NotFound, or
+        Conflict if the task ended."""
+        task = await self.tasks.request_cancel(task_id)
+        run = self._running.get(task_id)
+        if run is not None:
+            run.request_cancel()
+        return task
 
     async def wait(self, task_id: int) -> None:
         if task_id in self._runs:

@@ -20,13 +20,13 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Generic
 
 from kvmotion.center.db import Vm
 from kvmotion.center.tasks import TaskState, record_event
+from kvmotion.center.watch import HostWatch
 from kvmotion.errors import KvmotionError
-from kvmotion.host.client import AgentClient
 from kvmotion.host.protocol import VmInfo
 from kvmotion.host.storage import StorageView
 from kvmotion.migration.costs import Demand
@@ -42,6 +42,10 @@ POLL_INTERVAL = 0.05
 RESUME_TIMEOUT = 60.0
 LOST_VIEW_TIMEOUT = 10.0
 RETRY_PAUSE_S = 2.0  # between two requests to an unreachable (restarting) source agent
+TICK_S = 1.0  # a run waiting on its watches looks again this often (stalls, deadlines)
+PERSIST_EVERY_S = 5.0  # live figures reach the database at least this often
+# A run's live figures: kept in memory (and streamed) until a phase or state change is written.
+LIVE_FIELDS = frozenset({"progress", "samples", "summary"})
 
 
 class Cancelled(Exception):
@@ -66,9 +70,25 @@ class TaskRun(Generic[P]):
         # The task's timeline, kept here and written with the next update (one commit, not two).
         self.timeline: list[dict[str, Any]] = []
         self._timeline_dirty = False
-        # What was last written of each task field (as JSON): a progress update that changes
-        # nothing is not written, and samples are rewritten only when a pass adds one.
+        # What was last set of each task field (as JSON): an update that changes nothing is
+        # not made, and samples are rewritten only when a pass adds one.
         self._written: dict[str, str] = {}
+        self._persisted_at = time.monotonic()
+        # Set by each answer of the run's watches and by a cancel: the run looks again.
+        self.wake = asyncio.Event()
+        self.cancel_requested = False
+
+    def request_cancel(self) -> None:
+        """The user asked to cancel: the run sees it at its next look (at once if waiting)."""
+        self.cancel_requested = True
+        self.wake.set()
+
+    async def _next(self, timeout: float | None = None) -> None:
+        """Wait for the next change a watch reports, a cancel, or ``timeout`` (``TICK_S``)."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(TICK_S if timeout is None else timeout):
+                await self.wake.wait()
+        self.wake.clear()
 
     async def enter(self, phase: P, **fields: Any) -> None:
         """Move to ``phase``; ``fields`` (and the task phase the table shows for it) are written
@@ -89,7 +109,9 @@ class TaskRun(Generic[P]):
         self._timeline_dirty = True
 
     async def _update(self, **fields: Any) -> None:
-        """Write the fields that changed since the last write (none: no write)."""
+        """Set the fields that changed (none: nothing happens). Live figures alone are
+        published from memory; anything else (a phase, a state, the timeline) writes them all
+        to the database, as does a live change ``PERSIST_EVERY_S`` after the last write."""
         if self._timeline_dirty:
             fields["timeline"] = list(self.timeline)
             self._timeline_dirty = False
@@ -97,11 +119,16 @@ class TaskRun(Generic[P]):
         changed = {k: v for k, v in fields.items() if self._written.get(k) != seen[k]}
         if not changed:
             return
-        await self.ex.tasks.update(self.task_id, **changed)
+        due = time.monotonic() - self._persisted_at >= PERSIST_EVERY_S
+        if changed.keys() <= LIVE_FIELDS and not due:
+            self.ex.tasks.publish(self.task_id, **changed)
+        else:
+            await self.ex.tasks.update(self.task_id, **changed)
+            self._persisted_at = time.monotonic()
         self._written |= {k: seen[k] for k in changed}
 
     async def _check_cancel(self) -> None:
-        if (await self.ex.tasks.get(self.task_id)).cancel_requested:
+        if self.cancel_requested:
             raise Cancelled()
 
     async def _ended(self) -> bool:
@@ -163,20 +190,21 @@ class TaskRun(Generic[P]):
 
     async def _watch_disk_copy(
         self,
-        agent: AgentClient,
+        watch: HostWatch,
         datastore: str,
         until: str,
         span: tuple[float, float],
-        also: Callable[[], Awaitable[None]] | None = None,
+        also: Callable[[], None] | None = None,
     ) -> StorageView:
-        """Follow the VM's disk copy on ``agent`` until its phase is ``until``; progress (within
-        ``span`` percent) and per-disk bytes flow into the task. Raises KvmotionError if the
-        copy fails or stalls (no byte copied for the stall timeout: a cut link), Cancelled."""
+        """Follow the VM's disk copy (``watch``: the VM on the copying host) until its phase is
+        ``until``; progress (within ``span`` percent) and per-disk bytes flow into the task;
+        ``also`` checks something else at each look. Raises KvmotionError if the copy fails or
+        stalls (no byte copied for the stall timeout: a cut link), Cancelled."""
         self._mark("disk_copy")
         last_copied, last_move = -1, time.monotonic()
         seen_at = time.monotonic()
         while True:
-            info = await agent.get_vm(self.vm.name)
+            info = watch.latest()
             view = info.storage
             if view is None:
                 # The agent restarted and forgot the copy: it settled it from its records.
@@ -187,7 +215,7 @@ class TaskRun(Generic[P]):
                         "the host no longer reports this disk copy (its agent restarted)",
                         code="migration_lost",
                     )
-                await asyncio.sleep(POLL_INTERVAL * 2)
+                await self._next()
                 continue
             seen_at = time.monotonic()
             copied = view.copied_bytes
@@ -212,8 +240,8 @@ class TaskRun(Generic[P]):
             if view.phase in ("copying", "ready"):
                 await self._check_cancel()
             if also is not None:
-                await also()
-            await asyncio.sleep(POLL_INTERVAL * 2)
+                also()
+            await self._next()
 
     @staticmethod
     def _disks_on(info: VmInfo, datastore: str) -> bool:
@@ -240,9 +268,8 @@ class TaskRun(Generic[P]):
             ],
         }  # fmt: skip
         share = copied / total if total else 0.0
-        task = await self.ex.tasks.get(self.task_id)
         await self._update(
             phase="disk_copy" if view.phase == "copying" else "disk_switch",
             progress=round(span[0] + (span[1] - span[0]) * share, 1),
-            summary=task.summary | self._kept_summary,
+            summary=dict(self._kept_summary),
         )

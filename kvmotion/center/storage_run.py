@@ -15,6 +15,7 @@ from kvmotion.center import runs
 from kvmotion.center.db import Host, Vm
 from kvmotion.center.runs import TaskRun
 from kvmotion.center.tasks import TaskState, record_event
+from kvmotion.center.watch import watching
 from kvmotion.errors import Conflict, KvmotionError
 from kvmotion.host.protocol import StorageMoveRequest, VmInfo, build
 from kvmotion.host.storage import StorageView
@@ -45,7 +46,10 @@ class StorageMigration(TaskRun[StoragePhase]):
                 max_bandwidth_bps=self.req.max_bandwidth_bps,
             )
             await agent.move_storage(self.vm.name, req)
-            view = await self._watch_disk_copy(agent, self.req.datastore, "completed", (0.0, 95.0))
+            async with watching(agent, self.vm.name, self.wake) as watch:
+                view = await self._watch_disk_copy(
+                    watch, self.req.datastore, "completed", (0.0, 95.0)
+                )
             await self.enter(StoragePhase.PIVOTED)
             info = await agent.get_vm(self.vm.name)
         await self.finalize(info, view)

@@ -2,6 +2,10 @@
 
 States move only forward: queued → running → success | error | cancelled. The timeline keeps the
 seed's five steps with wall-clock times; progress and per-pass samples are updated as work goes.
+
+A run's live figures (progress, samples, summary) are kept in memory (:meth:`TaskStore.publish`)
+and written to the database with its next phase or state change (:meth:`TaskStore.update`);
+every read here sees them, and every change beats :attr:`TaskStore.changed` for the streams.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from sqlalchemy import select
 
 from kvmotion.center.db import Database, Event, Task
 from kvmotion.errors import Conflict, NotFound
+from kvmotion.pulse import Pulse
 
 
 class TaskState(StrEnum):
@@ -68,6 +73,19 @@ def task_dict(task: Task) -> dict[str, Any]:
 class TaskStore:
     def __init__(self, db: Database) -> None:
         self.db = db
+        self._live: dict[int, dict[str, Any]] = {}  # task id -> fields not written yet
+        self.changed = Pulse()  # beats when any task changes
+
+    def _seen(self, task: Task) -> Task:
+        """``task`` (detached from its session) with the live fields not written yet."""
+        for key, value in self._live.get(task.id, {}).items():
+            setattr(task, key, value)
+        return task
+
+    def publish(self, task_id: int, **fields: Any) -> None:
+        """Live figures of a running task, kept in memory until its next :meth:`update`."""
+        self._live.setdefault(task_id, {}).update(fields)
+        self.changed.beat()
 
     async def create(
         self,
@@ -86,19 +104,20 @@ class TaskStore:
             task.warnings = warnings or []
             s.add(task)
             await s.commit()
-            return task
+        self.changed.beat()
+        return task
 
     async def get(self, task_id: int) -> Task:
         async with self.db.session() as s:
             task = await s.get(Task, task_id)
             if task is None:
                 raise NotFound(f"no task {task_id}", code="task_not_found")
-            return task
+        return self._seen(task)
 
     async def list(self, limit: int = 50) -> list[Task]:
         async with self.db.session() as s:
             rows = await s.scalars(select(Task).order_by(Task.id.desc()).limit(limit))
-            return list(rows)
+            return [self._seen(t) for t in rows]
 
     async def recent(self, kind: str, state: str, limit: int) -> Sequence[Task]:
         """The newest ``limit`` tasks of ``kind`` that ended in ``state``, newest first."""
@@ -112,7 +131,9 @@ class TaskStore:
             return [*await s.scalars(query)]
 
     async def update(self, task_id: int, **fields: Any) -> Task:
-        """Set fields; a ``state`` change is checked against the lifecycle."""
+        """Write fields, with the live ones not written yet; a ``state`` change is checked
+        against the lifecycle."""
+        fields = self._live.get(task_id, {}) | fields
         async with self.db.session() as s:
             task = await s.get(Task, task_id)
             if task is None:
@@ -126,7 +147,9 @@ class TaskStore:
             for key, value in fields.items():
                 setattr(task, key, value)
             await s.commit()
-            return task
+        self._live.pop(task_id, None)
+        self.changed.beat()
+        return task
 
     async def request_cancel(self, task_id: int) -> Task:
         task = await self.get(task_id)

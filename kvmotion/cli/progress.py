@@ -1,7 +1,8 @@
 """How the CLI shows a task: a live progress bar while it runs; its timeline and summary after.
 
 ``vm migrate`` and ``task watch`` share :func:`follow`. Reading a task (progress numbers, timeline
-offsets) is pure; :func:`watch` and :func:`cancel_and_wait` poll the center; :func:`follow` is the
+offsets) is pure; :func:`watch` follows the center's task stream (pushed as the task changes),
+:func:`cancel_and_wait` polls it; :func:`follow` is the
 synchronous edge, where Ctrl-C cancels the task through the API.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -216,7 +218,8 @@ def _code(task: Task) -> str:
 
 # -- following a task -------------------------------------------------------------------------
 async def watch(client: CenterClient, task_id: int, timeout_s: float, show: bool) -> Task:
-    """Poll the task until it ends, with a live progress bar when ``show``; bounded."""
+    """Follow the task's stream until it ends, with a live progress bar when ``show``;
+    bounded by ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     columns = (
         TextColumn("[bold]{task.fields[phase]:<10}"),
@@ -228,26 +231,43 @@ async def watch(client: CenterClient, task_id: int, timeout_s: float, show: bool
     )
     with Progress(*columns, console=console, disable=not show) as bar:
         line = bar.add_task(f"task {task_id}", total=100, phase="", rate="", pass_no="-", eta="-")
-        while True:
-            task = await client.task(task_id)
-            snap = snapshot(task)
-            bar.update(
-                line,
-                completed=snap.percent,
-                phase=snap.phase,
-                rate="-" if snap.mbytes_per_s is None else f"{snap.mbytes_per_s:.1f} MB/s",
-                pass_no="-" if snap.pass_no is None else str(snap.pass_no),
-                eta=_duration(snap.eta_s),
-            )
-            if task.get("state") in FINAL_STATES:
-                return task
-            if time.monotonic() > deadline:
-                raise KvmotionError(
-                    f"task {task_id} is still {task.get('state')} after {timeout_s:.0f} s; "
-                    f"follow it with `kvmotion task watch {task_id}`",
-                    code="watch_timeout",
+        task = await client.task(task_id)
+        updates = client.follow_task(task_id)
+        try:
+            while True:
+                snap = snapshot(task)
+                bar.update(
+                    line,
+                    completed=snap.percent,
+                    phase=snap.phase,
+                    rate="-" if snap.mbytes_per_s is None else f"{snap.mbytes_per_s:.1f} MB/s",
+                    pass_no="-" if snap.pass_no is None else str(snap.pass_no),
+                    eta=_duration(snap.eta_s),
                 )
-            await asyncio.sleep(POLL_INTERVAL_S)
+                if task.get("state") in FINAL_STATES:
+                    return task
+                left = deadline - time.monotonic()
+                try:
+                    async with asyncio.timeout(max(left, 0.0)):
+                        pushed = await _next_update(updates)
+                        if pushed is None:  # the stream ended early (the center restarting?)
+                            await asyncio.sleep(POLL_INTERVAL_S)
+                            updates = client.follow_task(task_id)
+                        task = pushed or await client.task(task_id)
+                except TimeoutError:
+                    raise KvmotionError(
+                        f"task {task_id} is still {task.get('state')} after {timeout_s:.0f} s; "
+                        f"follow it with `kvmotion task watch {task_id}`",
+                        code="watch_timeout",
+                    ) from None
+        finally:
+            await updates.aclose()
+
+
+async def _next_update(updates: AsyncIterator[Task]) -> Task | None:
+    async for task in updates:
+        return task
+    return None
 
 
 async def cancel_and_wait(client: CenterClient, task_id: int, timeout_s: float) -> Task:

@@ -14,9 +14,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Query, Response
 
 from kvmotion import __version__
+from kvmotion.host import watch
 from kvmotion.host.agent import HostAgent
 from kvmotion.host.protocol import (
     AbortResult,
@@ -80,8 +81,17 @@ def create_app(agent: HostAgent) -> FastAPI:
         return await agent.create(req)
 
     @app.get("/v1/vms/{vm}", dependencies=auth)
-    async def get_vm(vm: str) -> VmInfo:
-        return await agent.get(vm).info()
+    async def get_vm(
+        vm: str,
+        response: Response,
+        after: str | None = Query(None, max_length=64),
+        wait: float = Query(0.0, ge=0.0, le=watch.MAX_WAIT_S),
+    ) -> VmInfo:
+        """The VM's record, tagged (``ETag``). With ``after`` (a tag) and ``wait``, a long-poll:
+        answered once the record differs from that one, or after ``wait`` seconds."""
+        tag, info = await watch.watch_vm(agent, vm, after, wait)
+        response.headers["ETag"] = f'"{tag}"'
+        return info
 
     @app.delete("/v1/vms/{vm}", dependencies=auth, status_code=204)
     async def delete_vm(vm: str) -> None:

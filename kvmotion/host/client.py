@@ -44,6 +44,8 @@ T = TypeVar("T")
 # Idle connections are dropped before the agent's server would close them (uvicorn: 5 s), so a
 # request never goes out on a connection the server is closing.
 KEEPALIVE_EXPIRY_S = 2.0
+# A long-poll's answer may take its wait and then this long, as any other request may.
+WATCH_MARGIN_S = 30.0
 
 
 class AgentClient:
@@ -79,8 +81,19 @@ class AgentClient:
     async def request(
         self, method: str, path: str, json: Any = None, timeout: float | None = None
     ) -> Any:
+        response = await self._send(method, path, json=json, timeout=timeout)
+        return None if response.status_code == 204 else response.json()
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        json: Any = None,
+        timeout: float | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> httpx.Response:
         what = f"{method} {self.base_url}{path}"
-        kwargs: dict[str, Any] = {"json": json}
+        kwargs: dict[str, Any] = {"json": json, "params": params}
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:
@@ -95,7 +108,7 @@ class AgentClient:
             raise HostUnreachable(f"host agent at {self.base_url} did not answer: {exc!r}") from exc
         if response.status_code >= 400:
             raise error_from_response(response, what)
-        return None if response.status_code == 204 else response.json()
+        return response
 
     async def call(
         self,
@@ -108,6 +121,9 @@ class AgentClient:
         """One request of the protocol: ``body`` sent as JSON, the answer validated as ``reply``."""
         json = None if body is None else body.model_dump(mode="json")
         answer = await self.request(method, path, json=json, timeout=timeout)
+        return self._typed(reply, answer, method, path)
+
+    def _typed(self, reply: TypeAdapter[T], answer: Any, method: str, path: str) -> T:
         try:
             return reply.validate_python(answer)
         except ValidationError as exc:
@@ -125,6 +141,15 @@ class AgentClient:
 
     async def get_vm(self, vm: str) -> VmInfo:
         return await self.call(VM_INFO, "GET", f"/v1/vms/{vm}")
+
+    async def watch_vm(self, vm: str, after: str | None, wait_s: float) -> tuple[str, VmInfo]:
+        """A long-poll: the VM's record and its tag, once it differs from the record tagged
+        ``after`` (at once for None), or after ``wait_s`` seconds unchanged."""
+        path = f"/v1/vms/{vm}"
+        params = {"wait": wait_s} | ({"after": after} if after is not None else {})
+        response = await self._send("GET", path, params=params, timeout=wait_s + WATCH_MARGIN_S)
+        info = self._typed(VM_INFO, response.json(), "GET", path)
+        return response.headers.get("etag", "").strip('"'), info
 
     async def create_vm(self, spec: dict[str, Any]) -> VmInfo:
         body = build(VmCreateRequest, **spec)

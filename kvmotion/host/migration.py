@@ -139,8 +139,13 @@ class Outgoing:
         qmp: QmpSession,
         name: str,
         before_switchover: Callable[[], Awaitable[None]] | None = None,
+        notify: Callable[[], None] = lambda: None,
     ) -> None:
         self.qmp = qmp
+        # Called when a step changes (phase, pass, marks, error, knobs): wakes the VM's
+        # watchers; bytes sent alone are seen by their periodic look.
+        self.notify = notify
+        self._told: tuple[Any, ...] = ()
         # With the guest stunned at pre-switchover, before memory's last pass: the disk copies
         # of a "change both" end here. If it fails, the migration is cancelled.
         self.before_switchover = before_switchover
@@ -153,6 +158,13 @@ class Outgoing:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    def _tell(self) -> None:
+        view = self.view
+        step = (view.phase, len(view.samples), view.error, len(view.marks), str(view.knobs))
+        if step != self._told:
+            self._told = step
+            self.notify()
 
     async def start(
         self,
@@ -207,6 +219,7 @@ class Outgoing:
             self.qmp.remove_listener(self._events)
             raise
         self._task = asyncio.create_task(self._watch(), name="outgoing-migration")
+        self._tell()
 
     async def _next_status(self) -> str | None:
         """The status of the next MIGRATION event, or None after a poll interval without one."""
@@ -239,6 +252,7 @@ class Outgoing:
                     self.view.samples.append(self._sample(stats))
                 if stats.transferred_bytes and "first_byte" not in self.view.marks:
                     self.view.marks["first_byte"] = time.time()
+                self._tell()
                 if stats.status == "pre-switchover" and not continued:
                     await self._switchover()
                     continued = True
@@ -256,6 +270,7 @@ class Outgoing:
             self.view.error = exc.message
             self.log.error("migration watcher: %s", exc.message)
         finally:
+            self._tell()
             if self._events is not None:
                 self.qmp.remove_listener(self._events)
 
@@ -312,6 +327,7 @@ class Outgoing:
                 await asyncio.wait_for(asyncio.shield(self._task), 30)
         with contextlib.suppress(QemuError):
             await self._resume_if_paused()
+        self._tell()
 
     async def tune(
         self,
@@ -340,12 +356,14 @@ class Outgoing:
         ):
             if value is not None:
                 self.view.knobs[key] = value
+        self._tell()
 
     async def start_postcopy(self) -> None:
         if not self.view.knobs.get("postcopy_allowed"):
             raise Conflict("this migration was started without post-copy", code="no_postcopy")
         await self.qmp.execute("migrate-start-postcopy")
         self.view.marks["postcopy"] = time.time()
+        self._tell()
 
     async def resume_after_completion(self) -> None:
         """Run the guest here again after a completed migration whose destination died."""
@@ -354,6 +372,7 @@ class Outgoing:
             await self.qmp.execute("cont")
             self.view.marks["source_resumed"] = time.time()
         self.view.phase = "aborted"
+        self._tell()
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():
@@ -371,8 +390,10 @@ class Incoming:
         name: str,
         on_resumed: Callable[[], None],
         before_resume: Callable[[], Awaitable[None]] | None = None,
+        notify: Callable[[], None] = lambda: None,
     ) -> None:
         self.qmp = qmp
+        self.notify = notify  # called at each change of phase
         self.on_resumed = on_resumed
         self.before_resume = before_resume  # e.g. stop serving the disks over NBD
         self.view = MigrationView(side="destination", phase="setup")
@@ -428,6 +449,7 @@ class Incoming:
                     await self.qmp.execute("cont")
                     self.view.marks["resumed"] = time.time()
                     self.view.phase = "resumed"
+                    self.notify()
                     try:  # announce first: the VM network learns the new place at once
                         await self.qmp.execute("announce-self", ANNOUNCE)
                     finally:  # then record that the guest runs here (a registration fsync)
@@ -438,13 +460,15 @@ class Incoming:
                 if status in ("failed", "cancelled"):
                     self.view.phase = status
                     return
-                if status in ACTIVE:
+                if status in ACTIVE and status != self.view.phase:
                     self.view.phase = status
+                    self.notify()
         except QemuError as exc:
             # A failed incoming migration makes the destination QEMU exit.
             self.view.phase = "failed"
             self.view.error = exc.message
         finally:
+            self.notify()
             self.qmp.remove_listener(self._events)
 
     async def close(self) -> None:

@@ -33,6 +33,7 @@ from kvmotion.host.vmstate import (
     VmInfo,
     qemu_launch,
 )
+from kvmotion.pulse import Pulse
 from kvmotion.qemu.process import QemuHandle
 from kvmotion.qemu.qmp import QmpSession
 
@@ -63,13 +64,16 @@ class VirtualMachine:
         self.created: list[Path] = []
         self.moving_to: Path | None = None  # a storage move's new record, until it pivots
         self.log = log.getChild(config.name)
+        self.changed = Pulse()  # beats at each power change and migration step (watch.py)
 
     def _set_state(self, new: PowerState) -> None:
         if new is not self.state and new not in TRANSITIONS[self.state]:
             raise Conflict(
                 f"VM {self.config.name} is {self.state}; cannot go to {new}", code="wrong_state"
             )
-        self.state = new
+        if new is not self.state:
+            self.state = new
+            self.changed.beat()
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def power_on(self) -> None:
@@ -102,6 +106,7 @@ class VirtualMachine:
         incoming = Incoming(
             qmp,
             self.config.name,
+            notify=self.changed.beat,
             on_resumed=self._resumed_here,
             before_resume=(lambda: stop_exports(qmp)) if export else None,
         )
@@ -330,12 +335,9 @@ class VirtualMachine:
                     "consistent at switchover",
                     code="no_postcopy",
                 )
+        disks_end = mirror.complete_at_switchover if mirror is not None and mirror.running else None
         outgoing = Outgoing(
-            self.qmp,
-            self.config.name,
-            before_switchover=mirror.complete_at_switchover
-            if mirror is not None and mirror.running
-            else None,
+            self.qmp, self.config.name, before_switchover=disks_end, notify=self.changed.beat
         )
         creds = await self.env.tls.creds(self.qmp, "client")
         self.migration = outgoing

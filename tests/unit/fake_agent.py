@@ -15,6 +15,7 @@ destination does when the stream completes is ``Script.dest``. Any host can "die
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import re
@@ -39,6 +40,7 @@ from kvmotion.host.protocol import (
 )
 
 PORT = 8700
+LONG_POLL_STEP_S = 0.01  # a long-poll of an unchanged VM polls again this often
 TOKEN = "secret"
 GiB = 2**30
 ACTIVE = ("setup", "active", "pre-switchover", "device")
@@ -90,6 +92,11 @@ REPLIES: dict[str, TypeAdapter[Any]] = {
     "storage_cancel": TypeAdapter(AbortResult),
     "abort": TypeAdapter(AbortResult),
 }
+
+
+def etag(content: Any) -> str:
+    """The tag of a VM record (the real agent hashes its JSON too)."""
+    return hashlib.blake2b(json.dumps(content, sort_keys=True).encode(), digest_size=10).hexdigest()
 
 
 class AgentError(Exception):
@@ -359,11 +366,16 @@ class FakeAgents(httpx.AsyncBaseTransport):
                 raise AgentError(401, "unauthorized", "this host accepts only its center")
             if route in host.errors:
                 raise host.errors[route]
-            status, content = await self._serve(host, route, vm_ref, body, query)
-            if route in REPLIES:  # answered in the protocol's shape, or the test fails here
-                content = REPLIES[route].dump_python(
-                    REPLIES[route].validate_python(content), mode="json"
-                )
+            status, content = await self._answer(host, route, vm_ref, body, query)
+            # A long-poll (``after`` a tag, ``wait`` seconds): more polls while nothing changes.
+            deadline = time.monotonic() + float(query.get("wait", 0))
+            while route == "get" and etag(content) == query.get("after"):
+                if time.monotonic() >= deadline:
+                    break
+                await asyncio.sleep(LONG_POLL_STEP_S)
+                if host.dead:
+                    raise httpx.ReadError("connection reset by peer", request=request)
+                status, content = await self._answer(host, route, vm_ref, body, query)
         except AgentError as exc:
             status, content = exc.status, {"error": {"code": exc.code, "message": exc.message}}
         call.status = status
@@ -374,7 +386,18 @@ class FakeAgents(httpx.AsyncBaseTransport):
                 host.dead = True
         if status == 204:
             return httpx.Response(204, request=request)
-        return httpx.Response(status, json=content, request=request)
+        headers = {"ETag": f'"{etag(content)}"'} if route == "get" and status == 200 else {}
+        return httpx.Response(status, json=content, request=request, headers=headers)
+
+    async def _answer(
+        self, host: FakeHost, route: str, ref: str | None, body: Any, query: dict[str, str]
+    ) -> tuple[int, Any]:
+        status, content = await self._serve(host, route, ref, body, query)
+        if route in REPLIES:  # answered in the protocol's shape, or the test fails here
+            content = REPLIES[route].dump_python(
+                REPLIES[route].validate_python(content), mode="json"
+            )
+        return status, content
 
     def _route(self, request: httpx.Request) -> tuple[str, str | None]:
         for name, method, pattern in ROUTES:

@@ -8,6 +8,7 @@ CLI reaches it over HTTP, as a user's shell would. The agents behind it are one 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -25,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from typer.testing import CliRunner, Result
 
 from kvmotion.center.api import create_app
@@ -37,6 +38,7 @@ from kvmotion.host.protocol import HOST_FACTS, VM_INFO, facts_json
 from kvmotion.host.protocol import vm_json as info_json
 from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
 from kvmotion.httpapi import bearer_checker, install_error_handlers
+from tests.unit.fake_agent import etag
 
 TOKEN = "center-token"
 AGENT_TOKEN = "agent-token"
@@ -192,8 +194,20 @@ class FakeAgents:
             return vm.info()
 
         @fake.get("/v1/vms/{ref}", dependencies=deps)
-        async def get_vm(request: Request, ref: str) -> dict[str, Any]:
-            return self.find(host_of(request), ref).info()
+        async def get_vm(
+            request: Request, ref: str, response: Response, after: str = "", wait: float = 0
+        ) -> dict[str, Any]:
+            """Tagged as the agent does; a long-poll looks again every 20 ms."""
+            deadline = time.monotonic() + wait
+            if after:  # its figures change with the clock: at most 50 answers a second
+                await asyncio.sleep(0.02)
+            info = self.find(host_of(request), ref).info()
+            while etag(info) == after and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+                self.advance()
+                info = self.find(host_of(request), ref).info()
+            response.headers["ETag"] = f'"{etag(info)}"'
+            return info
 
         @fake.delete("/v1/vms/{ref}", dependencies=deps, status_code=204)
         async def delete_vm(request: Request, ref: str) -> None:

@@ -386,11 +386,10 @@ async def test_destination_never_resumes(
 async def test_cancel_during_precopy(center: Center, fake: FakeAgents) -> None:
     fake.script("vm-a", phases=("active",))  # pre-copy never converges
     task_id = await center.executor.submit(MigrationRequest("vm-a", DST))
-    await wait_until(lambda: len(fake.called(SRC, "get")) >= 3)
-    running = await center.tasks.get(task_id)
-    assert running.state == TaskState.RUNNING and running.phase == "active"
+    running = await wait_task(center, task_id, lambda t: t.phase == "active")
+    assert running.state == TaskState.RUNNING
 
-    await center.tasks.request_cancel(task_id)
+    await center.executor.request_cancel(task_id)
     await asyncio.wait_for(center.executor.wait(task_id), 5)
     task = await center.tasks.get(task_id)
 
@@ -401,7 +400,7 @@ async def test_cancel_during_precopy(center: Center, fake: FakeAgents) -> None:
     assert_rolled_back(fake)
     assert await vm_host(center) == SRC
     with pytest.raises(Conflict):
-        await center.tasks.request_cancel(task_id)
+        await center.executor.request_cancel(task_id)
 
 
 async def test_cancel_while_preparing(center: Center, fake: FakeAgents) -> None:
@@ -409,7 +408,7 @@ async def test_cancel_while_preparing(center: Center, fake: FakeAgents) -> None:
 
     async def cancel_on_prepare(call: Call) -> None:
         if call.route == "incoming":
-            await center.tasks.request_cancel(task_ids[0])
+            await center.executor.request_cancel(task_ids[0])
 
     fake.on_call = cancel_on_prepare
     task_ids.append(await center.executor.submit(MigrationRequest("vm-a", DST)))
@@ -428,7 +427,7 @@ async def test_cancel_during_switchover_is_too_late(center: Center, fake: FakeAg
 
     async def cancel_at_device(poll: int, phase: str) -> None:
         if phase == "device":
-            await center.tasks.request_cancel(task_ids[0])
+            await center.executor.request_cancel(task_ids[0])
 
     fake.script(
         "vm-a", phases=("active", "device", "device", "completed"), on_poll=cancel_at_device
@@ -639,7 +638,7 @@ async def test_cancel_while_queued(center1: Center, fake: FakeAgents) -> None:
     first = await center.executor.submit(MigrationRequest("vm-a", DST))
     second = await center.executor.submit(MigrationRequest("vm-b", DST))
     await wait_task(center, second, lambda t: t.phase == "queued")
-    await center.tasks.request_cancel(second)
+    await center.executor.request_cancel(second)
     fake.scripts["vm-a"].phases = ("completed",)
     await asyncio.wait_for(center.executor.wait(first), 5)
     await asyncio.wait_for(center.executor.wait(second), 5)
@@ -874,7 +873,7 @@ async def test_storage_move_cancelled_mid_copy(center: Center, fake: FakeAgents)
 
     async def cancel_on_copy(call: Call) -> None:
         if call.route == "get" and call.host == SRC and fake.called(SRC, "storage_move"):
-            await center.tasks.request_cancel(center.executor.active["vm-a"])
+            await center.executor.request_cancel(center.executor.active["vm-a"])
 
     fake.on_call = cancel_on_copy
     task = await run_to_end(
@@ -896,7 +895,7 @@ async def test_storage_move_that_pivoted_is_finished_not_undone(
 
     async def cancel_on_copy(call: Call) -> None:
         if call.route == "get" and call.host == SRC and fake.called(SRC, "storage_move"):
-            await center.tasks.request_cancel(center.executor.active["vm-a"])
+            await center.executor.request_cancel(center.executor.active["vm-a"])
 
     fake.on_call = cancel_on_copy
     task = await run_to_end(

@@ -81,14 +81,15 @@ async def compute_run_at(center: Center, fake: FakeAgents, phase: ComputePhase) 
             await stop_when(run.copy_disks(), lambda: bool(fake.called(SRC, "get")))
         elif phase is not P.PREPARING:
             await run.migrate(uri)
-            if phase in (P.STREAMING, P.SWITCHOVER):
-                await stop_when(run.watch(), lambda: run.phase is phase)
-            elif phase is not P.MIGRATING:
-                await run.watch()
-                if phase is P.RESUMING:
-                    await stop_when(run.confirm_resumed(), lambda: run.phase is phase)
-                else:
-                    await run.confirm_resumed()
+            async with run.watches() as (agent, src, dst):
+                if phase in (P.STREAMING, P.SWITCHOVER):
+                    await stop_when(run.watch(agent, src, dst), lambda: run.phase is phase)
+                elif phase is not P.MIGRATING:
+                    await run.watch(agent, src, dst)
+                    if phase is P.RESUMING:
+                        await stop_when(run.confirm_resumed(dst), lambda: run.phase is phase)
+                    else:
+                        await run.confirm_resumed(dst)
     assert run.phase is phase
     return run
 
