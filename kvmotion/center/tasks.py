@@ -116,8 +116,8 @@ class TaskStore:
 
     async def list(self, limit: int = 50) -> list[Task]:
         async with self.db.session() as s:
-            rows = await s.scalars(select(Task).order_by(Task.id.desc()).limit(limit))
-            return [self._seen(t) for t in rows]
+            rows = list(await s.scalars(select(Task).order_by(Task.id.desc()).limit(limit)))
+        return [self._seen(t) for t in rows]
 
     async def recent(self, kind: str, state: str, limit: int) -> Sequence[Task]:
         """The newest ``limit`` tasks of ``kind`` that ended in ``state``, newest first."""
