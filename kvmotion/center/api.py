@@ -10,6 +10,7 @@ import asyncio
 import ipaddress
 import json
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -326,6 +327,7 @@ async def _task_events(center: Center, limit: int, task_id: int | None) -> Async
     """Each task (``task_id``, or the ``limit`` newest) whenever it changed: woken by the task
     store's pulse (a run's live figures are in memory, not polled from the database)."""
     seen: dict[int, str] = {}
+    said_at = time.monotonic()
     while True:
         beat = center.tasks.changed.next()
         if task_id is not None:
@@ -336,10 +338,14 @@ async def _task_events(center: Center, limit: int, task_id: int | None) -> Async
             body = json.dumps(task_dict(task), default=str)
             if seen.get(task.id) != body:
                 seen[task.id] = body
+                said_at = time.monotonic()
                 yield f"event: task\ndata: {body}\n\n"
         if task_id is not None and TaskState(tasks[0].state).final:
             return
-        if not await wait_beat(beat, STREAM_KEEPALIVE_S):
+        quiet = time.monotonic() - said_at
+        await wait_beat(beat, max(STREAM_KEEPALIVE_S - quiet, 0.0))
+        if time.monotonic() - said_at >= STREAM_KEEPALIVE_S:
+            said_at = time.monotonic()
             yield ": keep-alive\n\n"
         await asyncio.sleep(STREAM_GAP_S)
 
