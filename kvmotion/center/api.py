@@ -7,6 +7,7 @@ Every route but ``/v1/health`` needs the center's token. Errors use the shared t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import re
@@ -28,7 +29,7 @@ from kvmotion.center.db import Event
 from kvmotion.center.inventory import datastore_dict, host_dict, vm_dict
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import TaskState, task_dict
-from kvmotion.errors import Conflict, KvmotionError
+from kvmotion.errors import Conflict, KvmotionError, NotFound
 from kvmotion.host.config import DEFAULT_AGENT_PORT
 from kvmotion.host.protocol import vm_json
 from kvmotion.host.vmconfig import VmCreateRequest, check_name
@@ -325,15 +326,17 @@ def _sse(events: AsyncIterator[str]) -> StreamingResponse:
 
 async def _task_events(center: Center, limit: int, task_id: int | None) -> AsyncIterator[str]:
     """Each task (``task_id``, or the ``limit`` newest) whenever it changed: woken by the task
-    store's pulse (a run's live figures are in memory, not polled from the database)."""
+    store's pulse, reading only the tasks changed since the last look (a run's live figures are
+    in memory, not polled from the database)."""
+    store = center.tasks
+    seq, _ = store.changes(0)
+    if task_id is not None:
+        tasks = [await store.get(task_id)]
+    else:
+        tasks = list(reversed(await store.list(limit)))
     seen: dict[int, str] = {}
     said_at = time.monotonic()
     while True:
-        beat = center.tasks.changed.next()
-        if task_id is not None:
-            tasks = [await center.tasks.get(task_id)]
-        else:
-            tasks = list(reversed(await center.tasks.list(limit)))
         for task in tasks:
             body = json.dumps(task_dict(task), default=str)
             if seen.get(task.id) != body:
@@ -342,11 +345,23 @@ async def _task_events(center: Center, limit: int, task_id: int | None) -> Async
                 yield f"event: task\ndata: {body}\n\n"
         if task_id is not None and TaskState(tasks[0].state).final:
             return
-        quiet = time.monotonic() - said_at
-        await wait_beat(beat, max(STREAM_KEEPALIVE_S - quiet, 0.0))
-        if time.monotonic() - said_at >= STREAM_KEEPALIVE_S:
-            said_at = time.monotonic()
-            yield ": keep-alive\n\n"
+        while True:
+            beat = store.changed.next()
+            seq, ids = store.changes(seq)
+            if task_id is not None:
+                ids = [t for t in ids if t == task_id]
+            if ids:
+                break
+            quiet = time.monotonic() - said_at
+            if quiet >= STREAM_KEEPALIVE_S:
+                said_at = time.monotonic()
+                yield ": keep-alive\n\n"
+                continue
+            await wait_beat(beat, STREAM_KEEPALIVE_S - quiet)
+        tasks = []
+        for changed in ids:
+            with contextlib.suppress(NotFound):
+                tasks.append(await store.get(changed))
         await asyncio.sleep(STREAM_GAP_S)
 
 

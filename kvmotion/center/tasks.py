@@ -75,6 +75,21 @@ class TaskStore:
         self.db = db
         self._live: dict[int, dict[str, Any]] = {}  # task id -> fields not written yet
         self.changed = Pulse()  # beats when any task changes
+        # Every change has a number: a stream asks what changed since the last one it saw
+        # (:meth:`changes`) and reads only those tasks.
+        self._seq = 0
+        self._changed_at: dict[int, int] = {}  # task id -> the number of its last change
+
+    def _touch(self, task_id: int) -> None:
+        self._seq += 1
+        self._changed_at[task_id] = self._seq
+        self.changed.beat()
+
+    def changes(self, since: int) -> tuple[int, list[int]]:
+        """The number of the latest change, and the tasks changed after change ``since``
+        (oldest first)."""
+        ids = sorted((n, t) for t, n in self._changed_at.items() if n > since)
+        return self._seq, [t for _, t in ids]
 
     def _seen(self, task: Task) -> Task:
         """``task`` (detached from its session) with the live fields not written yet."""
@@ -85,7 +100,7 @@ class TaskStore:
     def publish(self, task_id: int, **fields: Any) -> None:
         """Live figures of a running task, kept in memory until its next :meth:`update`."""
         self._live.setdefault(task_id, {}).update(fields)
-        self.changed.beat()
+        self._touch(task_id)
 
     async def create(
         self,
@@ -104,7 +119,7 @@ class TaskStore:
             task.warnings = warnings or []
             s.add(task)
             await s.commit()
-        self.changed.beat()
+        self._touch(task.id)
         return task
 
     async def get(self, task_id: int) -> Task:
@@ -148,7 +163,7 @@ class TaskStore:
                 setattr(task, key, value)
             await s.commit()
         self._live.pop(task_id, None)
-        self.changed.beat()
+        self._touch(task_id)
         return task
 
     async def request_cancel(self, task_id: int) -> Task:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import select
 
+from kvmotion.center import api
 from kvmotion.center.client import sse_events
 from kvmotion.center.db import Database, Task
 from kvmotion.center.tasks import TaskStore
@@ -179,3 +182,52 @@ async def test_server_sent_events_are_read_as_the_center_writes_them() -> None:
         ("message", "x\ny"),
         ("task", '{"id": 2}'),
     ]
+
+
+async def test_a_stream_reads_only_the_tasks_changed_since_its_last_look(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api, "STREAM_GAP_S", 0.0)
+    first = await store.create("migrate", "vm-a", {})
+    second = await store.create("migrate", "vm-b", {})
+    reads: list[int] = []
+    real_get = store.get
+
+    async def counted_get(task_id: int) -> Task:
+        reads.append(task_id)
+        return await real_get(task_id)
+
+    monkeypatch.setattr(store, "get", counted_get)
+    stream = api._task_events(SimpleNamespace(tasks=store), 10, None)  # type: ignore[arg-type]
+    said = [json.loads(e.split("data: ", 1)[1])["id"] for e in [await anext(stream) for _ in "ab"]]
+    assert said == [first.id, second.id]
+    store.publish(first.id, progress=10.0)
+    event = await asyncio.wait_for(anext(stream), 2)
+    assert json.loads(event.split("data: ", 1)[1])["progress"] == 10.0
+    assert reads == [first.id]  # the other task was not read again
+    await stream.aclose()
+
+
+async def test_a_task_stream_keeps_alive_while_only_other_tasks_change_and_ends_with_its_task(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api, "STREAM_KEEPALIVE_S", 0.3)
+    mine = await store.create("migrate", "vm-a", {})
+    other = await store.create("migrate", "vm-b", {})
+    stream = api._task_events(SimpleNamespace(tasks=store), 1, mine.id)  # type: ignore[arg-type]
+    assert json.loads((await anext(stream)).split("data: ", 1)[1])["id"] == mine.id
+
+    async def busy_other() -> None:
+        for n in range(40):  # bounded: 2 s of changes to another task
+            store.publish(other.id, progress=float(n))
+            await asyncio.sleep(0.05)
+
+    busy = asyncio.create_task(busy_other())
+    try:
+        assert await asyncio.wait_for(anext(stream), 1.5) == ": keep-alive\n\n"
+    finally:
+        busy.cancel()
+    await store.update(mine.id, state="running")
+    await store.update(mine.id, state="success")
+    events = [e async for e in stream]  # the stream ends after its task ends
+    assert json.loads(events[-1].split("data: ", 1)[1])["state"] == "success"
