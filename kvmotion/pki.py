@@ -98,7 +98,9 @@ def _builder(
                 crl_sign=ca,
                 key_agreement=not ca,
                 content_commitment=False,
-                key_encipherment=False,
+                # QEMU 10 refuses a host certificate whose (critical) usage lacks key
+                # encipherment ("usage does not permit key encipherment"); 7.2 did not check.
+                key_encipherment=not ca,
                 data_encipherment=False,
                 encipher_only=False,
                 decipher_only=False,

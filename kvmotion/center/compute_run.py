@@ -124,6 +124,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
                     config=self.vm.config,
                     config_path=self.vm.config_path,
                     cpu=self.vm.cpu,
+                    ram_pad_kib=self.vm.ram_pad_kib or 0,
                     postcopy=self.req.allow_postcopy,
                     datastore=self.req.datastore if self.both else None,
                 )

@@ -22,8 +22,10 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     event,
+    inspect,
+    text,
 )
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Connection, Dialect
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -122,6 +124,8 @@ class Vm(Base):
     # The CPU it runs with (from its host: -cpu argument, EVC mode, features), while it runs.
     cpu: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     evc_mode: Mapped[str | None] = mapped_column(String(40), default=None)  # per-VM EVC
+    # KiB of RAM pad it runs with (qemu.cmdline.ram_pad_kib), while it runs; None: not known
+    ram_pad_kib: Mapped[int | None] = mapped_column(default=None)
     host: Mapped[Host | None] = relationship(lazy="selectin")
 
 
@@ -177,8 +181,21 @@ class Database:
         )
 
     async def create_all(self) -> None:
+        """Make the tables, and add the columns a newer kvmotion added to an older database
+        (each nullable, so the rows it has stay valid)."""
         async with self.engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
+            await conn.run_sync(_add_new_columns)
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _add_new_columns(conn: Connection) -> None:
+    have = inspect(conn)
+    for table in Base.metadata.sorted_tables:
+        present = {c["name"] for c in have.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                kind = column.type.compile(dialect=conn.dialect)
+                conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))

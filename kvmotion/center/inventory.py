@@ -50,6 +50,9 @@ def host_view(host: Host) -> HostView:
         networks=frozenset(n["name"] for n in facts.get("networks", []) if n.get("present")),
         available_memory_bytes=int(facts.get("memory", {}).get("available_bytes", 0)),
         accel=str(facts.get("accel", "unknown")),
+        qemu_version=str(facts.get("qemu_version", "unknown")),
+        machine_types=frozenset(types) if (types := facts.get("machine_types")) else None,
+        ram_pad_kib=int(facts.get("ram_pad_kib") or 0),
         cpu_vendor=str(facts.get("cpu", {}).get("vendor", "unknown")),
         runnable_cpu_models=frozenset(models) if models is not None else None,
         cpu_features=frozenset(features) if features else None,
@@ -75,6 +78,8 @@ def vm_view(vm: Vm, migrating: bool) -> VmView:
         networks=tuple(n["network"] for n in cfg.get("nics", [])),
         memory_mib=int(cfg.get("memory_mib", 0)),
         cpu_model=str(cfg.get("cpu_model", "")),
+        machine_type=str(cfg.get("machine_type", "")),
+        ram_pad_kib=vm.ram_pad_kib,
         migrating=migrating,
         cpu_features=tuple((vm.cpu or {}).get("features", ())),
         disk_bytes=sum(int(d.get("size_mib", 0)) for d in cfg.get("disks", [])) * 2**20,
@@ -313,7 +318,9 @@ class Inventory:
             vm.power_state = info["power_state"]
             vm.config = info["config"]
             vm.config_path = info["config_path"]
-            vm.cpu = info.get("cpu") if info["power_state"] != "poweredOff" else None
+            running = info["power_state"] != "poweredOff"
+            vm.cpu = info.get("cpu") if running else None
+            vm.ram_pad_kib = info.get("ram_pad_kib") if running else None
             await s.commit()
         return await self.vm(info["uuid"])
 

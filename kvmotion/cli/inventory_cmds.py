@@ -136,7 +136,8 @@ def host_show(
         ("accelerator", f"{facts.get('accel', '-')} ({facts.get('accel_reason', '')})"),
         ("CPU", f"{cpu.get('vendor', '-')} {cpu.get('model_name', '')} x{cpu.get('count', '?')}"),
         ("memory free", _memory(facts)),
-        ("QEMU", facts.get("qemu_version", "-")),
+        ("QEMU", _qemu(facts)),
+        ("new VMs' machine type", facts.get("machine_type", "-")),
         ("VMs", ", ".join(host.get("vms") or []) or "-"),
     ):
         table.add_row(key, escape(str(value)))
@@ -163,6 +164,13 @@ def _connection(value: str) -> str:
 
 def _yes(value: Any) -> str:
     return "yes" if value else "[red]no[/]"
+
+
+def _qemu(facts: dict[str, Any]) -> str:
+    """The host's QEMU, and the RAM pad its VMs get where it needs one."""
+    pad = facts.get("ram_pad_kib")
+    said = str(facts.get("qemu_version", "-"))
+    return f"{said} (VMs get a {pad} KiB RAM pad: QEMU < 9.0 under TCG)" if pad else said
 
 
 def _memory(facts: dict[str, Any]) -> str:

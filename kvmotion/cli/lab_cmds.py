@@ -29,23 +29,39 @@ def up(
         help="simulate a CPU generation on a host, e.g. --cpu 172=intel-merom (MODE 'real' "
         "restores the real CPU); see `kvmotion host evc-modes`",
     ),
+    qemu: list[str] = typer.Option(
+        [],
+        "--qemu",
+        metavar="HOST=VERSION",
+        help="run a host on another QEMU, e.g. --qemu 172=7.2 (Debian 12's, unpacked by "
+        "./run setup); VERSION 'system' restores the system's",
+    ),
 ) -> None:
     """Build the lab (idempotent): hosts 172.16.0.172.., networks, datastores, agents, center."""
-    cpus: dict[int | str, str | None] = {}
-    for item in cpu:
-        ref, sep, mode = item.partition("=")
-        if not sep or not ref or not mode:
-            raise typer.BadParameter(f"--cpu takes HOST=MODE, e.g. 172=intel-merom, not {item!r}")
-        address = f"172.16.0.{ref}" if ref.isdigit() else ref
-        cpus[address] = None if mode == "real" else mode
+    cpus = _per_host(cpu, "--cpu", "172=intel-merom", "real")
+    qemus = _per_host(qemu, "--qemu", "172=7.2", "system")
     demo_mod.ensure_image(_log)
-    state = topology.lab_up(hosts, cpus=cpus, log=_log)
+    state = topology.lab_up(hosts, cpus=cpus, qemus=qemus, log=_log)
     center = labcenter.ensure_center(state, _log)
     console.print(f"center: {center.url} (the CLI finds it through the lab's state)")
     for host in state.hosts:
         console.print(
             f"host {host.name}: agent {host.agent_url}, migration {host.migration_address}"
         )
+
+
+def _per_host(
+    items: list[str], option: str, example: str, default: str
+) -> dict[int | str, str | None]:
+    """HOST=VALUE options by host address (VALUE ``default``: None)."""
+    chosen: dict[int | str, str | None] = {}
+    for item in items:
+        ref, sep, value = item.partition("=")
+        if not sep or not ref or not value:
+            raise typer.BadParameter(f"{option} takes HOST=VALUE, e.g. {example}, not {item!r}")
+        address = f"172.16.0.{ref}" if ref.isdigit() else ref
+        chosen[address] = None if value == default else value
+    return chosen
 
 
 @app.command("down")

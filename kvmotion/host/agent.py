@@ -14,12 +14,13 @@ import shutil
 from pathlib import Path
 
 from kvmotion.errors import Conflict, InsufficientResources, NotFound, QemuError
-from kvmotion.host import facts, taps
+from kvmotion.host import facts, guestmem, taps
 from kvmotion.host.config import HostConfig
 from kvmotion.host.cpu import HostCpu, VmCpu
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.facts import HostFacts, NetworkInfo
 from kvmotion.host.guestmem import MemoryProfile
+from kvmotion.host.hostqemu import HostQemu
 from kvmotion.host.tls import MigrationTls
 from kvmotion.host.vm import VirtualMachine
 from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
@@ -30,12 +31,11 @@ from kvmotion.host.vmfiles import (
     remove_vm_files,
 )
 from kvmotion.host.vmstate import PowerState, VmEnvironment, VmInfo
-from kvmotion.qemu.accel import AccelChoice, choose_accelerator
+from kvmotion.qemu.cmdline import unpadded_refusal
 from kvmotion.qemu.process import QemuProcess
 
 log = logging.getLogger(__name__)
 
-PROBE_IMAGE = "kvmotion-guest"
 UNKNOWN_LINK_CAP_BPS = 10_000_000_000 // 8  # QEMU's bandwidth cap on a link of unknown speed
 
 
@@ -44,28 +44,19 @@ class HostAgent:
         self.config = config
         self.datastores = Datastores(config.datastores)
         self.vms: dict[str, VirtualMachine] = {}  # by uuid
-        self.accel = AccelChoice("tcg", "not probed yet")
-        self.qemu_version = "unknown"
+        self.qemu = HostQemu.unprobed(config)
         self.cpu = HostCpu(None, None, "not probed yet")
         self.tls = MigrationTls(config.migration_tls, config.tls_dir)
         self._create_lock = asyncio.Lock()
 
     # -- start and stop ------------------------------------------------------------------------
     async def start(self) -> None:
-        """Probe the accelerator, then re-attach every registered VM."""
-        image = self.config.image_dir / PROBE_IMAGE if self.config.image_dir else None
-        self.accel = await choose_accelerator(
-            image / "vmlinuz" if image else None,
-            image / "initrd.img" if image else None,
-            forced=self.config.accel,
-        )
-        self.qemu_version = await facts.qemu_version()
+        """Probe QEMU and the accelerator, then re-attach every registered VM."""
+        self.qemu = qemu = await HostQemu.probe(self.config)
         self.cpu = await HostCpu.discover(
-            self.accel.accel, self.config.cpu_generation, [self.config.default_cpu_model]
-        )
-        log.info(
-            "host %s: accelerator %s (%s)", self.config.name, self.accel.accel, self.accel.reason
-        )
+            qemu.accel.accel, self.config.cpu_generation, [self.config.default_cpu_model],
+            binary=qemu.binary,
+        )  # fmt: skip
         self.config.vms_run_dir.mkdir(parents=True, exist_ok=True)
         for path in sorted(self.config.vms_run_dir.glob(f"*/{Registration.FILE}")):
             try:
@@ -103,7 +94,9 @@ class HostAgent:
             datastores=self.datastores,
             bridges={n.name: n.bridge for n in self.config.networks},
             image_dir=self.config.image_dir,
-            accel=self.accel.accel,
+            accel=self.qemu.accel.accel,
+            qemu_binary=self.qemu.binary,
+            ram_pad_kib=self.qemu.ram_pad_kib,
             tls=self.tls,
             start_qemu=QemuProcess.start,
             find_qemu=QemuProcess.find,
@@ -146,10 +139,12 @@ class HostAgent:
             migration_link_bps=link_bps,
             migration_tls=self.tls.facts(),
             memory=memory,
-            accel=self.accel.accel,
-            accel_reason=self.accel.reason,
-            qemu_version=self.qemu_version,
+            accel=self.qemu.accel.accel,
+            accel_reason=self.qemu.accel.reason,
+            qemu_version=self.qemu.version,
             machine_type=self.config.machine_type,
+            machine_types=self.qemu.machine_types,
+            ram_pad_kib=self.qemu.ram_pad_kib,
             default_cpu_model=self.config.default_cpu_model,
             datastores=datastores,
             networks=[
@@ -195,6 +190,8 @@ class HostAgent:
             )
         for disk in req.disks:
             self.datastores.get(disk.datastore or req.datastore)
+        if req.machine_type:
+            self.qemu.check_machine_type(req.machine_type, self.config.name)
         bridges = {n.name for n in self.config.networks}
         for nic in req.nics:
             if nic.network not in bridges:
@@ -314,6 +311,7 @@ class HostAgent:
         *,
         postcopy: bool = False,
         datastore: str | None = None,
+        ram_pad_kib: int = 0,
     ) -> tuple[VmInfo, str, int | None]:
         """Register ``config`` here and start its QEMU receiving on the migration address.
 
@@ -325,11 +323,15 @@ class HostAgent:
         address = self._migration_address()
         if cpu is not None:
             self.cpu.check(cpu, what="receive")
+        if self.qemu.ram_pad_kib and not ram_pad_kib:
+            raise Conflict(unpadded_refusal(config.name, self.config.name, self.qemu.version))
         existing = self.vms.get(config.uuid)
         if existing is not None and existing.state is not PowerState.POWERED_OFF:
             raise Conflict(f"VM {config.name} is already {existing.state} on this host")
         if datastore is not None:
-            return await self._prepare_with_disks(config, cpu, address, postcopy, datastore)
+            return await self._prepare_with_disks(
+                config, cpu, ram_pad_kib, address, postcopy, datastore
+            )
         for disk in config.disks:
             path = self.datastores.resolve(disk.datastore, disk.path)
             if not path.exists():
@@ -340,7 +342,7 @@ class HostAgent:
                 )
         self._check_memory(config.name, config.memory_mib)
         vm = self._make_vm(config, config_path)
-        vm.cpu = cpu
+        vm.cpu, vm.ram_pad_kib = cpu, ram_pad_kib
         vm.write_registration(incoming=True)
         self.vms[config.uuid] = vm
         try:
@@ -352,14 +354,20 @@ class HostAgent:
             raise
 
     async def _prepare_with_disks(
-        self, config: VmConfig, cpu: VmCpu | None, address: str, postcopy: bool, datastore: str
+        self,
+        config: VmConfig,
+        cpu: VmCpu | None,
+        ram_pad_kib: int,
+        address: str,
+        postcopy: bool,
+        datastore: str,
     ) -> tuple[VmInfo, str, int | None]:
         await self.check_space(datastore, config)
         self._check_memory(config.name, config.memory_mib)
         new = config.moved_to(datastore)
         record, created = await create_vm_files(new, self.datastores)
         vm = self._make_vm(new, record)
-        vm.cpu, vm.created = cpu, created
+        vm.cpu, vm.ram_pad_kib, vm.created = cpu, ram_pad_kib, created
         vm.write_registration(incoming=True)
         self.vms[config.uuid] = vm
         try:
@@ -453,10 +461,14 @@ class HostAgent:
         return await vm.info()
 
     async def dirty_rate(self, ref: str, seconds: int) -> float:
-        return await self.get(ref).measure_dirty_rate(seconds)
+        """The guest's dirty rate in bytes/s, measured by QEMU over ``seconds`` (1-60)."""
+        return await guestmem.measure_dirty_rate(self.get(ref).running_qmp(), seconds)
 
     async def memory_profile(self, ref: str) -> MemoryProfile:
-        return await self.get(ref).memory_profile()
+        """The inputs of a prediction: non-zero RAM, dirty rate and working set (about 4.5 s)."""
+        vm = self.get(ref)
+        pid = vm.process.pid if vm.process is not None else None
+        return await guestmem.memory_profile(vm.running_qmp(), pid, vm.config.memory_mib * 2**20)
 
     async def cancel_migration(self, ref: str) -> VmInfo:
         vm = self.get(ref)

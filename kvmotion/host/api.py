@@ -118,7 +118,7 @@ def create_app(agent: HostAgent) -> FastAPI:
     async def prepare_incoming(req: IncomingRequest) -> IncomingResult:
         info, uri, port = await agent.prepare_incoming(
             req.config, Path(req.config_path), req.cpu, postcopy=req.postcopy,
-            datastore=req.datastore,
+            datastore=req.datastore, ram_pad_kib=req.ram_pad_kib,
         )  # fmt: skip
         nbd_host = agent.config.migration_address if port is not None else None
         return IncomingResult(vm=info, uri=uri, nbd_host=nbd_host, nbd_port=port)

@@ -53,7 +53,12 @@ class HostConfig(ConfigFile):
     # Simulate an older CPU (an EVC mode key, e.g. "intel-merom"): the host then offers and
     # enforces only that generation's features. For the lab's mixed clusters.
     cpu_generation: str | None = None
+    # The machine type (a VM's hardware version) new VMs get. Pin it to one every host of the
+    # cluster runs (the oldest QEMU's): a VM can move only to a host whose QEMU has its type.
     machine_type: str = "pc-q35-7.2"
+    # The QEMU this host runs VMs with (a path, or a name on PATH): one host of the lab runs
+    # Debian 12's 7.2 unpacked beside the system's QEMU this way.
+    qemu_binary: str = "qemu-system-x86_64"
     # Streams between hosts (memory, and disk copies over NBD): "required" encrypts them with the
     # certificates in tls_dir (`kvmotion tls issue`; host/tls.py), "off" sends plaintext (for a
     # migration network nobody else can reach, like the lab's).

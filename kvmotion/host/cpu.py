@@ -18,6 +18,7 @@ from kvmotion.cpu import compat
 from kvmotion.cpu.catalog import EvcMode, get_mode, load_catalog
 from kvmotion.cpu.qemu_cpus import CpuProbe, probe_cpus
 from kvmotion.errors import Conflict, KvmotionError, NotFound
+from kvmotion.qemu.cmdline import QEMU_BINARY
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,12 @@ class HostCpu:
 
     @classmethod
     async def discover(
-        cls, accel: str, generation_key: str | None, extra_models: list[str]
+        cls,
+        accel: str,
+        generation_key: str | None,
+        extra_models: list[str],
+        *,
+        binary: str = QEMU_BINARY,
     ) -> HostCpu:
         """Probe QEMU under ``accel``. A simulated generation QEMU cannot run is refused
         (InvalidInput from compat.limit_host); a QEMU that cannot be probed leaves the host
@@ -60,7 +66,7 @@ class HostCpu:
         generation = get_mode(generation_key) if generation_key else None
         models = [m.qemu_model for m in load_catalog()] + extra_models
         try:
-            probe = await probe_cpus(accel, models)
+            probe = await probe_cpus(accel, models, binary=binary)
         except KvmotionError as exc:
             log.error("cannot probe CPU models: %s", exc.message)
             return cls(None, generation, exc.message)

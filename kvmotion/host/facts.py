@@ -57,13 +57,35 @@ def read_memory(meminfo: str | None = None) -> MemoryFacts:
     return MemoryFacts(values.get("MemTotal", 0), values.get("MemAvailable", 0))
 
 
-async def qemu_version() -> str:
-    proc = await asyncio.create_subprocess_exec(
-        QEMU_BINARY, "--version", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
-    )
-    out, _ = await proc.communicate()
-    match = re.search(rb"version (\S+)", out)
-    return match.group(1).decode() if match else "unknown"
+async def _qemu_says(binary: str, *args: str) -> str:
+    """What ``binary`` prints for ``args``; empty when it cannot run."""
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            binary, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    except (OSError, TimeoutError):
+        return ""
+    return out.decode(errors="replace")
+
+
+async def qemu_version(binary: str = QEMU_BINARY) -> str:
+    match = re.search(r"version (\S+)", await _qemu_says(binary, "--version"))
+    return match.group(1) if match else "unknown"
+
+
+def parse_machine_types(text: str) -> tuple[str, ...]:
+    """Machine types in ``-machine help``'s answer (first word of each line after its header),
+    sorted."""
+    lines = text.splitlines()[1:]
+    names = {line.split()[0] for line in lines if line.strip() and not line.startswith(" ")}
+    return tuple(sorted(n for n in names if n != "none"))
+
+
+async def machine_types(binary: str = QEMU_BINARY) -> tuple[str, ...]:
+    """The machine types (a VM's hardware version) ``binary`` can run: a VM started with one
+    can move only to a host whose QEMU has it."""
+    return parse_machine_types(await _qemu_says(binary, "-machine", "help"))
 
 
 def hostname() -> str:
@@ -134,9 +156,13 @@ class HostFacts:
     accel: str
     accel_reason: str
     qemu_version: str
-    machine_type: str
+    machine_type: str  # the one new VMs get here
     default_cpu_model: str
     datastores: list[DatastoreInfo]
     networks: list[NetworkInfo]
     vms: int
     vms_powered_on: int
+    machine_types: tuple[str, ...] = ()  # every one this host's QEMU runs (empty: unknown)
+    # KiB of RAM pad VMs powered on here get (qemu.cmdline.ram_pad_kib): a VM without it must
+    # not come here
+    ram_pad_kib: int = 0

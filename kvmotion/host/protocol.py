@@ -142,6 +142,7 @@ class IncomingRequest(BaseModel):
     config: VmConfig
     config_path: str
     cpu: VmCpu | None = None  # the CPU the VM runs with on the source
+    ram_pad_kib: int = Field(0, ge=0, le=1024)  # and its RAM pad (qemu.cmdline.ram_pad_kib)
     postcopy: bool = False  # the source may switch to post-copy
     # "Change both": make new disks on this datastore and serve them over NBD for the copy.
     datastore: str | None = None

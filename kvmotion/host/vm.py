@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvmotion import faults
 from kvmotion.errors import Conflict, InvalidInput, NotFound, QemuError
-from kvmotion.host import guestmem, recovery, taps
+from kvmotion.host import recovery, taps
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.migration import Incoming, MigrationStats, Outgoing
 from kvmotion.host.recovery import IncomingLeft
@@ -57,6 +57,7 @@ class VirtualMachine:
         self.migration: Outgoing | Incoming | None = None
         self.incoming = False  # registered as a migration's destination, not yet the owner
         self.cpu: VmCpu | None = None  # chosen at power-on (or given by the migration source)
+        self.ram_pad_kib = env.ram_pad_kib  # likewise (qemu.cmdline.ram_pad_kib)
         self.storage: DiskMirror | ColdCopy | None = None  # the last disk copy's mechanism
         self.storage_move = StorageMove(self)
         # Folders made on this host for this VM's new copy (a "change both" destination, or a
@@ -86,6 +87,7 @@ class VirtualMachine:
                 code="wrong_state",
             )
         await self._start(incoming=False)
+        self.write_registration(incoming=False)  # its CPU and RAM pad, for a restarted agent
         self._set_state(PowerState.POWERED_ON)
 
     async def prepare_incoming(
@@ -133,7 +135,8 @@ class VirtualMachine:
         if self.env.find_qemu(self.files.pidfile, self.config.uuid) is not None:
             raise Conflict(f"VM {self.config.name} already has a QEMU running", code="wrong_state")
         cpu_model = self.cpu.model if self.cpu is not None else self.config.cpu_model
-        launch = qemu_launch(self.config, self.env, self.files, cpu_model, incoming=incoming)
+        pad = self.ram_pad_kib = self.ram_pad_kib if incoming else self.env.ram_pad_kib
+        launch = qemu_launch(self.config, self.env, self.files, cpu_model, pad, incoming)
         for disk in launch.disks:
             if not disk.path.exists():
                 raise NotFound(
@@ -155,8 +158,9 @@ class VirtualMachine:
 
     def write_registration(self, *, incoming: bool) -> None:
         """Record on this host that the VM is registered here (``incoming``: not yet owned)."""
+        created = tuple(self.created)
         Registration(
-            self.config_path, incoming, self.cpu, tuple(self.created), self.moving_to
+            self.config_path, incoming, self.cpu, created, self.moving_to, self.ram_pad_kib
         ).write(self.run_dir)
         self.incoming = incoming
 
@@ -164,6 +168,7 @@ class VirtualMachine:
         """Take up what an earlier agent registered (before :meth:`attach`)."""
         self.incoming = registration.incoming
         self.cpu = registration.cpu
+        self.ram_pad_kib = registration.pad_kib(self.env.accel)
         self.created = list(registration.created)
         self.moving_to = registration.moving_to
 
@@ -346,21 +351,10 @@ class VirtualMachine:
             tls_creds=creds,
         )  # fmt: skip
 
-    def _running_qmp(self) -> QmpSession:
+    def running_qmp(self) -> QmpSession:
         if self.state is not PowerState.POWERED_ON or self.qmp is None:
             raise Conflict(f"VM {self.config.name} is {self.state}: only a running VM dirties")
         return self.qmp
-
-    async def measure_dirty_rate(self, seconds: int) -> float:
-        """The guest's dirty rate in bytes/s, measured by QEMU over ``seconds`` (1-60)."""
-        return await guestmem.measure_dirty_rate(self._running_qmp(), seconds)
-
-    async def memory_profile(self) -> guestmem.MemoryProfile:
-        """The inputs of a prediction: non-zero RAM, dirty rate and working set (about 4.5 s)."""
-        pid = self.process.pid if self.process is not None else None
-        return await guestmem.memory_profile(
-            self._running_qmp(), pid, self.config.memory_mib * 2**20
-        )
 
     def outgoing(self) -> Outgoing:
         if not isinstance(self.migration, Outgoing):
@@ -494,6 +488,7 @@ class VirtualMachine:
             config=self.config,
             migration=self.migration.view if self.migration is not None else None,
             cpu=self.cpu,
+            ram_pad_kib=self.ram_pad_kib,
             storage=self.storage.view if self.storage is not None else None,
             incoming=self.incoming,
         )

@@ -80,6 +80,8 @@ class VmCreateRequest(BaseModel):
     disks: list[DiskRequest] = Field(default_factory=lambda: [DiskRequest()], max_length=8)
     nics: list[NicRequest] = Field(default_factory=list, max_length=8)
     cpu_model: str | None = None
+    # Its hardware version, e.g. "pc-q35-7.2"; None: the host's (its config's machine_type)
+    machine_type: str | None = None
     boot_image: str | None = "kvmotion-guest"
     kernel_args: str = ""
 
@@ -87,11 +89,11 @@ class VmCreateRequest(BaseModel):
     _ds = field_validator("datastore")(lambda v: check_name(v, "datastore"))
     _img = field_validator("boot_image")(lambda v: None if v is None else check_name(v, "image"))
 
-    @field_validator("cpu_model")
+    @field_validator("cpu_model", "machine_type")
     @classmethod
-    def _cpu(cls, value: str | None) -> str | None:
+    def _qemu_name(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
-            raise ValueError(f"invalid CPU model {value[:40]!r}")
+            raise ValueError(f"invalid CPU model or machine type {value[:40]!r}")
         return value
 
     @field_validator("kernel_args")
@@ -160,7 +162,7 @@ class VmConfig(BaseModel):
             disks=disks,
             nics=nics,
             cpu_model=req.cpu_model or cpu_model,
-            machine_type=machine_type,
+            machine_type=req.machine_type or machine_type,
             boot_image=req.boot_image,
             kernel_args=req.kernel_args,
             created_at=datetime.now(UTC),

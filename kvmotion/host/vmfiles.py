@@ -20,6 +20,7 @@ from kvmotion.errors import Conflict, ExecutionError
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.vmconfig import VmConfig
+from kvmotion.qemu.cmdline import TCG_RAM_PAD_KIB
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,16 @@ class Registration:
     cpu: VmCpu | None = None  # the CPU the VM runs with here
     created: tuple[Path, ...] = ()  # folders made here for a copy that is not yet the VM's
     moving_to: Path | None = None  # a storage move's new record, until it pivots
+    ram_pad_kib: int | None = None  # None: registered before pads were recorded
 
     FILE = "registration.json"
+
+    def pad_kib(self, accel: str) -> int:
+        """The RAM pad the VM runs with. Registered before pads were recorded: every VM under
+        TCG was padded then."""
+        if self.ram_pad_kib is not None:
+            return self.ram_pad_kib
+        return TCG_RAM_PAD_KIB if accel == "tcg" else 0
 
     def write(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -122,6 +131,7 @@ class Registration:
             "cpu": dataclasses.asdict(self.cpu) if self.cpu is not None else None,
             "created": [str(p) for p in self.created],
             "moving_to": str(self.moving_to) if self.moving_to else None,
+            "ram_pad_kib": self.ram_pad_kib,
         }
         path = run_dir / self.FILE
         tmp = path.with_name(f".{self.FILE}.tmp")
@@ -142,4 +152,5 @@ class Registration:
             cpu=VmCpu(**{**cpu, "features": tuple(cpu["features"])}) if cpu else None,
             created=tuple(Path(p) for p in body.get("created") or []),
             moving_to=Path(body["moving_to"]) if body.get("moving_to") else None,
+            ram_pad_kib=int(body["ram_pad_kib"]) if body.get("ram_pad_kib") is not None else None,
         )

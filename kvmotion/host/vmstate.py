@@ -66,6 +66,8 @@ class VmEnvironment:
     bridges: dict[str, str]  # network name -> bridge
     image_dir: Path | None
     accel: str
+    qemu_binary: str
+    ram_pad_kib: int  # what VMs powered on here get (qemu.cmdline.ram_pad_kib)
     tls: MigrationTls  # how streams to and from other hosts are encrypted
     start_qemu: Callable[[QemuLaunch], Awaitable[QemuHandle]]  # raises QemuError
     find_qemu: Callable[[Path, str], QemuHandle | None]  # by pidfile and the VM's uuid
@@ -86,6 +88,9 @@ class VmInfo:
     cpu: VmCpu | None  # the CPU it runs (or last ran) with on this host
     storage: StorageView | None  # its disks' copy, while one runs (or how the last ended)
     incoming: bool  # registered as a migration's destination, not (yet) the VM's owner
+    # KiB of RAM past its size it runs with (kept for its life: see qemu.cmdline.ram_pad_kib);
+    # None from an agent that does not say
+    ram_pad_kib: int | None = None
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,12 @@ class RunFiles:
 
 
 def qemu_launch(
-    cfg: VmConfig, env: VmEnvironment, files: RunFiles, cpu_model: str, *, incoming: bool
+    cfg: VmConfig,
+    env: VmEnvironment,
+    files: RunFiles,
+    cpu_model: str,
+    ram_pad_kib: int,
+    incoming: bool,
 ) -> QemuLaunch:
     """The QEMU that runs ``cfg`` on this host. Raises NotFound for a boot image or network
     the host lacks."""
@@ -152,4 +162,6 @@ def qemu_launch(
         disks=disks,
         nics=tuple(nics),
         incoming=incoming,
+        ram_pad_kib=ram_pad_kib,
+        binary=env.qemu_binary,
     )

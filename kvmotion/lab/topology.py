@@ -85,6 +85,21 @@ AGENT_START_TIMEOUT = 30.0
 LOCK_PATH = Path("/run/lock/kvmotion-lab.lock")
 LOCK_TIMEOUT = 120.0
 STATE_VERSION = 1
+# QEMUs a lab host may run instead of the system's: Debian 12's 7.2, unpacked by ./run setup
+# beside the system's QEMU 10 (hosts of different versions, as in the seed).
+QEMUS = {"7.2": "/var/cache/kvmotion/qemu-7.2/qemu-system-x86_64"}
+
+
+def check_qemu(version: str | None) -> str | None:
+    """``version`` if a lab host can run it (None: the system's QEMU). Raises InvalidInput for
+    an unknown one, LabError for one that is not installed."""
+    if version is None:
+        return None
+    if version not in QEMUS:
+        raise InvalidInput(f"the lab offers QEMU {', '.join(QEMUS)} (or 'system'), not {version!r}")
+    if not os.access(QEMUS[version], os.X_OK):
+        raise LabError(f"QEMU {version} is not unpacked at {QEMUS[version]}: run ./run setup")
+    return version
 
 
 def validate_host_count(hosts: int) -> int:
@@ -206,6 +221,7 @@ class LabHost:
     agent_start_ticks: int | None = None  # guards agent_pid against pid reuse
     migration_rate_mbit: float | None = None  # shaping of its migration link, None: unshaped
     cpu_generation: str | None = None  # simulated CPU (an EVC mode key); None: the real one
+    qemu: str | None = None  # its QEMU (a key of QEMUS); None: the system's
 
     @property
     def host_dir(self) -> Path:
@@ -322,6 +338,7 @@ def host_config(state: LabState, host: LabHost) -> HostConfig:
         migration_tls="required" if state.migration_tls else "off",
         tls_dir=host.host_dir / "tls",
         cpu_generation=host.cpu_generation,
+        qemu_binary=QEMUS[host.qemu] if host.qemu else "qemu-system-x86_64",
         # Without EVC a VM sees its host's CPU: a simulated generation's model.
         default_cpu_model=(
             get_mode(host.cpu_generation).qemu_model if host.cpu_generation else "qemu64"
@@ -392,12 +409,14 @@ def lab_up(
     start_agents: bool = True,
     agent_argv: Sequence[str] | None = None,
     cpus: Mapping[int | str, str | None] | None = None,
+    qemus: Mapping[int | str, str | None] | None = None,
     log: Log = print,
 ) -> LabState:
     """Build the lab, or find it and repair what is missing; returns its state.
 
     ``cpus`` gives hosts (by index or address) a simulated CPU generation, an EVC mode key such
-    as "intel-merom" (None: the real CPU); hosts not named keep what they had.
+    as "intel-merom" (None: the real CPU); ``qemus`` gives hosts another QEMU, a key of
+    :data:`QEMUS` such as "7.2" (None: the system's); hosts not named keep what they had.
 
     A lab that is up with more hosts keeps them all; one with fewer grows. ``agent_argv`` (or env
     KVMOTION_LAB_AGENT_ARGV, shell-split) replaces the agent command; ``{config}``, ``{address}``
@@ -417,7 +436,8 @@ def lab_up(
         for gen in generations.values():
             if gen is not None:
                 get_mode(gen)  # NotFound lists the valid keys
-        state = _write_files(count, previous, template, generations, log)
+        versions = {host_index(ref): check_qemu(q) for ref, q in (qemus or {}).items()}
+        state = _write_files(count, previous, template, generations, versions, log)
         for host in state.hosts:
             if host.migration_rate_mbit is not None:
                 _apply_rate(host.index, host.migration_rate_mbit)
@@ -512,6 +532,7 @@ def _write_files(
     previous: LabState | None,
     template: list[str] | None,
     cpus: Mapping[int, str | None],
+    qemus: Mapping[int, str | None],
     log: Log,
 ) -> LabState:
     directory = lab_dir()
@@ -530,6 +551,11 @@ def _write_files(
                 netns.terminate(host.agent_pid, grace=5.0)
                 log(f"restarting the agent of {host.name} for its new CPU generation")
             host = replace(host, cpu_generation=cpus[host.index], agent_pid=None)
+        if host.index in qemus and qemus[host.index] != host.qemu:
+            if host.agent_pid is not None and agent_running(host):
+                netns.terminate(host.agent_pid, grace=5.0)
+                log(f"restarting the agent of {host.name} for its new QEMU")
+            host = replace(host, qemu=qemus[host.index], agent_pid=None)
         hosts.append(host)
     state = replace(state, hosts=hosts)
     try:
@@ -554,6 +580,7 @@ def _merge_host(host: LabHost, old: LabHost | None) -> LabHost:
         agent_start_ticks=old.agent_start_ticks,
         migration_rate_mbit=old.migration_rate_mbit,
         cpu_generation=old.cpu_generation,
+        qemu=old.qemu,
     )
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from kvmotion.qemu.cmdline import unpadded_refusal
+
 # A copy needs its disks' full size free on the target, plus this share for what a qcow2 adds
 # (metadata) and what the guest writes while the copy runs.
 SPACE_MARGIN = 0.10
@@ -45,6 +47,9 @@ class HostView:
     available_memory_bytes: int
     accel: str
     cpu_vendor: str
+    qemu_version: str = "unknown"
+    machine_types: frozenset[str] | None = None  # None: the host did not say
+    ram_pad_kib: int = 0  # the RAM pad VMs get here: one without it must not come
     runnable_cpu_models: frozenset[str] | None = None  # None: the host did not say
     cpu_features: frozenset[str] | None = None  # what VMs may use here; None: unknown
     cpu_family: str | None = None  # "intel" or "amd" as VMs see it; None: either (TCG)
@@ -71,6 +76,8 @@ class VmView:
     networks: tuple[str, ...]
     memory_mib: int
     cpu_model: str
+    machine_type: str = ""
+    ram_pad_kib: int | None = None  # the pad it runs with; None: not known
     migrating: bool = False
     cpu_features: tuple[str, ...] = ()  # the features it was started with
     disk_bytes: int = 0  # the virtual size of all its disks
@@ -157,6 +164,7 @@ def _vm_and_hosts(
 
 def _compute(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None:
     _network(vm, source, dest, f)
+    _machine(vm, source, dest, f)
     _cpu(vm, source, dest, f)
     need = vm.memory_mib * 2**20
     if need > dest.available_memory_bytes:
@@ -255,6 +263,22 @@ def _network(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None
                 "network_missing",
                 f"host {dest.name} has no network {net!r}, which VM {vm.name} is connected to",
             )
+
+
+def _machine(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None:
+    """The VM's hardware version must exist on the destination, and its RAM size be safe
+    there."""
+    types = dest.machine_types
+    if vm.machine_type and types is not None and vm.machine_type not in types:
+        f.error(
+            "machine_type_missing",
+            f"VM {vm.name} has machine type {vm.machine_type} (its hardware version), which "
+            f"QEMU {dest.qemu_version} on {dest.name} does not run ({source.name} runs QEMU "
+            f"{source.qemu_version}): give the cluster's new VMs the machine type of its "
+            f"oldest QEMU (`machine_type` in each host's config), or upgrade {dest.name}'s QEMU",
+        )
+    if dest.ram_pad_kib and vm.ram_pad_kib == 0:
+        f.error("ram_pad_missing", unpadded_refusal(vm.name, dest.name, dest.qemu_version))
 
 
 def _cpu(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None:

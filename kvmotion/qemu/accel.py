@@ -1,5 +1,8 @@
 """Choosing the accelerator: KVM only if a real Linux guest boots under it, else TCG.
 
+The probe boots it with the CPU model VMs get by default, not ``-cpu host``: a guest never runs
+with the host's own model, and on some KVMs ``-cpu host`` alone makes QEMU stop at once.
+
 On some machines /dev/kvm opens and firmware runs, yet a Linux kernel hangs at boot under KVM. So
 the probe boots the guest image with ``kvmotion.probe=1`` (its init prints a marker and powers off)
 and waits for the marker with a deadline. The answer is cached per machine, keyed by everything
@@ -33,8 +36,8 @@ class AccelChoice:
     reason: str
 
 
-def _probe_key(kernel: Path, initrd: Path) -> str:
-    qemu = shutil.which(QEMU_BINARY) or QEMU_BINARY
+def _probe_key(kernel: Path, initrd: Path, binary: str) -> str:
+    qemu = shutil.which(binary) or binary
     parts = [platform.release()]
     for path in (Path(qemu), kernel, initrd):
         try:
@@ -45,9 +48,12 @@ def _probe_key(kernel: Path, initrd: Path) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-async def _boots_under_kvm(kernel: Path, initrd: Path, deadline: float) -> bool:
+async def _boots_under_kvm(
+    kernel: Path, initrd: Path, deadline: float, binary: str, cpu_model: str
+) -> str | None:
+    """None if the guest booted under KVM, else why not."""
     argv = [
-        QEMU_BINARY, "-machine", "q35,accel=kvm", "-cpu", "host", "-m", "128M",
+        binary, "-machine", "q35,accel=kvm", "-cpu", cpu_model, "-m", "128M",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-serial", "stdio", "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", "console=ttyS0 panic=-1 kvmotion.probe=1",
@@ -65,10 +71,11 @@ async def _boots_under_kvm(kernel: Path, initrd: Path, deadline: float) -> bool:
             while chunk := await proc.stdout.read(4096):
                 seen = (seen + chunk)[-4096:]
                 if PROBE_MARKER in seen:
-                    return True
-        return False
+                    return None
+        last = seen.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        return f"QEMU stopped under KVM before a Linux guest booted ({last[0][:160]})"
     except TimeoutError:
-        return False
+        return f"/dev/kvm opens but a Linux guest did not boot under KVM in {deadline:.0f} s"
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
@@ -82,6 +89,8 @@ async def choose_accelerator(
     forced: str | None = None,
     cache: Path = DEFAULT_CACHE,
     deadline: float = 15.0,
+    binary: str = QEMU_BINARY,
+    cpu_model: str = "qemu64",
 ) -> AccelChoice:
     """Pick "kvm" or "tcg" for this host, saying why."""
     if forced is not None:
@@ -90,19 +99,21 @@ async def choose_accelerator(
         return AccelChoice("tcg", "/dev/kvm is not available")
     if kernel is None or initrd is None or not kernel.exists() or not initrd.exists():
         return AccelChoice("tcg", "no guest image to probe KVM with (run `kvmotion image build`)")
-    key = _probe_key(kernel, initrd)
+    key = f"{_probe_key(kernel, initrd, binary)}-{cpu_model}"
+    known: dict[str, dict[str, str]] = {}  # one answer per QEMU binary, kernel and image
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-        cached = json.loads(cache.read_text())
-        if cached["key"] == key:
-            return AccelChoice(**cached["choice"])
+        known = dict(json.loads(cache.read_text())["probes"])
+        if key in known:
+            return AccelChoice(**known[key])
     log.info("probing KVM: booting the guest image with a %.0f s deadline", deadline)
-    if await _boots_under_kvm(kernel, initrd, deadline):
+    failed = await _boots_under_kvm(kernel, initrd, deadline, binary, cpu_model)
+    if failed is None:
         choice = AccelChoice("kvm", "a Linux guest booted under KVM")
     else:
-        choice = AccelChoice(
-            "tcg", f"/dev/kvm opens but a Linux guest did not boot under KVM in {deadline:.0f} s"
-        )
+        choice = AccelChoice("tcg", failed)
     with contextlib.suppress(OSError):
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"key": key, "choice": asdict(choice)}))
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({"probes": known | {key: asdict(choice)}}))
+        tmp.replace(cache)
     return choice

@@ -6,6 +6,7 @@ from the same config has the same device tree as the source: a migration require
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +48,10 @@ class QemuLaunch:
     nics: tuple[NicLaunch, ...] = ()
     # Destination of a migration: wait for `migrate-incoming`, stay paused until `cont`.
     incoming: bool = False
+    # KiB past the RAM size (see ``TCG_RAM_PAD_KIB``): fixed for the VM's life, since a
+    # migration's destination must have exactly the source's RAM.
+    ram_pad_kib: int = 0
+    binary: str = QEMU_BINARY  # this host's QEMU
     extra: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -62,28 +67,56 @@ def accel_option(accel: str) -> str:
 # multiple of 256 KiB): a guest store through a cached TLB entry then marks nothing dirty, and the
 # page's new contents never reach the destination (fixed upstream by "physmem: Fix migration dirty
 # bitmap coherency with TCG memory access", QEMU 9.0; Debian 12's 7.2 lacks it). A RAM size 8 KiB
-# past a 256 KiB boundary sends the sync down QEMU's per-page path, which resets the TLB.
+# past a 256 KiB boundary sends the sync down QEMU's per-page path, which resets the TLB. That path
+# costs the guest a freeze of about 0.45 ms per MiB at each migration's start, so a VM is padded
+# only where it needs to be (:func:`ram_pad_kib`).
 TCG_RAM_PAD_KIB = 8
+FIXED_IN = (9, 0)
 
 
-def memory_option(memory_mib: int, accel: str) -> str:
-    """``-m`` for a VM of ``memory_mib`` under ``accel`` (see ``TCG_RAM_PAD_KIB``)."""
-    if accel == "tcg":
-        return f"{memory_mib * 1024 + TCG_RAM_PAD_KIB}k"
+def parse_version(version: str) -> tuple[int, int] | None:
+    """(major, minor) of a QEMU version string such as "7.2.22" or "10.0.2"; None if unknown."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def ram_pad_kib(qemu_version: str, accel: str) -> int:
+    """The pad a VM powered on under ``accel`` by QEMU ``qemu_version`` gets: 8 KiB under TCG
+    before QEMU 9.0 (or an unknown version), else none."""
+    if accel != "tcg":
+        return 0
+    parsed = parse_version(qemu_version)
+    return TCG_RAM_PAD_KIB if parsed is None or parsed < FIXED_IN else 0
+
+
+def unpadded_refusal(vm: str, host: str, qemu_version: str) -> str:
+    """Why a VM without the pad must not move to a host whose QEMU needs it, and what to do."""
+    return (
+        f"host {host} runs QEMU {qemu_version} under TCG, which loses guest writes when it "
+        f"migrates a VM without an 8 KiB RAM pad, and VM {vm} was started without one (by a "
+        f"QEMU 9.0 or newer): power it off and on at {host} to move it there, or upgrade "
+        f"{host}'s QEMU to 9.0 or newer"
+    )
+
+
+def memory_option(memory_mib: int, pad_kib: int = 0) -> str:
+    """``-m`` for a VM of ``memory_mib`` padded by ``pad_kib`` (see ``TCG_RAM_PAD_KIB``)."""
+    if pad_kib:
+        return f"{memory_mib * 1024 + pad_kib}k"
     return f"{memory_mib}M"
 
 
-def build_command(launch: QemuLaunch, binary: str = QEMU_BINARY) -> list[str]:
+def build_command(launch: QemuLaunch) -> list[str]:
     """Return the argv that starts ``launch`` daemonized, with QMP on a unix socket."""
     argv = [
-        binary,
+        launch.binary,
         "-name", f"guest={launch.name},debug-threads=on",
         "-uuid", launch.uuid,
         "-machine", launch.machine_type,
         "-accel", accel_option(launch.accel),
         "-cpu", launch.cpu_model,
         "-smp", str(launch.vcpus),
-        "-m", memory_option(launch.memory_mib, launch.accel),
+        "-m", memory_option(launch.memory_mib, launch.ram_pad_kib),
         "-nodefaults", "-no-user-config",
         "-display", "none",
         "-chardev", f"file,id=console0,path={launch.console_log}",

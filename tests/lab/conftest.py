@@ -87,7 +87,9 @@ def assert_lab_gone(lab_dir: Path) -> None:
 
 
 def _lab(
-    request: pytest.FixtureRequest, cpus: dict[int | str, str | None] | None = None
+    request: pytest.FixtureRequest,
+    cpus: dict[int | str, str | None] | None = None,
+    qemus: dict[int | str, str | None] | None = None,
 ) -> Iterator[topology.LabState]:
     lab_dir = topology.lab_dir()
     # The suite owns the machine's lab: a lab left up (a demo, an earlier run) goes first.
@@ -95,7 +97,7 @@ def _lab(
     topology.lab_down(log=lambda _msg: None)
     ensure_image(lambda _msg: None)
     try:
-        state = topology.lab_up(2, cpus=cpus, log=lambda _msg: None)
+        state = topology.lab_up(2, cpus=cpus, qemus=qemus, log=lambda _msg: None)
         yield state
     finally:
         current = topology.load_state()

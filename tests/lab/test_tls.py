@@ -26,10 +26,10 @@ pytestmark = pytest.mark.lab
 
 SRC, DST = "172.16.0.172", "172.16.0.173"
 # What the sniffer looks for in plaintext: "QEVM" and version 3, how a QEMU migration stream
-# starts; 0x25609513, the magic of every NBD request, with a write, trim or write-zeroes command
-# (a disk copy's). 7 or 8 fixed bytes: ciphertext matches them by chance about once in 10^8
-# migrations. NBD negotiates TLS in the clear (NBDMAGIC, then STARTTLS), so its greeting shows
-# either way; its requests must not.
+# starts; 0x25609513, the magic of every NBD request (0x21e41c71 with the extended headers QEMU 9+
+# negotiates), with a write, trim or write-zeroes command (a disk copy's). 7 or 8 fixed bytes:
+# ciphertext matches them by chance about once in 10^8 migrations. NBD negotiates TLS in the
+# clear (NBDMAGIC, then STARTTLS), so its greeting shows either way; its requests must not.
 SNIFF_LIMIT_S = 120.0
 
 # Reads every TCP payload on one interface until SIGTERM (or the limit); prints what it saw.
@@ -38,7 +38,7 @@ import json, re, signal, socket, struct, sys, time
 iface, limit = sys.argv[1], float(sys.argv[2])
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
 s.bind((iface, 0)); s.settimeout(0.2)
-NBD_WRITE = re.compile(rb"\x25\x60\x95\x13..\x00[\x01\x03\x06]", re.S)
+NBD_WRITE = re.compile(rb"(\x25\x60\x95\x13|\x21\xe4\x1c\x71)..\x00[\x01\x03\x06]", re.S)
 stop = []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 seen = {"payload_bytes": 0, "qevm": False, "tls_handshakes": 0, "nbd_requests": False}

@@ -1,6 +1,16 @@
 from pathlib import Path
 
-from kvmotion.qemu.cmdline import DiskLaunch, NicLaunch, QemuLaunch, build_command
+import pytest
+
+from kvmotion.host.facts import parse_machine_types
+from kvmotion.qemu.cmdline import (
+    TCG_RAM_PAD_KIB,
+    DiskLaunch,
+    NicLaunch,
+    QemuLaunch,
+    build_command,
+    ram_pad_kib,
+)
 
 
 def launch(**kw: object) -> QemuLaunch:
@@ -46,12 +56,44 @@ def test_same_config_same_devices_on_both_sides() -> None:
     assert src == dst[: len(src)]
 
 
-def test_tcg_ram_is_not_a_multiple_of_256_kib() -> None:
+def test_padded_ram_is_not_a_multiple_of_256_kib() -> None:
     """QEMU 7.2's whole-word bitmap sync skips the TCG TLB reset; an odd size avoids it."""
-    size = build_command(launch(memory_mib=1024))
+    size = build_command(launch(memory_mib=1024, ram_pad_kib=TCG_RAM_PAD_KIB))
     value = size[size.index("-m") + 1]
     assert value.endswith("k")
     kib = int(value[:-1])
     assert kib > 1024 * 1024 and kib % 256 != 0 and kib % 8 == 0  # QEMU rounds -m to 8 KiB
-    kvm = build_command(launch(memory_mib=1024, accel="kvm"))
-    assert kvm[kvm.index("-m") + 1] == "1024M"
+    exact = build_command(launch(memory_mib=1024))
+    assert exact[exact.index("-m") + 1] == "1024M"
+
+
+@pytest.mark.parametrize(
+    ("version", "accel", "pad"),
+    [
+        ("7.2.22", "tcg", TCG_RAM_PAD_KIB),
+        ("8.2.2", "tcg", TCG_RAM_PAD_KIB),
+        ("9.0.0", "tcg", 0),
+        ("10.0.2", "tcg", 0),
+        ("7.2.22", "kvm", 0),
+        ("unknown", "tcg", TCG_RAM_PAD_KIB),  # a QEMU that does not say: the safe size
+    ],
+)
+def test_only_tcg_before_9_0_is_padded(version: str, accel: str, pad: int) -> None:
+    assert ram_pad_kib(version, accel) == pad
+
+
+def test_the_host_binary_runs() -> None:
+    argv = build_command(launch(binary="/opt/qemu-7.2/qemu-system-x86_64"))
+    assert argv[0] == "/opt/qemu-7.2/qemu-system-x86_64"
+
+
+def test_machine_types_are_read_from_qemus_help() -> None:
+    text = (
+        "Supported machines are:\n"
+        "microvm              microvm (i386)\n"
+        "pc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-7.2)\n"
+        "pc-q35-7.2           Standard PC (Q35 + ICH9, 2009) (default)\n"
+        "none                 empty machine\n"
+    )
+    assert parse_machine_types(text) == ("microvm", "pc", "pc-q35-7.2")
+    assert parse_machine_types("") == ()

@@ -99,7 +99,7 @@ def test_supported_modes_under_tcg(tcg: CpuProbe) -> None:
     assert {"intel-merom", "intel-penryn", "intel-nehalem", "amd-rev-e", "amd-rev-f"} <= set(
         supported
     )
-    assert "intel-sandybridge" not in supported  # TCG has no x2apic, tsc-deadline
+    assert "intel-sandybridge" not in supported  # TCG has no tsc-deadline (7.2: nor x2apic)
     best = highest_mode(listed, "intel")
     assert best is not None and best.supported
     if tcg.qemu_version.startswith("7.2."):
@@ -121,5 +121,7 @@ def test_simulated_generation_on_real_data(tcg: CpuProbe) -> None:
     old_host = replace(tcg, host_features=limited, host_vendor="intel")
     supported = [s.mode.key for s in host_modes(CATALOG, old_host) if s.supported]
     assert supported == ["intel-merom"]
-    with pytest.raises(InvalidInput, match=r"TCG cannot emulate .*Sandy Bridge.*x2apic"):
+    with pytest.raises(
+        InvalidInput, match=r"TCG cannot emulate .*Sandy Bridge.*(x2apic|tsc-deadline)"
+    ):
         limit_host(tcg.host_features, get_mode("intel-sandybridge"), tcg.expansions, accel="tcg")

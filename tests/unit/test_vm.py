@@ -19,11 +19,13 @@ from kvmotion.errors import Conflict, QemuError
 from kvmotion.host import recovery
 from kvmotion.host import vm as vm_module
 from kvmotion.host.config import DatastoreConfig
+from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.taps import tap_name
 from kvmotion.host.tls import MigrationTls
 from kvmotion.host.vm import VirtualMachine
 from kvmotion.host.vmconfig import NicConfig, VmConfig
+from kvmotion.host.vmfiles import Registration
 from kvmotion.host.vmstate import MigrationRole, PowerState, VmEnvironment
 from tests.unit.fake_qmp import FakeHost, FakeQemu, failing
 
@@ -32,7 +34,7 @@ TAP = tap_name(UUID, 0)
 DEST_URI = "tcp:10.0.0.2:4444"
 
 
-def make_vm(root: Path, host: FakeHost) -> VirtualMachine:
+def make_vm(root: Path, host: FakeHost, *, ram_pad_kib: int = 0) -> VirtualMachine:
     (root / "ds").mkdir(exist_ok=True)
     config = VmConfig(
         uuid=UUID,
@@ -53,6 +55,8 @@ def make_vm(root: Path, host: FakeHost) -> VirtualMachine:
         bridges={"vm-network": "br-vm"},
         image_dir=None,
         accel="tcg",
+        qemu_binary="qemu-system-x86_64",
+        ram_pad_kib=ram_pad_kib,
         tls=MigrationTls("off", root / "tls"),
         start_qemu=host.start_qemu,
         find_qemu=host.find_qemu,
@@ -476,3 +480,52 @@ async def test_finish_after_restart_refuses_a_source_that_did_not_complete(
 
     await refused(vm.finish_outgoing(), "not_completed", "is cancelled, not completed")
     assert "quit" not in qemu.commands and vm.state is PowerState.POWERED_ON
+
+
+# -- the RAM pad (qemu.cmdline.ram_pad_kib): chosen at power-on, kept for the VM's life ------------
+async def test_a_vm_gets_its_hosts_pad_at_power_on_and_keeps_it_across_a_restart(
+    tmp_path: Path, host: FakeHost
+) -> None:
+    padded = make_vm(tmp_path, host, ram_pad_kib=8)
+    await padded.power_on()
+    assert host.launches[-1].ram_pad_kib == 8 and (await padded.info()).ram_pad_kib == 8
+    await padded.detach()
+    # The agent restarts on a host whose QEMU no longer needs the pad: the running VM keeps it.
+    again = make_vm(tmp_path, host, ram_pad_kib=0)
+    again.restore(Registration.read(again.run_dir / Registration.FILE))
+    assert again.ram_pad_kib == 8
+    await release(again, host)
+
+
+async def test_a_destination_runs_the_sources_pad_not_its_own(
+    tmp_path: Path, host: FakeHost
+) -> None:
+    vm = make_vm(tmp_path, host, ram_pad_kib=0)
+    vm.ram_pad_kib = 8  # given by the source (IncomingRequest)
+    await receiving(vm, host)
+    assert host.launches[-1].ram_pad_kib == 8 and host.launches[-1].incoming
+    await release(vm, host)
+
+
+def test_a_registration_from_before_pads_were_recorded_means_padded_under_tcg(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / Registration.FILE
+    path.write_text('{"config_path": "/ds/vm-a/vm.json", "incoming": false}')
+    old = Registration.read(path)
+    assert (old.pad_kib("tcg"), old.pad_kib("kvm")) == (8, 0)
+
+
+async def test_a_restarted_agent_knows_the_cpu_a_vm_was_powered_on_with(
+    tmp_path: Path, host: FakeHost
+) -> None:
+    """The CPU is chosen at power-on (its cluster's EVC mode): a migration after an agent
+    restart must send that one, not the record's."""
+    vm = make_vm(tmp_path, host)
+    vm.cpu = VmCpu("Conroe-v1", "intel-merom", ("sse2",))
+    await vm.power_on()
+    await vm.detach()
+    again = make_vm(tmp_path, host)
+    again.restore(Registration.read(again.run_dir / Registration.FILE))
+    assert again.cpu == VmCpu("Conroe-v1", "intel-merom", ("sse2",))
+    await release(again, host)
