@@ -76,6 +76,7 @@ class MigrateBody(BaseModel):
     allow_postcopy: bool = False
     strategy: Literal["kvmotion", "qemu-defaults"] = "kvmotion"
     predict: bool = False  # sample the guest's memory (about 4.5 s) and predict first
+    handover: bool = True  # the destination takes the VM's traffic at the stun (for comparisons)
 
     _ds = field_validator("datastore")(lambda v: None if v is None else check_name(v, "datastore"))
 
@@ -83,7 +84,7 @@ class MigrateBody(BaseModel):
         return MigrationRequest(
             vm, self.host or "", self.type, self.downtime_ms, self.max_bandwidth_bps,
             self.deadline_s, self.priority, self.allow_postcopy, self.strategy, self.predict,
-            self.datastore,
+            self.datastore, self.handover,
         )  # fmt: skip
 
 

@@ -31,7 +31,7 @@ from kvmotion.center.tasks import TaskState, record_event
 from kvmotion.center.watch import HostWatch, watching
 from kvmotion.errors import HostUnreachable, KvmotionError, NotFound
 from kvmotion.host.client import AgentClient
-from kvmotion.host.migration import MigrationStats, MigrationView
+from kvmotion.host.migrationview import MigrationStats, MigrationView
 from kvmotion.host.protocol import (
     DiskMirrorRequest,
     IncomingRequest,
@@ -63,6 +63,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
         self.req = req
         self.both = req.kind == "both"
         self.nbd: tuple[str, int] | None = None
+        self.switchover_token: str | None = None  # the destination's, for the source (prepare)
         self.conv = Convergence(
             req.convergence(),
             link_bps=link_bps(req, source, dest),
@@ -129,6 +130,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
                     datastore=self.req.datastore if self.both else None,
                 )
             )
+        self.switchover_token = result.switchover_token
         detail = f"listening at {result.uri}"
         if self.both:
             if result.nbd_host is None or result.nbd_port is None:
@@ -186,6 +188,8 @@ class ComputeMigration(TaskRun[ComputePhase]):
                     max_bandwidth_bps=knobs.max_bandwidth_bps,
                     brake=self.conv.brake,
                     postcopy=self.req.allow_postcopy,
+                    switchover_url=f"{self.dest.url}/v1/migrations/{self.vm.uuid}/switchover",
+                    switchover_token=self.switchover_token if self.req.handover else None,
                 ),
             )
 
@@ -371,6 +375,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
         if problems:
             self._kept_summary["old_files_left"] = problems
         self._mark("source_removed")
+        await self._note_network()
         summary = dict((await self.ex.tasks.get(self.task_id)).summary) | self._kept_summary
         summary.update(timeline_summary({t["step"]: float(t["time"]) for t in self.timeline}))
         await self.enter(
@@ -385,6 +390,16 @@ class ComputeMigration(TaskRun[ComputePhase]):
             task_id=self.task_id,
         )
         self.log.info("migrated to %s", self.dest.name)
+
+    async def _note_network(self) -> None:
+        """When the destination took the VM's traffic (told by the source at the stun), and
+        when its bridge saw the VM after the resume: the user's traffic reaches it there."""
+        with contextlib.suppress(KvmotionError):
+            async with self.ex.inventory.agent(self.dest) as agent:
+                view = (await agent.get_vm(self.vm.name)).migration
+            for step in ("traffic_taken", "mac_learned"):
+                if view is not None and step in view.marks:
+                    self._mark(step, view.marks[step])
 
     async def _finish_source(self) -> Any:
         """End the source's paused copy. The guest runs on the destination, so that copy is

@@ -36,6 +36,8 @@ STEP_TEXT: dict[str, str] = {
     "disk_copy": "disks being copied while the VM runs (guest writes go to both)",
     "disks_ready": "every disk copy caught up; it now tracks each guest write",
     "disks_switched": "VM switched to its copied disks; old files removed",
+    "traffic_taken": "the destination took the VM's traffic: frames wait there for the resume",
+    "mac_learned": "the VM network learned the VM on the destination (its bridge saw it)",
     **dict(STEPS),
 }
 DISK_PHASES = ("disk_copy", "disk_switch")
@@ -143,8 +145,11 @@ def summary_rows(task: Task) -> list[tuple[str, str]]:
             return rows
     return [
         *rows,
-        ("QEMU downtime (VM stunned)", _ms(s.get("downtime_ms"))),
-        ("stunned → resumed", _ms(s.get("stun_to_resume_ms"))),
+        # The pause the user sees first: the guest stopped from its stun on the source to its
+        # resume on the destination (QEMU's downtime counts only the source's part of it).
+        ("guest stopped (stunned → resumed)", _ms(s.get("stun_to_resume_ms"))),
+        ("resumed → VM network learned it", _ms(s.get("resume_to_mac_learned_ms"))),
+        ("QEMU downtime (source's count)", _ms(s.get("downtime_ms"))),
         ("memory transferred", human_bytes(s.get("transferred_bytes"))),
         ("passes", "-" if s.get("passes") is None else str(s["passes"])),
         ("QEMU setup time", _ms(s.get("setup_time_ms"))),

@@ -11,16 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from functools import partial
 from pathlib import Path
 
-from kvmotion.errors import Conflict, InsufficientResources, NotFound, QemuError
-from kvmotion.host import facts, guestmem, taps
+from kvmotion.errors import Conflict, Forbidden, InsufficientResources, NotFound, QemuError
+from kvmotion.host import facts, guestmem, switchover, taps
 from kvmotion.host.config import HostConfig
 from kvmotion.host.cpu import HostCpu, VmCpu
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.facts import HostFacts, NetworkInfo
 from kvmotion.host.guestmem import MemoryProfile
 from kvmotion.host.hostqemu import HostQemu
+from kvmotion.host.migration import Incoming
+from kvmotion.host.protocol import MigrateRequest
 from kvmotion.host.tls import MigrationTls
 from kvmotion.host.vm import VirtualMachine
 from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
@@ -102,6 +105,7 @@ class HostAgent:
             find_qemu=QemuProcess.find,
             create_tap=taps.create_tap,
             delete_tap=taps.delete_tap,
+            learned=taps.wait_learned,
         )
 
     def _make_vm(self, config: VmConfig, config_path: Path) -> VirtualMachine:
@@ -420,29 +424,26 @@ class HostAgent:
         mbps = facts.link_speed_mbps(self.config.migration_address)
         return int(mbps * 1e6 / 8) if mbps else None
 
-    async def migrate(
-        self,
-        ref: str,
-        uri: str,
-        downtime_limit_ms: int,
-        max_bandwidth_bps: int | None,
-        *,
-        brake: bool = False,
-        postcopy: bool = False,
-    ) -> VmInfo:
+    async def migrate(self, ref: str, req: MigrateRequest) -> VmInfo:
         vm = self.get(ref)
-        if not max_bandwidth_bps:  # QEMU's cap: the link (not QEMU's 128 MiB/s)
-            link = await asyncio.to_thread(self.link_bandwidth_bps)
-            max_bandwidth_bps = link or UNKNOWN_LINK_CAP_BPS
+        cap = req.max_bandwidth_bps  # QEMU's cap: the link (not QEMU's 128 MiB/s)
+        cap = cap or await asyncio.to_thread(self.link_bandwidth_bps) or UNKNOWN_LINK_CAP_BPS
+        url, token = req.switchover_url, req.switchover_token
+        stunned = partial(switchover.tell_destination, url, token) if url and token else None
         async with vm.lock:
             await vm.migrate_out(
-                uri,
-                max_bandwidth_bps,
-                downtime_limit_ms,
-                brake=brake,
-                postcopy=postcopy,
-            )
+                req.uri, cap, req.downtime_limit_ms, brake=req.brake, postcopy=req.postcopy,
+                on_stunned=stunned,
+            )  # fmt: skip
             return await vm.info()
+
+    async def take_switchover(self, uuid: str, token: str) -> None:
+        """The source stopped the guest: take its traffic here (host/switchover.py)."""
+        vm = self.vms.get(uuid)
+        incoming = vm.migration if vm is not None else None
+        if vm is None or not isinstance(incoming, Incoming) or not incoming.accepts(token):
+            raise Forbidden("no incoming migration with this switchover token", code="forbidden")
+        await incoming.take_traffic(switchover.nic_taps(uuid, vm.config.nics, vm.env.bridges))
 
     async def tune_migration(
         self,

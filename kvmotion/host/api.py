@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Response
+from fastapi import Depends, FastAPI, Header, Query, Response
 
 from kvmotion import __version__
 from kvmotion.host import watch
 from kvmotion.host.agent import HostAgent
+from kvmotion.host.migration import Incoming
 from kvmotion.host.protocol import (
     AbortResult,
     DirtyRate,
@@ -40,6 +41,10 @@ from kvmotion.host.protocol import (
     VmInfo,
 )
 from kvmotion.httpapi import ERROR_RESPONSES, bearer_checker, install_error_handlers
+
+# The header tell_destination sends (host/switchover.py TOKEN_HEADER)
+SwitchoverToken = Annotated[str, Header(alias="X-Switchover-Token", max_length=100)]
+NO_TOKEN = ""
 
 log = logging.getLogger(__name__)
 
@@ -121,18 +126,21 @@ def create_app(agent: HostAgent) -> FastAPI:
             datastore=req.datastore, ram_pad_kib=req.ram_pad_kib,
         )  # fmt: skip
         nbd_host = agent.config.migration_address if port is not None else None
-        return IncomingResult(vm=info, uri=uri, nbd_host=nbd_host, nbd_port=port)
+        incoming = agent.vms[info.uuid].migration
+        token = incoming.switchover_token if isinstance(incoming, Incoming) else None
+        return IncomingResult(
+            vm=info, uri=uri, nbd_host=nbd_host, nbd_port=port, switchover_token=token
+        )
+
+    @app.post("/v1/migrations/{uuid}/switchover", status_code=204)
+    async def switchover(uuid: str, token: SwitchoverToken = NO_TOKEN) -> None:
+        """The source's agent: the guest just stopped there. Authenticated by the one-time
+        token this host gave for the migration (not the agent token, which the source lacks)."""
+        await agent.take_switchover(uuid, token)
 
     @app.post("/v1/vms/{vm}/migrate", dependencies=auth, status_code=202)
     async def migrate(vm: str, req: MigrateRequest) -> VmInfo:
-        return await agent.migrate(
-            vm,
-            req.uri,
-            req.downtime_limit_ms,
-            req.max_bandwidth_bps,
-            brake=req.brake,
-            postcopy=req.postcopy,
-        )
+        return await agent.migrate(vm, req)
 
     @app.post("/v1/vms/{vm}/migration/tune", dependencies=auth)
     async def tune_migration(vm: str, req: TuneRequest) -> VmInfo:

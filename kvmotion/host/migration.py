@@ -17,118 +17,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from qemu.qmp import EventListener
 
 from kvmotion import faults
 from kvmotion.errors import Conflict, QemuError
+from kvmotion.host import switchover
+from kvmotion.host.migrationview import (
+    ACTIVE,
+    ANNOUNCE,
+    FINAL,
+    MigrationStats,
+    MigrationView,
+    PassSample,
+    throttle_params,
+    uri_host,
+)
 from kvmotion.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.05
-ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
-ACTIVE = (
-    "setup",
-    "active",
-    "pre-switchover",
-    "device",
-    "postcopy-active",
-    "cancelling",
-    "wait-unplug",
-)
-FINAL = ("completed", "failed", "cancelled")
-
-
-@dataclass(frozen=True)
-class MigrationStats:
-    """``query-migrate`` parsed once: the numbers a task shows."""
-
-    status: str
-    total_time_ms: int | None = None
-    setup_time_ms: int | None = None
-    downtime_ms: int | None = None
-    expected_downtime_ms: int | None = None
-    transferred_bytes: int = 0
-    remaining_bytes: int = 0
-    total_bytes: int = 0
-    dirty_pages_rate: int = 0  # pages/s
-    page_size: int = 4096
-    mbps: float = 0.0
-    passes: int = 0  # dirty-sync-count
-    throttle_pct: int = 0
-    error: str | None = None
-
-    @classmethod
-    def parse(cls, reply: dict[str, Any]) -> MigrationStats:
-        ram = reply.get("ram", {})
-        return cls(
-            status=str(reply.get("status", "none")),
-            total_time_ms=reply.get("total-time"),
-            setup_time_ms=reply.get("setup-time"),
-            downtime_ms=reply.get("downtime"),
-            expected_downtime_ms=reply.get("expected-downtime"),
-            transferred_bytes=int(ram.get("transferred", 0)),
-            remaining_bytes=int(ram.get("remaining", 0)),
-            total_bytes=int(ram.get("total", 0)),
-            dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
-            page_size=int(ram.get("page-size", 4096)),
-            mbps=float(ram.get("mbps", 0.0)),
-            passes=int(ram.get("dirty-sync-count", 0)),
-            throttle_pct=int(reply.get("cpu-throttle-percentage", 0)),
-            error=reply.get("error-desc"),
-        )
-
-    @property
-    def dirty_rate_bps(self) -> int:
-        return self.dirty_pages_rate * self.page_size
-
-
-@dataclass
-class PassSample:
-    """One pre-copy pass as the source saw it (seconds since the migration started)."""
-
-    t: float
-    pass_no: int
-    transferred_bytes: int
-    remaining_bytes: int
-    dirty_rate_bps: int
-    throughput_bps: float
-    expected_downtime_ms: int | None
-    throttle_pct: int
-
-
-@dataclass
-class MigrationView:
-    """What a host reports about a VM's migration: side, phase, samples, marks."""
-
-    side: str  # "source" or "destination"
-    phase: str  # QEMU's status, or our own: "listening", "resumed", "failed", "aborted"
-    uri: str | None = None
-    stats: MigrationStats | None = None
-    samples: list[PassSample] = field(default_factory=list)
-    marks: dict[str, float] = field(default_factory=dict)  # wall-clock times of steps
-    error: str | None = None
-    knobs: dict[str, Any] = field(default_factory=dict)  # what the source runs with now
-
-
-def uri_host(uri: str) -> str:
-    """The host of a ``tcp:HOST:PORT`` migration URI (``tcp:[v6]:PORT`` too)."""
-    _, _, rest = uri.partition(":")
-    host, _, _ = rest.rpartition(":")
-    return host.strip("[]")
-
-
-def throttle_params(pct: int) -> dict[str, int]:
-    """QEMU 7.2 parameters that hold the CPU throttle at ``pct`` % (1 % is its floor): the
-    throttle rises by ``increment`` at each fast-dirtying pass, capped at ``max-cpu-throttle``."""
-    pct = max(1, min(99, pct))
-    return {"cpu-throttle-initial": pct, "cpu-throttle-increment": 99, "max-cpu-throttle": pct}
 
 
 class Outgoing:
@@ -140,8 +55,12 @@ class Outgoing:
         name: str,
         before_switchover: Callable[[], Awaitable[None]] | None = None,
         notify: Callable[[], None] = lambda: None,
+        on_stunned: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.qmp = qmp
+        # The moment the guest stops here: the destination takes its traffic (switchover.py).
+        self.on_stunned = on_stunned
+        self._telling: asyncio.Task[None] | None = None
         # Called when a step changes (phase, pass, marks, error, knobs): wakes the VM's
         # watchers; bytes sent alone are seen by their periodic look.
         self.notify = notify
@@ -277,6 +196,8 @@ class Outgoing:
     async def _switchover(self) -> None:
         """The guest is stunned: end what must end first, then let QEMU send the rest."""
         self.view.marks["stunned"] = time.time()
+        if self.on_stunned is not None:  # not awaited: it must not lengthen the stun
+            self._telling = asyncio.create_task(self.on_stunned())
         if self.before_switchover is not None:
             try:
                 await self.before_switchover()
@@ -313,8 +234,14 @@ class Outgoing:
     async def _resume_if_paused(self) -> None:
         status = await self.qmp.query_status()
         if not status.running and status.status in ("paused", "finish-migrate", "postmigrate"):
-            await self.qmp.execute("cont")
-            self.view.marks["source_resumed"] = time.time()
+            await self._resume_here()
+
+    async def _resume_here(self) -> None:
+        """Run the guest here again, and announce it: the destination may have taken its
+        traffic at the switchover (host/switchover.py)."""
+        await self.qmp.execute("cont")
+        self.view.marks["source_resumed"] = time.time()
+        await self.qmp.execute("announce-self", ANNOUNCE)
 
     async def cancel(self) -> None:
         """Cancel before switchover; the source keeps (or resumes) running. Idempotent."""
@@ -369,8 +296,7 @@ class Outgoing:
         """Run the guest here again after a completed migration whose destination died."""
         status = await self.qmp.query_status()
         if not status.running:
-            await self.qmp.execute("cont")
-            self.view.marks["source_resumed"] = time.time()
+            await self._resume_here()
         self.view.phase = "aborted"
         self._tell()
 
@@ -391,8 +317,15 @@ class Incoming:
         on_resumed: Callable[[], None],
         before_resume: Callable[[], Awaitable[None]] | None = None,
         notify: Callable[[], None] = lambda: None,
+        learned: Callable[[], Awaitable[float | None]] | None = None,
     ) -> None:
         self.qmp = qmp
+        # When the VM network learned the VM here after it resumed (host/taps.py wait_learned):
+        # the user's traffic reaches it from then on.
+        self.learned = learned
+        self._learning: asyncio.Task[None] | None = None
+        # Lets the source's agent say the guest stopped there (host/switchover.py).
+        self.switchover_token = secrets.token_urlsafe(24)
         self.notify = notify  # called at each change of phase
         self.on_resumed = on_resumed
         self.before_resume = before_resume  # e.g. stop serving the disks over NBD
@@ -454,6 +387,8 @@ class Incoming:
                         await self.qmp.execute("announce-self", ANNOUNCE)
                     finally:  # then record that the guest runs here (a registration fsync)
                         self.on_resumed()
+                    if self.learned is not None:
+                        self._learning = asyncio.create_task(self._note_learned(self.learned))
                     self.view.stats = MigrationStats.parse(await self.qmp.execute("query-migrate"))
                     self.log.info("resumed on this host and announced")
                     return
@@ -471,8 +406,27 @@ class Incoming:
             self.notify()
             self.qmp.remove_listener(self._events)
 
+    def accepts(self, token: str) -> bool:
+        """Whether ``token`` is this migration's switchover token, before the resume."""
+        waiting = self.view.phase in ("listening", *ACTIVE)
+        return waiting and hmac.compare_digest(token, self.switchover_token)
+
+    async def take_traffic(self, bridges: dict[str, list[tuple[str, str]]]) -> None:
+        """The guest stopped on the source: its frames come here now, queued for the resume."""
+        if "traffic_taken" not in self.view.marks:
+            await switchover.take_traffic(bridges)
+            self.view.marks["traffic_taken"] = time.time()
+            self.notify()
+
+    async def _note_learned(self, learned: Callable[[], Awaitable[float | None]]) -> None:
+        when = await learned()
+        if when is not None:
+            self.view.marks["mac_learned"] = when
+            self.notify()
+
     async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._learning):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

@@ -159,6 +159,8 @@ class PowerOnRequest(BaseModel):
 class IncomingResult(BaseModel):
     vm: VmInfo
     uri: str  # where the source sends: tcp:<this host's migration address>:<port>
+    # Given to the source: it says with it when the guest stopped there (host/switchover.py)
+    switchover_token: str | None = None
     nbd_host: str | None = None  # with a datastore: where the new disks are served
     nbd_port: int | None = None
 
@@ -201,6 +203,12 @@ class MigrateRequest(BaseModel):
     max_bandwidth_bps: int | None = Field(None, ge=1_000_000)
     brake: bool = False  # allow the convergence engine to throttle the guest's CPU
     postcopy: bool = False  # allow a switch to post-copy (the destination must allow it too)
+    # Where to say the guest stopped here, so that the destination takes its traffic at once
+    # (host/switchover.py): the destination's route and its one-time token for this migration.
+    switchover_url: str | None = Field(
+        None, pattern=r"^https?://[A-Za-z0-9.:\[\]-]{1,100}/v1/.{1,200}$"
+    )
+    switchover_token: str | None = Field(None, max_length=100)
 
 
 class TuneRequest(BaseModel):

@@ -14,7 +14,7 @@ import time
 from enum import StrEnum
 
 from kvmotion.errors import Conflict, QemuError
-from kvmotion.host.migration import ACTIVE, ANNOUNCE, MigrationStats
+from kvmotion.host.migrationview import ACTIVE, ANNOUNCE, MigrationStats
 from kvmotion.host.storage import delete_node, stop_exports, yank
 from kvmotion.qemu.qmp import QmpSession
 
@@ -51,12 +51,19 @@ async def recover_outgoing(qmp: QmpSession, *, destination_gone: bool = False) -
             raise QemuError(f"QEMU did not cancel the migration left in it: still {stats.status}")
         status = await qmp.query_status()
         if not status.running and status.status in ("paused", "finish-migrate"):
-            await qmp.execute("cont")
+            await resume_here(qmp)
         return "the migration left in QEMU was cancelled and the guest runs here"
     if stats.status == "completed" and destination_gone:
-        await qmp.execute("cont")  # (a guest already running stays so)
+        await resume_here(qmp)  # (a guest already running stays so)
         return "source resumed (the destination's copy had ended)"
     return None
+
+
+async def resume_here(qmp: QmpSession) -> None:
+    """Run a source's guest again, and announce it: the destination may have taken its traffic
+    at the switchover (host/switchover.py)."""
+    await qmp.execute("cont")
+    await qmp.execute("announce-self", ANNOUNCE)
 
 
 async def abort_unwatched(qmp: QmpSession, name: str, *, destination_gone: bool) -> str:

@@ -194,6 +194,22 @@ class DiskMirror:
         self._ready_task: asyncio.Task[None] | None = None
         self._targets: list[MirrorTarget] = []
 
+    def check_memory_may_follow(self, vm: str, *, postcopy: bool) -> None:
+        """Raises Conflict unless ``vm``'s memory may move now ("change both"): every disk
+        copy ready, and no post-copy (the disks must be consistent at switchover)."""
+        if self.view.mode != "nbd" or self.view.phase != "ready":
+            raise Conflict(
+                f"VM {vm}'s disks are being copied ({self.view.phase}): memory follows only "
+                "once every disk copy is ready",
+                code="storage_not_ready",
+            )
+        if postcopy:
+            raise Conflict(
+                "post-copy cannot be combined with a disk copy: the disks must be consistent "
+                "at switchover",
+                code="no_postcopy",
+            )
+
     @property
     def running(self) -> bool:
         return self.view.phase not in TERMINAL

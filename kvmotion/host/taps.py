@@ -7,6 +7,7 @@ characters), so an agent that restarts finds and removes the taps of VMs that en
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from kvmotion.errors import ExecutionError, NotFound
@@ -44,3 +45,34 @@ async def create_tap(name: str, bridge: str) -> None:
 async def delete_tap(name: str) -> None:
     if Path(f"/sys/class/net/{name}").exists():
         await _ip("link", "del", "dev", name, check=False)
+
+
+def learned_on(tap: str, mac: str, sys_net: Path = Path("/sys/class/net")) -> bool:
+    """Whether ``tap``'s bridge has learned ``mac`` on ``tap``'s port (its forwarding table in
+    sysfs: 16-byte entries of MAC, port number low byte, is-local, ageing (4), port number high
+    byte). False when the tap is on no Linux bridge (Open vSwitch: not known here)."""
+    try:
+        port = int((sys_net / tap / "brport" / "port_no").read_text().strip(), 0)
+        bridge = (sys_net / tap / "brport" / "bridge").resolve().name
+        table = (sys_net / bridge / "brforward").read_bytes()
+    except (OSError, ValueError):
+        return False
+    want = bytes.fromhex(mac.replace(":", ""))
+    for offset in range(0, len(table) - 15, 16):
+        entry = table[offset : offset + 16]
+        if entry[:6] == want and (entry[12] << 8 | entry[6]) == port and not entry[7]:
+            return True
+    return False
+
+
+async def wait_learned(
+    tap: str, mac: str, timeout: float = 2.0, step: float = 0.002
+) -> float | None:
+    """When (wall clock) ``tap``'s bridge learned ``mac`` on its port, polled every ``step`` s
+    for at most ``timeout`` s; None if it did not (or cannot be told)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if learned_on(tap, mac):
+            return time.time()
+        await asyncio.sleep(step)
+    return None

@@ -12,13 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable, Coroutine
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from kvmotion import faults
 from kvmotion.errors import Conflict, InvalidInput, NotFound, QemuError
 from kvmotion.host import recovery, taps
 from kvmotion.host.cpu import VmCpu
-from kvmotion.host.migration import Incoming, MigrationStats, Outgoing
+from kvmotion.host.migration import Incoming, Outgoing
+from kvmotion.host.migrationview import MigrationStats
 from kvmotion.host.recovery import IncomingLeft
 from kvmotion.host.storage import DiskMirror, export_disks, stop_exports
 from kvmotion.host.storage_move import ColdCopy, StorageMove
@@ -105,13 +109,12 @@ class VirtualMachine:
         await self._start(incoming=True)
         assert self.qmp is not None
         qmp = self.qmp
+        nics = [(taps.tap_name(self.config.uuid, 0), n.mac) for n in self.config.nics[:1]]
         incoming = Incoming(
-            qmp,
-            self.config.name,
-            notify=self.changed.beat,
-            on_resumed=self._resumed_here,
+            qmp, self.config.name, notify=self.changed.beat, on_resumed=self._resumed_here,
             before_resume=(lambda: stop_exports(qmp)) if export else None,
-        )
+            learned=partial(self.env.learned, *nics[0]) if nics else None,
+        )  # fmt: skip
         self.migration = incoming
         try:
             creds = await self.env.tls.creds(qmp, "server")
@@ -317,6 +320,7 @@ class VirtualMachine:
         *,
         brake: bool = False,
         postcopy: bool = False,
+        on_stunned: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         """Start sending this running VM to ``uri``. Raises Conflict if it cannot migrate now."""
         if self.state is not PowerState.POWERED_ON or self.qmp is None:
@@ -328,22 +332,12 @@ class VirtualMachine:
             raise Conflict(f"VM {self.config.name} is {status.status} in QEMU, not running")
         mirror = self.storage if isinstance(self.storage, DiskMirror) else None
         if mirror is not None and mirror.running:
-            if mirror.view.mode != "nbd" or mirror.view.phase != "ready":
-                raise Conflict(
-                    f"VM {self.config.name}'s disks are being copied ({mirror.view.phase}): "
-                    "memory follows only once every disk copy is ready",
-                    code="storage_not_ready",
-                )
-            if postcopy:
-                raise Conflict(
-                    "post-copy cannot be combined with a disk copy: the disks must be "
-                    "consistent at switchover",
-                    code="no_postcopy",
-                )
+            mirror.check_memory_may_follow(self.config.name, postcopy=postcopy)
         disks_end = mirror.complete_at_switchover if mirror is not None and mirror.running else None
         outgoing = Outgoing(
-            self.qmp, self.config.name, before_switchover=disks_end, notify=self.changed.beat
-        )
+            self.qmp, self.config.name, before_switchover=disks_end, notify=self.changed.beat,
+            on_stunned=on_stunned,
+        )  # fmt: skip
         creds = await self.env.tls.creds(self.qmp, "client")
         self.migration = outgoing
         await outgoing.start(

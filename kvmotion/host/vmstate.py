@@ -13,7 +13,7 @@ from kvmotion.errors import NotFound
 from kvmotion.host import taps
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
-from kvmotion.host.migration import MigrationView
+from kvmotion.host.migrationview import MigrationView
 from kvmotion.host.storage import StorageView
 from kvmotion.host.tls import MigrationTls
 from kvmotion.host.vmconfig import VmConfig
@@ -54,11 +54,15 @@ class MigrationRole(StrEnum):
     UNWATCHED = "unwatched"
 
 
+async def _none() -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class VmEnvironment:
     """What a host gives its VMs.
 
-    The last four act on the host itself (they need root or a real QEMU): the agent passes
+    The last five act on the host itself (they need root or a real QEMU): the agent passes
     ``QemuProcess.start``/``find`` and ``taps.create_tap``/``delete_tap``; unit tests pass fakes.
     """
 
@@ -73,6 +77,8 @@ class VmEnvironment:
     find_qemu: Callable[[Path, str], QemuHandle | None]  # by pidfile and the VM's uuid
     create_tap: Callable[[str, str], Awaitable[None]]  # tap name, bridge
     delete_tap: Callable[[str], Awaitable[None]]  # tap name; one that is gone is fine
+    # When the VM network learned a MAC on a tap (taps.wait_learned); None: it did not
+    learned: Callable[[str, str], Awaitable[float | None]] = lambda _tap, _mac: _none()
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from kvmotion.errors import ExecutionError, LabError
 from kvmotion.lab import image as image_mod
 from kvmotion.lab import labcenter, netns, topology
 from kvmotion.lab.guestclient import GuestClient, PingLoop
+from kvmotion.lab.icmp import IcmpProbe, longest_gap_ms
 
 GUEST_PORT = 7000
 # The user's VM keeps busy while it moves: MiB/s dirtied over a working set of MiB. Moderate on
@@ -75,6 +76,8 @@ STEP_TEXT = {
     "stunned": "3. {vm} stunned on {src}; last dirty pages and device state sent",
     "resumed": "4. {vm} resumed on {dst} and announced; the user is now connected there",
     "source_removed": "5. {vm} removed from {src}",
+    "traffic_taken": "   {dst} took {vm}'s traffic: the user's frames wait there for the resume",
+    "mac_learned": "   the VM network learned {vm} on {dst} (its bridge saw it)",
 }
 
 
@@ -91,6 +94,18 @@ def describe_task(task: dict[str, Any], log: Log) -> None:
         f"  QEMU downtime {s.get('downtime_ms')} ms, {s.get('passes')} passes, "
         f"{(s.get('transferred_bytes') or 0) / 2**20:.0f} MiB sent in {s.get('total_time_ms')} ms; "
         f"task {s.get('task_time_ms')} ms"
+    )
+
+
+def user_view(task: dict[str, Any], tcp_replies: list[int], icmp: IcmpProbe, since: int) -> str:
+    """What the user saw of one migration (from ``since``), beside what QEMU and the agents say."""
+    s = task["summary"]
+    tcp = longest_gap_ms(tcp_replies, since, time.monotonic_ns())
+    return (
+        f"  the user's view: longest gap {tcp:.0f} ms between TCP answers (every 10 ms), "
+        f"{icmp.longest_gap_ms(since, time.monotonic_ns()):.0f} ms between ICMP echoes; "
+        f"the guest was stopped {s.get('stun_to_resume_ms')} ms (stunned -> resumed; QEMU's "
+        f"downtime {s.get('downtime_ms')} ms, its setup {s.get('setup_time_ms')} ms)"
     )
 
 
@@ -133,14 +148,18 @@ async def run_demo(log: Log) -> None:
         )
         sock = netns.connect_in_netns(state.client_netns, guest_ip(0), GUEST_PORT, timeout=5.0)
         ping = PingLoop(sock, interval=0.01, max_duration=600, owns_socket=True).start()
+        icmp = IcmpProbe(state.client_netns, guest_ip(0), max_duration=600).start()
         try:
             await asyncio.sleep(1.0)
             for dest in order:
                 log(f"vMotion vm-a -> {dest} (change compute resource only)")
-                await _migrate(center, "vm-a", dest, log)
+                since = time.monotonic_ns()
+                task = await _migrate(center, "vm-a", dest, log)
                 await asyncio.sleep(1.0)
+                log(user_view(task, ping.replies_ns(), icmp, since))
         finally:
             ping.stop()
+            icmp.stop()
             summary = await asyncio.to_thread(ping.join, 30)
             guest.dirty_stop()
             guest.close()

@@ -452,6 +452,10 @@ class PingLoop:
         self._thread.start()
         return self
 
+    def replies_ns(self) -> list[int]:
+        """When each answer so far arrived (host CLOCK_MONOTONIC, ns), ascending."""
+        return [received for received, _, _ in list(self._answers)]
+
     def stop(self) -> None:
         """Stop sending; answers still in flight are awaited for up to ``drain_timeout``."""
         self._stop.set()

@@ -66,6 +66,8 @@ def timeline_summary(times: dict[str, float]) -> dict[str, int]:
         "stun_to_resume_ms": ("stunned", "resumed"),
         "request_to_first_byte_ms": ("requested", "precopy"),
         "resume_to_done_ms": ("resumed", "source_removed"),
+        # The VM network learned the VM at its new place (its destination's bridge saw a frame).
+        "resume_to_mac_learned_ms": ("resumed", "mac_learned"),
     }
     return {
         name: round((times[b] - times[a]) * 1000)

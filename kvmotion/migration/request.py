@@ -23,6 +23,9 @@ class MigrationRequest:
     strategy: Strategy = "kvmotion"  # or "qemu-defaults" (for comparisons)
     predict: bool = False  # sample the guest's memory first (about 4.5 s) and predict
     datastore: str | None = None  # storage and both: where the disks go
+    # The destination takes the VM's traffic the moment the source stops it (host/switchover.py);
+    # False leaves it to QEMU's announce after the resume (for comparisons).
+    handover: bool = True
 
     def convergence(self) -> ConvergenceRequest:
         return ConvergenceRequest(

@@ -118,6 +118,13 @@ def test_seed_procedure_there_and_back(
             assert times["stunned"] <= times["resumed"] <= times["source_removed"]
             summary = task["summary"]
             assert summary["downtime_ms"] is not None and summary["downtime_ms"] >= 0
+            # The destination's bridge saw the VM's announce just after it resumed it. The
+            # source told the destination the moment it stopped the guest: if that reached it
+            # before the resume, the destination took the VM's traffic (host/switchover.py).
+            assert "mac_learned" in steps, steps
+            if "traffic_taken" in times:
+                assert times["stunned"] <= times["traffic_taken"] <= times["resumed"], steps
+            assert 0 <= summary["resume_to_mac_learned_ms"] < 1000, summary
             assert summary["passes"] >= 1 and task["samples"]
             assert summary["transferred_bytes"] > 10 * 2**20
             assert_runs_only_on(lab, center, dest_index)

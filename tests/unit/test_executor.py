@@ -213,7 +213,8 @@ async def test_success(center: Center, fake: FakeAgents) -> None:
     # The order of the protocol: prepare the destination, then stream from the source.
     order = [(c.host, c.route) for c in fake.calls if c.route not in ("facts", "list")]
     assert order.index((DST, "incoming")) < order.index((SRC, "migrate"))
-    assert order[-1] == (SRC, "finish")
+    # The source is ended last, then the destination is asked when the VM network learned it.
+    assert order[-2:] == [(SRC, "finish"), (DST, "get")]
     migrate_call = fake.called(SRC, "migrate")[0]
     assert migrate_call.body["uri"].startswith("tcp:10.99.0.173:")  # the migration network
     assert fake.called(DST, "incoming")[0].body["config"]["name"] == "vm-a"
@@ -1070,8 +1071,10 @@ async def test_an_abort_keeps_asking_a_source_that_is_restarting(
     await wait_until(lambda: bool(aborts(fake, DST)), timeout=10)
 
     async def revive() -> None:
-        await asyncio.sleep(0.5)
-        fake.host(SRC).dead = False  # ... and is back a moment later
+        # ... and is back once the abort asked it at least once (on a busy machine a fixed
+        # delay could outlast the abort's first ask, and nothing would be refused)
+        await wait_until(lambda: bool(aborts(fake, SRC)), timeout=10)
+        fake.host(SRC).dead = False
 
     reviving = asyncio.create_task(revive())
     await asyncio.wait_for(center.executor.wait(task_id), 15)

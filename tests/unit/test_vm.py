@@ -21,6 +21,7 @@ from kvmotion.host import vm as vm_module
 from kvmotion.host.config import DatastoreConfig
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
+from kvmotion.host.migration import Incoming
 from kvmotion.host.taps import tap_name
 from kvmotion.host.tls import MigrationTls
 from kvmotion.host.vm import VirtualMachine
@@ -62,8 +63,18 @@ def make_vm(root: Path, host: FakeHost, *, ram_pad_kib: int = 0) -> VirtualMachi
         find_qemu=host.find_qemu,
         create_tap=host.create_tap,
         delete_tap=host.delete_tap,
+        learned=learned,
     )
     return VirtualMachine(config, root / "ds" / "vm-a" / "vm.json", root / "run", env)
+
+
+LEARNED_AT = 1_700_000_000.25  # when the fake bridge learns the VM's MAC
+learned_asked: list[tuple[str, str]] = []
+
+
+async def learned(tap: str, mac: str) -> float | None:
+    learned_asked.append((tap, mac))
+    return LEARNED_AT
 
 
 @pytest.fixture
@@ -211,6 +222,17 @@ async def test_abort_is_too_late_once_the_destination_resumed(
     assert qemu.status == "running" and "quit" not in qemu.commands
 
 
+async def test_a_destination_notes_when_the_vm_network_learned_the_vm_after_it_resumed(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    learned_asked.clear()
+    qemu = await receiving(vm, host)
+    qemu.complete_incoming()
+    await until(lambda: "mac_learned" in (vm.migration.view.marks if vm.migration else {}))
+    assert vm.migration is not None and vm.migration.view.marks["mac_learned"] == LEARNED_AT
+    assert learned_asked == [(TAP, "52:54:00:12:34:56")]  # its first NIC's tap and MAC
+
+
 async def test_abort_cancels_a_migration_in_flight(vm: VirtualMachine, host: FakeHost) -> None:
     qemu = await migrating(vm, host)
 
@@ -233,7 +255,8 @@ async def test_abort_resumes_a_source_stopped_for_the_switchover(
     await until(lambda: not vm.outgoing().running)
 
     assert await vm.abort_migration() == "source kept running"
-    assert qemu.commands[-3:] == ["migrate_cancel", "query-status", "cont"]
+    # Resumed and announced: the destination may have taken its traffic at the switchover.
+    assert qemu.commands[-4:] == ["migrate_cancel", "query-status", "cont", "announce-self"]
     assert qemu.status == "running"
     assert vm.state is PowerState.POWERED_ON
 
@@ -255,7 +278,7 @@ async def test_abort_after_completion_resumes_once_the_destination_copy_ended(
 
     done = await vm.abort_migration(destination_gone=True)
     assert done == "source resumed (the destination's copy had ended)"
-    assert qemu.commands[-2:] == ["query-status", "cont"]
+    assert qemu.commands[-3:] == ["query-status", "cont", "announce-self"]
     assert qemu.status == "running"
     assert vm.outgoing().view.phase == "aborted"
     assert vm.state is PowerState.POWERED_ON
@@ -319,7 +342,7 @@ async def test_abort_after_restart_resumes_once_the_destination_copy_ended(
 
     done = await vm.abort_migration(destination_gone=True)
     assert done == "source resumed (the destination's copy had ended)"
-    assert qemu.commands[-1] == "cont" and qemu.status == "running"
+    assert qemu.commands[-2:] == ["cont", "announce-self"] and qemu.status == "running"
     assert vm.state is PowerState.POWERED_ON
 
 
@@ -336,7 +359,7 @@ async def test_abort_after_restart_cancels_what_attach_could_not(
 
     done = await vm.abort_migration()
     assert done == "the migration left in QEMU was cancelled and the guest runs here"
-    assert qemu.commands[-2:] == ["query-status", "cont"]
+    assert qemu.commands[-3:] == ["query-status", "cont", "announce-self"]
     assert qemu.migration == "cancelled" and qemu.status == "running"
     assert vm.state is PowerState.POWERED_ON
 
@@ -352,7 +375,7 @@ async def test_attach_cancels_a_migration_stuck_at_pre_switchover(
 
     assert await vm.attach() is True
     assert "migrate_cancel" in qemu.commands and "migrate-continue" not in qemu.commands
-    assert qemu.commands[-1] == "cont" and qemu.status == "running"
+    assert qemu.commands[-2:] == ["cont", "announce-self"] and qemu.status == "running"
     assert vm.state is PowerState.POWERED_ON and vm.migration is None
 
 
@@ -529,3 +552,34 @@ async def test_a_restarted_agent_knows_the_cpu_a_vm_was_powered_on_with(
     again.restore(Registration.read(again.run_dir / Registration.FILE))
     assert again.cpu == VmCpu("Conroe-v1", "intel-merom", ("sse2",))
     await release(again, host)
+
+
+async def test_the_source_tells_the_destination_the_moment_the_guest_stops(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    """Told in parallel with migrate-continue: the stun is not lengthened by it."""
+    told: list[list[str]] = []
+
+    async def tell() -> None:
+        told.append([c for c in qemu.commands if c.startswith("migrate")])
+
+    await vm.power_on()
+    await vm.migrate_out(DEST_URI, 10**9, 300, on_stunned=tell)
+    await until(lambda: vm.outgoing().view.phase == "active")
+    qemu = host.qemus[vm.files.pidfile]
+    qemu.pause_before_switchover()
+    await until(lambda: vm.outgoing().view.phase == "completed")
+    assert len(told) == 1 and "migrate-continue" not in told[0]  # told at the stun, before it
+
+
+async def test_only_the_migrations_own_token_lets_the_source_say_the_guest_stopped(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    await receiving(vm, host)
+    incoming = vm.migration
+    assert isinstance(incoming, Incoming)
+    assert incoming.accepts(incoming.switchover_token)
+    assert not incoming.accepts("") and not incoming.accepts(incoming.switchover_token + "x")
+    host.qemus[vm.files.pidfile].complete_incoming()
+    await until(lambda: vm.state is PowerState.POWERED_ON)
+    assert not incoming.accepts(incoming.switchover_token)  # resumed: too late to take traffic

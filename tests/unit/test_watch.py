@@ -20,7 +20,7 @@ from kvmotion.center.db import Database, Task
 from kvmotion.center.tasks import TaskStore
 from kvmotion.errors import NotFound
 from kvmotion.host import watch
-from kvmotion.host.migration import MigrationStats, MigrationView
+from kvmotion.host.migrationview import MigrationStats, MigrationView
 from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
 from kvmotion.host.vmstate import VmInfo
 from kvmotion.pulse import Pulse, wait_beat

@@ -20,6 +20,8 @@ const STEP_TEXT = {
   stunned: "3. VM stunned on the source; last dirty pages and device state sent",
   resumed: "4. VM resumed on the destination and announced on the VM network",
   disks_switched: "VM switched to its copied disks; old files removed",
+  traffic_taken: "the destination took the VM's traffic: frames wait there for the resume",
+  mac_learned: "the VM network learned the VM on the destination (its bridge saw it)",
   source_removed: "5. VM removed from the source host",
 };
 
@@ -55,8 +57,10 @@ function summaryRows(task) {
   }
   const mbit = s.throughput_mbps;
   rows.push(
-    ["QEMU downtime (VM stunned)", fmtMs(s.downtime_ms), "downtime_ms"],
-    ["Stunned → resumed", fmtMs(s.stun_to_resume_ms), "stun_to_resume_ms"],
+    // The pause the user sees first: QEMU's downtime counts only the source's part of it.
+    ["Guest stopped (stunned → resumed)", fmtMs(s.stun_to_resume_ms), "stun_to_resume_ms"],
+    ["Resumed → VM network learned it", fmtMs(s.resume_to_mac_learned_ms), "resume_to_mac_learned_ms"],
+    ["QEMU downtime (source's count)", fmtMs(s.downtime_ms), "downtime_ms"],
     ["Memory transferred", fmtBytes(s.transferred_bytes), "transferred_bytes"],
     ["Memory of the VM", fmtBytes(s.ram_total_bytes), "ram_total_bytes"],
     ["Passes", s.passes === null || s.passes === undefined ? "—" : String(s.passes), "passes"],

@@ -1,0 +1,106 @@
+"""A live migration as it is seen from outside: QEMU's figures (``query-migrate``), one sample per
+pre-copy pass, and the view of one side (:class:`MigrationView`) that the agent reports and the
+center reads. The sides that drive it are in :mod:`kvmotion.host.migration`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
+ACTIVE = (
+    "setup",
+    "active",
+    "pre-switchover",
+    "device",
+    "postcopy-active",
+    "cancelling",
+    "wait-unplug",
+)
+FINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass(frozen=True)
+class MigrationStats:
+    """``query-migrate`` parsed once: the numbers a task shows."""
+
+    status: str
+    total_time_ms: int | None = None
+    setup_time_ms: int | None = None
+    downtime_ms: int | None = None
+    expected_downtime_ms: int | None = None
+    transferred_bytes: int = 0
+    remaining_bytes: int = 0
+    total_bytes: int = 0
+    dirty_pages_rate: int = 0  # pages/s
+    page_size: int = 4096
+    mbps: float = 0.0
+    passes: int = 0  # dirty-sync-count
+    throttle_pct: int = 0
+    error: str | None = None
+
+    @classmethod
+    def parse(cls, reply: dict[str, Any]) -> MigrationStats:
+        ram = reply.get("ram", {})
+        return cls(
+            status=str(reply.get("status", "none")),
+            total_time_ms=reply.get("total-time"),
+            setup_time_ms=reply.get("setup-time"),
+            downtime_ms=reply.get("downtime"),
+            expected_downtime_ms=reply.get("expected-downtime"),
+            transferred_bytes=int(ram.get("transferred", 0)),
+            remaining_bytes=int(ram.get("remaining", 0)),
+            total_bytes=int(ram.get("total", 0)),
+            dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
+            page_size=int(ram.get("page-size", 4096)),
+            mbps=float(ram.get("mbps", 0.0)),
+            passes=int(ram.get("dirty-sync-count", 0)),
+            throttle_pct=int(reply.get("cpu-throttle-percentage", 0)),
+            error=reply.get("error-desc"),
+        )
+
+    @property
+    def dirty_rate_bps(self) -> int:
+        return self.dirty_pages_rate * self.page_size
+
+
+@dataclass
+class PassSample:
+    """One pre-copy pass as the source saw it (seconds since the migration started)."""
+
+    t: float
+    pass_no: int
+    transferred_bytes: int
+    remaining_bytes: int
+    dirty_rate_bps: int
+    throughput_bps: float
+    expected_downtime_ms: int | None
+    throttle_pct: int
+
+
+@dataclass
+class MigrationView:
+    """What a host reports about a VM's migration: side, phase, samples, marks."""
+
+    side: str  # "source" or "destination"
+    phase: str  # QEMU's status, or our own: "listening", "resumed", "failed", "aborted"
+    uri: str | None = None
+    stats: MigrationStats | None = None
+    samples: list[PassSample] = field(default_factory=list)
+    marks: dict[str, float] = field(default_factory=dict)  # wall-clock times of steps
+    error: str | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)  # what the source runs with now
+
+
+def uri_host(uri: str) -> str:
+    """The host of a ``tcp:HOST:PORT`` migration URI (``tcp:[v6]:PORT`` too)."""
+    _, _, rest = uri.partition(":")
+    host, _, _ = rest.rpartition(":")
+    return host.strip("[]")
+
+
+def throttle_params(pct: int) -> dict[str, int]:
+    """QEMU 7.2 parameters that hold the CPU throttle at ``pct`` % (1 % is its floor): the
+    throttle rises by ``increment`` at each fast-dirtying pass, capped at ``max-cpu-throttle``."""
+    pct = max(1, min(99, pct))
+    return {"cpu-throttle-initial": pct, "cpu-throttle-increment": 99, "max-cpu-throttle": pct}

@@ -1,0 +1,94 @@
+"""The VM network at switchover: the destination takes the VM's traffic while the guest is
+stopped, so that nothing the user sends in the stun is lost.
+
+Until the destination resumes the guest and QEMU announces it, the VM network's switches send
+the VM's frames to the source, whose stopped QEMU never reads them: they die with the source's
+QEMU, and the user's TCP connection waits for a retransmission. So the moment the source stops
+the guest (pre-switchover), its agent tells the destination's agent (:func:`tell_destination`,
+with a one-time token the destination made for this migration), which
+(:func:`take_traffic`) pins the VM's MAC to its tap on its bridge and sends a RARP from that MAC:
+the switches learn the new place, and frames queue in the destination's tap, read by the guest
+as soon as it resumes. The pin goes with the tap (when the VM leaves this host, or the migration
+fails here); while the VM runs here it is right anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import subprocess
+from collections.abc import Sequence
+from urllib.parse import urlsplit
+
+from kvmotion.host.taps import tap_name
+from kvmotion.host.vmconfig import NicConfig
+
+log = logging.getLogger(__name__)
+
+NOTIFY_TIMEOUT_S = 2.0
+TOKEN_HEADER = "X-Switchover-Token"
+
+
+def nic_taps(
+    uuid: str, nics: Sequence[NicConfig], bridges: dict[str, str]
+) -> dict[str, list[tuple[str, str]]]:
+    """The (tap, MAC) of each of a VM's NICs, by the bridge of its network on this host."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for index, nic in enumerate(nics):
+        if nic.network in bridges:
+            found.setdefault(bridges[nic.network], []).append((tap_name(uuid, index), nic.mac))
+    return found
+
+
+def rarp_frame(mac: str) -> bytes:
+    """A RARP request from ``mac`` (what QEMU's announce-self sends), broadcast."""
+    raw = bytes.fromhex(mac.replace(":", ""))
+    # hardware type 1, protocol IPv4, lengths 6 and 4, opcode 3 (reverse request)
+    body = bytes.fromhex("0001080006040003") + raw + bytes(4) + raw + bytes(4)
+    return b"\xff" * 6 + raw + b"\x80\x35" + body + bytes(18)
+
+
+def _bridge(*args: str) -> None:
+    subprocess.run(["bridge", *args], capture_output=True, timeout=5, check=True)
+
+
+def _take(bridge: str, taps_macs: list[tuple[str, str]]) -> None:
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind((bridge, 0))
+        for tap, mac in taps_macs:
+            _bridge("fdb", "replace", mac, "dev", tap, "master", "static")
+            sock.send(rarp_frame(mac))
+
+
+async def take_traffic(bridges: dict[str, list[tuple[str, str]]]) -> None:
+    """Pin each (tap, MAC) to its tap on its bridge and announce the MAC from there."""
+    await asyncio.gather(*(asyncio.to_thread(_take, b, tm) for b, tm in bridges.items()))
+
+
+async def tell_destination(url: str, token: str) -> None:
+    """The source: the guest just stopped here; the destination takes its traffic. Best
+    effort: without it the user's traffic still finds the VM once QEMU announces it there.
+
+    Called inside the stun, so it costs the event loop next to nothing: one plain HTTP/1.1
+    request on a fresh connection (no client library to set up), its answer read after."""
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        log.warning("cannot tell the destination at %s: only http:// is supported", url)
+        return
+    request = (
+        f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{TOKEN_HEADER}: {token}\r\n"
+        "Content-Length: 0\r\nConnection: close\r\n\r\n"
+    ).encode()
+    try:
+        async with asyncio.timeout(NOTIFY_TIMEOUT_S):
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+            try:
+                writer.write(request)
+                status = (await reader.readline()).decode(errors="replace").split()
+            finally:
+                writer.close()
+        if status[1:2] != ["204"]:
+            log.warning("the destination did not take the traffic: %s", " ".join(status))
+    except (OSError, TimeoutError) as exc:
+        log.warning("could not tell the destination to take the traffic: %s", exc)
