@@ -119,11 +119,12 @@ def test_seed_procedure_there_and_back(
             summary = task["summary"]
             assert summary["downtime_ms"] is not None and summary["downtime_ms"] >= 0
             # The destination's bridge saw the VM's announce just after it resumed it. The
-            # source told the destination the moment it stopped the guest: if that reached it
-            # before the resume, the destination took the VM's traffic (host/switchover.py).
+            # source told the destination the moment it stopped the guest, and the destination
+            # took the VM's traffic (host/switchover.py): most often before the resume, but the
+            # two run side by side, so either may finish first.
             assert "mac_learned" in steps, steps
             if "traffic_taken" in times:
-                assert times["stunned"] <= times["traffic_taken"] <= times["resumed"], steps
+                assert times["stunned"] <= times["traffic_taken"], steps
             assert 0 <= summary["resume_to_mac_learned_ms"] < 1000, summary
             assert summary["passes"] >= 1 and task["samples"]
             assert summary["transferred_bytes"] > 10 * 2**20
