@@ -55,7 +55,6 @@ class HostQemu:
                 image / "initrd.img" if image else None,
                 forced=config.accel,
                 binary=binary,
-                cpu_model=config.default_cpu_model,
             ),
             facts.qemu_version(binary),
             facts.machine_types(binary),

@@ -98,7 +98,10 @@ def check_qemu(version: str | None) -> str | None:
     if version not in QEMUS:
         raise InvalidInput(f"the lab offers QEMU {', '.join(QEMUS)} (or 'system'), not {version!r}")
     if not os.access(QEMUS[version], os.X_OK):
-        raise LabError(f"QEMU {version} is not unpacked at {QEMUS[version]}: run ./run setup")
+        raise LabError(
+            f"QEMU {version} is not unpacked at {QEMUS[version]} (./run setup unpacks Debian "
+            "12's 7.2 there, on Debian 12)"
+        )
     return version
 
 

@@ -1,7 +1,9 @@
 """Choosing the accelerator: KVM only if a real Linux guest boots under it, else TCG.
 
-The probe boots it with the CPU model VMs get by default, not ``-cpu host``: a guest never runs
-with the host's own model, and on some KVMs ``-cpu host`` alone makes QEMU stop at once.
+The probe boots it with ``-cpu host``: where KVM works that boots at once. Where it does not,
+QEMU may stop at once (a software KVM that cannot give the host's model: MSR 0x10a here) or the
+kernel may hang (a plain model on that KVM stops on an instruction its emulator lacks, after the
+deadline); either way the reason given is what happened, with QEMU's last words.
 
 On some machines /dev/kvm opens and firmware runs, yet a Linux kernel hangs at boot under KVM. So
 the probe boots the guest image with ``kvmotion.probe=1`` (its init prints a marker and powers off)
@@ -75,7 +77,7 @@ async def _boots_under_kvm(
         last = seen.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         return f"QEMU stopped under KVM before a Linux guest booted ({last[0][:160]})"
     except TimeoutError:
-        return f"/dev/kvm opens but a Linux guest did not boot under KVM in {deadline:.0f} s"
+        return f"/dev/kvm opens but a Linux guest did not boot under KVM in {deadline:g} s"
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
@@ -90,7 +92,7 @@ async def choose_accelerator(
     cache: Path = DEFAULT_CACHE,
     deadline: float = 15.0,
     binary: str = QEMU_BINARY,
-    cpu_model: str = "qemu64",
+    cpu_model: str = "host",
 ) -> AccelChoice:
     """Pick "kvm" or "tcg" for this host, saying why."""
     if forced is not None:
