@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from functools import partial
 from pathlib import Path
 
 from kvmotion.errors import Conflict, Forbidden, InsufficientResources, NotFound, QemuError
@@ -328,7 +327,8 @@ class HostAgent:
         if cpu is not None:
             self.cpu.check(cpu, what="receive")
         if self.qemu.ram_pad_kib and not ram_pad_kib:
-            raise Conflict(unpadded_refusal(config.name, self.config.name, self.qemu.version))
+            why = unpadded_refusal(config.name, self.config.name, self.qemu.version)
+            raise Conflict(why, code="ram_pad_missing")
         existing = self.vms.get(config.uuid)
         if existing is not None and existing.state is not PowerState.POWERED_OFF:
             raise Conflict(f"VM {config.name} is already {existing.state} on this host")
@@ -428,8 +428,7 @@ class HostAgent:
         vm = self.get(ref)
         cap = req.max_bandwidth_bps  # QEMU's cap: the link (not QEMU's 128 MiB/s)
         cap = cap or await asyncio.to_thread(self.link_bandwidth_bps) or UNKNOWN_LINK_CAP_BPS
-        url, token = req.switchover_url, req.switchover_token
-        stunned = partial(switchover.tell_destination, url, token) if url and token else None
+        stunned = switchover.teller(req.switchover_url, req.switchover_token)
         async with vm.lock:
             await vm.migrate_out(
                 req.uri, cap, req.downtime_limit_ms, brake=req.brake, postcopy=req.postcopy,

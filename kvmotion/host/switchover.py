@@ -18,7 +18,9 @@ import asyncio
 import logging
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from functools import partial
+from typing import Any
 from urllib.parse import urlsplit
 
 from kvmotion.host.taps import tap_name
@@ -64,6 +66,11 @@ def _take(bridge: str, taps_macs: list[tuple[str, str]]) -> None:
 async def take_traffic(bridges: dict[str, list[tuple[str, str]]]) -> None:
     """Pin each (tap, MAC) to its tap on its bridge and announce the MAC from there."""
     await asyncio.gather(*(asyncio.to_thread(_take, b, tm) for b, tm in bridges.items()))
+
+
+def teller(url: str | None, token: str | None) -> Callable[[], Coroutine[Any, Any, None]] | None:
+    """What the source calls at the stun (None when the center gave no destination to tell)."""
+    return partial(tell_destination, url, token) if url and token else None
 
 
 async def tell_destination(url: str, token: str) -> None:

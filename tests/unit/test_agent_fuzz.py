@@ -37,10 +37,13 @@ from kvmotion.host.agent import HostAgent
 from kvmotion.host.api import create_app
 from kvmotion.host.config import DatastoreConfig, HostConfig, NetworkConfig
 from kvmotion.host.cpu import HostCpu
+from kvmotion.host.hostqemu import HostQemu
 from kvmotion.host.vmconfig import VmCreateRequest
+from kvmotion.qemu.accel import AccelChoice
 from kvmotion.qemu.process import QemuProcess
 
 TOKEN = "agent-fuzz-token"
+QEMU_7_2 = HostQemu("qemu-system-x86_64", AccelChoice("tcg", "forced"), "7.2.0", ("pc-q35-7.2",))
 SEEDS = ("vm-a", "vm-b")  # vm-b is the one DELETE may take; the others keep vm-a
 
 _root = Path(tempfile.mkdtemp(prefix="kvmotion-agent-fuzz-"))
@@ -258,8 +261,13 @@ def test_an_unpadded_vm_is_refused_by_a_qemu_that_would_lose_its_writes() -> Non
     (_root / "ds" / "vm-in" / "vm-in.qcow2").write_bytes(b"")
     body = _record() | {"ram_pad_kib": 0}
     case = schema["/v1/migrations/incoming"]["POST"].Case(body=body)
-    response = case.call(headers={"Authorization": f"Bearer {TOKEN}"})
+    found, _agent.qemu = _agent.qemu, QEMU_7_2  # whatever the app's start found
+    try:
+        response = case.call(headers={"Authorization": f"Bearer {TOKEN}"})
+    finally:
+        _agent.qemu = found
     assert response.status_code == 409, response.text
+    assert response.json()["error"]["code"] == "ram_pad_missing"
     assert "loses guest writes" in response.json()["error"]["message"]
     assert (registered(), QemuStarts.calls) == before
 
