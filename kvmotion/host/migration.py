@@ -413,8 +413,7 @@ class Incoming:
 
     async def take_traffic(self, bridges: dict[str, list[tuple[str, str]]]) -> None:
         """The guest stopped on the source: its frames come here now, queued for the resume."""
-        if "traffic_taken" not in self.view.marks:
-            await switchover.take_traffic(bridges)
+        if "traffic_taken" not in self.view.marks and await switchover.take_traffic(bridges):
             self.view.marks["traffic_taken"] = time.time()
             self.notify()
 

@@ -206,9 +206,9 @@ class MigrateRequest(BaseModel):
     # Where to say the guest stopped here, so that the destination takes its traffic at once
     # (host/switchover.py): the destination's route and its one-time token for this migration.
     switchover_url: str | None = Field(
-        None, pattern=r"^https?://[A-Za-z0-9.:\[\]-]{1,100}/v1/.{1,200}$"
+        None, pattern=r"^https?://[A-Za-z0-9.:\[\]-]{1,100}/v1/[A-Za-z0-9/_.-]{1,200}$"
     )
-    switchover_token: str | None = Field(None, max_length=100)
+    switchover_token: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,100}$")
 
 
 class TuneRequest(BaseModel):

@@ -63,9 +63,16 @@ def _take(bridge: str, taps_macs: list[tuple[str, str]]) -> None:
             sock.send(rarp_frame(mac))
 
 
-async def take_traffic(bridges: dict[str, list[tuple[str, str]]]) -> None:
-    """Pin each (tap, MAC) to its tap on its bridge and announce the MAC from there."""
-    await asyncio.gather(*(asyncio.to_thread(_take, b, tm) for b, tm in bridges.items()))
+async def take_traffic(bridges: dict[str, list[tuple[str, str]]]) -> bool:
+    """Pin each (tap, MAC) to its tap on its bridge and announce the MAC from there. False
+    (and logged) where it cannot: a bridge that is not a Linux bridge (Open vSwitch) keeps
+    what it has, and QEMU's announce after the resume teaches the network as before."""
+    try:
+        await asyncio.gather(*(asyncio.to_thread(_take, b, tm) for b, tm in bridges.items()))
+    except (OSError, subprocess.SubprocessError) as exc:
+        log.warning("cannot take the VM's traffic at the switchover: %s", exc)
+        return False
+    return True
 
 
 def teller(url: str | None, token: str | None) -> Callable[[], Coroutine[Any, Any, None]] | None:

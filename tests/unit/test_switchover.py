@@ -3,7 +3,7 @@ pins, and who may tell it to."""
 
 from __future__ import annotations
 
-from kvmotion.host.switchover import nic_taps, rarp_frame
+from kvmotion.host.switchover import nic_taps, rarp_frame, take_traffic
 from kvmotion.host.taps import tap_name
 from kvmotion.host.vmconfig import NicConfig
 
@@ -31,3 +31,9 @@ def test_each_nic_is_pinned_on_the_bridge_of_its_network() -> None:
         "vmnet": [(tap_name(UUID, 0), MAC)],
         "br-st": [(tap_name(UUID, 1), "52:54:00:12:34:57")],
     }
+
+
+async def test_a_bridge_that_cannot_be_pinned_leaves_the_traffic_to_qemus_announce() -> None:
+    """Not a Linux bridge here (or none at all): logged, False, and nothing raised to the
+    source's request (the route would have answered 500)."""
+    assert await take_traffic({"kvno-such-bridge": [(tap_name(UUID, 0), MAC)]}) is False
