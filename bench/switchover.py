@@ -41,13 +41,11 @@ SETTLE_S = 1.0  # after each migration, before the next (the user keeps working)
 
 
 async def one(center: CenterClient, dest: str, handover: bool) -> dict[str, Any]:
-    task = await center.migrate(VM, dest, downtime_ms=100, handover=handover)
-    deadline = time.monotonic() + 120
-    while task["state"] not in ("success", "error", "cancelled"):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"task {task['id']} did not end in 120 s")
-        await asyncio.sleep(0.1)
-        task = await center.task(task["id"])
+    started = await center.migrate(VM, dest, downtime_ms=100, handover=handover)
+    task = started
+    async with asyncio.timeout(120):
+        async for task in center.follow_task(started["id"]):  # noqa: B007 (the last one is kept)
+            pass
     if task["state"] != "success":
         raise RuntimeError(f"migration failed: {task['error']}")
     return task

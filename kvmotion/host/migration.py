@@ -237,11 +237,8 @@ class Outgoing:
             await self._resume_here()
 
     async def _resume_here(self) -> None:
-        """Run the guest here again, and announce it: the destination may have taken its
-        traffic at the switchover (host/switchover.py)."""
-        await self.qmp.execute("cont")
+        await switchover.resume_here(self.qmp)
         self.view.marks["source_resumed"] = time.time()
-        await self.qmp.execute("announce-self", ANNOUNCE)
 
     async def cancel(self) -> None:
         """Cancel before switchover; the source keeps (or resumes) running. Idempotent."""

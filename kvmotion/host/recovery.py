@@ -14,8 +14,9 @@ import time
 from enum import StrEnum
 
 from kvmotion.errors import Conflict, QemuError
-from kvmotion.host.migrationview import ACTIVE, ANNOUNCE, MigrationStats
+from kvmotion.host.migrationview import ACTIVE, MigrationStats
 from kvmotion.host.storage import delete_node, stop_exports, yank
+from kvmotion.host.switchover import resume_here
 from kvmotion.qemu.qmp import QmpSession
 
 # The migration states in which an outgoing stream is still under way in QEMU.
@@ -59,13 +60,6 @@ async def recover_outgoing(qmp: QmpSession, *, destination_gone: bool = False) -
     return None
 
 
-async def resume_here(qmp: QmpSession) -> None:
-    """Run a source's guest again, and announce it: the destination may have taken its traffic
-    at the switchover (host/switchover.py)."""
-    await qmp.execute("cont")
-    await qmp.execute("announce-self", ANNOUNCE)
-
-
 async def abort_unwatched(qmp: QmpSession, name: str, *, destination_gone: bool) -> str:
     """The center aborts a migration of VM ``name`` that this agent does not watch: there was
     none, or an earlier agent started it. QEMU says which; see :func:`recover_outgoing`."""
@@ -97,8 +91,7 @@ async def recover_incoming(qmp: QmpSession) -> IncomingLeft:
     status = await qmp.query_status()
     if stats.status == "completed" and not status.running:
         await stop_exports(qmp)  # harmless without exports; never leave disks served
-        await qmp.execute("cont")
-        await qmp.execute("announce-self", ANNOUNCE)
+        await resume_here(qmp)
         return IncomingLeft.RESUMED
     return IncomingLeft.RUNNING if status.running else IncomingLeft.INCOMPLETE
 

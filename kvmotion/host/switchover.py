@@ -23,8 +23,10 @@ from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
+from kvmotion.host.migrationview import ANNOUNCE
 from kvmotion.host.taps import tap_name
 from kvmotion.host.vmconfig import NicConfig
+from kvmotion.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,13 @@ async def take_traffic(bridges: dict[str, list[tuple[str, str]]]) -> bool:
         log.warning("cannot take the VM's traffic at the switchover: %s", exc)
         return False
     return True
+
+
+async def resume_here(qmp: QmpSession) -> None:
+    """Run the guest here and announce it: a source after a failed migration (the destination
+    may have taken its traffic at the stun), or a destination's copy resumed after a restart."""
+    await qmp.execute("cont")
+    await qmp.execute("announce-self", ANNOUNCE)
 
 
 def teller(url: str | None, token: str | None) -> Callable[[], Coroutine[Any, Any, None]] | None:

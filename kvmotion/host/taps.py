@@ -47,16 +47,16 @@ async def delete_tap(name: str) -> None:
         await _ip("link", "del", "dev", name, check=False)
 
 
-def learned_on(tap: str, mac: str, sys_net: Path = Path("/sys/class/net")) -> bool:
+def learned_on(tap: str, mac: str, sys_net: Path = Path("/sys/class/net")) -> bool | None:
     """Whether ``tap``'s bridge has learned ``mac`` on ``tap``'s port (its forwarding table in
     sysfs: 16-byte entries of MAC, port number low byte, is-local, ageing (4), port number high
-    byte). False when the tap is on no Linux bridge (Open vSwitch: not known here)."""
+    byte). None when it cannot be told: the tap is on no Linux bridge (Open vSwitch)."""
     try:
         port = int((sys_net / tap / "brport" / "port_no").read_text().strip(), 0)
         bridge = (sys_net / tap / "brport" / "bridge").resolve().name
         table = (sys_net / bridge / "brforward").read_bytes()
     except (OSError, ValueError):
-        return False
+        return None
     want = bytes.fromhex(mac.replace(":", ""))
     for offset in range(0, len(table) - 15, 16):
         entry = table[offset : offset + 16]
@@ -69,10 +69,13 @@ async def wait_learned(
     tap: str, mac: str, timeout: float = 2.0, step: float = 0.002
 ) -> float | None:
     """When (wall clock) ``tap``'s bridge learned ``mac`` on its port, polled every ``step`` s
-    for at most ``timeout`` s; None if it did not (or cannot be told)."""
+    for at most ``timeout`` s; None if it did not, or cannot be told (asked once then)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if learned_on(tap, mac):
+        learned = learned_on(tap, mac)
+        if learned is None:
+            return None
+        if learned:
             return time.time()
         await asyncio.sleep(step)
     return None

@@ -99,11 +99,11 @@ def describe_task(task: dict[str, Any], log: Log) -> None:
 
 def user_view(task: dict[str, Any], tcp_replies: list[int], icmp: IcmpProbe, since: int) -> str:
     """What the user saw of one migration (from ``since``), beside what QEMU and the agents say."""
-    s = task["summary"]
-    tcp = longest_gap_ms(tcp_replies, since, time.monotonic_ns())
+    s, now = task["summary"], time.monotonic_ns()
+    tcp = longest_gap_ms(tcp_replies, since, now)
     return (
         f"  the user's view: longest gap {tcp:.0f} ms between TCP answers (every 10 ms), "
-        f"{icmp.longest_gap_ms(since, time.monotonic_ns()):.0f} ms between ICMP echoes; "
+        f"{icmp.longest_gap_ms(since, now):.0f} ms between ICMP echoes; "
         f"the guest was stopped {s.get('stun_to_resume_ms')} ms (stunned -> resumed; QEMU's "
         f"downtime {s.get('downtime_ms')} ms, its setup {s.get('setup_time_ms')} ms)"
     )

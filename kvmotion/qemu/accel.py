@@ -92,7 +92,6 @@ async def choose_accelerator(
     cache: Path = DEFAULT_CACHE,
     deadline: float = 15.0,
     binary: str = QEMU_BINARY,
-    cpu_model: str = "host",
 ) -> AccelChoice:
     """Pick "kvm" or "tcg" for this host, saying why."""
     if forced is not None:
@@ -101,14 +100,14 @@ async def choose_accelerator(
         return AccelChoice("tcg", "/dev/kvm is not available")
     if kernel is None or initrd is None or not kernel.exists() or not initrd.exists():
         return AccelChoice("tcg", "no guest image to probe KVM with (run `kvmotion image build`)")
-    key = f"{_probe_key(kernel, initrd, binary)}-{cpu_model}"
+    key = _probe_key(kernel, initrd, binary)
     known: dict[str, dict[str, str]] = {}  # one answer per QEMU binary, kernel and image
     with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
         known = dict(json.loads(cache.read_text())["probes"])
         if key in known:
             return AccelChoice(**known[key])
     log.info("probing KVM: booting the guest image with a %.0f s deadline", deadline)
-    failed = await _boots_under_kvm(kernel, initrd, deadline, binary, cpu_model)
+    failed = await _boots_under_kvm(kernel, initrd, deadline, binary, "host")
     if failed is None:
         choice = AccelChoice("kvm", "a Linux guest booted under KVM")
     else:
