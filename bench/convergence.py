@@ -66,7 +66,16 @@ LINK_PORT = 5901
 SETTLE_S = 2.0  # after a workload starts, before the migration
 RUN_SLACK_S = 60.0  # beyond the deadline, before the benchmark gives up on a task
 GOAL_TOTAL_RATIO, GOAL_GAP_MS, GOAL_PREDICTION = 1.2, 100.0, 0.2
-STRATEGIES = ("qemu-defaults", "kvmotion")  # the order alternates from run to run
+# What each strategy asks of the center (its order rotates from run to run). "kvmotion" is the
+# product as shipped (the policy, memory over DEFAULT_STREAMS streams); the others isolate a knob.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "qemu-defaults": {"strategy": "qemu-defaults"},
+    "kvmotion": {"strategy": "kvmotion"},
+    "kvmotion-1-stream": {"strategy": "kvmotion", "streams": 1},
+    "kvmotion-4-streams": {"strategy": "kvmotion", "streams": 4},
+    "kvmotion-postcopy": {"strategy": "kvmotion", "allow_postcopy": True},
+}
+STRATEGIES = ("qemu-defaults", "kvmotion")
 
 _RECEIVER = """
 import socket, sys, time
@@ -144,6 +153,7 @@ async def one_run(
     vm: str,
     strategy: str,
     deadline_s: float,
+    guest: GuestClient | None = None,
 ) -> dict[str, Any]:
     where = (await center.vm(vm))["host"]
     dest = HOSTS[1] if where == HOSTS[0] else HOSTS[0]
@@ -152,11 +162,14 @@ async def one_run(
     loop = PingLoop(sock, interval=PING_INTERVAL_S, max_duration=deadline_s + RUN_SLACK_S)
     with loop:
         time.sleep(0.5)
+        # The guest's own work (pages it dirtied), from the request to the task's end.
+        pages0, t0 = (guest.dirty_stat().pages, time.monotonic()) if guest else (0, 0.0)
         task = await center.migrate(
-            vm, dest, downtime_ms=DOWNTIME_MS, strategy=strategy, deadline_s=deadline_s,
-            predict=True,
+            vm, dest, downtime_ms=DOWNTIME_MS, deadline_s=deadline_s, predict=True,
+            **VARIANTS[strategy],
         )  # fmt: skip
         task = await wait_task(center, task["id"], deadline_s + RUN_SLACK_S)
+        pages1, t1 = (guest.dirty_stat().pages, time.monotonic()) if guest else (0, 0.0)
         time.sleep(0.5)
         loop.stop()
     summary_ping: PingSummary = loop.join(10)
@@ -178,6 +191,9 @@ async def one_run(
         and summary_ping.n_monotonic
         and summary_ping.lost == 0,
         "transferred_bytes": s.get("transferred_bytes"),
+        "streams": s.get("streams"),
+        "postcopy": any(t["step"] == "postcopy" for t in task.get("timeline", [])),
+        "guest_mib_s_during": (pages1 - pages0) * 4096 / 2**20 / (t1 - t0) if guest else None,
         "nonzero_bytes": predicted.get("nonzero_bytes"),
         "working_set_bytes": predicted.get("working_set_bytes"),
         "sampled_dirty_bps": s.get("sampled_dirty_bps"),
@@ -201,6 +217,7 @@ async def run_cell(
     runs: int,
     deadline_s: float,
     log: Any,
+    strategies: list[str],
 ) -> list[dict[str, Any]]:
     for host in HOSTS:
         topology.shape_link(host, link_mbit)
@@ -208,8 +225,10 @@ async def run_cell(
     reached = start_workload(guest, workload, ram_mib, link_bps)
     rows = []
     for run in range(runs):
-        for strategy in STRATEGIES if run % 2 == 0 else STRATEGIES[::-1]:
-            row = await one_run(center, state, vm, strategy, deadline_s)
+        turn = run % len(strategies)
+        for strategy in strategies[turn:] + strategies[:turn]:
+            live = guest if workload != "idle" else None
+            row = await one_run(center, state, vm, strategy, deadline_s, live)
             reached_now = float(guest.dirty_stat().rate_mib_s) if workload != "idle" else 0.0
             nonzero = row["nonzero_bytes"]
             physical = nonzero / link_bps if nonzero else None
@@ -220,6 +239,12 @@ async def run_cell(
                 "link_bps_measured": round(link_bps),
                 "run": run,
                 "dirty_mib_s": round(max(reached, reached_now), 1),
+                # What the guest kept of its speed while it migrated (its own work rate).
+                "guest_speed": (
+                    row["guest_mib_s_during"] / reached
+                    if row["guest_mib_s_during"] is not None and reached
+                    else None
+                ),
                 "heavy_reached": workload == "heavy"
                 and max(reached, reached_now) * 2**20 >= 2 * link_bps,
                 "physical_s": physical,
@@ -234,7 +259,7 @@ async def run_cell(
             }
             rows.append(row)
             log(
-                f"  {ram_mib} MiB {workload:5} {link_mbit:5} Mbit {strategy:13} run {run}: "
+                f"  {ram_mib} MiB {workload:5} {link_mbit:5} Mbit {strategy:18} run {run}: "
                 f"{row['state']:7} total {row['total_s']:6.1f} s (physical "
                 f"{physical or 0:5.2f} s), downtime {row['downtime_ms']} ms, gap "
                 f"{row['client_gap_ms']} ms, predicted {row['predicted_total_s'] or 0:.1f} s, "
@@ -283,6 +308,8 @@ def cells(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 default=None,
             ),
             "deepest_brake_pct": max((r["deepest_brake_pct"] for r in rs), default=0),
+            "guest_speed": med("guest_speed", rs),
+            "postcopy_runs": sum(1 for r in rs if r.get("postcopy")),
         })  # fmt: skip
     return out
 
@@ -295,8 +322,10 @@ def goals(table: list[dict[str, Any]]) -> list[str]:
     heavy_kv = [c for c in kv if c["workload"] == "heavy"]
     heavy_qd = [c for c in qd if c["workload"] == "heavy"]
     for c in heavy_kv:
+        same = (c["ram_mib"], c["link_mbit"])
         d = next(
-            q for q in heavy_qd if (q["ram_mib"], q["link_mbit"]) == (c["ram_mib"], c["link_mbit"])
+            (q for q in heavy_qd if (q["ram_mib"], q["link_mbit"]) == same),
+            {"converged": 0, "runs": 0},
         )
         met = (
             c["converged"] == c["runs"]
@@ -346,8 +375,8 @@ def markdown(table: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     head = (
         "| RAM | workload | link (measured) | strategy | converged | <= 100 ms | intact | dirty "
         "MiB/s | total s | physical s | total/physical (max) | downtime ms (max) | client gap "
-        "max ms | sent MiB | predicted s (worst error) | brake % |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "max ms | sent MiB | predicted s (worst error) | brake % | guest speed | post-copy |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = "".join(
         f"| {c['ram_mib']} MiB | {c['workload']} | {c['link_mbit']} "
@@ -359,7 +388,8 @@ def markdown(table: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{f(c['downtime_ms'], '.0f')} ({f(c['max_downtime_ms'], '.0f')}) | "
         f"{f(c['max_client_gap_ms'], '.0f')} | {f(c['transferred_mib'], '.0f')} | "
         f"{f(c['predicted_total_s'])} ({f(c['max_prediction_error'], '.0%')}) | "
-        f"{c['deepest_brake_pct']} |\n"
+        f"{c['deepest_brake_pct']} | {f(c.get('guest_speed'), '.0%')} | "
+        f"{c.get('postcopy_runs', 0)}/{c['runs']} |\n"
         for c in table
     )
     return (
@@ -368,7 +398,9 @@ def markdown(table: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"deadline {meta['deadline_s']:.0f} s, requested downtime {DOWNTIME_MS} ms; "
         f"{meta['elapsed_s'] / 60:.0f} min). Medians over the converged runs unless marked max. "
         f'"total" is QEMU\'s migration time; "physical" is non-zero RAM over the link rate '
-        f"measured in the same run.\n\n## Goals\n\n"
+        f'measured in the same run; "guest speed" is the guest\'s own work rate (pages it '
+        f"dirtied) from the request to the task's end, over its rate before (median); "
+        f'"post-copy" counts the runs that switched to it.\n\n## Goals\n\n'
         + "\n".join(goals(table))
         + "\n\n## Cells\n\n"
         + head
@@ -391,8 +423,9 @@ def plots(table: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
         ("max_client_gap_ms", "Client's longest gap (ms)", "gap"),
     ):
         fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.9), 4.5))
-        width = 0.4
-        for i, strategy in enumerate(STRATEGIES):
+        present = [v for v in VARIANTS if any(c["strategy"] == v for c in table)]
+        width = 0.8 / len(present)
+        for i, strategy in enumerate(present):
             xs, ys = [], []
             for j, label in enumerate(labels):
                 c = next(
@@ -406,7 +439,7 @@ def plots(table: list[dict[str, Any]], out: Path, name: str) -> list[Path]:
                 )
                 if c is None:
                     continue
-                x = j + (i - 0.5) * width
+                x = j + (i - (len(present) - 1) / 2) * width
                 if c[key] is None:
                     ax.plot([x], [0], "x", color="red")
                     continue
@@ -469,7 +502,7 @@ async def bench(args: argparse.Namespace) -> int:
                             log(f"cell {ram} MiB, {workload}, {link} Mbit")
                             rows += await run_cell(
                                 center, state, guest, vm, ram, workload, link, args.runs,
-                                args.deadline, log,
+                                args.deadline, log, args.strategies,
                             )  # fmt: skip
                             write(rows, args, accel, started)
                 finally:
@@ -516,6 +549,12 @@ def main() -> None:
     )
     parser.add_argument("--links", type=ints, default=[1000, 10000], help="Mbit/s")
     parser.add_argument("--deadline", type=float, default=60.0, help="seconds, every migration")
+    parser.add_argument(
+        "--strategies",
+        type=lambda s: s.split(","),
+        default=list(STRATEGIES),
+        help=f"comma-separated, of: {', '.join(VARIANTS)}",
+    )
     parser.add_argument("--out", default="convergence", help="result file names in bench/results")
     args = parser.parse_args()
     raise SystemExit(asyncio.run(bench(args)))

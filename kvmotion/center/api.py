@@ -31,6 +31,7 @@ from kvmotion.center.service import Center
 from kvmotion.center.tasks import TaskState, task_dict
 from kvmotion.errors import Conflict, KvmotionError, NotFound
 from kvmotion.host.config import DEFAULT_AGENT_PORT
+from kvmotion.host.migrationview import MAX_STREAMS
 from kvmotion.host.protocol import vm_json
 from kvmotion.host.vmconfig import VmCreateRequest, check_name
 from kvmotion.httpapi import ERROR_RESPONSES, install_error_handlers, role_checker
@@ -77,6 +78,7 @@ class MigrateBody(BaseModel):
     strategy: Literal["kvmotion", "qemu-defaults"] = "kvmotion"
     predict: bool = False  # sample the guest's memory (about 4.5 s) and predict first
     handover: bool = True  # the destination takes the VM's traffic at the stun (for comparisons)
+    streams: int | None = Field(None, ge=1, le=MAX_STREAMS)  # memory's TCP streams (multifd)
 
     _ds = field_validator("datastore")(lambda v: None if v is None else check_name(v, "datastore"))
 
@@ -84,7 +86,7 @@ class MigrateBody(BaseModel):
         return MigrationRequest(
             vm, self.host or "", self.type, self.downtime_ms, self.max_bandwidth_bps,
             self.deadline_s, self.priority, self.allow_postcopy, self.strategy, self.predict,
-            self.datastore, self.handover,
+            self.datastore, self.handover, self.streams,
         )  # fmt: skip
 
 

@@ -198,7 +198,8 @@ class CenterClient:
         **convergence: Any,
     ) -> JsonObject:
         """Start a migration; returns its task (202: the work goes on in the center).
-        ``convergence``: deadline_s, priority, allow_postcopy, strategy, predict, datastore."""
+        ``convergence``: deadline_s, priority, allow_postcopy, strategy, streams, predict,
+        datastore."""
         body = _migrate_body(host, type, downtime_ms, max_bandwidth_bps) | convergence
         path = f"/v1/vms/{_segment(vm)}/migrate"
         return await self._object("POST", path, json=body, timeout=_PRECHECK_TIMEOUT)

@@ -25,19 +25,19 @@ from typing import TYPE_CHECKING, Any
 from kvmotion import faults
 from kvmotion.center import runs
 from kvmotion.center.db import Host, Vm
+from kvmotion.center.postcopy import PostcopyRepair, memory_mode, mode_fields
 from kvmotion.center.prediction import link_bps, ram_bytes, sample_and_predict
 from kvmotion.center.runs import Cancelled, TaskRun
 from kvmotion.center.tasks import TaskState, record_event
 from kvmotion.center.watch import HostWatch, watching
 from kvmotion.errors import HostUnreachable, KvmotionError, NotFound
 from kvmotion.host.client import AgentClient
-from kvmotion.host.migrationview import MigrationStats, MigrationView
+from kvmotion.host.migrationview import POSTCOPY_PAUSED, MigrationStats, MigrationView
 from kvmotion.host.protocol import (
     DiskMirrorRequest,
     IncomingRequest,
     MigrateRequest,
     TuneRequest,
-    VmInfo,
     build,
 )
 from kvmotion.migration.convergence import Convergence
@@ -71,6 +71,8 @@ class ComputeMigration(TaskRun[ComputePhase]):
             strategy=req.strategy,
         )
         self._t0 = time.monotonic()
+        self.mode = memory_mode(req, source, dest, self.conv.link_bps)  # set alike on both ends
+        self.postcopy = PostcopyRepair(self, self._mark)
 
     async def steps(self) -> None:
         if self.req.predict:
@@ -126,7 +128,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
                     config_path=self.vm.config_path,
                     cpu=self.vm.cpu,
                     ram_pad_kib=self.vm.ram_pad_kib or 0,
-                    postcopy=self.req.allow_postcopy,
+                    **mode_fields(self.mode),
                     datastore=self.req.datastore if self.both else None,
                 )
             )
@@ -171,7 +173,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
                     self.req.datastore,
                     "ready",
                     (0.0, 50.0),
-                    also=lambda: self._check_destination(dst.latest()),
+                    also=lambda: dst.check_receiving(self.dest.name),
                 )
 
     async def migrate(self, uri: str) -> None:
@@ -187,7 +189,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
                     downtime_limit_ms=knobs.downtime_limit_ms,
                     max_bandwidth_bps=knobs.max_bandwidth_bps,
                     brake=self.conv.brake,
-                    postcopy=self.req.allow_postcopy,
+                    **mode_fields(self.mode),
                     switchover_url=f"{self.dest.url}/v1/migrations/{self.vm.uuid}/switchover",
                     switchover_token=self.switchover_token if self.req.handover else None,
                 ),
@@ -231,16 +233,20 @@ class ComputeMigration(TaskRun[ComputePhase]):
                 return
             if phase == "active":
                 await self._converge(agent, stats)
+            if self.phase is ComputePhase.POSTCOPY:
+                await self.postcopy.look(phase, time.monotonic() - moved_at, dst.latest())
             if phase in ("failed", "cancelled"):
-                dest_view = self._destination_view(dst)
+                dest_view = dst.migration_said()
                 also = f"; destination: {dest_view}" if dest_view else ""
                 raise KvmotionError(
                     f"QEMU migration {phase}: {view.error or 'no reason given'}{also}",
                     code=f"migration_{phase}",
                 )
-            self._check_destination(dst.latest())
-            # Past pre-switchover the guest is stunned: finishing beats undoing.
-            if self.cancel_requested and self.phase is not ComputePhase.SWITCHOVER:
+            dst.check_receiving(self.dest.name)
+            # Past pre-switchover the guest is stunned: finishing beats undoing; in post-copy
+            # nothing can be undone.
+            late = (ComputePhase.SWITCHOVER, ComputePhase.POSTCOPY)
+            if self.cancel_requested and self.phase not in late:
                 raise Cancelled()
             await self._next()
 
@@ -251,6 +257,11 @@ class ComputeMigration(TaskRun[ComputePhase]):
             await self.enter(ComputePhase.STREAMING)
         if self.phase is ComputePhase.STREAMING and qemu_phase in ("pre-switchover", "device"):
             await self.enter(ComputePhase.SWITCHOVER)
+        if qemu_phase in ("postcopy-active", *POSTCOPY_PAUSED) and self.phase in (
+            ComputePhase.STREAMING,
+            ComputePhase.SWITCHOVER,
+        ):
+            await self.enter(ComputePhase.POSTCOPY)
 
     async def _converge(self, agent: AgentClient, stats: MigrationStats) -> None:
         """Ask the convergence engine; apply and record what it decides."""
@@ -277,26 +288,6 @@ class ComputeMigration(TaskRun[ComputePhase]):
             ),
         )
 
-    @staticmethod
-    def _destination_view(dst: HostWatch) -> str | None:
-        with contextlib.suppress(KvmotionError):
-            view = dst.latest().migration
-            return (view.error or view.phase or None) if view is not None else None
-        return None
-
-    def _check_destination(self, info: VmInfo) -> None:
-        """The destination must stay alive while we copy to it (its watch raises HostUnreachable
-        if its agent died: the migration is aborted rather than completed into a host nobody
-        drives)."""
-        view = info.migration
-        failed = view is not None and view.phase in ("failed", "cancelled")
-        if info.power_state == "poweredOff" or failed:
-            why = (view.error if view is not None else None) or "its QEMU ended"
-            raise KvmotionError(
-                f"the destination {self.dest.name} stopped receiving: {why}",
-                code="destination_failed",
-            )
-
     async def _progress(self, view: MigrationView, stats: MigrationStats, phase: str) -> None:
         transferred, remaining = stats.transferred_bytes, stats.remaining_bytes
         total = transferred + remaining
@@ -310,6 +301,8 @@ class ComputeMigration(TaskRun[ComputePhase]):
             self._mark("precopy", marks["first_byte"])
         if "stunned" in marks:
             self._mark("stunned", marks["stunned"])
+        if "postcopy" in marks:
+            self._mark("postcopy", marks["postcopy"])
         await self._update(
             phase="switchover" if phase in ("pre-switchover", "device") else phase,
             progress=min(progress, 95.0),
@@ -318,22 +311,28 @@ class ComputeMigration(TaskRun[ComputePhase]):
         )
 
     def _summary(self, stats: MigrationStats) -> dict[str, Any]:
-        return self._kept_summary | {
-            "strategy": self.req.strategy,
-            "link_bps": self.conv.link_bps,
-            "decisions": self.conv.decisions,
-            "status": stats.status,
-            "total_time_ms": stats.total_time_ms,
-            "setup_time_ms": stats.setup_time_ms,
-            "downtime_ms": stats.downtime_ms,
-            "expected_downtime_ms": stats.expected_downtime_ms,
-            "transferred_bytes": stats.transferred_bytes,
-            "remaining_bytes": stats.remaining_bytes,
-            "ram_total_bytes": stats.total_bytes,
-            "throughput_mbps": stats.mbps,
-            "passes": stats.passes,
-            "dirty_rate_bps": stats.dirty_rate_bps,
-        }
+        return (
+            self._kept_summary
+            | {
+                "strategy": self.req.strategy,
+                "streams": self.mode.streams,
+                "link_bps": self.conv.link_bps,
+                "decisions": self.conv.decisions,
+                "status": stats.status,
+                "total_time_ms": stats.total_time_ms,
+                "setup_time_ms": stats.setup_time_ms,
+                "downtime_ms": stats.downtime_ms,
+                "expected_downtime_ms": stats.expected_downtime_ms,
+                "transferred_bytes": stats.transferred_bytes,
+                "multifd_bytes": stats.multifd_bytes,
+                "remaining_bytes": stats.remaining_bytes,
+                "ram_total_bytes": stats.total_bytes,
+                "throughput_mbps": stats.mbps,
+                "passes": stats.passes,
+                "dirty_rate_bps": stats.dirty_rate_bps,
+            }
+            | (self.postcopy.summary() if self.req.allow_postcopy else {})
+        )
 
     async def confirm_resumed(self, dst: HostWatch) -> None:
         """The destination resumes the guest itself on completion; wait until it says so."""
@@ -371,7 +370,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
                 "config_path": info.config_path,
             }
         await self.ex.inventory.set_vm(self.vm.uuid, **fields)
-        problems = await self._finish_source()
+        problems = await self.finish_source()
         if problems:
             self._kept_summary["old_files_left"] = problems
         self._mark("source_removed")
@@ -401,7 +400,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
                 if view is not None and step in view.marks:
                     self._mark(step, view.marks[step])
 
-    async def _finish_source(self) -> Any:
+    async def finish_source(self) -> Any:
         """End the source's paused copy. The guest runs on the destination, so that copy is
         stale: if the source's agent is unreachable (restarting), keep asking for
         ``source_retry_s`` rather than leave it behind."""
@@ -481,6 +480,9 @@ class ComputeMigration(TaskRun[ComputePhase]):
         if self.phase is ComputePhase.RESUMED:
             # The destination runs the VM: it is the owner now. Finish instead of undoing.
             await self._finish_after_resume(reason)
+            return
+        if self.phase is ComputePhase.POSTCOPY:
+            await self.postcopy.give_up(reason, code)
             return
         undo = UNDO[self.phase]
         notes = []

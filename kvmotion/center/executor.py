@@ -14,6 +14,7 @@ import dataclasses
 import time
 from typing import Any
 
+from kvmotion.center import postcopy
 from kvmotion.center.compute_run import ComputeMigration
 from kvmotion.center.db import Database, Host, Task, Vm
 from kvmotion.center.inventory import Inventory, host_view, vm_view
@@ -47,6 +48,7 @@ class Executor:
         stall_timeout_s: float = DEFAULT_STALL_TIMEOUT,
     ) -> None:
         self.stall_timeout_s = stall_timeout_s
+        self.postcopy_recovery_s = postcopy.DEFAULT_RECOVERY_S  # then a broken post-copy is lost
         self.source_retry_s = SOURCE_RETRY_S
         self.db = db
         self.inventory = inventory
@@ -107,6 +109,11 @@ class Executor:
             raise InvalidInput(
                 "post-copy cannot be combined with a disk copy (the disks must be consistent "
                 "at switchover): drop allow_postcopy"
+            )
+        if req.allow_postcopy and (req.streams or 1) > 1:
+            raise InvalidInput(
+                f"post-copy runs over one stream (QEMU cannot combine it with multifd): drop "
+                f"allow_postcopy or streams={req.streams}"
             )
         return req, vm
 

@@ -66,6 +66,26 @@ class HostWatch:
         assert self.info is not None, "read before the first answer"
         return self.info
 
+    def migration_said(self) -> str | None:
+        """What the VM's migration here last said (its error, else its phase), if anything."""
+        with contextlib.suppress(KvmotionError):
+            view = self.latest().migration
+            return (view.error or view.phase or None) if view is not None else None
+        return None
+
+    def check_receiving(self, host: str) -> None:
+        """A destination must stay alive while we copy to it (:meth:`latest` raises
+        HostUnreachable if its agent died: the migration is aborted rather than completed into a
+        host nobody drives); raises KvmotionError if its QEMU ended or its stream failed."""
+        info = self.latest()
+        view = info.migration
+        failed = view is not None and view.phase in ("failed", "cancelled")
+        if info.power_state == "poweredOff" or failed:
+            why = (view.error if view is not None else None) or "its QEMU ended"
+            raise KvmotionError(
+                f"the destination {host} stopped receiving: {why}", code="destination_failed"
+            )
+
 
 @contextlib.asynccontextmanager
 async def watching(agent: AgentClient, vm: str, wake: asyncio.Event) -> AsyncIterator[HostWatch]:

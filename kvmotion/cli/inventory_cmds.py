@@ -386,6 +386,15 @@ def vm_migrate(
     strategy: Annotated[
         str, typer.Option(help="kvmotion (the convergence engine) or qemu-defaults")
     ] = "kvmotion",
+    streams: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=16,
+            help="TCP streams for memory (QEMU's multifd); default 2, or 1 with --allow-postcopy",
+            show_default=False,
+        ),
+    ] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="print the task and return")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="only run the precheck; change nothing")
@@ -420,6 +429,7 @@ def vm_migrate(
         "priority": priority,
         "allow_postcopy": allow_postcopy,
         "strategy": strategy,
+        "streams": streams,
         "predict": predict or dry_run,
         "datastore": datastore,
     }

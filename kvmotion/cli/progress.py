@@ -151,6 +151,7 @@ def summary_rows(task: Task) -> list[tuple[str, str]]:
         ("resumed → VM network learned it", _ms(s.get("resume_to_mac_learned_ms"))),
         ("QEMU downtime (source's count)", _ms(s.get("downtime_ms"))),
         ("memory transferred", human_bytes(s.get("transferred_bytes"))),
+        ("memory streams", "-" if s.get("streams") is None else str(s["streams"])),
         ("passes", "-" if s.get("passes") is None else str(s["passes"])),
         ("QEMU setup time", _ms(s.get("setup_time_ms"))),
         ("QEMU migration time", _ms(s.get("total_time_ms"))),

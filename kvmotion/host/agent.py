@@ -21,7 +21,8 @@ from kvmotion.host.datastores import Datastores
 from kvmotion.host.facts import HostFacts, NetworkInfo
 from kvmotion.host.guestmem import MemoryProfile
 from kvmotion.host.hostqemu import HostQemu
-from kvmotion.host.migration import Incoming
+from kvmotion.host.incoming import Incoming
+from kvmotion.host.migrationview import MigrationMode
 from kvmotion.host.protocol import MigrateRequest
 from kvmotion.host.tls import MigrationTls
 from kvmotion.host.vm import VirtualMachine
@@ -312,7 +313,7 @@ class HostAgent:
         config_path: Path,
         cpu: VmCpu | None = None,
         *,
-        postcopy: bool = False,
+        mode: MigrationMode = MigrationMode(),
         datastore: str | None = None,
         ram_pad_kib: int = 0,
     ) -> tuple[VmInfo, str, int | None]:
@@ -334,7 +335,7 @@ class HostAgent:
             raise Conflict(f"VM {config.name} is already {existing.state} on this host")
         if datastore is not None:
             return await self._prepare_with_disks(
-                config, cpu, ram_pad_kib, address, postcopy, datastore
+                config, cpu, ram_pad_kib, address, mode, datastore
             )
         for disk in config.disks:
             path = self.datastores.resolve(disk.datastore, disk.path)
@@ -351,7 +352,7 @@ class HostAgent:
         self.vms[config.uuid] = vm
         try:
             async with vm.lock:
-                uri, _ = await vm.prepare_incoming(address, postcopy=postcopy)
+                uri, _ = await vm.prepare_incoming(address, mode=mode)
                 return await vm.info(), uri, None
         except BaseException:
             self._unregister(vm)
@@ -363,7 +364,7 @@ class HostAgent:
         cpu: VmCpu | None,
         ram_pad_kib: int,
         address: str,
-        postcopy: bool,
+        mode: MigrationMode,
         datastore: str,
     ) -> tuple[VmInfo, str, int | None]:
         await self.check_space(datastore, config)
@@ -376,7 +377,7 @@ class HostAgent:
         self.vms[config.uuid] = vm
         try:
             async with vm.lock:
-                uri, port = await vm.prepare_incoming(address, postcopy=postcopy, export=True)
+                uri, port = await vm.prepare_incoming(address, mode=mode, export=True)
                 return await vm.info(), uri, port
         except BaseException:
             self._unregister(vm)
@@ -431,7 +432,7 @@ class HostAgent:
         stunned = switchover.teller(req.switchover_url, req.switchover_token)
         async with vm.lock:
             await vm.migrate_out(
-                req.uri, cap, req.downtime_limit_ms, brake=req.brake, postcopy=req.postcopy,
+                req.uri, cap, req.downtime_limit_ms, brake=req.brake, mode=req.mode(),
                 on_stunned=stunned,
             )  # fmt: skip
             return await vm.info()
@@ -453,11 +454,6 @@ class HostAgent:
     ) -> VmInfo:
         vm = self.get(ref)
         await vm.outgoing().tune(downtime_limit_ms, max_bandwidth_bps, throttle_pct)
-        return await vm.info()
-
-    async def start_postcopy(self, ref: str) -> VmInfo:
-        vm = self.get(ref)
-        await vm.outgoing().start_postcopy()
         return await vm.info()
 
     async def dirty_rate(self, ref: str, seconds: int) -> float:

@@ -19,7 +19,8 @@ from fastapi import Depends, FastAPI, Header, Query, Response
 from kvmotion import __version__
 from kvmotion.host import watch
 from kvmotion.host.agent import HostAgent
-from kvmotion.host.migration import Incoming
+from kvmotion.host.incoming import Incoming
+from kvmotion.host.migration import postcopy_step
 from kvmotion.host.protocol import (
     AbortResult,
     DirtyRate,
@@ -32,6 +33,8 @@ from kvmotion.host.protocol import (
     IncomingResult,
     MemoryProfileOut,
     MigrateRequest,
+    PostcopyResume,
+    PostcopyStep,
     PowerOnRequest,
     ShutdownRequest,
     ShutdownResult,
@@ -122,7 +125,7 @@ def create_app(agent: HostAgent) -> FastAPI:
     @app.post("/v1/migrations/incoming", dependencies=auth, status_code=201)
     async def prepare_incoming(req: IncomingRequest) -> IncomingResult:
         info, uri, port = await agent.prepare_incoming(
-            req.config, Path(req.config_path), req.cpu, postcopy=req.postcopy,
+            req.config, Path(req.config_path), req.cpu, mode=req.mode(),
             datastore=req.datastore, ram_pad_kib=req.ram_pad_kib,
         )  # fmt: skip
         nbd_host = agent.config.migration_address if port is not None else None
@@ -148,9 +151,29 @@ def create_app(agent: HostAgent) -> FastAPI:
             vm, req.downtime_limit_ms, req.max_bandwidth_bps, req.throttle_pct
         )
 
+    async def postcopy(vm: str, step: str, uri: str | None = None) -> PostcopyStep:
+        machine, address = agent.get(vm), agent.config.migration_address
+        uri = await postcopy_step(machine.migration, step, uri=uri, address=address)
+        return PostcopyStep(vm=await machine.info(), uri=uri)
+
     @app.post("/v1/vms/{vm}/migration/postcopy", dependencies=auth)
     async def start_postcopy(vm: str) -> VmInfo:
-        return await agent.start_postcopy(vm)
+        return (await postcopy(vm, "start")).vm
+
+    @app.post("/v1/vms/{vm}/migration/postcopy/pause", dependencies=auth)
+    async def pause_postcopy(vm: str) -> PostcopyStep:
+        """Break a stalled post-copy stream (either side), so that it can be recovered."""
+        return await postcopy(vm, "pause")
+
+    @app.post("/v1/vms/{vm}/migration/postcopy/recover", dependencies=auth)
+    async def recover_postcopy(vm: str) -> PostcopyStep:
+        """Destination: listen again for a broken post-copy stream; answers where."""
+        return await postcopy(vm, "recover")
+
+    @app.post("/v1/vms/{vm}/migration/postcopy/resume", dependencies=auth)
+    async def resume_postcopy(vm: str, req: PostcopyResume) -> PostcopyStep:
+        """Source: reconnect a broken post-copy stream to the destination's recovery URI."""
+        return await postcopy(vm, "resume", req.uri)
 
     @app.post("/v1/vms/{vm}/dirty-rate", dependencies=auth)
     async def dirty_rate(vm: str, req: DirtyRateRequest) -> DirtyRate:

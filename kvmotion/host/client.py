@@ -17,6 +17,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from kvmotion.errors import ExecutionError, HostUnreachable
 from kvmotion.host.protocol import (
     HOST_FACTS,
+    POSTCOPY_STEP,
     VM_INFO,
     VM_LIST,
     AbortResult,
@@ -28,6 +29,8 @@ from kvmotion.host.protocol import (
     IncomingResult,
     MemoryProfileOut,
     MigrateRequest,
+    PostcopyResume,
+    PostcopyStep,
     PowerOnRequest,
     ShutdownRequest,
     ShutdownResult,
@@ -181,6 +184,12 @@ class AgentClient:
 
     async def start_postcopy(self, vm: str) -> VmInfo:
         return await self.call(VM_INFO, "POST", f"/v1/vms/{vm}/migration/postcopy")
+
+    async def postcopy_step(self, vm: str, step: str, uri: str | None = None) -> PostcopyStep:
+        """``pause`` (either side), ``recover`` (destination), ``resume`` to ``uri`` (source)."""
+        body = PostcopyResume(uri=uri) if uri is not None else None
+        path = f"/v1/vms/{vm}/migration/postcopy/{step}"
+        return await self.call(POSTCOPY_STEP, "POST", path, body)
 
     async def memory_profile(self, vm: str) -> MemoryProfileOut:
         """Non-zero RAM, dirty rate and working set of a running VM (bytes, bytes/s)."""

@@ -4,22 +4,20 @@ Source side (:class:`Outgoing`): set capabilities and parameters, ``migrate`` to
 migration address, poll ``query-migrate`` and record one sample per pre-copy pass; at
 ``pre-switchover`` (the guest is stunned) do the last checks and ``migrate-continue``. After success
 the source QEMU sits in ``postmigrate`` until the center says finish (end it) or abort (resume it).
+Once post-copy started it never runs the guest again: the destination does.
 
-Destination side (:class:`Incoming`): QEMU was started paused with ``-incoming defer``; listen on
-the migration address; when the stream completes, ``cont`` at once (the guest resumes here) and
-``announce-self`` so the VM network learns the VM's new place.
+Destination side: :mod:`kvmotion.host.incoming`.
 
 Reading a migration never acts: the agent answers with ``Outgoing.view`` or ``Incoming.view`` as
-they are; only the watch loops and the center's requests (continue, abort, finish) change them.
+they are; only the watch loops and the center's requests (continue, abort, finish, post-copy's
+steps) change them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -29,10 +27,12 @@ from qemu.qmp import EventListener
 from kvmotion import faults
 from kvmotion.errors import Conflict, QemuError
 from kvmotion.host import switchover
+from kvmotion.host.incoming import Incoming
 from kvmotion.host.migrationview import (
-    ACTIVE,
-    ANNOUNCE,
     FINAL,
+    POSTCOPY_PAUSED,
+    POSTCOPY_SHARE,
+    MigrationMode,
     MigrationStats,
     MigrationView,
     PassSample,
@@ -92,17 +92,17 @@ class Outgoing:
         downtime_limit_ms: int,
         *,
         brake: bool = False,
-        postcopy: bool = False,
+        mode: MigrationMode = MigrationMode(),
         tls_creds: str | None = None,
     ) -> None:
         """Configure and start ``migrate``; the watcher runs until a final state.
 
         ``brake`` enables QEMU's CPU throttle (auto-converge) held at its floor until
-        :meth:`tune` asks for a depth; ``postcopy`` allows :meth:`start_postcopy` later (the
-        destination must have been told too).
+        :meth:`tune` asks for a depth; ``mode`` must be the destination's: with ``postcopy``,
+        :meth:`start_postcopy` may be asked later.
         """
         capabilities = [("events", True), ("pause-before-switchover", True)]
-        capabilities += [("auto-converge", brake), ("postcopy-ram", postcopy)]
+        capabilities += [("auto-converge", brake), *mode.capabilities()]
         await self.qmp.execute(
             "migrate-set-capabilities",
             {"capabilities": [{"capability": c, "state": on} for c, on in capabilities]},
@@ -113,7 +113,7 @@ class Outgoing:
             # TLS, checking that the destination's certificate names the address sent to.
             "tls-creds": tls_creds or "",
             "tls-hostname": uri_host(uri) if tls_creds else "",
-        }
+        } | mode.parameters()
         if brake:
             # The brake is steered through its cap: QEMU raises the throttle towards
             # max-cpu-throttle at each pass where the guest dirties fast (threshold 1 %).
@@ -124,7 +124,8 @@ class Outgoing:
             "max_bandwidth_bps": max_bandwidth_bps,
             "throttle_pct": 0,
             "brake": brake,
-            "postcopy_allowed": postcopy,
+            "postcopy_allowed": mode.postcopy,
+            "streams": mode.streams,
         }
         self.view.uri = uri
         self._started = time.monotonic()
@@ -180,7 +181,10 @@ class Outgoing:
                         self.view.samples.append(self._sample(stats))  # the series' last point
                     self.view.marks[stats.status] = time.time()
                     self.view.error = stats.error or self.view.error
-                    if stats.status != "completed":
+                    if stats.status != "completed" and self.postcopy_started:
+                        # The destination ran the guest: the memory here is stale.
+                        self.log.error("post-copy ended %s: not resuming here", stats.status)
+                    elif stats.status != "completed":
                         await self._resume_if_paused()
                     self.log.info("migration %s: %s", stats.status, stats.error or "")
                     return
@@ -240,10 +244,24 @@ class Outgoing:
         await switchover.resume_here(self.qmp)
         self.view.marks["source_resumed"] = time.time()
 
+    @property
+    def postcopy_started(self) -> bool:
+        """Post-copy began: the guest ran on the destination, so this copy must never run again."""
+        return "postcopy" in self.view.marks or self.view.phase in (
+            "postcopy-active",
+            *POSTCOPY_PAUSED,
+        )
+
     async def cancel(self) -> None:
         """Cancel before switchover; the source keeps (or resumes) running. Idempotent."""
         if self.view.phase == "completed":
             raise Conflict("migration already completed: it cannot be cancelled", code="too_late")
+        if self.postcopy_started:
+            raise Conflict(
+                "post-copy has started: the guest runs on the destination, which still needs "
+                "memory from here; it cannot be cancelled",
+                code="too_late",
+            )
         with contextlib.suppress(QemuError):
             await self.qmp.execute("migrate_cancel")
         if self._task is not None:
@@ -285,8 +303,32 @@ class Outgoing:
     async def start_postcopy(self) -> None:
         if not self.view.knobs.get("postcopy_allowed"):
             raise Conflict("this migration was started without post-copy", code="no_postcopy")
+        # The background copy leaves part of the link free: the pages the running guest faults on
+        # would otherwise queue behind it (in the link's queue, which both streams share).
+        cap = self.view.knobs.get("max_bandwidth_bps")
+        if cap:
+            share = {"max-postcopy-bandwidth": int(cap * POSTCOPY_SHARE)}
+            await self.qmp.execute("migrate-set-parameters", share)
         await self.qmp.execute("migrate-start-postcopy")
         self.view.marks["postcopy"] = time.time()
+        self._tell()
+
+    async def pause_postcopy(self) -> None:
+        """Break a post-copy stream that stalled (a cut link leaves TCP waiting for minutes), so
+        that it can be recovered: QEMU moves to ``postcopy-paused``."""
+        if self.view.phase != "postcopy-active":
+            raise Conflict(
+                f"the migration is {self.view.phase}, not in post-copy", code="wrong_state"
+            )
+        await self.qmp.execute("migrate-pause")
+
+    async def resume_postcopy(self, uri: str) -> None:
+        """Reconnect a paused post-copy to the destination's recovery ``uri``; the copy goes on
+        from where it broke."""
+        if self.view.phase != "postcopy-paused":
+            raise Conflict(f"the migration is {self.view.phase}, not paused", code="wrong_state")
+        await self.qmp.execute("migrate", {"uri": uri, "resume": True})
+        self.view.marks["postcopy_resumed"] = time.time()
         self._tell()
 
     async def resume_after_completion(self) -> None:
@@ -304,125 +346,20 @@ class Outgoing:
                 await self._task
 
 
-class Incoming:
-    """The destination side: listen, and resume the guest the moment the stream completes."""
-
-    def __init__(
-        self,
-        qmp: QmpSession,
-        name: str,
-        on_resumed: Callable[[], None],
-        before_resume: Callable[[], Awaitable[None]] | None = None,
-        notify: Callable[[], None] = lambda: None,
-        learned: Callable[[], Awaitable[float | None]] | None = None,
-    ) -> None:
-        self.qmp = qmp
-        # When the VM network learned the VM here after it resumed (host/taps.py wait_learned):
-        # the user's traffic reaches it from then on.
-        self.learned = learned
-        self._learning: asyncio.Task[None] | None = None
-        # Lets the source's agent say the guest stopped there (host/switchover.py).
-        self.switchover_token = secrets.token_urlsafe(24)
-        self.notify = notify  # called at each change of phase
-        self.on_resumed = on_resumed
-        self.before_resume = before_resume  # e.g. stop serving the disks over NBD
-        self.view = MigrationView(side="destination", phase="setup")
-        self.log = log.getChild(name)
-        self._task: asyncio.Task[None] | None = None
-        self._events: EventListener | None = None
-
-    async def listen(
-        self, address: str, *, postcopy: bool = False, tls_creds: str | None = None
-    ) -> str:
-        """Start listening on ``address`` (the migration network), accepting only TLS streams
-        from a certified host with ``tls_creds``; return the URI to send to."""
-        await self.qmp.execute(
-            "migrate-set-capabilities",
-            {"capabilities": [
-                {"capability": "events", "state": True},
-                {"capability": "late-block-activate", "state": True},
-                {"capability": "postcopy-ram", "state": postcopy},
-            ]},
-        )  # fmt: skip
-        await self.qmp.execute("migrate-set-parameters", {"tls-creds": tls_creds or ""})
-        # Listen for MIGRATION events before the stream can start, so none is missed.
-        self._events = self.qmp.listener(["MIGRATION"])
-        await self.qmp.execute("migrate-incoming", {"uri": f"tcp:{address}:0"})
-        info = await self.qmp.execute("query-migrate")
-        ports = [a["port"] for a in info.get("socket-address", []) if "port" in a]
-        if not ports:
-            raise QemuError(f"destination QEMU did not report its listening port: {info}")
-        uri = f"tcp:{address}:{ports[0]}"
-        self.view.uri = uri
-        self.view.phase = "listening"
-        self.view.marks["listening"] = time.time()
-        self._task = asyncio.create_task(self._watch(), name="incoming-migration")
-        return uri
-
-    async def _watch(self) -> None:
-        """Resume on the MIGRATION event ``completed`` (no polling delay in the downtime)."""
-        assert self._events is not None
-        try:
-            while True:
-                status = None
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(1.0):  # not wait_for: see Outgoing._next_status
-                        event = await self._events.get()
-                    data: Any = event.get("data") or {}  # type: ignore[attr-defined]
-                    status = str(data.get("status"))
-                if status is None:  # no event for a while: look, in case one was missed
-                    status = MigrationStats.parse(await self.qmp.execute("query-migrate")).status
-                if status == "completed":
-                    if self.before_resume is not None:
-                        await self.before_resume()
-                    await faults.hold("resume")
-                    await self.qmp.execute("cont")
-                    self.view.marks["resumed"] = time.time()
-                    self.view.phase = "resumed"
-                    self.notify()
-                    try:  # announce first: the VM network learns the new place at once
-                        await self.qmp.execute("announce-self", ANNOUNCE)
-                    finally:  # then record that the guest runs here (a registration fsync)
-                        self.on_resumed()
-                    if self.learned is not None:
-                        self._learning = asyncio.create_task(self._note_learned(self.learned))
-                    self.view.stats = MigrationStats.parse(await self.qmp.execute("query-migrate"))
-                    self.log.info("resumed on this host and announced")
-                    return
-                if status in ("failed", "cancelled"):
-                    self.view.phase = status
-                    return
-                if status in ACTIVE and status != self.view.phase:
-                    self.view.phase = status
-                    self.notify()
-        except QemuError as exc:
-            # A failed incoming migration makes the destination QEMU exit.
-            self.view.phase = "failed"
-            self.view.error = exc.message
-        finally:
-            self.notify()
-            self.qmp.remove_listener(self._events)
-
-    def accepts(self, token: str) -> bool:
-        """Whether ``token`` is this migration's switchover token, before the resume."""
-        waiting = self.view.phase in ("listening", *ACTIVE)
-        return waiting and hmac.compare_digest(token, self.switchover_token)
-
-    async def take_traffic(self, bridges: dict[str, list[tuple[str, str]]]) -> None:
-        """The guest stopped on the source: its frames come here now, queued for the resume."""
-        if "traffic_taken" not in self.view.marks and await switchover.take_traffic(bridges):
-            self.view.marks["traffic_taken"] = time.time()
-            self.notify()
-
-    async def _note_learned(self, learned: Callable[[], Awaitable[float | None]]) -> None:
-        when = await learned()
-        if when is not None:
-            self.view.marks["mac_learned"] = when
-            self.notify()
-
-    async def close(self) -> None:
-        for task in (self._task, self._learning):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+async def postcopy_step(
+    migration: Outgoing | Incoming | None, step: str, *, uri: str | None, address: str | None
+) -> str | None:
+    """One step of post-copy on this host: ``start`` (source), ``pause`` (either side),
+    ``recover`` (destination: listen again at ``address``; returns the URI), ``resume``
+    (source: reconnect to ``uri``)."""
+    if isinstance(migration, Outgoing) and step == "start":
+        await migration.start_postcopy()
+    elif isinstance(migration, Outgoing | Incoming) and step == "pause":
+        await migration.pause_postcopy()
+    elif isinstance(migration, Incoming) and step == "recover" and address:
+        return await migration.recover(address)
+    elif isinstance(migration, Outgoing) and step == "resume" and uri:
+        await migration.resume_postcopy(uri)
+    else:
+        raise Conflict(f"no post-copy migration here to {step}", code="wrong_state")
+    return None

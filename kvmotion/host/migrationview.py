@@ -1,6 +1,7 @@
 """A live migration as it is seen from outside: QEMU's figures (``query-migrate``), one sample per
 pre-copy pass, and the view of one side (:class:`MigrationView`) that the agent reports and the
-center reads. The sides that drive it are in :mod:`kvmotion.host.migration`."""
+center reads, and the mode both sides are set to alike. The sides that drive it are in
+:mod:`kvmotion.host.migration` and :mod:`kvmotion.host.incoming`."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ ACTIVE = (
     "wait-unplug",
 )
 FINAL = ("completed", "failed", "cancelled")
+# Post-copy whose stream broke: the guest runs on the destination but waits on every page still
+# on the source, until the stream is recovered (migrate-recover, migrate with resume).
+POSTCOPY_PAUSED = ("postcopy-paused", "postcopy-recover-setup", "postcopy-recover")
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class MigrationStats:
     downtime_ms: int | None = None
     expected_downtime_ms: int | None = None
     transferred_bytes: int = 0
+    multifd_bytes: int = 0  # of those, what went over the multifd streams
     remaining_bytes: int = 0
     total_bytes: int = 0
     dirty_pages_rate: int = 0  # pages/s
@@ -49,6 +54,7 @@ class MigrationStats:
             downtime_ms=reply.get("downtime"),
             expected_downtime_ms=reply.get("expected-downtime"),
             transferred_bytes=int(ram.get("transferred", 0)),
+            multifd_bytes=int(ram.get("multifd-bytes", 0)),
             remaining_bytes=int(ram.get("remaining", 0)),
             total_bytes=int(ram.get("total", 0)),
             dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
@@ -104,3 +110,43 @@ def throttle_params(pct: int) -> dict[str, int]:
     throttle rises by ``increment`` at each fast-dirtying pass, capped at ``max-cpu-throttle``."""
     pct = max(1, min(99, pct))
     return {"cpu-throttle-initial": pct, "cpu-throttle-increment": 99, "max-cpu-throttle": pct}
+
+
+MAX_STREAMS = 16
+# Of the link, what post-copy's background copy may take (measured: tests/lab/test_postcopy.py,
+# a full link left the guest waiting seconds on each page it faulted on)
+POSTCOPY_SHARE = 0.75
+PREEMPT_SINCE = (8, 0)  # QEMU's postcopy-preempt channel as it is now (its handshake changed)
+
+
+@dataclass(frozen=True)
+class MigrationMode:
+    """How memory travels, set alike on both ends before the stream starts.
+
+    ``streams`` > 1 sends memory over that many TCP streams (QEMU's multifd: one thread a stream
+    on each end, so the destination's first touch of fresh memory, which bounds a copy under
+    TCG, runs in parallel too); ``postcopy`` lets the source switch to post-copy. QEMU 10 refuses
+    the two together, and 7.2 does not support them together. ``preempt`` (with post-copy only)
+    sends the pages the running guest waits for over a second stream, ahead of the background
+    copy (QEMU 8.0 and later on both ends: the channel's handshake changed in 8.0).
+    """
+
+    postcopy: bool = False
+    streams: int = 1
+    preempt: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.streams <= MAX_STREAMS:
+            raise ValueError(f"streams must be 1 to {MAX_STREAMS}, not {self.streams}")
+        if self.postcopy and self.streams > 1:
+            raise ValueError("post-copy runs over one stream: QEMU cannot combine it with multifd")
+        if self.preempt and not self.postcopy:
+            raise ValueError("postcopy-preempt needs post-copy")
+
+    def capabilities(self) -> list[tuple[str, bool]]:
+        caps = [("postcopy-ram", self.postcopy), ("multifd", self.streams > 1)]
+        # Named only when on: QEMU before 7.1 does not know the capability.
+        return caps + ([("postcopy-preempt", True)] if self.preempt else [])
+
+    def parameters(self) -> dict[str, Any]:
+        return {"multifd-channels": self.streams} if self.streams > 1 else {}

@@ -23,11 +23,13 @@ from pydantic import (
     TypeAdapter,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from kvmotion.errors import InvalidInput
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.facts import HostFacts
+from kvmotion.host.migrationview import MAX_STREAMS, MigrationMode
 from kvmotion.host.vmconfig import (
     KERNEL_ARGS_RE,
     MAX_DISK_MIB,
@@ -136,14 +138,29 @@ def check_record_path(value: str) -> str:
     return value
 
 
-class IncomingRequest(BaseModel):
+class ModeFields(BaseModel):
+    """How memory travels (host/migrationview.py MigrationMode), told alike to both hosts."""
+
+    postcopy: bool = False  # the source may switch to post-copy
+    streams: int = Field(1, ge=1, le=MAX_STREAMS)  # TCP streams the memory goes over (multifd)
+    postcopy_preempt: bool = False  # with postcopy: the pages the guest waits for come first
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> ModeFields:
+        self.mode()  # post-copy over several streams raises ValueError
+        return self
+
+    def mode(self) -> MigrationMode:
+        return MigrationMode(self.postcopy, self.streams, self.postcopy_preempt)
+
+
+class IncomingRequest(ModeFields):
     """Destination: receive this VM (its record, read from the shared datastore by the center)."""
 
     config: VmConfig
     config_path: str
     cpu: VmCpu | None = None  # the CPU the VM runs with on the source
     ram_pad_kib: int = Field(0, ge=0, le=1024)  # and its RAM pad (qemu.cmdline.ram_pad_kib)
-    postcopy: bool = False  # the source may switch to post-copy
     # "Change both": make new disks on this datastore and serve them over NBD for the copy.
     datastore: str | None = None
 
@@ -197,18 +214,28 @@ class FinishResult(BaseModel):
     problems: list[str]  # files that could not be removed
 
 
-class MigrateRequest(BaseModel):
+class MigrateRequest(ModeFields):
+    """Source: stream to the destination's ``uri``, in the mode the destination was told."""
+
     uri: str = Field(pattern=r"^tcp:[0-9.]{7,15}:[0-9]{1,5}$")
     downtime_limit_ms: int = Field(100, ge=1, le=60_000)
     max_bandwidth_bps: int | None = Field(None, ge=1_000_000)
     brake: bool = False  # allow the convergence engine to throttle the guest's CPU
-    postcopy: bool = False  # allow a switch to post-copy (the destination must allow it too)
     # Where to say the guest stopped here, so that the destination takes its traffic at once
     # (host/switchover.py): the destination's route and its one-time token for this migration.
     switchover_url: str | None = Field(
         None, pattern=r"^https?://[A-Za-z0-9.:\[\]-]{1,100}/v1/[A-Za-z0-9/_.-]{1,200}$"
     )
     switchover_token: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,100}$")
+
+
+class PostcopyResume(BaseModel):
+    uri: str = Field(pattern=r"^tcp:[0-9.]{7,15}:[0-9]{1,5}$")  # the destination's recovery URI
+
+
+class PostcopyStep(BaseModel):
+    vm: VmInfo
+    uri: str | None = None  # recover: where the source resumes to
 
 
 class TuneRequest(BaseModel):
@@ -239,6 +266,7 @@ class AbortResult(BaseModel):
 VM_INFO = TypeAdapter(VmInfo)
 VM_LIST = TypeAdapter(list[VmInfo])
 HOST_FACTS = TypeAdapter(HostFacts)
+POSTCOPY_STEP = TypeAdapter(PostcopyStep)
 
 
 def vm_json(info: VmInfo) -> dict[str, Any]:

@@ -21,8 +21,9 @@ from kvmotion import faults
 from kvmotion.errors import Conflict, InvalidInput, NotFound, QemuError
 from kvmotion.host import recovery, taps
 from kvmotion.host.cpu import VmCpu
-from kvmotion.host.migration import Incoming, Outgoing
-from kvmotion.host.migrationview import MigrationStats
+from kvmotion.host.incoming import Incoming
+from kvmotion.host.migration import Outgoing
+from kvmotion.host.migrationview import POSTCOPY_PAUSED, MigrationMode, MigrationStats
 from kvmotion.host.recovery import IncomingLeft
 from kvmotion.host.storage import DiskMirror, export_disks, stop_exports
 from kvmotion.host.storage_move import ColdCopy, StorageMove
@@ -95,7 +96,11 @@ class VirtualMachine:
         self._set_state(PowerState.POWERED_ON)
 
     async def prepare_incoming(
-        self, migration_address: str, *, postcopy: bool = False, export: bool = False
+        self,
+        migration_address: str,
+        *,
+        mode: MigrationMode = MigrationMode(),
+        export: bool = False,
     ) -> tuple[str, int | None]:
         """Start QEMU paused, receiving on ``migration_address``; return the URI to send to,
         and with ``export`` the port where its (new, empty) disks are served over NBD.
@@ -122,7 +127,7 @@ class VirtualMachine:
             if export:
                 nodes = [f"disk{i}" for i in range(len(self.config.disks))]
                 port = await export_disks(qmp, migration_address, nodes, tls_creds=creds)
-            uri = await incoming.listen(migration_address, postcopy=postcopy, tls_creds=creds)
+            uri = await incoming.listen(migration_address, mode=mode, tls_creds=creds)
             await faults.hold("prepare")
             return uri, port
         except BaseException:
@@ -319,7 +324,7 @@ class VirtualMachine:
         downtime_limit_ms: int,
         *,
         brake: bool = False,
-        postcopy: bool = False,
+        mode: MigrationMode = MigrationMode(),
         on_stunned: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         """Start sending this running VM to ``uri``. Raises Conflict if it cannot migrate now."""
@@ -332,7 +337,7 @@ class VirtualMachine:
             raise Conflict(f"VM {self.config.name} is {status.status} in QEMU, not running")
         mirror = self.storage if isinstance(self.storage, DiskMirror) else None
         if mirror is not None and mirror.running:
-            mirror.check_memory_may_follow(self.config.name, postcopy=postcopy)
+            mirror.check_memory_may_follow(self.config.name, postcopy=mode.postcopy)
         disks_end = mirror.complete_at_switchover if mirror is not None and mirror.running else None
         outgoing = Outgoing(
             self.qmp, self.config.name, before_switchover=disks_end, notify=self.changed.beat,
@@ -341,8 +346,7 @@ class VirtualMachine:
         creds = await self.env.tls.creds(self.qmp, "client")
         self.migration = outgoing
         await outgoing.start(
-            uri, max_bandwidth_bps, downtime_limit_ms, brake=brake, postcopy=postcopy,
-            tls_creds=creds,
+            uri, max_bandwidth_bps, downtime_limit_ms, brake=brake, mode=mode, tls_creds=creds,
         )  # fmt: skip
 
     def running_qmp(self) -> QmpSession:
@@ -370,7 +374,8 @@ class VirtualMachine:
             phase = MigrationStats.parse(await self.qmp.execute("query-migrate")).status
         else:
             phase = self.outgoing().view.phase
-        if phase != "completed":
+        # A broken post-copy the center gave up on: this copy is stale, the VM is lost.
+        if phase != "completed" and phase not in POSTCOPY_PAUSED:
             raise Conflict(
                 f"migration of {self.config.name} is {phase}, not completed",
                 code="not_completed",

@@ -76,6 +76,19 @@ class DirtyStat:
 
 
 @dataclass(frozen=True)
+class DirtyVerify:
+    """The writer stopped, memory checked: every page still names its index and the pages'
+    counters add up to the writes made (a write lost by a migration leaves the sum short)."""
+
+    intact: bool
+    writes: int
+    sum: int
+    misplaced: int
+    pages: int
+    reply: Reply
+
+
+@dataclass(frozen=True)
 class DiskStatus:
     acked: int  # last sequence number whose write and flush returned
     running: bool
@@ -229,6 +242,18 @@ class GuestClient:
 
     def dirty_stop(self) -> DirtyState:
         return _dirty_state(self.request("DIRTY STOP"))
+
+    def dirty_verify(self) -> DirtyVerify:
+        """Stop the writer and check that the guest's memory holds every write it made."""
+        r = self.request("DIRTY VERIFY")
+        return DirtyVerify(
+            r.get_int("intact") == 1,
+            r.get_int("writes"),
+            r.get_int("sum"),
+            r.get_int("misplaced"),
+            r.get_int("pages"),
+            r,
+        )
 
     def dirty_stat(self) -> DirtyStat:
         r = self.request("DIRTYSTAT")

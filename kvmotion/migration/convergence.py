@@ -35,6 +35,7 @@ class Convergence:
     history: list[Observation] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
     knobs: Knobs = field(init=False)
+    postcopy_started: bool = field(default=False, init=False)  # start_postcopy was decided
 
     def __post_init__(self) -> None:
         if self.strategy == "qemu-defaults":
@@ -75,8 +76,11 @@ class Convergence:
                 )
             return None
         decision = decide(self.req, self.link_bps, self.history, self.knobs)
+        if decision.action == "start_postcopy" and self.postcopy_started:
+            return None  # asked once: QEMU switches at its next step
         if decision.knobs == self.knobs and decision.action == "continue":
             return None
+        self.postcopy_started |= decision.action == "start_postcopy"
         self.knobs = decision.knobs
         self.decisions.append(
             {"t_s": round(t_s, 3), "action": decision.action, "reason": decision.reason}

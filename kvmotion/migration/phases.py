@@ -46,6 +46,9 @@ class ComputePhase(StrEnum):
     MIGRATING = "migrating"  # the source was asked to stream memory
     STREAMING = "streaming"  # the source was seen migrating
     SWITCHOVER = "switchover"  # the guest is stunned (pre-switchover): finishing beats undoing
+    # The guest runs on the destination, pages still come from the source: nothing can be
+    # undone (center/postcopy.py)
+    POSTCOPY = "postcopy"
     RESUMING = "resuming"  # QEMU completed; the destination resumes the guest
     RESUMED = "resumed"  # the destination runs the guest: it is the owner
     DONE = "done"
@@ -61,8 +64,9 @@ COMPUTE_PHASES = PhaseTable(
         _C.PREPARING: frozenset({_C.COPYING_DISKS, _C.MIGRATING, _C.ABORTED}),
         _C.COPYING_DISKS: frozenset({_C.MIGRATING, _C.ABORTED}),
         _C.MIGRATING: frozenset({_C.STREAMING, _C.ABORTED}),
-        _C.STREAMING: frozenset({_C.SWITCHOVER, _C.RESUMING, _C.ABORTED}),
-        _C.SWITCHOVER: frozenset({_C.RESUMING, _C.ABORTED}),
+        _C.STREAMING: frozenset({_C.SWITCHOVER, _C.POSTCOPY, _C.RESUMING, _C.ABORTED}),
+        _C.SWITCHOVER: frozenset({_C.POSTCOPY, _C.RESUMING, _C.ABORTED}),
+        _C.POSTCOPY: frozenset({_C.RESUMING, _C.DONE}),  # never aborted, and DONE if lost
         _C.RESUMING: frozenset({_C.RESUMED, _C.ABORTED}),
         _C.RESUMED: frozenset({_C.DONE}),  # never aborted: the VM stays where it runs
     },
@@ -82,7 +86,8 @@ class Undo:
     insist: bool
 
 
-# Every phase an abort can meet; after RESUMED the run finishes instead, DONE and ABORTED ended.
+# Every phase an abort can meet; in POSTCOPY it cannot undo (center/postcopy.py), after RESUMED
+# the run finishes instead, DONE and ABORTED ended.
 UNDO: Mapping[ComputePhase, Undo] = {
     _C.START: Undo(destination=False, source=False, insist=False),
     _C.PREPARING: Undo(destination=True, source=False, insist=False),

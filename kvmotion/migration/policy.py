@@ -47,6 +47,13 @@ EASE_HYSTERESIS = 1.5  # ease only if the guest would get at least 50 % more of 
 SATURATION_FACTOR = 2.0  # when a pass stalled, the measured rate is a lower bound: assume twice
 PROJECTION_SHARE = 0.5  # brake when pre-copy would need more than half the time left
 POSTCOPY_MARGIN_S = 5.0  # post-copy starts when the deadline is this close after its own time
+# Where post-copy is allowed, a brake this deep is not applied: the guest would lose more than
+# half its speed until the end, so post-copy ends the migration instead (issue 15).
+POSTCOPY_BRAKE_PCT = 50
+# Post-copy starts only once the first pass has sent all of memory: before it, the destination
+# would fault on every page the guest touches (measured: tests/lab/test_postcopy.py, a switch at
+# 0.03 s left the guest answering nothing for seconds), which QEMU's documentation warns of too.
+POSTCOPY_AFTER_PASS = 2
 HISTORY_PASSES = 32  # the policy looks at the last passes only
 DOWNTIME_MARGIN_MS = 20.0  # left under the requested downtime for what QEMU sends after RAM
 # QEMU closes a dirty-rate period at the first bitmap sync at least a second after the last one,
@@ -447,7 +454,9 @@ def decide(
     a = _assess(link_bps, history, base)
     throttle, facts, verdict = _target(req, a, current, deadline - now.t_s)
     knobs = Knobs(base.downtime_limit_ms, base.max_bandwidth_bps, throttle, base.postcopy)
-    if req.allow_postcopy and current.postcopy and now.status == "active":
+    postcopy_ready = now.status == "active" and now.pass_no >= POSTCOPY_AFTER_PASS
+    cur_pct = base.throttle_pct  # the brake applied now (a switch to post-copy keeps it)
+    if req.allow_postcopy and current.postcopy and postcopy_ready:
         left = deadline - now.t_s
         needed = now.remaining_bytes / max(a.throughput, 1.0) + POSTCOPY_MARGIN_S
         hopeless = (
@@ -455,6 +464,15 @@ def decide(
             and a.dirty_measured * (1.0 - profile.max_pct / 100.0) >= a.throughput
         )
         at_max = a.stalled and a.pass_throttle >= profile.max_pct
+        if a.excess > 0 and throttle >= POSTCOPY_BRAKE_PCT:
+            return Decision(
+                Knobs(base.downtime_limit_ms, base.max_bandwidth_bps, cur_pct, base.postcopy),
+                "start_postcopy",
+                _sentence(
+                    f"{facts}: pre-copy would need a brake of {throttle} %, more than half the "
+                    f"guest's speed, so switch to post-copy instead"
+                ),
+            )
         if a.excess > 0 and (at_max or hopeless):
             return Decision(
                 knobs,

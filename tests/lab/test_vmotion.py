@@ -128,6 +128,9 @@ def test_seed_procedure_there_and_back(
             assert 0 <= summary["resume_to_mac_learned_ms"] < 1000, summary
             assert summary["passes"] >= 1 and task["samples"]
             assert summary["transferred_bytes"] > 10 * 2**20
+            # Memory went over QEMU's multifd streams (the default two), not the main stream.
+            assert summary["streams"] == 2, summary
+            assert summary["multifd_bytes"] > summary["transferred_bytes"] / 2, summary
             assert_runs_only_on(lab, center, dest_index)
             # The memory stream crossed the migration network, not the management network.
             sent_vmotion = link_bytes(src_ns, "vmotion0")[0] - before_vmotion[0]

@@ -43,7 +43,10 @@ GREETING: JSON = {
     }
 }
 # Where a migration is still under way (QEMU's ``migration_is_running``).
-MIGRATING = ("setup", "active", "pre-switchover", "device", "postcopy-active", "cancelling")
+MIGRATING = (
+    "setup", "active", "pre-switchover", "device", "cancelling",
+    "postcopy-active", "postcopy-paused", "postcopy-recover-setup", "postcopy-recover",
+)  # fmt: skip
 SUN_PATH_MAX = 107  # sockaddr_un's sun_path, without its terminating NUL
 
 
@@ -174,6 +177,11 @@ class FakeQemu:
                 job |= {"status": "ready", "ready": True, "offset": job["len"]}
                 self.emit("BLOCK_JOB_READY", self._job_event(job))
 
+    def switch_to_postcopy(self) -> None:
+        """The source after migrate-start-postcopy: the guest stopped here, runs there."""
+        self.set_status("finish-migrate")
+        self.set_migration("postcopy-active")
+
     def complete_incoming(self) -> None:
         """The destination: the whole stream arrived (the guest waits for ``cont`` with -S)."""
         self.set_status("paused")
@@ -290,12 +298,16 @@ class FakeQemu:
         info: JSON = {"status": self.migration}
         if self.migration == "setup" and self.status == "inmigrate":
             info["socket-address"] = [{"type": "inet", "host": "127.0.0.1", "port": "49152"}]
+        if self.migration == "postcopy-recover-setup":
+            info["socket-address"] = [{"type": "inet", "host": "127.0.0.1", "port": "49153"}]
         if self.migration == "completed":
             info |= {"total-time": 1500, "downtime": 30, "setup-time": 2}
             info["ram"] = {"transferred": 2**20, "remaining": 0, "total": 2**20}
         return info
 
     def _cmd_cont(self, _: JSON) -> Any:
+        if self.status == "finish-migrate" and self.migration.startswith("postcopy"):
+            raise QmpFailure("Migration is not finalized yet")  # measured on QEMU 10.0
         if self.status == "inmigrate" and self.migration != "completed":
             return {}  # QEMU only remembers to start the guest once the stream is in
         self.set_status("running")
@@ -309,14 +321,23 @@ class FakeQemu:
     def _cmd_migrate_set_capabilities(self, args: JSON) -> Any:
         if self.migration in MIGRATING:
             raise QmpFailure("There's a migration process in progress")
-        self.capabilities |= {c["capability"]: c["state"] for c in args["capabilities"]}
+        wanted = self.capabilities | {c["capability"]: c["state"] for c in args["capabilities"]}
+        if wanted.get("multifd") and wanted.get("postcopy-ram"):
+            raise QmpFailure("Postcopy is not yet compatible with multifd")  # QEMU 10.0
+        self.capabilities = wanted
         return {}
 
     def _cmd_migrate_set_parameters(self, args: JSON) -> Any:
         self.parameters |= args
         return {}
 
-    def _cmd_migrate(self, _: JSON) -> Any:
+    def _cmd_migrate(self, args: JSON) -> Any:
+        if args.get("resume"):
+            if self.migration != "postcopy-paused":
+                raise QmpFailure("Cannot resume if there is no paused migration")
+            self.set_migration("postcopy-recover")
+            self.set_migration("postcopy-active")
+            return {}
         if self.migration in MIGRATING:
             raise QmpFailure("There's a migration process in progress")
         self.set_migration("setup")
@@ -337,7 +358,30 @@ class FakeQemu:
         self.set_migration("completed")
         return {}
 
+    def _cmd_migrate_start_postcopy(self, _: JSON) -> Any:
+        if not self.capabilities.get("postcopy-ram"):
+            raise QmpFailure(
+                "Enable postcopy with migrate_set_capability before the start of migration"
+            )
+        return {}
+
+    def _cmd_migrate_pause(self, _: JSON) -> Any:
+        if self.migration != "postcopy-active":
+            raise QmpFailure(
+                "migrate-pause is currently only supported during postcopy-active state"
+            )
+        self.set_migration("postcopy-paused")
+        return {}
+
+    def _cmd_migrate_recover(self, _: JSON) -> Any:
+        if self.migration != "postcopy-paused":
+            raise QmpFailure("Migrate recover can only be run when postcopy is paused.")
+        self.set_migration("postcopy-recover-setup")
+        return {}
+
     def _cmd_migrate_cancel(self, _: JSON) -> Any:
+        if self.migration.startswith("postcopy"):
+            raise QmpFailure("Postcopy migration in progress, cannot cancel.")  # QEMU 10.0
         if self.migration in MIGRATING:
             self.set_migration("cancelling")
             self.set_migration("cancelled")

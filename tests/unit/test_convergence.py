@@ -14,7 +14,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from kvmotion.errors import InvalidInput
+from kvmotion.migration.convergence import Convergence
 from kvmotion.migration.policy import (
+    POSTCOPY_AFTER_PASS,
+    POSTCOPY_BRAKE_PCT,
     PROFILES,
     QEMU_DEFAULT_BANDWIDTH_BPS,
     ConvergenceRequest,
@@ -363,3 +366,47 @@ def test_the_counterexample_random_exploration_found() -> None:
     p = predict(guest.ram_bytes, guest.nonzero_bytes, 44531250.0, 235929600, link, req)
     assert p.converges and p.brake_pct == max_throttle(result)
     assert abs(p.total_s - result.total_s) <= 0.2 * result.total_s
+
+
+# -- post-copy --------------------------------------------------------------------------------
+
+
+@FAST
+@given(req=requests, link=links, history=histories(), current=knobs)
+def test_post_copy_never_starts_before_the_first_pass_has_sent_all_memory(
+    req: ConvergenceRequest, link: float, history: list[Observation], current: Knobs
+) -> None:
+    """Before it the destination would fault on every page the guest touches."""
+    req = ConvergenceRequest(req.max_downtime_ms, req.deadline_s, req.priority, True)
+    d = decide(req, link, history, Knobs(*astuple_knobs(current)[:3], postcopy=True))
+    if d.action == "start_postcopy":
+        assert history[-1].pass_no >= POSTCOPY_AFTER_PASS and history[-1].status == "active"
+
+
+def astuple_knobs(k: Knobs) -> tuple[int, int, int, bool]:
+    return (k.downtime_limit_ms, k.max_bandwidth_bps, k.throttle_pct, k.postcopy)
+
+
+@SIM
+@given(data=st.data(), link=links, req=requests)
+def test_with_post_copy_allowed_the_guest_is_never_braked_past_half_its_speed(
+    data: st.DataObject, link: float, req: ConvergenceRequest
+) -> None:
+    """A heavy guest that would need a deep brake moves by post-copy instead, within the
+    downtime asked and before the deadline."""
+    req = ConvergenceRequest(req.max_downtime_ms, None, req.priority, True)
+    guest = data.draw(guests(link, (2.0, 4.0)))
+    assume(guest.working_set_bytes >= max(32 * MiB, 0.5 * min(link, 128 * MiB)))
+    result = run(guest, link, req, policy=True)
+    assert result.converged, result.decisions[-1][1].reason
+    assert max_throttle(result) < POSTCOPY_BRAKE_PCT, [d for _, d in result.decisions]
+    assert result.total_s <= deadline_for(req, guest.ram_bytes, link)
+
+
+def test_post_copy_is_asked_for_once() -> None:
+    conv = Convergence(ConvergenceRequest(allow_postcopy=True, deadline_s=10.0), 5e6, 256 * MiB)
+    stats = {"passes": 3, "remaining_bytes": 200 * MiB, "total_bytes": 256 * MiB, "mbps": 40.0}
+    first = conv.observe(9.0, stats | {"status": "active"})
+    assert first is not None and first.action == "start_postcopy", first
+    assert conv.observe(9.1, stats | {"status": "active"}) is None  # QEMU has not switched yet
+    assert [d["action"] for d in conv.decisions] == ["start_postcopy"]

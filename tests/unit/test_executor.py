@@ -236,6 +236,29 @@ async def test_success(center: Center, fake: FakeAgents) -> None:
     assert not center.executor.active and not any(center.executor.slots.busy.values())
 
 
+@pytest.mark.parametrize(
+    ("asked", "streams"),
+    [
+        ({}, 2),  # the default on a 10 Gbit/s link: QEMU's multifd with two streams
+        ({"max_bandwidth_bps": 125_000_000}, 1),  # one stream fills 1 Gbit/s
+        ({"streams": 4}, 4),
+        ({"streams": 1}, 1),
+        ({"allow_postcopy": True}, 1),  # QEMU cannot combine post-copy with multifd
+        ({"strategy": "qemu-defaults"}, 1),  # QEMU's own default: one stream
+    ],
+)
+async def test_both_ends_are_told_the_same_memory_streams(
+    center: Center, fake: FakeAgents, asked: dict[str, Any], streams: int
+) -> None:
+    task_id = await center.executor.submit(MigrationRequest("vm-a", DST, **asked))
+    await asyncio.wait_for(center.executor.wait(task_id), 10)
+    task = await center.tasks.get(task_id)
+    assert task.state == TaskState.SUCCESS, task.error
+    assert fake.called(DST, "incoming")[0].body["streams"] == streams
+    assert fake.called(SRC, "migrate")[0].body["streams"] == streams
+    assert task.summary["streams"] == streams
+
+
 async def test_success_then_refresh_keeps_the_vm_on_the_destination(
     center: Center, fake: FakeAgents
 ) -> None:
@@ -511,6 +534,10 @@ async def test_refused_unknown_vm(center: Center, fake: FakeAgents) -> None:
         (
             MigrationRequest("vm-a", DST, kind="both", datastore="local-173", allow_postcopy=True),
             "post-copy cannot be combined",
+        ),
+        (
+            MigrationRequest("vm-a", DST, allow_postcopy=True, streams=2),
+            "post-copy runs over one stream",
         ),
     ],
 )

@@ -37,8 +37,19 @@ def test_a_resumed_compute_run_can_only_finish() -> None:
     COMPUTE_PHASES.check(ComputePhase.RESUMED, ComputePhase.RESUMED)  # staying is no move
 
 
+def test_a_compute_run_in_post_copy_is_never_aborted() -> None:
+    """The guest runs on the destination and needs the source's pages: nothing can be undone;
+    the run finishes, or ends lost (center/postcopy.py)."""
+    with pytest.raises(Conflict):
+        COMPUTE_PHASES.check(ComputePhase.POSTCOPY, ComputePhase.ABORTED)
+    COMPUTE_PHASES.check(ComputePhase.SWITCHOVER, ComputePhase.POSTCOPY)
+    COMPUTE_PHASES.check(ComputePhase.POSTCOPY, ComputePhase.RESUMING)
+    COMPUTE_PHASES.check(ComputePhase.POSTCOPY, ComputePhase.DONE)
+
+
 def test_undo_covers_every_phase_an_abort_can_meet() -> None:
-    ended = {ComputePhase.RESUMED, ComputePhase.DONE, ComputePhase.ABORTED}
+    # In post-copy nothing is undone; after the resume the run finishes instead.
+    ended = {ComputePhase.POSTCOPY, ComputePhase.RESUMED, ComputePhase.DONE, ComputePhase.ABORTED}
     assert set(UNDO) == set(ComputePhase) - ended
     # Nothing is asked of the source before the destination listens.
     assert all(undo.destination for undo in UNDO.values() if undo.source)

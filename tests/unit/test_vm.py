@@ -21,7 +21,9 @@ from kvmotion.host import vm as vm_module
 from kvmotion.host.config import DatastoreConfig
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
-from kvmotion.host.migration import Incoming
+from kvmotion.host.incoming import Incoming
+from kvmotion.host.migration import postcopy_step
+from kvmotion.host.migrationview import POSTCOPY_SHARE, MigrationMode
 from kvmotion.host.taps import tap_name
 from kvmotion.host.tls import MigrationTls
 from kvmotion.host.vm import VirtualMachine
@@ -583,3 +585,125 @@ async def test_only_the_migrations_own_token_lets_the_source_say_the_guest_stopp
     host.qemus[vm.files.pidfile].complete_incoming()
     await until(lambda: vm.state is PowerState.POWERED_ON)
     assert not incoming.accepts(incoming.switchover_token)  # resumed: too late to take traffic
+
+
+async def test_a_source_sends_over_as_many_streams_as_asked(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    """Several streams are QEMU's multifd with as many channels, set before ``migrate``."""
+    await vm.power_on()
+    await vm.migrate_out(DEST_URI, 10**9, 300, mode=MigrationMode(streams=3))
+    source = host.qemus[vm.files.pidfile]
+    assert source.capabilities["multifd"] is True
+    assert source.parameters["multifd-channels"] == 3
+    assert source.capabilities["postcopy-ram"] is False
+    assert vm.outgoing().view.knobs["streams"] == 3
+    order = [c for c in source.commands if c.startswith("migrate")]
+    assert order.index("migrate-set-parameters") < order.index("migrate")
+
+
+async def test_a_destination_listens_for_as_many_streams_as_asked(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    vm.write_registration(incoming=True)
+    await vm.prepare_incoming("127.0.0.1", mode=MigrationMode(streams=3))
+    receiver = host.qemus[vm.files.pidfile]
+    assert receiver.capabilities["multifd"] is True
+    assert receiver.parameters["multifd-channels"] == 3
+    order = [c for c in receiver.commands if c.startswith("migrate")]
+    assert order.index("migrate-set-parameters") < order.index("migrate-incoming")
+
+
+async def test_one_stream_leaves_multifd_off(vm: VirtualMachine, host: FakeHost) -> None:
+    await vm.power_on()
+    await vm.migrate_out(DEST_URI, 10**9, 300, mode=MigrationMode(postcopy=True))
+    qemu = host.qemus[vm.files.pidfile]
+    assert qemu.capabilities["multifd"] is False and qemu.capabilities["postcopy-ram"] is True
+    assert "multifd-channels" not in qemu.parameters
+
+
+def test_post_copy_over_several_streams_is_refused_before_qemu_is_asked() -> None:
+    with pytest.raises(ValueError, match="post-copy runs over one stream"):
+        MigrationMode(postcopy=True, streams=2)
+    with pytest.raises(ValueError, match="streams must be 1 to 16"):
+        MigrationMode(streams=0)
+
+
+# -- post-copy (the fake QEMU answers as QEMU 10.0 was measured to) -----------------------------
+POSTCOPY = MigrationMode(postcopy=True)
+
+
+async def in_postcopy(vm: VirtualMachine, host: FakeHost) -> FakeQemu:
+    await vm.power_on()
+    await vm.migrate_out(DEST_URI, 10**8, 300, mode=POSTCOPY)
+    await until(lambda: vm.outgoing().view.phase == "active")
+    qemu = host.qemus[vm.files.pidfile]
+    await postcopy_step(vm.migration, "start", uri=None, address=None)
+    qemu.switch_to_postcopy()
+    await until(lambda: vm.outgoing().view.phase == "postcopy-active")
+    return qemu
+
+
+async def test_post_copy_leaves_part_of_the_link_to_the_pages_the_guest_waits_for(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    qemu = await in_postcopy(vm, host)
+    assert qemu.parameters["max-postcopy-bandwidth"] == int(10**8 * POSTCOPY_SHARE)
+    order = [c for c in qemu.commands if c.startswith("migrate")]
+    assert order.index("migrate-set-parameters", 2) < order.index("migrate-start-postcopy")
+
+
+async def test_a_source_in_post_copy_is_never_cancelled_nor_resumed(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    """QEMU refuses both (measured); the agent refuses first, saying why."""
+    qemu = await in_postcopy(vm, host)
+    with pytest.raises(Conflict) as info:
+        await vm.abort_migration(destination_gone=True)
+    assert info.value.code == "too_late" and "post-copy" in info.value.message
+    assert "migrate_cancel" not in qemu.commands and "cont" not in qemu.commands
+    # A post-copy that fails leaves the source stopped: its memory is stale.
+    qemu.set_migration("failed")
+    await until(lambda: vm.outgoing().view.phase == "failed")
+    assert qemu.status == "finish-migrate" and "cont" not in qemu.commands
+
+
+async def test_a_broken_post_copy_stream_is_resumed_to_where_the_destination_listens(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    qemu = await in_postcopy(vm, host)
+    await postcopy_step(vm.migration, "pause", uri=None, address=None)
+    await until(lambda: vm.outgoing().view.phase == "postcopy-paused")
+    with pytest.raises(Conflict):  # only a paused stream is resumed
+        await postcopy_step(vm.migration, "pause", uri=None, address=None)
+    await postcopy_step(vm.migration, "resume", uri="tcp:10.99.0.173:49153", address=None)
+    await until(lambda: vm.outgoing().view.phase == "postcopy-active")
+    assert "postcopy_resumed" in vm.outgoing().view.marks
+    assert qemu.commands.count("migrate") == 2  # the first stream, then its resumption
+
+
+async def test_a_destination_runs_the_guest_once_post_copy_starts_and_listens_again_after_a_break(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    vm.write_registration(incoming=True)
+    await vm.prepare_incoming("127.0.0.1", mode=POSTCOPY)
+    qemu = host.qemus[vm.files.pidfile]
+    incoming = vm.migration
+    assert isinstance(incoming, Incoming)
+    qemu.set_migration("postcopy-active")
+    await until(lambda: incoming.view.phase == "postcopy-active" and "cont" in qemu.commands)
+    assert "resumed" in incoming.view.marks and "announce-self" in qemu.commands
+    with pytest.raises(Conflict):  # still streaming: nothing to recover
+        await postcopy_step(incoming, "recover", uri=None, address="127.0.0.1")
+    qemu.set_migration("postcopy-paused")
+    await until(lambda: incoming.view.phase == "postcopy-paused")
+    uri = await postcopy_step(incoming, "recover", uri=None, address="127.0.0.1")
+    assert uri == "tcp:127.0.0.1:49153"
+    # Asked again before the source came back: the same place, QEMU not asked twice.
+    await until(lambda: incoming.view.phase == "postcopy-recover-setup")
+    assert await postcopy_step(incoming, "recover", uri=None, address="127.0.0.1") == uri
+    assert qemu.commands.count("migrate-recover") == 1
+    qemu.set_migration("postcopy-active")
+    qemu.complete_incoming()
+    await until(lambda: incoming.view.phase == "resumed")
+    assert qemu.commands.count("cont") == 1  # resumed once, at the switch

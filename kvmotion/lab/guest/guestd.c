@@ -169,6 +169,7 @@ static int dirty_running;     /* thread exists */
 static int dirty_stop_flag;   /* atomic */
 static pthread_t dirty_thread;
 static uint64_t dirty_pages_total; /* atomic: pages written since guestd start */
+static uint64_t dirty_buf_writes;  /* atomic: increments made in the current buffer */
 
 static pthread_mutex_t ring_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct sample ring[RING];
@@ -236,6 +237,7 @@ static void *dirty_main(void *arg) {
         }
         done += todo;
         uint64_t total = __atomic_add_fetch(&dirty_pages_total, todo, __ATOMIC_RELAXED);
+        __atomic_add_fetch(&dirty_buf_writes, todo, __ATOMIC_RELAXED);
         uint64_t now = mono_ns();
         if (dirty_rate == 0) {
             if (now >= next) {
@@ -297,7 +299,29 @@ static const char *dirty_alloc_locked(size_t wss_mib) {
     }
     dirty_buf = b;
     dirty_pages_n = npages;
+    __atomic_store_n(&dirty_buf_writes, 0, __ATOMIC_RELAXED);
     return NULL;
+}
+
+/* Stops the writer, then checks that memory holds every write it made: each page still names
+ * its index, and the pages' counters add up to the increments made (a write lost by a migration
+ * leaves the sum short). */
+static void dirty_verify(struct resp *r) {
+    pthread_mutex_lock(&dirty_lock);
+    dirty_stop_locked();
+    uint64_t sum = 0, misplaced = 0;
+    for (size_t i = 0; i < dirty_pages_n; i++) {
+        const uint64_t *word = (const uint64_t *)(dirty_buf + i * PAGE);
+        sum += word[0];
+        if (word[1] != i) misplaced++;
+    }
+    uint64_t writes = __atomic_load_n(&dirty_buf_writes, __ATOMIC_RELAXED);
+    size_t pages = dirty_pages_n;
+    pthread_mutex_unlock(&dirty_lock);
+    resp_ok(r);
+    resp_add(r, " intact=%d writes=%llu sum=%llu misplaced=%llu pages=%zu",
+             sum == writes && misplaced == 0, (unsigned long long)writes,
+             (unsigned long long)sum, (unsigned long long)misplaced, pages);
 }
 
 static void cmd_dirty(struct resp *r, char *args) {
@@ -308,10 +332,13 @@ static void cmd_dirty(struct resp *r, char *args) {
     unsigned long rate = 0, wss = 0;
     if (a1 && strcasecmp(a1, "STOP") == 0 && !a2) {
         stop = 1;
+    } else if (a1 && strcasecmp(a1, "VERIFY") == 0 && !a2) {
+        dirty_verify(r);
+        return;
     } else {
         char *e1 = NULL, *e2 = NULL;
         if (!a1 || !a2 || extra) {
-            resp_err(r, "usage: DIRTY <mib_per_s> <working_set_mib> | DIRTY STOP");
+            resp_err(r, "usage: DIRTY <mib_per_s> <working_set_mib> | DIRTY STOP | DIRTY VERIFY");
             return;
         }
         rate = strtoul(a1, &e1, 10);

@@ -1,0 +1,193 @@
+"""The destination's side of a live migration (the source's: :mod:`kvmotion.host.migration`).
+
+QEMU was started paused with ``-incoming defer``; listen on the migration address; when the stream
+completes, ``cont`` at once (the guest resumes here) and ``announce-self`` so the VM network learns
+the VM's new place. In post-copy the guest resumes here as soon as QEMU enters ``postcopy-active``
+(QEMU starts it once the device state is in) and faults in the pages it lacks from the source; a
+broken post-copy stream is recovered with ``migrate-recover`` (:mod:`kvmotion.center.postcopy`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from qemu.qmp import EventListener
+
+from kvmotion import faults
+from kvmotion.errors import Conflict, QemuError
+from kvmotion.host import switchover
+from kvmotion.host.migrationview import (
+    ACTIVE,
+    ANNOUNCE,
+    POSTCOPY_PAUSED,
+    MigrationMode,
+    MigrationStats,
+    MigrationView,
+)
+from kvmotion.qemu.qmp import QmpSession
+
+log = logging.getLogger(__name__)
+
+
+class Incoming:
+    """The destination side: listen, and resume the guest the moment the stream completes."""
+
+    def __init__(
+        self,
+        qmp: QmpSession,
+        name: str,
+        on_resumed: Callable[[], None],
+        before_resume: Callable[[], Awaitable[None]] | None = None,
+        notify: Callable[[], None] = lambda: None,
+        learned: Callable[[], Awaitable[float | None]] | None = None,
+    ) -> None:
+        self.qmp = qmp
+        # When the VM network learned the VM here after it resumed (host/taps.py wait_learned):
+        # the user's traffic reaches it from then on.
+        self.learned = learned
+        self._learning: asyncio.Task[None] | None = None
+        # Lets the source's agent say the guest stopped there (host/switchover.py).
+        self.switchover_token = secrets.token_urlsafe(24)
+        self.notify = notify  # called at each change of phase
+        self.on_resumed = on_resumed
+        self.before_resume = before_resume  # e.g. stop serving the disks over NBD
+        self.view = MigrationView(side="destination", phase="setup")
+        self.log = log.getChild(name)
+        self._task: asyncio.Task[None] | None = None
+        self._events: EventListener | None = None
+
+    async def listen(
+        self, address: str, *, mode: MigrationMode = MigrationMode(), tls_creds: str | None = None
+    ) -> str:
+        """Start listening on ``address`` (the migration network), accepting only TLS streams
+        from a certified host with ``tls_creds``, as ``mode`` says (the source's must match);
+        return the URI to send to."""
+        capabilities = [("events", True), ("late-block-activate", True), *mode.capabilities()]
+        await self.qmp.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": c, "state": on} for c, on in capabilities]},
+        )
+        params = {"tls-creds": tls_creds or ""} | mode.parameters()
+        await self.qmp.execute("migrate-set-parameters", params)
+        # Listen for MIGRATION events before the stream can start, so none is missed.
+        self._events = self.qmp.listener(["MIGRATION"])
+        await self.qmp.execute("migrate-incoming", {"uri": f"tcp:{address}:0"})
+        info = await self.qmp.execute("query-migrate")
+        ports = [a["port"] for a in info.get("socket-address", []) if "port" in a]
+        if not ports:
+            raise QemuError(f"destination QEMU did not report its listening port: {info}")
+        uri = f"tcp:{address}:{ports[0]}"
+        self.view.uri = uri
+        self.view.phase = "listening"
+        self.view.marks["listening"] = time.time()
+        self._task = asyncio.create_task(self._watch(), name="incoming-migration")
+        return uri
+
+    async def _watch(self) -> None:
+        """Resume on the MIGRATION event ``completed`` (no polling delay in the downtime), or
+        on ``postcopy-active``: from then on the guest runs here, and the pages it still lacks
+        come from the source as it touches them."""
+        assert self._events is not None
+        try:
+            while True:
+                status = None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):  # not wait_for: see Outgoing._next_status
+                        event = await self._events.get()
+                    data: Any = event.get("data") or {}  # type: ignore[attr-defined]
+                    status = str(data.get("status"))
+                if status is None:  # no event for a while: look, in case one was missed
+                    status = MigrationStats.parse(await self.qmp.execute("query-migrate")).status
+                before = self.view.phase
+                if status == "postcopy-active" and "resumed" not in self.view.marks:
+                    await self._resume()
+                    self.view.phase = status
+                    self.log.info("post-copy: the guest runs here, its memory still arriving")
+                elif status == "completed":
+                    if "resumed" not in self.view.marks:
+                        await self._resume()
+                    self.view.phase = "resumed"
+                    self.view.stats = MigrationStats.parse(await self.qmp.execute("query-migrate"))
+                    self.log.info("resumed on this host and announced")
+                    return
+                elif status in ("failed", "cancelled"):
+                    self.view.phase = status
+                    return
+                elif status in (*ACTIVE, *POSTCOPY_PAUSED):
+                    self.view.phase = status
+                if self.view.phase != before:
+                    self.notify()
+        except QemuError as exc:
+            # A failed incoming migration makes the destination QEMU exit.
+            self.view.phase = "failed"
+            self.view.error = exc.message
+        finally:
+            self.notify()
+            self.qmp.remove_listener(self._events)
+
+    async def _resume(self) -> None:
+        if self.before_resume is not None:
+            await self.before_resume()
+        await faults.hold("resume")
+        await self.qmp.execute("cont")
+        self.view.marks["resumed"] = time.time()
+        self.view.phase = "resumed"
+        self.notify()
+        try:  # announce first: the VM network learns the new place at once
+            await self.qmp.execute("announce-self", ANNOUNCE)
+        finally:  # then record that the guest runs here (a registration fsync)
+            self.on_resumed()
+        if self.learned is not None:
+            self._learning = asyncio.create_task(self._note_learned(self.learned))
+
+    async def pause_postcopy(self) -> None:
+        """Break a stalled post-copy stream on this side too (see Outgoing.pause_postcopy)."""
+        if self.view.phase != "postcopy-active":
+            phase = self.view.phase
+            raise Conflict(f"the migration is {phase}, not in post-copy", code="wrong_state")
+        await self.qmp.execute("migrate-pause")
+
+    async def recover(self, address: str) -> str:
+        """Listen again for a broken post-copy stream; return the URI the source resumes to.
+        Listening already (an earlier try the source never reached): the same URI."""
+        if self.view.phase == "postcopy-paused":
+            await self.qmp.execute("migrate-recover", {"uri": f"tcp:{address}:0"})
+        elif self.view.phase not in ("postcopy-recover-setup", "postcopy-recover"):
+            raise Conflict(f"the migration is {self.view.phase}, not paused", code="wrong_state")
+        info = await self.qmp.execute("query-migrate")
+        ports = [a["port"] for a in info.get("socket-address", []) if "port" in a]
+        if not ports:
+            raise QemuError(f"destination QEMU did not report its recovery port: {info}")
+        self.view.marks["recovering"] = time.time()
+        return f"tcp:{address}:{ports[0]}"
+
+    def accepts(self, token: str) -> bool:
+        """Whether ``token`` is this migration's switchover token, before the resume."""
+        waiting = self.view.phase in ("listening", *ACTIVE)
+        return waiting and hmac.compare_digest(token, self.switchover_token)
+
+    async def take_traffic(self, bridges: dict[str, list[tuple[str, str]]]) -> None:
+        """The guest stopped on the source: its frames come here now, queued for the resume."""
+        if "traffic_taken" not in self.view.marks and await switchover.take_traffic(bridges):
+            self.view.marks["traffic_taken"] = time.time()
+            self.notify()
+
+    async def _note_learned(self, learned: Callable[[], Awaitable[float | None]]) -> None:
+        when = await learned()
+        if when is not None:
+            self.view.marks["mac_learned"] = when
+            self.notify()
+
+    async def close(self) -> None:
+        for task in (self._task, self._learning):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
