@@ -74,6 +74,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "kvmotion-1-stream": {"strategy": "kvmotion", "streams": 1},
     "kvmotion-4-streams": {"strategy": "kvmotion", "streams": 4},
     "kvmotion-postcopy": {"strategy": "kvmotion", "allow_postcopy": True},
+    **{name: {"strategy": name} for name in ("libvirt", "auto-converge", "ovirt", "nova")},
 }
 STRATEGIES = ("qemu-defaults", "kvmotion")
 

@@ -36,6 +36,7 @@ from kvmotion.host.protocol import vm_json
 from kvmotion.host.vmconfig import VmCreateRequest, check_name
 from kvmotion.httpapi import ERROR_RESPONSES, install_error_handlers, role_checker
 from kvmotion.migration.request import MigrationRequest
+from kvmotion.migration.strategies import Strategy
 from kvmotion.pulse import wait_beat
 
 
@@ -75,7 +76,7 @@ class MigrateBody(BaseModel):
     deadline_s: float | None = Field(None, gt=0, le=86_400)
     priority: Literal["high", "normal"] = "normal"
     allow_postcopy: bool = False
-    strategy: Literal["kvmotion", "qemu-defaults"] = "kvmotion"
+    strategy: Strategy = "kvmotion"  # or another manager's, for comparisons
     predict: bool = False  # sample the guest's memory (about 4.5 s) and predict first
     handover: bool = True  # the destination takes the VM's traffic at the stun (for comparisons)
     streams: int | None = Field(None, ge=1, le=MAX_STREAMS)  # memory's TCP streams (multifd)

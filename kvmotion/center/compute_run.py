@@ -189,6 +189,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
                     downtime_limit_ms=knobs.downtime_limit_ms,
                     max_bandwidth_bps=knobs.max_bandwidth_bps,
                     brake=self.conv.brake,
+                    auto_converge=self.conv.auto_converge,
                     **mode_fields(self.mode),
                     switchover_url=f"{self.dest.url}/v1/migrations/{self.vm.uuid}/switchover",
                     switchover_token=self.switchover_token if self.req.handover else None,

@@ -384,7 +384,11 @@ def vm_migrate(
         typer.Option("--predict", help="sample the guest's memory first (about 4.5 s) and predict"),
     ] = False,
     strategy: Annotated[
-        str, typer.Option(help="kvmotion (the convergence engine) or qemu-defaults")
+        str,
+        typer.Option(
+            help="kvmotion (the convergence engine), or for comparisons another manager's: "
+            "qemu-defaults, libvirt, auto-converge, ovirt, nova"
+        ),
     ] = "kvmotion",
     streams: Annotated[
         int | None,

@@ -433,7 +433,7 @@ class HostAgent:
         async with vm.lock:
             await vm.migrate_out(
                 req.uri, cap, req.downtime_limit_ms, brake=req.brake, mode=req.mode(),
-                on_stunned=stunned,
+                on_stunned=stunned, auto_converge=req.auto_converge,
             )  # fmt: skip
             return await vm.info()
 

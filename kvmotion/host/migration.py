@@ -44,6 +44,11 @@ from kvmotion.qemu.qmp import QmpSession
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.05
+# QEMU's own auto-converge defaults, set again (a VM migrated before may keep other values).
+QEMU_THROTTLE = {
+    "cpu-throttle-initial": 20, "cpu-throttle-increment": 10, "max-cpu-throttle": 99,
+    "throttle-trigger-threshold": 50,
+}  # fmt: skip
 
 
 class Outgoing:
@@ -94,15 +99,17 @@ class Outgoing:
         brake: bool = False,
         mode: MigrationMode = MigrationMode(),
         tls_creds: str | None = None,
+        auto_converge: bool = False,
     ) -> None:
         """Configure and start ``migrate``; the watcher runs until a final state.
 
         ``brake`` enables QEMU's CPU throttle (auto-converge) held at its floor until
-        :meth:`tune` asks for a depth; ``mode`` must be the destination's: with ``postcopy``,
-        :meth:`start_postcopy` may be asked later.
+        :meth:`tune` asks for a depth; ``auto_converge`` instead lets QEMU throttle as it does
+        by default (another manager's strategy); ``mode`` must be the destination's: with
+        ``postcopy``, :meth:`start_postcopy` may be asked later.
         """
         capabilities = [("events", True), ("pause-before-switchover", True)]
-        capabilities += [("auto-converge", brake), *mode.capabilities()]
+        capabilities += [("auto-converge", brake or auto_converge), *mode.capabilities()]
         await self.qmp.execute(
             "migrate-set-capabilities",
             {"capabilities": [{"capability": c, "state": on} for c, on in capabilities]},
@@ -118,6 +125,8 @@ class Outgoing:
             # The brake is steered through its cap: QEMU raises the throttle towards
             # max-cpu-throttle at each pass where the guest dirties fast (threshold 1 %).
             params |= throttle_params(0) | {"throttle-trigger-threshold": 1}
+        elif auto_converge:
+            params |= QEMU_THROTTLE
         await self.qmp.execute("migrate-set-parameters", params)
         self.view.knobs = {
             "downtime_limit_ms": downtime_limit_ms,

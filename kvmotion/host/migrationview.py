@@ -144,9 +144,13 @@ class MigrationMode:
             raise ValueError("postcopy-preempt needs post-copy")
 
     def capabilities(self) -> list[tuple[str, bool]]:
-        caps = [("postcopy-ram", self.postcopy), ("multifd", self.streams > 1)]
-        # Named only when on: QEMU before 7.1 does not know the capability.
-        return caps + ([("postcopy-preempt", True)] if self.preempt else [])
+        # Every one named, on or off: a QEMU keeps what its last migration set (a VM received by
+        # post-copy with preempt would refuse its next migration without post-copy).
+        return [
+            ("postcopy-ram", self.postcopy),
+            ("multifd", self.streams > 1),
+            ("postcopy-preempt", self.preempt),
+        ]
 
     def parameters(self) -> dict[str, Any]:
         return {"multifd-channels": self.streams} if self.streams > 1 else {}

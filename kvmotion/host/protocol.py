@@ -221,6 +221,7 @@ class MigrateRequest(ModeFields):
     downtime_limit_ms: int = Field(100, ge=1, le=60_000)
     max_bandwidth_bps: int | None = Field(None, ge=1_000_000)
     brake: bool = False  # allow the convergence engine to throttle the guest's CPU
+    auto_converge: bool = False  # or QEMU's own throttle, its defaults (other managers' way)
     # Where to say the guest stopped here, so that the destination takes its traffic at once
     # (host/switchover.py): the destination's route and its one-time token for this migration.
     switchover_url: str | None = Field(

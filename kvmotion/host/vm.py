@@ -326,6 +326,7 @@ class VirtualMachine:
         brake: bool = False,
         mode: MigrationMode = MigrationMode(),
         on_stunned: Callable[[], Coroutine[Any, Any, None]] | None = None,
+        auto_converge: bool = False,
     ) -> None:
         """Start sending this running VM to ``uri``. Raises Conflict if it cannot migrate now."""
         if self.state is not PowerState.POWERED_ON or self.qmp is None:
@@ -347,6 +348,7 @@ class VirtualMachine:
         self.migration = outgoing
         await outgoing.start(
             uri, max_bandwidth_bps, downtime_limit_ms, brake=brake, mode=mode, tls_creds=creds,
+            auto_converge=auto_converge,
         )  # fmt: skip
 
     def running_qmp(self) -> QmpSession:

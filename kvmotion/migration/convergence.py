@@ -3,17 +3,18 @@
 Pure and stateful only in memory: it turns each poll of the source's stats into an
 :class:`~kvmotion.migration.policy.Observation`, asks the policy what to do, and says which knob
 changes to apply and why (the executor applies them through the source agent and records each
-decision on the task). With the strategy ``qemu-defaults`` it leaves QEMU's own defaults
-(128 MiB/s, 300 ms, no brake) untouched, as `virsh migrate --live` would, except the deadline.
+decision on the task). Any other strategy follows that manager's schedule instead
+(:mod:`kvmotion.migration.strategies`: QEMU's defaults, libvirt, auto-converge, oVirt, Nova), for
+side-by-side comparisons.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
+from kvmotion.migration import strategies
 from kvmotion.migration.policy import (
-    QEMU_DEFAULT_KNOBS,
     ConvergenceRequest,
     Decision,
     Knobs,
@@ -23,7 +24,7 @@ from kvmotion.migration.policy import (
     initial_knobs,
 )
 
-Strategy = Literal["kvmotion", "qemu-defaults"]
+Strategy = strategies.Strategy
 
 
 @dataclass
@@ -38,10 +39,10 @@ class Convergence:
     postcopy_started: bool = field(default=False, init=False)  # start_postcopy was decided
 
     def __post_init__(self) -> None:
-        if self.strategy == "qemu-defaults":
-            self.knobs = QEMU_DEFAULT_KNOBS
-        else:
+        if self.strategy == "kvmotion":
             self.knobs = initial_knobs(self.req, self.link_bps)
+        else:
+            self.knobs = strategies.start(self.strategy).knobs
 
     @property
     def deadline_s(self) -> float:
@@ -51,6 +52,11 @@ class Convergence:
     def brake(self) -> bool:
         """Whether the source must be started with the CPU brake available."""
         return self.strategy == "kvmotion"
+
+    @property
+    def auto_converge(self) -> bool:
+        """Whether the source runs QEMU's own auto-converge (another manager's strategy)."""
+        return self.strategy != "kvmotion" and strategies.start(self.strategy).auto_converge
 
     def observe(self, t_s: float, stats: dict[str, Any]) -> Decision | None:
         """Record one poll; return a decision when knobs or the action change."""
@@ -69,13 +75,12 @@ class Convergence:
                 status=str(stats.get("status") or "active"),
             )
         )
-        if self.strategy == "qemu-defaults":
-            if t_s >= self.deadline_s:
-                return Decision(
-                    self.knobs, "abort", f"the deadline of {self.deadline_s:.0f} s passed"
-                )
-            return None
-        decision = decide(self.req, self.link_bps, self.history, self.knobs)
+        if self.strategy == "kvmotion":
+            decision = decide(self.req, self.link_bps, self.history, self.knobs)
+        else:
+            decision = strategies.decide(
+                self.strategy, t_s, self.deadline_s, self.ram_bytes, self.history, self.knobs
+            )
         if decision.action == "start_postcopy" and self.postcopy_started:
             return None  # asked once: QEMU switches at its next step
         if decision.knobs == self.knobs and decision.action == "continue":

@@ -28,7 +28,7 @@ class MigrationRequest:
     deadline_s: float | None = None  # None: the policy's default for the VM's RAM and link
     priority: Priority = "normal"
     allow_postcopy: bool = False
-    strategy: Strategy = "kvmotion"  # or "qemu-defaults" (for comparisons)
+    strategy: Strategy = "kvmotion"  # or another manager's (migration/strategies.py)
     predict: bool = False  # sample the guest's memory first (about 4.5 s) and predict
     datastore: str | None = None  # storage and both: where the disks go
     # The destination takes the VM's traffic the moment the source stops it (host/switchover.py);
@@ -39,11 +39,11 @@ class MigrationRequest:
 
     def memory_streams(self, link_bps: float) -> int:
         """The streams asked for; else one where post-copy is allowed (QEMU cannot combine the
-        two), for "qemu-defaults" (QEMU's own default) and where one fills the link (``link_bps``,
-        bytes/s); else DEFAULT_STREAMS."""
+        two), for other managers' strategies (none of them turns multifd on by default) and where
+        one fills the link (``link_bps``, bytes/s); else DEFAULT_STREAMS."""
         if self.streams is not None:
             return self.streams
-        if self.allow_postcopy or self.strategy == "qemu-defaults" or link_bps <= ONE_STREAM_BPS:
+        if self.allow_postcopy or self.strategy != "kvmotion" or link_bps <= ONE_STREAM_BPS:
             return 1
         return DEFAULT_STREAMS
 

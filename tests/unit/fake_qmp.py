@@ -324,6 +324,8 @@ class FakeQemu:
         wanted = self.capabilities | {c["capability"]: c["state"] for c in args["capabilities"]}
         if wanted.get("multifd") and wanted.get("postcopy-ram"):
             raise QmpFailure("Postcopy is not yet compatible with multifd")  # QEMU 10.0
+        if wanted.get("postcopy-preempt") and not wanted.get("postcopy-ram"):
+            raise QmpFailure("Postcopy preempt requires postcopy-ram")
         self.capabilities = wanted
         return {}
 

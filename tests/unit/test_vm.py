@@ -707,3 +707,17 @@ async def test_a_destination_runs_the_guest_once_post_copy_starts_and_listens_ag
     qemu.complete_incoming()
     await until(lambda: incoming.view.phase == "resumed")
     assert qemu.commands.count("cont") == 1  # resumed once, at the switch
+
+
+async def test_a_vm_received_by_post_copy_with_preempt_migrates_on_without_it(
+    vm: VirtualMachine, host: FakeHost
+) -> None:
+    """Its QEMU keeps the capabilities the incoming migration set: the next one turns them off
+    by name (the benchmark met QEMU's refusal: "Postcopy preempt requires postcopy-ram")."""
+    vm.write_registration(incoming=True)
+    await vm.prepare_incoming("127.0.0.1", mode=MigrationMode(postcopy=True, preempt=True))
+    qemu = host.qemus[vm.files.pidfile]
+    qemu.complete_incoming()
+    await until(lambda: vm.state is PowerState.POWERED_ON)
+    await vm.migrate_out(DEST_URI, 10**9, 300, mode=MigrationMode(streams=2))
+    assert qemu.capabilities["postcopy-preempt"] is False and qemu.capabilities["multifd"]
