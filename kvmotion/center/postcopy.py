@@ -61,6 +61,9 @@ class PostcopyRepair:
         self.run = run
         self.mark = mark  # a step on the task's timeline
         self.broken_at: float | None = None  # monotonic, while the stream is broken
+        # Monotonic: the last time the stream was asked to break, or to resume; a stream is
+        # judged still only over the time since (bytes take a moment to move after a resume).
+        self.acted_at = time.monotonic()
         self.tried_at = 0.0
         self.pauses = 0  # streams broken (by us or by QEMU)
         self.recoveries = 0  # streams mended
@@ -83,7 +86,9 @@ class PostcopyRepair:
                 self.recoveries += 1
                 self.mark("postcopy_recovered", None)
                 run.log.info("post-copy stream recovered")
+            still_s = min(still_s, time.monotonic() - self.acted_at)
             if still_s > min(STALL_S, run.ex.stall_timeout_s):
+                self.acted_at = time.monotonic()
                 await self._pause(f"the stream moved nothing for {still_s:.0f} s")
             return
         if phase not in POSTCOPY_PAUSED:
@@ -101,7 +106,7 @@ class PostcopyRepair:
                 code="postcopy_lost",
             )
         if phase == "postcopy-paused" and now - self.tried_at >= RETRY_S:
-            self.tried_at = now
+            self.tried_at = self.acted_at = now
             try:
                 await self._recover(dest)
             except KvmotionError as exc:

@@ -56,6 +56,7 @@ async def test_the_center_breaks_a_stalled_stream_then_mends_it_when_the_link_re
     run = stub_run()
     marks: list[tuple[str, float | None]] = []
     repair = PostcopyRepair(run, lambda step, when: marks.append((step, when)))
+    repair.acted_at -= 60  # the post-copy began a minute ago
     await repair.look("postcopy-active", 1.0, dest_info("postcopy-active", resumed=12.5))
     assert run.calls == [] and ("resumed", 12.5) in marks  # moving: nothing to do
     await repair.look("postcopy-active", 5.0, dest_info("postcopy-active"))
@@ -64,7 +65,9 @@ async def test_the_center_breaks_a_stalled_stream_then_mends_it_when_the_link_re
     await repair.look("postcopy-paused", 6.0, dest_info("postcopy-paused"))
     # The destination listens again, then the source resumes to where it listens.
     assert run.calls == [("dst", "recover", None), ("src", "resume", "tcp:10.99.0.173:49153")]
-    await repair.look("postcopy-active", 0.0, dest_info("postcopy-active"))
+    # Resumed: no byte has moved yet, but the stream is judged over the time since the resume.
+    await repair.look("postcopy-active", 9.0, dest_info("postcopy-active"))
+    assert len(run.calls) == 2  # not broken again
     assert repair.summary() == {"postcopy_breaks": 1, "postcopy_recoveries": 1}
     assert [m for m, _ in marks].count("postcopy_paused") == 1
     assert ("postcopy_recovered", None) in marks
