@@ -1,10 +1,13 @@
 """The migration benchmark: QEMU's defaults against kvmotion's policy, side by side, in one run.
 
 Grid: guest RAM {512 MiB, 2 GiB} x workload {idle, web, heavy} x migration link {1, 10 Gbit/s,
-shaped with tc} x strategy {``qemu-defaults``: QEMU 7.2's 128 MiB/s and 300 ms and no brake, as
-``virsh migrate --live`` leaves them when no bandwidth is given; ``kvmotion``: the policy, asked
-for 100 ms of downtime}, ``--runs`` runs a cell (3 by default). Every migration of a cell gets the
-same deadline (``--deadline``, 60 s), after which kvmotion aborts it and the VM stays put.
+shaped with tc} x strategy (``--strategies``, by default ``qemu-defaults``: QEMU's 128 MiB/s and
+300 ms and no brake, and ``kvmotion``: the policy, asked for 100 ms of downtime; also other
+managers' strategies, kvmotion/migration/strategies.py: ``libvirt``, ``auto-converge``,
+``ovirt``, ``nova``; and kvmotion's knobs one at a time: ``kvmotion-1-stream``,
+``kvmotion-4-streams``, ``kvmotion-postcopy``, see VARIANTS), ``--runs`` runs a cell (3 by
+default). Every migration of a cell gets the same deadline (``--deadline``, 60 s), after which
+the center aborts it and the VM stays put. ``--render`` rewrites the .md from the .json.
 
 Workloads (guestd in the guest, driven over the VM network from the lab's client namespace):
 - idle: the booted guest, nothing running;

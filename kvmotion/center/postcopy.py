@@ -159,4 +159,5 @@ class PostcopyRepair:
         await run.enter(
             ComputePhase.DONE, state=TaskState.ERROR, error=error, error_code=code or "postcopy"
         )
-        await record_event(run.ex.db, error, severity="alarm", vm=run.vm.name, task_id=run.task_id)
+        severity = "alarm" if lost else "warning"
+        await record_event(run.ex.db, error, severity=severity, vm=run.vm.name, task_id=run.task_id)

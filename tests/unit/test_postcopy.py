@@ -83,3 +83,46 @@ async def test_recovery_is_retried_while_the_destination_is_unreachable_then_giv
         await repair.look("postcopy-paused", 0.0, dest_info("postcopy-paused"))
     assert info.value.code == "postcopy_lost" and "no route" in info.value.message
     assert time.monotonic() - (repair.broken_at or 0) > 0.2
+
+
+@pytest.mark.parametrize(
+    ("code", "lost"), [("postcopy_lost", True), ("destination_failed", True), (None, False)]
+)
+async def test_a_run_that_fails_in_post_copy_undoes_nothing(
+    code: str | None, lost: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lost: the source's stale copy is ended and the user told to power the VM off and on.
+    Otherwise (the center stopping) both QEMUs are left to finish alone. The VM is recorded on
+    the destination either way, and nothing is resumed on the source."""
+    run = stub_run()
+    done: list[Any] = []
+
+    async def finish_source() -> list[str]:
+        done.append("finish_source")
+        return []
+
+    async def set_vm(uuid: str, **fields: Any) -> None:
+        done.append(("set_vm", fields))
+
+    async def enter(phase: Any, **fields: Any) -> None:
+        done.append(("enter", phase, fields))
+
+    events: list[tuple[str, str]] = []
+
+    async def record_event(db: Any, message: str, *, severity: str, **_: Any) -> None:
+        events.append((severity, message))
+
+    monkeypatch.setattr("kvmotion.center.postcopy.record_event", record_event)
+    run.finish_source, run.enter = finish_source, enter
+    run.ex.inventory.set_vm, run.ex.db = set_vm, None
+    run.vm.uuid, run.dest.id, run.task_id = "u-1", 7, 1
+    await PostcopyRepair(run, lambda step, when: None).give_up("the link stayed down", code)
+    assert ("finish_source" in done) == lost
+    assert ("set_vm", {"host_id": 7}) in done
+    _, phase, fields = done[-1]
+    assert phase.value == "done" and fields["state"].value == "error"
+    assert ("is lost" in fields["error"]) == lost
+    assert ("Power it off and on" in fields["error"]) == lost
+    assert "the link stayed down" in fields["error"]
+    assert events[0][0] == ("alarm" if lost else "warning")
+    assert run.calls == []  # no post-copy step asked of anyone
