@@ -395,7 +395,8 @@ def vm_migrate(
         typer.Option(
             min=1,
             max=16,
-            help="TCP streams for memory (QEMU's multifd); default 2, or 1 with --allow-postcopy",
+            help="TCP streams for memory (QEMU's multifd); default: 2 on links over 2 Gbit/s, "
+            "else 1, and 1 with --allow-postcopy",
             show_default=False,
         ),
     ] = None,

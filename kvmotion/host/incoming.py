@@ -21,7 +21,7 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from kvmotion import faults
-from kvmotion.errors import Conflict, QemuError
+from kvmotion.errors import QemuError
 from kvmotion.host import switchover
 from kvmotion.host.migrationview import (
     ACTIVE,
@@ -30,6 +30,9 @@ from kvmotion.host.migrationview import (
     MigrationMode,
     MigrationStats,
     MigrationView,
+    capabilities_arg,
+    listening_port,
+    require_phase,
 )
 from kvmotion.qemu.qmp import QmpSession
 
@@ -70,20 +73,13 @@ class Incoming:
         from a certified host with ``tls_creds``, as ``mode`` says (the source's must match);
         return the URI to send to."""
         capabilities = [("events", True), ("late-block-activate", True), *mode.capabilities()]
-        await self.qmp.execute(
-            "migrate-set-capabilities",
-            {"capabilities": [{"capability": c, "state": on} for c, on in capabilities]},
-        )
+        await self.qmp.execute("migrate-set-capabilities", capabilities_arg(capabilities))
         params = {"tls-creds": tls_creds or ""} | mode.parameters()
         await self.qmp.execute("migrate-set-parameters", params)
         # Listen for MIGRATION events before the stream can start, so none is missed.
         self._events = self.qmp.listener(["MIGRATION"])
         await self.qmp.execute("migrate-incoming", {"uri": f"tcp:{address}:0"})
-        info = await self.qmp.execute("query-migrate")
-        ports = [a["port"] for a in info.get("socket-address", []) if "port" in a]
-        if not ports:
-            raise QemuError(f"destination QEMU did not report its listening port: {info}")
-        uri = f"tcp:{address}:{ports[0]}"
+        uri = f"tcp:{address}:{listening_port(await self.qmp.execute('query-migrate'))}"
         self.view.uri = uri
         self.view.phase = "listening"
         self.view.marks["listening"] = time.time()
@@ -149,24 +145,18 @@ class Incoming:
 
     async def pause_postcopy(self) -> None:
         """Break a stalled post-copy stream on this side too (see Outgoing.pause_postcopy)."""
-        if self.view.phase != "postcopy-active":
-            phase = self.view.phase
-            raise Conflict(f"the migration is {phase}, not in post-copy", code="wrong_state")
+        require_phase(self.view, ("postcopy-active",), "in post-copy")
         await self.qmp.execute("migrate-pause")
 
     async def recover(self, address: str) -> str:
         """Listen again for a broken post-copy stream; return the URI the source resumes to.
         Listening already (an earlier try the source never reached): the same URI."""
+        require_phase(self.view, POSTCOPY_PAUSED, "paused")
         if self.view.phase == "postcopy-paused":
             await self.qmp.execute("migrate-recover", {"uri": f"tcp:{address}:0"})
-        elif self.view.phase not in ("postcopy-recover-setup", "postcopy-recover"):
-            raise Conflict(f"the migration is {self.view.phase}, not paused", code="wrong_state")
-        info = await self.qmp.execute("query-migrate")
-        ports = [a["port"] for a in info.get("socket-address", []) if "port" in a]
-        if not ports:
-            raise QemuError(f"destination QEMU did not report its recovery port: {info}")
+        port = listening_port(await self.qmp.execute("query-migrate"))
         self.view.marks["recovering"] = time.time()
-        return f"tcp:{address}:{ports[0]}"
+        return f"tcp:{address}:{port}"
 
     def accepts(self, token: str) -> bool:
         """Whether ``token`` is this migration's switchover token, before the resume."""

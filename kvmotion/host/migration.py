@@ -36,6 +36,8 @@ from kvmotion.host.migrationview import (
     MigrationStats,
     MigrationView,
     PassSample,
+    capabilities_arg,
+    require_phase,
     throttle_params,
     uri_host,
 )
@@ -110,10 +112,7 @@ class Outgoing:
         """
         capabilities = [("events", True), ("pause-before-switchover", True)]
         capabilities += [("auto-converge", brake or auto_converge), *mode.capabilities()]
-        await self.qmp.execute(
-            "migrate-set-capabilities",
-            {"capabilities": [{"capability": c, "state": on} for c, on in capabilities]},
-        )
+        await self.qmp.execute("migrate-set-capabilities", capabilities_arg(capabilities))
         params: dict[str, Any] = {
             "max-bandwidth": max_bandwidth_bps,
             "downtime-limit": downtime_limit_ms,
@@ -325,17 +324,13 @@ class Outgoing:
     async def pause_postcopy(self) -> None:
         """Break a post-copy stream that stalled (a cut link leaves TCP waiting for minutes), so
         that it can be recovered: QEMU moves to ``postcopy-paused``."""
-        if self.view.phase != "postcopy-active":
-            raise Conflict(
-                f"the migration is {self.view.phase}, not in post-copy", code="wrong_state"
-            )
+        require_phase(self.view, ("postcopy-active",), "in post-copy")
         await self.qmp.execute("migrate-pause")
 
     async def resume_postcopy(self, uri: str) -> None:
         """Reconnect a paused post-copy to the destination's recovery ``uri``; the copy goes on
         from where it broke."""
-        if self.view.phase != "postcopy-paused":
-            raise Conflict(f"the migration is {self.view.phase}, not paused", code="wrong_state")
+        require_phase(self.view, ("postcopy-paused",), "paused")
         await self.qmp.execute("migrate", {"uri": uri, "resume": True})
         self.view.marks["postcopy_resumed"] = time.time()
         self._tell()

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmotion.errors import Conflict, QemuError
+
 ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 ACTIVE = (
     "setup",
@@ -154,3 +156,22 @@ class MigrationMode:
 
     def parameters(self) -> dict[str, Any]:
         return {"multifd-channels": self.streams} if self.streams > 1 else {}
+
+
+def capabilities_arg(capabilities: list[tuple[str, bool]]) -> dict[str, Any]:
+    """``migrate-set-capabilities``'s argument for (name, on) pairs."""
+    return {"capabilities": [{"capability": c, "state": on} for c, on in capabilities]}
+
+
+def listening_port(info: dict[str, Any]) -> int | str:
+    """The port a destination QEMU listens on, from its ``query-migrate``."""
+    ports = [a["port"] for a in info.get("socket-address", []) if "port" in a]
+    if not ports:
+        raise QemuError(f"destination QEMU did not report where it listens: {info}")
+    return ports[0]  # type: ignore[no-any-return]
+
+
+def require_phase(view: MigrationView, phases: tuple[str, ...], what: str) -> None:
+    """Raise Conflict unless the migration is in one of ``phases`` (``what`` names them)."""
+    if view.phase not in phases:
+        raise Conflict(f"the migration is {view.phase}, not {what}", code="wrong_state")

@@ -455,7 +455,6 @@ def decide(
     throttle, facts, verdict = _target(req, a, current, deadline - now.t_s)
     knobs = Knobs(base.downtime_limit_ms, base.max_bandwidth_bps, throttle, base.postcopy)
     postcopy_ready = now.status == "active" and now.pass_no >= POSTCOPY_AFTER_PASS
-    cur_pct = base.throttle_pct  # the brake applied now (a switch to post-copy keeps it)
     if req.allow_postcopy and current.postcopy and postcopy_ready:
         left = deadline - now.t_s
         needed = now.remaining_bytes / max(a.throughput, 1.0) + POSTCOPY_MARGIN_S
@@ -466,7 +465,7 @@ def decide(
         at_max = a.stalled and a.pass_throttle >= profile.max_pct
         if a.excess > 0 and throttle >= POSTCOPY_BRAKE_PCT:
             return Decision(
-                Knobs(base.downtime_limit_ms, base.max_bandwidth_bps, cur_pct, base.postcopy),
+                base,  # the brake applied now: a switch keeps it
                 "start_postcopy",
                 _sentence(
                     f"{facts}: pre-copy would need a brake of {throttle} %, more than half the "
