@@ -97,6 +97,11 @@ class QemuError(ExecutionError):
     http_status = 500
 
 
+class QmpTimeout(QemuError):
+    """QEMU did not answer in time: its main loop is busy (in post-copy, blocked on a page the
+    source has not sent), not necessarily gone."""
+
+
 class HostUnreachable(ExecutionError):
     code = "host_unreachable"
     http_status = 502

@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import logging
 import secrets
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from qemu.qmp import EventListener
 
 from kvmotion import faults
-from kvmotion.errors import QemuError
+from kvmotion.errors import QemuError, QmpTimeout
 from kvmotion.host import switchover
 from kvmotion.host.migrationview import (
     ACTIVE,
@@ -37,6 +38,13 @@ from kvmotion.host.migrationview import (
 from kvmotion.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
+
+
+def free_port(address: str) -> int:
+    """A TCP port free on ``address`` now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((address, 0))
+        return int(sock.getsockname()[1])
 
 
 class Incoming:
@@ -65,6 +73,7 @@ class Incoming:
         self.log = log.getChild(name)
         self._task: asyncio.Task[None] | None = None
         self._events: EventListener | None = None
+        self._recover_uri: str | None = None  # where a broken post-copy stream is awaited
 
     async def listen(
         self, address: str, *, mode: MigrationMode = MigrationMode(), tls_creds: str | None = None
@@ -100,7 +109,13 @@ class Incoming:
                     data: Any = event.get("data") or {}  # type: ignore[attr-defined]
                     status = str(data.get("status"))
                 if status is None:  # no event for a while: look, in case one was missed
-                    status = MigrationStats.parse(await self.qmp.execute("query-migrate")).status
+                    try:
+                        reply = await self.qmp.execute("query-migrate")
+                    except QmpTimeout:
+                        if "resumed" in self.view.marks:  # post-copy: a page it waits on
+                            continue
+                        raise
+                    status = MigrationStats.parse(reply).status
                 before = self.view.phase
                 if status == "postcopy-active" and "resumed" not in self.view.marks:
                     await self._resume()
@@ -146,17 +161,20 @@ class Incoming:
     async def pause_postcopy(self) -> None:
         """Break a stalled post-copy stream on this side too (see Outgoing.pause_postcopy)."""
         require_phase(self.view, ("postcopy-active",), "in post-copy")
-        await self.qmp.execute("migrate-pause")
+        # Out of band: QEMU's main loop may be blocked on a page that will never come.
+        await self.qmp.execute("migrate-pause", oob=True)
 
     async def recover(self, address: str) -> str:
         """Listen again for a broken post-copy stream; return the URI the source resumes to.
         Listening already (an earlier try the source never reached): the same URI."""
         require_phase(self.view, POSTCOPY_PAUSED, "paused")
-        if self.view.phase == "postcopy-paused":
-            await self.qmp.execute("migrate-recover", {"uri": f"tcp:{address}:0"})
-        port = listening_port(await self.qmp.execute("query-migrate"))
+        if self.view.phase == "postcopy-paused" or self._recover_uri is None:
+            # Out of band, on a port chosen here: the main loop (which answers query-migrate)
+            # may be blocked on a missing page until the stream is back.
+            self._recover_uri = f"tcp:{address}:{free_port(address)}"
+            await self.qmp.execute("migrate-recover", {"uri": self._recover_uri}, oob=True)
         self.view.marks["recovering"] = time.time()
-        return f"tcp:{address}:{port}"
+        return self._recover_uri
 
     def accepts(self, token: str) -> bool:
         """Whether ``token`` is this migration's switchover token, before the resume."""

@@ -325,7 +325,7 @@ class Outgoing:
         """Break a post-copy stream that stalled (a cut link leaves TCP waiting for minutes), so
         that it can be recovered: QEMU moves to ``postcopy-paused``."""
         require_phase(self.view, ("postcopy-active",), "in post-copy")
-        await self.qmp.execute("migrate-pause")
+        await self.qmp.execute("migrate-pause", oob=True)
 
     async def resume_postcopy(self, uri: str) -> None:
         """Reconnect a paused post-copy to the destination's recovery ``uri``; the copy goes on

@@ -14,7 +14,7 @@ from typing import Any
 
 from qemu.qmp import EventListener, QMPClient, QMPError
 
-from kvmotion.errors import QemuError
+from kvmotion.errors import QemuError, QmpTimeout
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class QmpSession:
             call = self._client.execute(command, arguments, oob=oob)
             return await asyncio.wait_for(call, timeout)
         except TimeoutError as exc:
-            raise QemuError(f"{self.name}: QMP {command} timed out after {timeout:.0f} s") from exc
+            raise QmpTimeout(f"{self.name}: QMP {command} timed out after {timeout:.0f} s") from exc
         except QMPError as exc:
             raise QemuError(f"{self.name}: QMP {command} failed: {exc}", command=command) from exc
 

@@ -698,7 +698,9 @@ async def test_a_destination_runs_the_guest_once_post_copy_starts_and_listens_ag
     qemu.set_migration("postcopy-paused")
     await until(lambda: incoming.view.phase == "postcopy-paused")
     uri = await postcopy_step(incoming, "recover", uri=None, address="127.0.0.1")
-    assert uri == "tcp:127.0.0.1:49153"
+    # On a port the agent chose: query-migrate, served by QEMU's main loop, may be blocked on a
+    # page that has not come (the CI saw migrate-pause, sent in band, time out for 30 s).
+    assert uri is not None and uri.startswith("tcp:127.0.0.1:") and int(uri.rsplit(":", 1)[1])
     # Asked again before the source came back: the same place, QEMU not asked twice.
     await until(lambda: incoming.view.phase == "postcopy-recover-setup")
     assert await postcopy_step(incoming, "recover", uri=None, address="127.0.0.1") == uri
