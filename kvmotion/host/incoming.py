@@ -183,8 +183,11 @@ class Incoming:
 
     async def take_traffic(self, bridges: dict[str, list[tuple[str, str]]]) -> None:
         """The guest stopped on the source: its frames come here now, queued for the resume."""
-        if "traffic_taken" not in self.view.marks and await switchover.take_traffic(bridges):
-            self.view.marks["traffic_taken"] = time.time()
+        if "traffic_taken" in self.view.marks:
+            return
+        announced = await switchover.take_traffic(bridges)
+        if announced is not None:
+            self.view.marks["traffic_taken"] = announced
             self.notify()
 
     async def _note_learned(self, learned: Callable[[], Awaitable[float | None]]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
 from typing import Any
@@ -65,14 +66,16 @@ async def _pin(ipr: AsyncIPRoute, tap: str, mac: str) -> None:
     await ipr.fdb("replace", ifindex=index, lladdr=mac, state=NUD_REACHABLE, flags=NTF_MASTER)
 
 
-async def take_traffic(bridges: dict[str, list[tuple[str, str]]]) -> bool:
-    """Pin each (tap, MAC) to its tap on its bridge and announce the MAC from there. False
-    (and logged) where it cannot: a bridge that is not a Linux bridge (Open vSwitch) keeps
-    what it has, and QEMU's announce after the resume teaches the network as before.
+async def take_traffic(bridges: dict[str, list[tuple[str, str]]]) -> float | None:
+    """Pin each (tap, MAC) to its tap on its bridge and announce the MAC from there; return
+    when (wall clock) the last announce left. None (and logged) where it cannot: a bridge that
+    is not a Linux bridge (Open vSwitch) keeps what it has, and QEMU's announce after the
+    resume teaches the network as before.
 
     In the stun, so in this process and in this event loop: one netlink request and one frame
     per NIC (a ``bridge`` command and a thread cost 5-30 ms here under a migration's load,
     during which the user's frames still went to the stopped source and were lost)."""
+    announced = None
     try:
         async with AsyncIPRoute() as ipr:
             for bridge, taps_macs in bridges.items():
@@ -81,10 +84,11 @@ async def take_traffic(bridges: dict[str, list[tuple[str, str]]]) -> bool:
                     for tap, mac in taps_macs:
                         await _pin(ipr, tap, mac)
                         sock.send(rarp_frame(mac))
+                        announced = time.time()
     except (OSError, NetlinkError) as exc:
         log.warning("cannot take the VM's traffic at the switchover: %s", exc)
-        return False
-    return True
+        return None
+    return announced
 
 
 async def resume_here(qmp: QmpSession) -> None:

@@ -27,7 +27,7 @@ MAC = "52:54:00:5e:70:01"
 TAKE = """
 import asyncio, sys
 from kvmotion.host.switchover import take_traffic
-sys.exit(0 if asyncio.run(take_traffic({"br0": [("vmtap", sys.argv[1])]})) else 1)
+sys.exit(0 if asyncio.run(take_traffic({"br0": [("vmtap", sys.argv[1])]})) is not None else 1)
 """
 # What arrives on the uplink's far end, for a second: the RARP's source MAC and EtherType.
 LISTEN = """
