@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import socket
 import statistics
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,13 @@ COMMAND = ".venv/bin/python -m bench.switchover"
 VM, INDEX = "vm-sw", 9
 VARIANTS = {"handover": True, "announce only": False}
 SETTLE_S = 1.0  # after each migration, before the next (the user keeps working)
+TCPI_TOTAL_RETRANS = 100  # offset of tcpi_total_retrans in Linux's struct tcp_info
+
+
+def retransmitted(sock: socket.socket) -> int:
+    """How many segments the client's kernel has sent again on ``sock`` (lost or late)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("I", info, TCPI_TOTAL_RETRANS)[0])
 
 
 async def one(center: CenterClient, dest: str, handover: bool) -> dict[str, Any]:
@@ -80,11 +89,12 @@ async def run(migrations: int, rounds: int) -> list[dict[str, Any]]:
                     for _ in range(migrations):
                         here = (await center.vm(VM))["host"]
                         dest = hosts[1] if here == hosts[0] else hosts[0]
-                        since = time.monotonic_ns()
+                        since, resent = time.monotonic_ns(), retransmitted(sock)
                         task = await one(center, dest, handover)
                         await asyncio.sleep(SETTLE_S)
                         until = time.monotonic_ns()
                         rows.append(row(task, variant, ping.replies_ns(), icmp, since, until))
+                        rows[-1]["tcp_retransmits"] = retransmitted(sock) - resent
                         print(json.dumps(rows[-1]))
         finally:
             ping.stop()
@@ -139,8 +149,9 @@ def report(rows: list[dict[str, Any]], migrations: int, rounds: int) -> str:
         "a TCP request and an ICMP echo every 10 ms. Command: `" + COMMAND + "`.",
         "",
         "| variant | migrations | QEMU downtime ms (median / max) | guest stopped ms | "
-        "ICMP gap ms | TCP gap ms | taken before the resume |",
-        "|---|---|---|---|---|---|---|",
+        "ICMP gap ms | TCP gap ms | taken after the stun ms | taken before the resume | "
+        "client's TCP retransmissions (total) | migrations with one |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         rs = [r for r in rows if r["variant"] == variant]
@@ -148,16 +159,27 @@ def report(rows: list[dict[str, Any]], migrations: int, rounds: int) -> str:
             continue
         taken = sum(r["taken_before_resume"] for r in rs)
         cells = [
-            f"{med([r[k] for r in rs])} / {top([r[k] for r in rs])}"
-            for k in ("downtime_ms", "stopped_ms", "icmp_gap_ms", "tcp_gap_ms")
-        ]
-        lines.append(f"| {variant} | {len(rs)} | {' | '.join(cells)} | {taken} of {len(rs)} |")
+            f"{med([r.get(k) for r in rs])} / {top([r.get(k) for r in rs])}"
+            for k in (
+                "downtime_ms", "stopped_ms", "icmp_gap_ms", "tcp_gap_ms", "taken_after_stun_ms"
+            )
+        ]  # fmt: skip
+        resent = [r["tcp_retransmits"] for r in rs if r.get("tcp_retransmits") is not None]
+        lines.append(
+            f"| {variant} | {len(rs)} | {' | '.join(cells)} | {taken} of {len(rs)} | "
+            f"{sum(resent)} | {sum(1 for n in resent if n)} of {len(resent)} |"
+        )
     lines += [
         "",
         "- QEMU downtime: the source QEMU's own count. Guest stopped: from the source agent's "
         "pre-switchover event to the destination agent's `cont` (wall clocks of one machine).",
         "- ICMP gap: the longest time between two echo replies inside the migration's window "
         "(request to 1 s after the task ended); TCP gap the same between guestd's answers.",
+        "- Taken after the stun: from the source's pre-switchover event to the destination's "
+        "RARP (the handover), median / max.",
+        "- Retransmissions: what the client's kernel sent again in the migration's window "
+        "(`tcpi_total_retrans`): a request that reached the source after it stopped the guest "
+        "is lost and sent again.",
     ]
     return "\n".join(lines) + "\n"
 
