@@ -7,10 +7,12 @@ forth ``--migrations`` times per variant and round, the variants alternating by 
   sent during the stun wait there for the resume;
 - announce only: the VM network learns the new place from QEMU's announce after the resume.
 
-From the lab's client, all the time: a TCP request every 10 ms (pipelined, guestd answers) and an
-ICMP echo every 10 ms. Per migration: QEMU's downtime, the guest's stop (stunned -> resumed, the
+From the lab's client, all the time: a TCP request every 10 ms (pipelined, guestd answers), an
+ICMP echo every 10 ms, and on a second connection a request every 100 ms (a user who sends
+little, whose lost request TCP resends late). Per migration: QEMU's downtime, the guest's stop (stunned -> resumed, the
 agents' marks), the longest gap between TCP answers and between ICMP replies in the migration's
-window, and whether the destination took the traffic before the resume.
+window, the sparse client's longest wait, the client's retransmissions, and when the destination
+took the traffic.
 
 Run as root: ``.venv/bin/python -m bench.switchover [--migrations 10] [--rounds 2]``. Writes
 bench/results/switchover.json and .md. Brings the lab up and leaves it up; the VM is deleted.
@@ -40,7 +42,14 @@ COMMAND = ".venv/bin/python -m bench.switchover"
 VM, INDEX = "vm-sw", 9
 VARIANTS = {"handover": True, "announce only": False}
 SETTLE_S = 1.0  # after each migration, before the next (the user keeps working)
+SPARSE_S = 0.1  # the sparse client's request period
 TCPI_TOTAL_RETRANS = 100  # offset of tcpi_total_retrans in Linux's struct tcp_info
+
+
+def longest_wait_ms(loop: PingLoop, since: int, until: int) -> float:
+    """The longest a request sent in [since, until] waited for its answer."""
+    waits = [answered - sent for sent, answered in loop.waits_ns() if since <= sent <= until]
+    return round(max(waits, default=0) / 1e6, 1)
 
 
 def retransmitted(sock: socket.socket) -> int:
@@ -80,6 +89,13 @@ async def run(migrations: int, rounds: int) -> list[dict[str, Any]]:
             state.client_netns, guest_ip(INDEX), DEFAULT_PORT, timeout=5.0
         )
         ping = PingLoop(sock, interval=0.01, max_duration=3600, owns_socket=True).start()
+        # A user who sends little (a keystroke every SPARSE_S): a request lost in the stun is
+        # resent only after TCP's probe timeout, which adds 200 ms when one request is in flight.
+        sparse_sock = netns.connect_in_netns(
+            state.client_netns, guest_ip(INDEX), DEFAULT_PORT, timeout=5.0
+        )
+        sparse = PingLoop(sparse_sock, interval=SPARSE_S, max_duration=3600, owns_socket=True)
+        sparse.start()
         icmp = IcmpProbe(state.client_netns, guest_ip(INDEX), max_duration=3600).start()
         try:
             await asyncio.sleep(SETTLE_S)
@@ -95,16 +111,20 @@ async def run(migrations: int, rounds: int) -> list[dict[str, Any]]:
                         until = time.monotonic_ns()
                         rows.append(row(task, variant, ping.replies_ns(), icmp, since, until))
                         rows[-1]["tcp_retransmits"] = retransmitted(sock) - resent
+                        rows[-1]["sparse_wait_ms"] = longest_wait_ms(sparse, since, until)
                         print(json.dumps(rows[-1]))
         finally:
             ping.stop()
+            sparse.stop()
             icmp.stop()
             summary = await asyncio.to_thread(ping.join, 30)
+            sparse_summary = await asyncio.to_thread(sparse.join, 30)
             guest.close()
             await center.power_off(VM)
             await center.delete_vm(VM)
-    if not summary.same_connection or summary.lost:
-        raise RuntimeError(f"the user's connection suffered: {summary}")
+    for got in (summary, sparse_summary):
+        if not got.same_connection or got.lost:
+            raise RuntimeError(f"the user's connection suffered: {got}")
     return rows
 
 
@@ -149,9 +169,10 @@ def report(rows: list[dict[str, Any]], migrations: int, rounds: int) -> str:
         "a TCP request and an ICMP echo every 10 ms. Command: `" + COMMAND + "`.",
         "",
         "| variant | migrations | QEMU downtime ms (median / max) | guest stopped ms | "
-        "ICMP gap ms | TCP gap ms | taken after the stun ms | taken before the resume | "
-        "client's TCP retransmissions (total) | migrations with one |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "ICMP gap ms | TCP gap ms | sparse client's longest wait ms | taken after the stun ms "
+        "| taken before the resume | client's TCP retransmissions (total) | migrations with one "
+        "| sparse waits over 200 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         rs = [r for r in rows if r["variant"] == variant]
@@ -161,13 +182,16 @@ def report(rows: list[dict[str, Any]], migrations: int, rounds: int) -> str:
         cells = [
             f"{med([r.get(k) for r in rs])} / {top([r.get(k) for r in rs])}"
             for k in (
-                "downtime_ms", "stopped_ms", "icmp_gap_ms", "tcp_gap_ms", "taken_after_stun_ms"
+                "downtime_ms", "stopped_ms", "icmp_gap_ms", "tcp_gap_ms", "sparse_wait_ms",
+                "taken_after_stun_ms",
             )
         ]  # fmt: skip
+        slow = sum(1 for r in rs if (r.get("sparse_wait_ms") or 0) > 200)
         resent = [r["tcp_retransmits"] for r in rs if r.get("tcp_retransmits") is not None]
         lines.append(
             f"| {variant} | {len(rs)} | {' | '.join(cells)} | {taken} of {len(rs)} | "
-            f"{sum(resent)} | {sum(1 for n in resent if n)} of {len(resent)} |"
+            f"{sum(resent)} | {sum(1 for n in resent if n)} of {len(resent)} | "
+            f"{slow} of {len(rs)} |"
         )
     lines += [
         "",
@@ -178,8 +202,11 @@ def report(rows: list[dict[str, Any]], migrations: int, rounds: int) -> str:
         "- Taken after the stun: from the source's pre-switchover event to the destination's "
         "RARP (the handover), median / max.",
         "- Retransmissions: what the client's kernel sent again in the migration's window "
-        "(`tcpi_total_retrans`): a request that reached the source after it stopped the guest "
-        "is lost and sent again.",
+        "(`tcpi_total_retrans`, TCP's loss probes included): a request that reached the source "
+        "after it stopped the guest is lost and sent again.",
+        f"- Sparse client: a second connection sending one request every {SPARSE_S * 1000:.0f} "
+        "ms (a user typing); its longest wait for an answer among the requests sent in the "
+        "window. A lone request lost in the stun waits for TCP's loss probe, 200 ms or more.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -481,6 +481,12 @@ class PingLoop:
         """When each answer so far arrived (host CLOCK_MONOTONIC, ns), ascending."""
         return [received for received, _, _ in list(self._answers)]
 
+    def waits_ns(self) -> list[tuple[int, int]]:
+        """(sent, answered) of each request answered so far (host CLOCK_MONOTONIC, ns): how
+        long each one waited, which is what a user who sends little (a keystroke) notices."""
+        answers = list(self._answers)
+        return [(sent, answers[i][0]) for i, sent in enumerate(list(self._sent)[: len(answers)])]
+
     def stop(self) -> None:
         """Stop sending; answers still in flight are awaited for up to ``drain_timeout``."""
         self._stop.set()

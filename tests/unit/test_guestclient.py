@@ -305,6 +305,11 @@ def test_ping_loop_sees_a_pause(serve: Callable[[Script], FakeGuestd]) -> None:
     assert summary.lost == 0 and summary.same_connection
     assert 250 <= summary.max_gap_ms < 1000
     assert 50 <= summary.sent <= 85  # about 0.8 s / 10 ms, bounded by max_duration
+    waits = loop.waits_ns()
+    assert len(waits) == summary.answered
+    assert all(answered >= sent for sent, answered in waits)
+    assert (waits[20][1] - waits[20][0]) / 1e6 >= 250  # the request the pause held
+    assert (waits[-1][1] - waits[-1][0]) / 1e6 < 250  # and the ones after it did not wait
 
 
 def test_ping_loop_reports_a_drop(serve: Callable[[Script], FakeGuestd]) -> None:
