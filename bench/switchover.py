@@ -9,10 +9,10 @@ forth ``--migrations`` times per variant and round, the variants alternating by 
 
 From the lab's client, all the time: a TCP request every 10 ms (pipelined, guestd answers), an
 ICMP echo every 10 ms, and on a second connection a request every 100 ms (a user who sends
-little, whose lost request TCP resends late). Per migration: QEMU's downtime, the guest's stop (stunned -> resumed, the
-agents' marks), the longest gap between TCP answers and between ICMP replies in the migration's
-window, the sparse client's longest wait, the client's retransmissions, and when the destination
-took the traffic.
+little, whose lost request TCP resends late). Per migration: QEMU's downtime, the guest's stop
+(stunned -> resumed, the agents' marks), the longest gap between TCP answers and between ICMP
+replies in the migration's window, the sparse client's longest wait, the client's
+retransmissions, and when the destination took the traffic.
 
 Run as root: ``.venv/bin/python -m bench.switchover [--migrations 10] [--rounds 2]``. Writes
 bench/results/switchover.json and .md. Brings the lab up and leaves it up; the VM is deleted.

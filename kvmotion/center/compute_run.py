@@ -245,9 +245,8 @@ class ComputeMigration(TaskRun[ComputePhase]):
                 )
             dst.check_receiving(self.dest.name)
             # Past pre-switchover the guest is stunned: finishing beats undoing; in post-copy
-            # nothing can be undone.
-            late = (ComputePhase.SWITCHOVER, ComputePhase.POSTCOPY)
-            if self.cancel_requested and self.phase not in late:
+            # nothing can be undone (a cancel that came just before is dropped).
+            if self.cancel_requested and self.phase not in self.phases.too_late:
                 raise Cancelled()
             await self._next()
 

@@ -190,9 +190,11 @@ class Executor:
 
     async def request_cancel(self, task_id: int) -> Task:
         """Record the user's cancel and tell the task's run at once. Raises NotFound, or
-        Conflict if the task ended."""
-        task = await self.tasks.request_cancel(task_id)
+        Conflict if the task ended or its run is past undoing (saying why)."""
         run = self._running.get(task_id)
+        if run is not None:
+            run.check_cancel()
+        task = await self.tasks.request_cancel(task_id)
         if run is not None:
             run.request_cancel()
         return task

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Generic
 from kvmotion.center.db import Vm
 from kvmotion.center.tasks import TaskState, record_event
 from kvmotion.center.watch import HostWatch
-from kvmotion.errors import KvmotionError
+from kvmotion.errors import Conflict, KvmotionError
 from kvmotion.host.protocol import VmInfo
 from kvmotion.host.storage import StorageView
 from kvmotion.migration.costs import Demand
@@ -77,6 +77,12 @@ class TaskRun(Generic[P]):
         # Set by each answer of the run's watches and by a cancel: the run looks again.
         self.wake = asyncio.Event()
         self.cancel_requested = False
+
+    def check_cancel(self) -> None:
+        """Raises Conflict, saying why, where a cancel can no longer undo anything."""
+        why = self.phases.too_late.get(self.phase)
+        if why is not None:
+            raise Conflict(f"too late to cancel: {why}", code="too_late_to_cancel")
 
     def request_cancel(self) -> None:
         """The user asked to cancel: the run sees it at its next look (at once if waiting)."""

@@ -24,12 +24,14 @@ P = TypeVar("P", bound=StrEnum)
 @dataclass(frozen=True)
 class PhaseTable(Generic[P]):
     """A run kind's lifecycle: its first phase, the moves allowed from each phase, the phase an
-    abort ends in, and the task phase stored on entering a phase (where it has one)."""
+    abort ends in, the task phase stored on entering a phase (where it has one), and the phases
+    in which a user's cancel can no longer undo anything, with why (the API refuses it)."""
 
     start: P
     aborted: P
     next: Mapping[P, frozenset[P]]
     shown: Mapping[P, str]
+    too_late: Mapping[P, str]
 
     def check(self, old: P, new: P) -> None:
         """Raises Conflict if the table does not allow ``old`` → ``new`` (staying is allowed)."""
@@ -71,6 +73,14 @@ COMPUTE_PHASES = PhaseTable(
         _C.RESUMED: frozenset({_C.DONE}),  # never aborted: the VM stays where it runs
     },
     shown={_C.MIGRATING: "precopy", _C.RESUMING: "resume", _C.DONE: "done", _C.ABORTED: "aborted"},
+    too_late={
+        _C.SWITCHOVER: "the guest is stunned for its switchover: finishing is quicker than undoing",
+        _C.POSTCOPY: "the guest runs on the destination in post-copy, part of its memory still on "
+        "the source: nothing can be undone, the migration finishes (or the VM is lost if a host "
+        "fails)",
+        _C.RESUMING: "the destination has the whole VM and is resuming it",
+        _C.RESUMED: "the guest runs on the destination",
+    },
 )
 
 
@@ -120,4 +130,5 @@ STORAGE_PHASES = PhaseTable(
         _S.PIVOTED: frozenset({_S.DONE, _S.ABORTED}),
     },
     shown={_S.DONE: "done", _S.ABORTED: "aborted"},
+    too_late={_S.PIVOTED: "the VM runs on its new disks"},
 )

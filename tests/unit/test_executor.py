@@ -446,20 +446,30 @@ async def test_cancel_while_preparing(center: Center, fake: FakeAgents) -> None:
 
 
 async def test_cancel_during_switchover_is_too_late(center: Center, fake: FakeAgents) -> None:
-    """Past pre-switchover the guest is stunned: finishing beats undoing."""
+    """Past pre-switchover the guest is stunned and finishing beats undoing. A cancel that came
+    as QEMU stunned it, before the run saw that, is recorded and dropped; one after is refused,
+    saying why."""
     task_ids: list[int] = []
+    refused: list[Conflict] = []
 
     async def cancel_at_device(poll: int, phase: str) -> None:
-        if phase == "device":
-            await center.executor.request_cancel(task_ids[0])
+        if phase == "device" and poll in (2, 3):  # the run sees the switchover after poll 2
+            try:
+                await center.executor.request_cancel(task_ids[0])
+            except Conflict as exc:
+                refused.append(exc)
 
     fake.script(
-        "vm-a", phases=("active", "device", "device", "completed"), on_poll=cancel_at_device
+        "vm-a",
+        phases=("active", "device", "device", "device", "completed"),
+        on_poll=cancel_at_device,
     )
     task_ids.append(await center.executor.submit(MigrationRequest("vm-a", DST)))
     await center.executor.wait(task_ids[0])
     task = await center.tasks.get(task_ids[0])
 
+    assert [e.code for e in refused] == ["too_late_to_cancel"]
+    assert "stunned for its switchover" in refused[0].message
     assert task.cancel_requested and task.state == TaskState.SUCCESS
     assert aborts(fake, DST) == [] and aborts(fake, SRC) == []
     assert await vm_host(center) == DST
