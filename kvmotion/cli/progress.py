@@ -9,7 +9,6 @@ synchronous edge, where Ctrl-C cancels the task through the API.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -278,8 +277,11 @@ async def _next_update(updates: AsyncIterator[Task]) -> Task | None:
 
 async def cancel_and_wait(client: CenterClient, task_id: int, timeout_s: float) -> Task:
     """Ask the center to cancel, then wait (bounded) for the task to end; returns it."""
-    with contextlib.suppress(Conflict):  # it ended meanwhile: report how
+    try:
         await client.cancel_task(task_id)
+    except Conflict as exc:  # it ended meanwhile, or is past undoing: report how it ends
+        if exc.code == "too_late_to_cancel":
+            err_console.print(f"task {task_id}: {exc.message}", highlight=False)
     deadline = time.monotonic() + timeout_s
     while True:
         task = await client.task(task_id)

@@ -32,7 +32,7 @@ from typer.testing import CliRunner, Result
 from kvmotion.center.api import create_app
 from kvmotion.center.service import Center, CenterConfig
 from kvmotion.cli.main import app
-from kvmotion.cli.progress import snapshot, timeline
+from kvmotion.cli.progress import cancel_and_wait, snapshot, timeline
 from kvmotion.errors import Conflict, NotFound
 from kvmotion.host.protocol import HOST_FACTS, VM_INFO, facts_json
 from kvmotion.host.protocol import vm_json as info_json
@@ -602,3 +602,24 @@ def test_snapshot_and_timeline_read_a_task() -> None:
     ]  # fmt: skip
     assert "tcp:10.0.0.2:1" in steps[1].text
     assert snapshot({"state": "queued"}).eta_s is None
+
+
+async def test_ctrl_c_past_undoing_says_why_and_waits_for_the_end(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Ctrl-C during the switchover: the center refuses the cancel, the CLI says why and reports
+    the task as it ends (here: done, the VM on its destination)."""
+
+    class Refusing:
+        async def cancel_task(self, task_id: int) -> dict[str, Any]:
+            raise Conflict(
+                "too late to cancel: the guest is stunned for its switchover",
+                code="too_late_to_cancel",
+            )
+
+        async def task(self, task_id: int) -> dict[str, Any]:
+            return {"id": task_id, "state": "success"}
+
+    task = await cancel_and_wait(Refusing(), 7, timeout_s=5)  # type: ignore[arg-type]
+    assert task["state"] == "success"
+    assert "task 7: too late to cancel: the guest is stunned" in capsys.readouterr().err
