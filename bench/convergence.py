@@ -172,20 +172,22 @@ async def one_run(
     )
     with loop:
         icmp.start()
-        since = time.monotonic_ns()
-        time.sleep(0.5)
-        # The guest's own work (pages it dirtied), from the request to the task's end.
-        pages0, t0 = (guest.dirty_stat().pages, time.monotonic()) if guest else (0, 0.0)
-        task = await center.migrate(
-            vm, dest, downtime_ms=DOWNTIME_MS, deadline_s=deadline_s, predict=True,
-            **VARIANTS[strategy],
-        )  # fmt: skip
-        task = await wait_task(center, task["id"], deadline_s + RUN_SLACK_S)
-        pages1, t1 = (guest.dirty_stat().pages, time.monotonic()) if guest else (0, 0.0)
-        time.sleep(0.5)
-        loop.stop()
-        icmp_gap_ms = icmp.longest_gap_ms(since, time.monotonic_ns())
-        icmp.stop()
+        try:
+            since = time.monotonic_ns()
+            time.sleep(0.5)
+            # The guest's own work (pages it dirtied), from the request to the task's end.
+            pages0, t0 = (guest.dirty_stat().pages, time.monotonic()) if guest else (0, 0.0)
+            task = await center.migrate(
+                vm, dest, downtime_ms=DOWNTIME_MS, deadline_s=deadline_s, predict=True,
+                **VARIANTS[strategy],
+            )  # fmt: skip
+            task = await wait_task(center, task["id"], deadline_s + RUN_SLACK_S)
+            pages1, t1 = (guest.dirty_stat().pages, time.monotonic()) if guest else (0, 0.0)
+            time.sleep(0.5)
+            loop.stop()
+            icmp_gap_ms = icmp.longest_gap_ms(since, time.monotonic_ns())
+        finally:  # a run that fails leaves no prober behind
+            icmp.stop()
     summary_ping: PingSummary = loop.join(10)
     sock.close()
     s = task["summary"]

@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 
 
 def free_port(address: str) -> int:
-    """A TCP port free on ``address`` now (the kernel's choice)."""
+    """A TCP port free on ``address`` now (the kernel's choice). Not a listening socket handed
+    to QEMU as NBD gets (host/storage.py): ``getfd`` needs QEMU's main loop, which a post-copy
+    recovery cannot count on."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((address, 0))
         return int(sock.getsockname()[1])
