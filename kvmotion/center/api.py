@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi import Path as FastApiPath
 from fastapi.responses import StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -25,11 +25,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 
 from kvmotion import __version__
+from kvmotion.center import images
 from kvmotion.center.db import Event
 from kvmotion.center.inventory import datastore_dict, host_dict, vm_dict
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import TaskState, task_dict
-from kvmotion.errors import Conflict, KvmotionError, NotFound
+from kvmotion.errors import Conflict, InvalidInput, KvmotionError, NotFound
 from kvmotion.host.config import DEFAULT_AGENT_PORT
 from kvmotion.host.migrationview import MAX_STREAMS
 from kvmotion.host.protocol import vm_json
@@ -151,6 +152,37 @@ def create_app(center: Center) -> FastAPI:
         """Every datastore a host reported, with capacity, free space and the hosts that see
         it (shared: more than one)."""
         return [datastore_dict(d) for d in await inv.datastores()]
+
+    # -- OS images -----------------------------------------------------------------------------
+    @app.get("/v1/images", dependencies=auth)
+    async def list_images() -> list[dict[str, Any]]:
+        """Every OS image on the datastores, with the hosts that see it and its VMs."""
+        return await images.list_images(inv)
+
+    @app.put("/v1/images/{name}", dependencies=auth, status_code=201)
+    async def import_image(
+        name: str,
+        request: Request,
+        datastore: str = Query(max_length=63),
+        format: str | None = Query(None, pattern="^(qcow2|raw)$"),
+        filename: str = Query("", max_length=255),
+    ) -> dict[str, Any]:
+        """Import the request's body (a qcow2 or raw image, streamed) onto ``datastore``."""
+        try:
+            check_name(name, "image name")
+            check_name(datastore, "datastore")
+        except ValueError as exc:
+            raise InvalidInput(str(exc), code="invalid_name") from None
+        length = request.headers.get("content-length")
+        return await images.import_image(
+            inv, datastore, name, request.stream(),
+            length=int(length) if length and length.isdigit() else None,
+            fmt=format, filename=filename,
+        )  # fmt: skip
+
+    @app.delete("/v1/images/{name}", dependencies=auth, status_code=204)
+    async def delete_image(name: str, datastore: str = Query(max_length=63)) -> None:
+        await images.delete_image(inv, datastore, name)
 
     @app.get("/v1/hosts/{name}", dependencies=auth)
     async def get_host(name: str) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -29,6 +30,9 @@ _SHUTDOWN_TIMEOUT = 120.0
 _POWER_OFF_TIMEOUT = 90.0
 _PRECHECK_TIMEOUT = 90.0  # fresh facts from two hosts
 _STREAM_TIMEOUT = httpx.Timeout(30.0, read=60.0)  # a task stream says something every 15 s
+# An upload's answer comes after the host checked the whole image (qemu-img check of GiBs)
+_UPLOAD_TIMEOUT = httpx.Timeout(60.0, read=600.0)
+_UPLOAD_CHUNK = 1 << 20
 
 JsonObject = dict[str, Any]
 
@@ -108,10 +112,14 @@ class CenterClient:
         path: str,
         json: Any = None,
         params: dict[str, Any] | None = None,
-        timeout: float | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        content: AsyncIterator[bytes] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Any:
         what = f"{method} {self.url}{path}"
         kwargs: dict[str, Any] = {"json": json, "params": params}
+        if content is not None:
+            kwargs |= {"content": content, "headers": headers}
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:
@@ -221,6 +229,38 @@ class CenterClient:
 
     async def datastores(self) -> list[JsonObject]:
         return await self._list("/v1/datastores")
+
+    # -- OS images -----------------------------------------------------------------------------
+    async def images(self) -> list[JsonObject]:
+        return await self._list("/v1/images")
+
+    async def import_image(
+        self,
+        path: Path,
+        datastore: str,
+        name: str,
+        fmt: str | None = None,
+        progress: Callable[[int], None] = lambda _n: None,
+    ) -> JsonObject:
+        """Upload the image file at ``path`` to ``datastore`` as ``name``, streamed (never read
+        whole); ``progress`` is told each chunk's size as it goes."""
+        size = path.stat().st_size
+
+        async def chunks() -> AsyncIterator[bytes]:
+            with path.open("rb") as f:
+                while data := f.read(_UPLOAD_CHUNK):
+                    progress(len(data))
+                    yield data
+
+        params = {"datastore": datastore, "filename": path.name} | ({"format": fmt} if fmt else {})
+        return await self._object(
+            "PUT", f"/v1/images/{_segment(name)}", params=params, content=chunks(),
+            headers={"Content-Length": str(size)}, timeout=_UPLOAD_TIMEOUT,
+        )  # fmt: skip
+
+    async def delete_image(self, name: str, datastore: str) -> None:
+        path = f"/v1/images/{_segment(name)}"
+        await self.request("DELETE", path, params={"datastore": datastore})
 
     # -- tasks and events ----------------------------------------------------------------------
     async def tasks(self, limit: int = 50) -> list[JsonObject]:

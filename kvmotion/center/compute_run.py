@@ -49,6 +49,11 @@ if TYPE_CHECKING:
     from kvmotion.center.executor import Executor
 
 
+# How long the center waits, after a move, for the destination to say by how much it set the
+# guest's clock (host/guesttime.py gives the guest agent 5 s)
+CLOCK_WAIT_S = 8.0
+
+
 class ComputeMigration(TaskRun[ComputePhase]):
     """Compute vMotion, or "change both" (``req.kind == "both"``): the destination makes new
     disks and serves them over NBD, the source copies its disks into them first, and they end
@@ -392,13 +397,25 @@ class ComputeMigration(TaskRun[ComputePhase]):
 
     async def _note_network(self) -> None:
         """When the destination took the VM's traffic (told by the source at the stun), and
-        when its bridge saw the VM after the resume: the user's traffic reaches it there."""
+        when its bridge saw the VM after the resume: the user's traffic reaches it there. And
+        the step by which the destination set the guest's clock right, if it had a guest agent
+        (in the summary as ``guest_clock_step_ms``)."""
         with contextlib.suppress(KvmotionError):
+            # A guest agent answers within seconds of the resume (the destination waits up to
+            # CLOCK_WAIT_S for it); without one, or with the step noted, one look is enough.
+            deadline = time.monotonic() + (CLOCK_WAIT_S if self.vm.config.get("guest_agent") else 0)
             async with self.ex.inventory.agent(self.dest) as agent:
-                view = (await agent.get_vm(self.vm.name)).migration
+                while True:
+                    view = (await agent.get_vm(self.vm.name)).migration
+                    noted = view is None or "clock_checked" in view.marks
+                    if noted or time.monotonic() >= deadline:
+                        break
+                    await asyncio.sleep(0.2)
             for step in ("traffic_taken", "mac_learned"):
                 if view is not None and step in view.marks:
                     self._mark(step, view.marks[step])
+            if view is not None and view.guest_clock_step_s is not None:
+                self._kept_summary["guest_clock_step_ms"] = round(view.guest_clock_step_s * 1000, 1)
 
     async def finish_source(self) -> Any:
         """End the source's paused copy. The guest runs on the destination, so that copy is

@@ -126,6 +126,9 @@ class Vm(Base):
     evc_mode: Mapped[str | None] = mapped_column(String(40), default=None)  # per-VM EVC
     # KiB of RAM pad it runs with (qemu.cmdline.ram_pad_kib), while it runs; None: not known
     ram_pad_kib: Mapped[int | None] = mapped_column(default=None)
+    # Its IP addresses as its host last saw them (guest agent or DHCP leases), while it runs
+    addresses: Mapped[list[str] | None] = mapped_column(JSON, default=None)
+    addresses_source: Mapped[str | None] = mapped_column(String(20), default=None)
     host: Mapped[Host | None] = relationship(lazy="selectin")
 
 

@@ -96,6 +96,8 @@ def vm_dict(vm: Vm) -> dict[str, Any]:
         "config_path": vm.config_path,
         "cpu": vm.cpu,
         "evc_mode": vm.evc_mode,
+        "addresses": vm.addresses or [],
+        "addresses_source": vm.addresses_source,
     }
 
 
@@ -321,6 +323,8 @@ class Inventory:
             running = info["power_state"] != "poweredOff"
             vm.cpu = info.get("cpu") if running else None
             vm.ram_pad_kib = info.get("ram_pad_kib") if running else None
+            vm.addresses = list(info.get("addresses") or []) if running else None
+            vm.addresses_source = info.get("addresses_source") if running else None
             await s.commit()
         return await self.vm(info["uuid"])
 

@@ -8,8 +8,10 @@ prints the center's object as it came.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -188,25 +190,49 @@ def vm_create(
     datastore: Annotated[str, typer.Option(help="datastore for its files", show_default=False)],
     memory: Annotated[int, typer.Option(min=16, help="memory in MiB")] = 256,
     vcpus: Annotated[int, typer.Option(min=1, help="virtual CPUs")] = 1,
-    disk_mib: Annotated[int, typer.Option(min=1, help="size of its disk in MiB")] = 64,
+    disk_mib: Annotated[
+        int | None,
+        typer.Option(min=1, help="size of its disk in MiB [default: 64, or the image's size]"),
+    ] = None,
     network: Annotated[
         list[str] | None, typer.Option(help="connect a NIC to this network (repeatable)")
     ] = None,
     kernel_args: Annotated[str, typer.Option(help="extra guest kernel arguments")] = "",
+    image: Annotated[
+        str | None,
+        typer.Option(help="make its disk from this OS image (`kvmotion image list`) and boot it"),
+    ] = None,
+    image_datastore: Annotated[
+        str | None, typer.Option(help="where the image is [default: the VM's datastore]")
+    ] = None,
+    ssh_key: Annotated[
+        list[Path] | None,
+        typer.Option(help="a public key file (e.g. ~/.ssh/id_ed25519.pub) the guest lets in"),
+    ] = None,
+    hostname: Annotated[
+        str | None, typer.Option(help="the guest's hostname [default: the VM's name]")
+    ] = None,
+    user_data: Annotated[
+        Path | None, typer.Option(help="a cloud-config file for the guest's first boot")
+    ] = None,
     json_out: JsonOpt = False,
     center: CenterOpt = None,
     token: TokenOpt = None,
 ) -> None:
-    """Create a VM (powered off) on a host."""
+    """Create a VM (powered off) on a host: the lab's test guest, or from an OS image."""
     spec: dict[str, Any] = {
         "name": name,
         "datastore": datastore,
         "vcpus": vcpus,
         "memory_mib": memory,
-        "disks": [{"size_mib": disk_mib}],
+        "disks": [{"size_mib": disk_mib}] if disk_mib else [{}],
         "nics": [{"network": n} for n in network or []],
         "kernel_args": kernel_args,
     }
+    if image is not None:
+        spec |= {"image": image, "image_datastore": image_datastore}
+    if image is not None or ssh_key or user_data or hostname:
+        spec["first_boot"] = first_boot_spec(name, hostname, ssh_key or [], user_data)
     vm = call(connect(center, token), lambda c: c.create_vm(host, spec))
     if json_out:
         print_json(vm)
@@ -218,6 +244,19 @@ def vm_create(
     )
 
 
+def first_boot_spec(
+    name: str, hostname: str | None, keys: list[Path], user_data: Path | None
+) -> dict[str, Any]:
+    """What the guest's first-boot seed says, from the user's files (read here, sent whole)."""
+    try:
+        ssh_keys = [line for k in keys for line in k.read_text().splitlines() if line.strip()]
+        text = user_data.read_text() if user_data is not None else None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise typer.BadParameter(f"cannot read {getattr(exc, 'filename', '')}: {exc}") from exc
+    default = re.sub(r"[^A-Za-z0-9-]", "-", name).strip("-")[:63] or "vm"
+    return {"hostname": hostname or default, "ssh_keys": ssh_keys, "user_data": text}
+
+
 @vm_app.command("list")
 def vm_list(json_out: JsonOpt = False, center: CenterOpt = None, token: TokenOpt = None) -> None:
     """The center's VMs and where they run."""
@@ -225,7 +264,9 @@ def vm_list(json_out: JsonOpt = False, center: CenterOpt = None, token: TokenOpt
     if json_out:
         print_json(vms)
         return
-    table = Table("VM", "host", "power state", "vCPUs", "memory", "datastores", "networks")
+    table = Table(
+        "VM", "host", "power state", "vCPUs", "memory", "datastores", "networks", "addresses"
+    )
     for vm in vms:
         cfg = vm.get("config") or {}
         table.add_row(
@@ -236,6 +277,7 @@ def vm_list(json_out: JsonOpt = False, center: CenterOpt = None, token: TokenOpt
             f"{cfg.get('memory_mib', '-')} MiB",
             ", ".join(sorted({d["datastore"] for d in cfg.get("disks", [])})) or "-",
             ", ".join(n["network"] for n in cfg.get("nics", [])) or "-",
+            ", ".join(vm.get("addresses") or []) or "-",
         )
     console.print(table)
 
@@ -267,6 +309,11 @@ def vm_show(
         table.add_row("disk", escape(where))
     for nic in cfg.get("nics", []):
         table.add_row("NIC", f"{nic['network']} {nic.get('mac', '')}")
+    if cfg.get("image"):
+        table.add_row("image", escape(str(cfg["image"])))
+    if info.get("addresses"):
+        source = info.get("addresses_source") or "?"
+        table.add_row("addresses", escape(f"{', '.join(info['addresses'])} (from {source})"))
     console.print(table)
 
 

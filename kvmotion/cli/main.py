@@ -16,6 +16,7 @@ from kvmotion.cli import (
     evc_cmds,
     host_cmds,
     image_cmds,
+    image_store_cmds,
     inventory_cmds,
     lab_cmds,
     task_cmds,
@@ -34,6 +35,7 @@ app.add_typer(center_cmds.app, name="center")
 app.add_typer(evc_cmds.cluster_app, name="cluster")
 app.add_typer(inventory_cmds.datastore_app, name="datastore")
 app.add_typer(host_cmds.app, name="host")
+image_store_cmds.register(image_cmds.app)
 app.add_typer(image_cmds.app, name="image")
 app.add_typer(lab_cmds.app, name="lab")
 app.add_typer(task_cmds.app, name="task")

@@ -21,15 +21,17 @@ from kvmotion.host.datastores import Datastores
 from kvmotion.host.facts import HostFacts, NetworkInfo
 from kvmotion.host.guestmem import MemoryProfile
 from kvmotion.host.hostqemu import HostQemu
+from kvmotion.host.images import ImageStore
 from kvmotion.host.incoming import Incoming
 from kvmotion.host.migrationview import MigrationMode
 from kvmotion.host.protocol import MigrateRequest
 from kvmotion.host.tls import MigrationTls
 from kvmotion.host.vm import VirtualMachine
-from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
+from kvmotion.host.vmconfig import DEFAULT_DISK_MIB, VmConfig, VmCreateRequest
 from kvmotion.host.vmfiles import (
     Registration,
     create_vm_files,
+    disk_from_image,
     remove_folders,
     remove_vm_files,
 )
@@ -46,6 +48,7 @@ class HostAgent:
     def __init__(self, config: HostConfig) -> None:
         self.config = config
         self.datastores = Datastores(config.datastores)
+        self.images = ImageStore(self.datastores)  # OS images on them (host/images.py)
         self.vms: dict[str, VirtualMachine] = {}  # by uuid
         self.qemu = HostQemu.unprobed(config)
         self.cpu = HostCpu(None, None, "not probed yet")
@@ -106,6 +109,7 @@ class HostAgent:
             create_tap=taps.create_tap,
             delete_tap=taps.delete_tap,
             learned=taps.wait_learned,
+            dhcp_leases={n.name: n.dhcp_leases for n in self.config.networks if n.dhcp_leases},
         )
 
     def _make_vm(self, config: VmConfig, config_path: Path) -> VirtualMachine:
@@ -168,10 +172,16 @@ class HostAgent:
         """
         async with self._create_lock:
             await self._check_new(req)
-            config = VmConfig.from_request(
-                req, cpu_model=self.config.default_cpu_model, machine_type=self.config.machine_type
+            first_disk, copy = (
+                await disk_from_image(req, self.datastores) if req.image else (None, None)
             )
-            config_path, created = await create_vm_files(config, self.datastores)
+            config = VmConfig.from_request(
+                req, cpu_model=self.config.default_cpu_model,
+                machine_type=self.config.machine_type, first_disk=first_disk,
+            )  # fmt: skip
+            config_path, created = await create_vm_files(
+                config, self.datastores, first_disk_copy=copy
+            )
             try:
                 vm = self._register(config, config_path)
             except BaseException:
@@ -217,7 +227,7 @@ class HostAgent:
         need: dict[str, int] = {}
         for disk in req.disks:
             ds = disk.datastore or req.datastore
-            need[ds] = need.get(ds, 0) + disk.size_mib * 2**20
+            need[ds] = need.get(ds, 0) + (disk.size_mib or DEFAULT_DISK_MIB) * 2**20
         for ds, size in need.items():
             free = (await self.datastores.info(ds)).free_bytes
             if size > free:

@@ -14,11 +14,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 
 from kvmotion import __version__
 from kvmotion.host import watch
 from kvmotion.host.agent import HostAgent
+from kvmotion.host.images import ImageInfo
 from kvmotion.host.incoming import Incoming
 from kvmotion.host.migration import postcopy_step
 from kvmotion.host.protocol import (
@@ -75,6 +76,30 @@ def create_app(agent: HostAgent) -> FastAPI:
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "host": agent.config.name}
+
+    @app.get("/v1/images", dependencies=auth)
+    async def list_images(datastore: str | None = None) -> list[ImageInfo]:
+        return agent.images.list_images(datastore)
+
+    @app.put("/v1/datastores/{datastore}/images/{name}", dependencies=auth, status_code=201)
+    async def import_image(
+        datastore: str,
+        name: str,
+        request: Request,
+        format: str | None = Query(None, pattern="^(qcow2|raw)$"),
+        filename: str = Query("", max_length=255),
+    ) -> ImageInfo:
+        """The request's body is the image, streamed to the datastore and checked there."""
+        length = request.headers.get("content-length")
+        return await agent.images.import_stream(
+            datastore, name, request.stream(),
+            length=int(length) if length and length.isdigit() else None,
+            declared_format=format, filename=filename,
+        )  # fmt: skip
+
+    @app.delete("/v1/datastores/{datastore}/images/{name}", dependencies=auth, status_code=204)
+    async def delete_image(datastore: str, name: str) -> None:
+        agent.images.delete(datastore, name)
 
     @app.get("/v1/host", dependencies=auth)
     async def host_facts() -> HostFacts:

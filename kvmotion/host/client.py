@@ -9,12 +9,14 @@ agent's code and message; a reply in a shape the protocol does not have is an Ex
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from kvmotion.errors import ExecutionError, HostUnreachable
+from kvmotion.host.images import ImageInfo
 from kvmotion.host.protocol import (
     HOST_FACTS,
     POSTCOPY_STEP,
@@ -49,6 +51,10 @@ T = TypeVar("T")
 KEEPALIVE_EXPIRY_S = 2.0
 # A long-poll's answer may take its wait and then this long, as any other request may.
 WATCH_MARGIN_S = 30.0
+# An upload is answered once the host has checked the whole image (qemu-img check of GiBs).
+UPLOAD_TIMEOUT = httpx.Timeout(60.0, read=600.0, write=600.0)
+IMAGE_INFO = TypeAdapter(ImageInfo)
+IMAGE_LIST = TypeAdapter(list[ImageInfo])
 
 
 class AgentClient:
@@ -92,11 +98,15 @@ class AgentClient:
         method: str,
         path: str,
         json: Any = None,
-        timeout: float | None = None,
+        timeout: float | httpx.Timeout | None = None,
         params: dict[str, Any] | None = None,
+        content: AsyncIterator[bytes] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> httpx.Response:
         what = f"{method} {self.base_url}{path}"
         kwargs: dict[str, Any] = {"json": json, "params": params}
+        if content is not None:
+            kwargs |= {"content": content, "headers": headers}
         if timeout is not None:
             kwargs["timeout"] = timeout
         try:
@@ -112,6 +122,26 @@ class AgentClient:
         if response.status_code >= 400:
             raise error_from_response(response, what)
         return response
+
+    # -- OS images (host/images.py) --------------------------------------------------------
+    async def list_images(self) -> list[ImageInfo]:
+        return self._typed(IMAGE_LIST, await self.request("GET", "/v1/images"), "GET", "/images")
+
+    async def import_image(
+        self, datastore: str, name: str, chunks: AsyncIterator[bytes], *,
+        length: int | None, fmt: str | None, filename: str = "",
+    ) -> ImageInfo:  # fmt: skip
+        """Stream an image's bytes to the host (never held whole); the image as stored."""
+        path = f"/v1/datastores/{datastore}/images/{name}"
+        params = {"filename": filename} | ({"format": fmt} if fmt else {})
+        headers = {"Content-Length": str(length)} if length is not None else None
+        response = await self._send(
+            "PUT", path, params=params, content=chunks, headers=headers, timeout=UPLOAD_TIMEOUT
+        )
+        return self._typed(IMAGE_INFO, response.json(), "PUT", path)
+
+    async def delete_image(self, datastore: str, name: str) -> None:
+        await self.request("DELETE", f"/v1/datastores/{datastore}/images/{name}")
 
     async def call(
         self,

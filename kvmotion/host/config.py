@@ -33,6 +33,9 @@ class NetworkConfig(BaseModel):
 
     name: str
     bridge: str
+    # Where this network's DHCP server writes its leases (dnsmasq's format), if this host can
+    # read them: a VM's address is shown from them when its guest runs no guest agent.
+    dhcp_leases: Path | None = None
 
 
 class HostConfig(ConfigFile):

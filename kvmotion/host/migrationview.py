@@ -98,6 +98,9 @@ class MigrationView:
     marks: dict[str, float] = field(default_factory=dict)  # wall-clock times of steps
     error: str | None = None
     knobs: dict[str, Any] = field(default_factory=dict)  # what the source runs with now
+    # Destination: how far the guest's clock was off after the resume, set right by its guest
+    # agent (host now minus guest, seconds); None: not corrected (no agent answered)
+    guest_clock_step_s: float | None = None
 
 
 def uri_host(uri: str) -> str:

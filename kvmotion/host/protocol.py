@@ -82,6 +82,7 @@ class ShutdownResult(BaseModel):
 
 
 _QEMU_WORD_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # a CPU model, machine type, format
+_BACKING_RE = re.compile(r"\.images/[A-Za-z0-9][A-Za-z0-9._-]{0,62}\.(qcow2|raw)")
 
 
 def check_record(config: VmConfig) -> VmConfig:
@@ -115,6 +116,11 @@ def check_record(config: VmConfig) -> VmConfig:
         check_name(disk.datastore, "datastore")
         for part in disk.path.split("/"):
             check_name(part, "disk path part")
+        if disk.backing is not None and not _BACKING_RE.fullmatch(disk.backing):
+            raise ValueError(
+                f"disk {disk.path}: backing {disk.backing[:80]!r} is not an image of its "
+                "datastore (.images/<name>.qcow2 or .raw)"
+            )
         if not _QEMU_WORD_RE.fullmatch(disk.format) or not 1 <= disk.size_mib <= MAX_DISK_MIB:
             raise ValueError(
                 f"disk {disk.path}: {disk.size_mib} MiB in format {disk.format[:20]!r}; a disk "

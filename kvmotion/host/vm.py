@@ -20,7 +20,9 @@ from typing import Any
 from kvmotion import faults
 from kvmotion.errors import Conflict, InvalidInput, NotFound, QemuError
 from kvmotion.host import recovery, taps
+from kvmotion.host.addresses import watch_addresses
 from kvmotion.host.cpu import VmCpu
+from kvmotion.host.guesttime import correct_clock
 from kvmotion.host.incoming import Incoming
 from kvmotion.host.migration import Outgoing
 from kvmotion.host.migrationview import POSTCOPY_PAUSED, MigrationMode, MigrationStats
@@ -71,6 +73,8 @@ class VirtualMachine:
         self.moving_to: Path | None = None  # a storage move's new record, until it pivots
         self.log = log.getChild(config.name)
         self.changed = Pulse()  # beats at each power change and migration step (watch.py)
+        self.addresses = watch_addresses(config, env, self.files)
+        self._clock: asyncio.Task[None] | None = None  # setting the guest's clock after a move
 
     def _set_state(self, new: PowerState) -> None:
         if new is not self.state and new not in TRANSITIONS[self.state]:
@@ -80,6 +84,10 @@ class VirtualMachine:
         if new is not self.state:
             self.state = new
             self.changed.beat()
+            if new is PowerState.POWERED_ON:
+                self.addresses.start()
+            else:
+                self.addresses.stop()
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def power_on(self) -> None:
@@ -136,6 +144,8 @@ class VirtualMachine:
 
     def _resumed_here(self) -> None:
         self._set_state(PowerState.POWERED_ON)
+        if self.config.guest_agent and isinstance(self.migration, Incoming):
+            self._clock = asyncio.create_task(correct_clock(self.migration, self.files))
         self.created = []  # the new copy is the VM's own now
         self.write_registration(incoming=False)
 
@@ -492,4 +502,6 @@ class VirtualMachine:
             ram_pad_kib=self.ram_pad_kib,
             storage=self.storage.view if self.storage is not None else None,
             incoming=self.incoming,
+            addresses=self.addresses.addresses,
+            addresses_source=self.addresses.source,
         )

@@ -16,10 +16,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvmotion.errors import Conflict, ExecutionError
+from kvmotion.errors import Conflict, ExecutionError, InvalidInput, NotFound
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
-from kvmotion.host.vmconfig import VmConfig
+from kvmotion.host.seed import write_seed
+from kvmotion.host.vmconfig import DiskConfig, VmConfig, VmCreateRequest
 from kvmotion.qemu.cmdline import TCG_RAM_PAD_KIB
 
 log = logging.getLogger(__name__)
@@ -46,10 +47,17 @@ def write_record(path: Path, config: VmConfig) -> None:
 
 
 async def create_vm_files(
-    config: VmConfig, datastores: Datastores, sizes_bytes: list[int] | None = None
+    config: VmConfig,
+    datastores: Datastores,
+    sizes_bytes: list[int] | None = None,
+    *,
+    first_disk_copy: Path | None = None,
 ) -> tuple[Path, list[Path]]:
-    """Make the VM's folder, empty disk images and record. Returns the record's path and the
-    folders made (remove them to undo). Raises Conflict if the folder exists already."""
+    """Make the VM's folder, disk images, first-boot seed and record. Returns the record's
+    path and the folders made (remove them to undo). Raises Conflict if the folder exists.
+
+    A disk with a ``backing`` is made as a qcow2 overlay of it; ``first_disk_copy``: the first
+    disk is a full copy of that image (an image on another datastore), grown to its size."""
     folder = datastores.resolve(config.datastore, config.name)
     if folder.exists():
         raise Conflict(
@@ -67,13 +75,98 @@ async def create_vm_files(
                 path.parent.mkdir(parents=True)
                 created.append(path.parent)
             size = str(sizes_bytes[i]) if sizes_bytes else f"{disk.size_mib}M"
-            await qemu_img("create", "-q", "-f", disk.format, str(path), size)
+            if i == 0 and first_disk_copy is not None:
+                await qemu_img("convert", "-q", "-O", disk.format, str(first_disk_copy), str(path))
+                await qemu_img("resize", "-q", "-f", disk.format, str(path), size)
+            else:
+                await qemu_img("create", "-q", "-f", disk.format, *_backing(disk, datastores),
+                               str(path), size)  # fmt: skip
+        if config.first_boot is not None and config.seed_path is not None:
+            seed = datastores.resolve(config.datastore, config.seed_path)
+            await write_seed(seed, config.uuid, config.first_boot)
         record = folder / RECORD
         write_record(record, config)
         return record, created
     except BaseException:
         remove_folders(created)
         raise
+
+
+IMAGES_DIR = ".images"  # a datastore's OS images (host/images.py keeps them)
+IMAGE_FORMATS = ("qcow2", "raw")
+
+
+def find_image(datastores: Datastores, name: str, where: list[str]) -> tuple[str, str, str]:
+    """The first datastore of ``where`` that holds image ``name``: (datastore, its path
+    relative to that datastore's root, its format). Raises NotFound naming where it looked."""
+    for datastore in where:
+        for fmt in IMAGE_FORMATS:
+            relative = f"{IMAGES_DIR}/{name}.{fmt}"
+            if datastores.resolve(datastore, relative).is_file():
+                return datastore, relative, fmt
+    raise NotFound(
+        f"no image {name!r} on datastore(s) {', '.join(where)} of this host: import it with "
+        "`kvmotion image import FILE --datastore DS` (`kvmotion image list` shows what there is)",
+        code="image_not_found",
+    )
+
+
+async def image_virtual_size(path: Path, fmt: str) -> int:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", "info", "-U", "--output=json", "-f", fmt, str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise ExecutionError(
+            f"cannot read image {path.name}: {err.decode().strip()}", code="qemu_img"
+        )
+    return int(json.loads(out)["virtual-size"])
+
+
+async def disk_from_image(
+    req: VmCreateRequest, datastores: Datastores
+) -> tuple[DiskConfig, Path | None]:
+    """The first disk of a VM made from ``req.image``, and the image to copy into it if it is
+    not an overlay.
+
+    On the image's own datastore the disk is a qcow2 overlay of it: made in a moment, sharing
+    the image's blocks, and every host that mounts the datastore resolves it. On another
+    datastore it is a full copy (a local datastore, or an image kept elsewhere), independent of
+    the image. A storage move later copies an overlay's whole chain into one file either way.
+    The disk is the image's size, or larger if asked; never smaller (InvalidInput).
+    """
+    assert req.image is not None
+    target = req.disks[0].datastore or req.datastore
+    where = [req.image_datastore] if req.image_datastore else [target]
+    if req.image_datastore is None:
+        where += [d for d in datastores.names() if d != target]
+    datastore, relative, fmt = find_image(datastores, req.image, where)
+    size = await image_virtual_size(datastores.resolve(datastore, relative), fmt)
+    size_mib = -(-size // 2**20)
+    asked = req.disks[0].size_mib
+    if asked is not None and asked < size_mib:
+        raise InvalidInput(
+            f"image {req.image!r} is {size_mib} MiB: its VM's disk cannot be {asked} MiB "
+            "(leave the size out, or ask for more)",
+            code="disk_smaller_than_image",
+        )
+    disk = DiskConfig(
+        datastore=target, path=f"{req.name}/{req.name}.qcow2", size_mib=max(asked or 0, size_mib)
+    )
+    if datastore == target:
+        return disk.model_copy(update={"backing": relative, "backing_format": fmt}), None
+    return disk, datastores.resolve(datastore, relative)
+
+
+def _backing(disk: DiskConfig, datastores: Datastores) -> list[str]:
+    """qemu-img's options for a disk's backing image, named relative to the disk's own folder:
+    QEMU resolves it so on every host, wherever the datastore is mounted there."""
+    if disk.backing is None:
+        return []
+    path = datastores.resolve(disk.datastore, disk.path)
+    base = datastores.resolve(disk.datastore, disk.backing)
+    return ["-b", os.path.relpath(base, path.parent), "-F", disk.backing_format or "qcow2"]
 
 
 def remove_folders(folders: list[Path]) -> None:
@@ -86,6 +179,8 @@ def remove_vm_files(config: VmConfig, datastores: Datastores, record: Path) -> l
     Returns what could not be removed (nothing raises: the VM already lives elsewhere)."""
     problems: list[str] = []
     paths = [datastores.resolve(d.datastore, d.path) for d in config.disks] + [record]
+    if config.seed_path is not None:
+        paths.append(datastores.resolve(config.datastore, config.seed_path))
     for path in paths:
         try:
             path.unlink(missing_ok=True)

@@ -5,7 +5,7 @@ reported (:class:`VmInfo`), and the QEMU launch its configuration describes."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -79,6 +79,7 @@ class VmEnvironment:
     delete_tap: Callable[[str], Awaitable[None]]  # tap name; one that is gone is fine
     # When the VM network learned a MAC on a tap (taps.wait_learned); None: it did not
     learned: Callable[[str, str], Awaitable[float | None]] = lambda _tap, _mac: _none()
+    dhcp_leases: dict[str, Path] = field(default_factory=dict)  # network -> its lease file
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,9 @@ class VmInfo:
     # KiB of RAM past its size it runs with (kept for its life: see qemu.cmdline.ram_pad_kib);
     # None from an agent that does not say
     ram_pad_kib: int | None = None
+    # Its IP addresses and where they were learned ("guest-agent", "dhcp"); () while unknown
+    addresses: tuple[str, ...] = ()
+    addresses_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,10 @@ class RunFiles:
     @property
     def console_log(self) -> Path:
         return self.run_dir / "console.log"
+
+    @property
+    def guest_agent_socket(self) -> Path:
+        return self.run_dir / "qga.sock"
 
 
 def qemu_launch(
@@ -164,9 +172,15 @@ def qemu_launch(
         console_log=files.console_log,
         kernel=kernel,
         initrd=initrd,
-        append=f"{BASE_KERNEL_ARGS} {cfg.kernel_args}".strip(),
+        append=f"{BASE_KERNEL_ARGS} {cfg.kernel_args}".strip() if kernel is not None else "",
         disks=disks,
         nics=tuple(nics),
+        seed=(
+            env.datastores.resolve(cfg.datastore, cfg.seed_path)
+            if cfg.seed_path is not None
+            else None
+        ),
+        guest_agent_socket=files.guest_agent_socket if cfg.guest_agent else None,
         incoming=incoming,
         ram_pad_kib=ram_pad_kib,
         binary=env.qemu_binary,

@@ -47,7 +47,7 @@ from kvmotion.host.config import (
     NetworkConfig,
     qemu_pidfiles,
 )
-from kvmotion.lab import netns
+from kvmotion.lab import dhcp, netns
 
 Log = Callable[[str], None]
 
@@ -336,7 +336,13 @@ def host_config(state: LabState, host: LabHost) -> HostConfig:
             DatastoreConfig(name=SHARED_DATASTORE, path=state.shared_datastore, shared=True),
             DatastoreConfig(name=host.local_datastore.name, path=host.local_datastore),
         ],
-        networks=[NetworkConfig(name=VM_NETWORK_NAME, bridge=VM_BRIDGE)],
+        networks=[
+            NetworkConfig(
+                name=VM_NETWORK_NAME,
+                bridge=VM_BRIDGE,
+                dhcp_leases=dhcp.lease_file(state.lab_dir),
+            )
+        ],
         image_dir=state.image_dir,
         migration_tls="required" if state.migration_tls else "off",
         tls_dir=host.host_dir / "tls",
@@ -444,6 +450,7 @@ def lab_up(
         for host in state.hosts:
             if host.migration_rate_mbit is not None:
                 _apply_rate(host.index, host.migration_rate_mbit)
+        dhcp.start(state.lab_dir, SWITCH_NETNS, VM_BRIDGE, 24, log)
         if start_agents:
             state = _ensure_agents(state, log)
         log(f"lab up: {count} hosts in {time.monotonic() - started:.1f}s ({state.lab_dir})")
@@ -919,6 +926,7 @@ def lab_down(log: Log = print) -> None:
         steps: list[Callable[[], bool]] = [
             lambda: _stop_agents(state, directory, log),
             lambda: _stop_qemus(state, directory, log),
+            lambda: dhcp.stop(directory, log),
             lambda: _delete_network(state, log),
             lambda: _delete_files(directory, log),
         ]
@@ -1003,7 +1011,7 @@ def _delete_network(state: LabState | None, log: Log) -> bool:
 def _delete_files(directory: Path, log: Log) -> bool:
     did = False
     try:
-        for name in ("datastores", "hosts", "images"):
+        for name in ("datastores", "hosts", "images", "dhcp"):
             path = directory / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)

@@ -46,6 +46,8 @@ class QemuLaunch:
     append: str = ""
     disks: tuple[DiskLaunch, ...] = ()
     nics: tuple[NicLaunch, ...] = ()
+    seed: Path | None = None  # a read-only NoCloud seed (ISO), after the disks
+    guest_agent_socket: Path | None = None  # the qemu-guest-agent channel's socket
     # Destination of a migration: wait for `migrate-incoming`, stay paused until `cont`.
     incoming: bool = False
     # KiB past the RAM size (see ``TCG_RAM_PAD_KIB``): fixed for the VM's life, since a
@@ -143,6 +145,19 @@ def build_command(launch: QemuLaunch) -> list[str]:
             f"virtio-blk-pci,drive={disk.node},id=virtio-{disk.node}"
             + (",bootindex=1" if index == 0 else ""),
         ]
+    if launch.seed is not None:
+        argv += [
+            "-blockdev",
+            f"driver=file,filename={launch.seed},node-name=seed-file,read-only=on",
+            "-blockdev", "driver=raw,file=seed-file,node-name=seed,read-only=on",
+            "-device", "virtio-blk-pci,drive=seed,id=virtio-seed",
+        ]  # fmt: skip
+    if launch.guest_agent_socket is not None:
+        argv += [
+            "-chardev", f"socket,id=qga0,path={launch.guest_agent_socket},server=on,wait=off",
+            "-device", "virtio-serial-pci,id=virtio-serial0",
+            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0,id=qga-port",
+        ]  # fmt: skip
     for nic in launch.nics:
         argv += [
             "-netdev", f"tap,id={nic.ident},ifname={nic.tap},script=no,downscript=no",

@@ -97,3 +97,20 @@ def test_machine_types_are_read_from_qemus_help() -> None:
     )
     assert parse_machine_types(text) == ("microvm", "pc", "pc-q35-7.2")
     assert parse_machine_types("") == ()
+
+
+def test_image_vm_boots_its_disk_with_seed_and_guest_agent() -> None:
+    """A VM from an OS image: no -kernel (the firmware boots disk 0), the seed read-only after
+    the disks (so the image's disk stays vda), and the guest agent's channel."""
+    argv = build_command(
+        launch(
+            kernel=None, initrd=None, append="",
+            seed=Path("/ds/vm-a/cidata.iso"), guest_agent_socket=Path("/run/x/qga.sock"),
+        )
+    )  # fmt: skip
+    joined = " ".join(argv)
+    assert "-kernel" not in argv and "-append" not in argv
+    assert "filename=/ds/vm-a/cidata.iso,node-name=seed-file,read-only=on" in joined
+    assert joined.index("id=virtio-disk0") < joined.index("id=virtio-seed")
+    assert "socket,id=qga0,path=/run/x/qga.sock,server=on,wait=off" in joined
+    assert "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0" in joined

@@ -64,6 +64,11 @@ function renderVm(v) {
         ["Cluster", cluster ? itemLink("cluster", cluster) : "—", "cluster"],
         ["Datastores", vmDatastores(v).map((d, i) => [i ? ", " : "", itemLink("datastore", d)]), "datastores"],
         ["Networks", vmNetworks(v).map((n, i) => [i ? ", " : "", itemLink("network", n)]), "networks"],
+        ["IP addresses", (v.addresses || []).length
+          ? `${v.addresses.join(", ")} (from ${v.addresses_source === "guest-agent" ? "the guest agent" : "DHCP"})`
+          : on ? "not known yet" : "—", "addresses",
+        "what the guest agent in the VM reports, else what the network's DHCP server gave it"],
+        cfg.image ? ["OS image", cfg.image, "image"] : null,
         v.qemu_status ? ["QEMU status", v.qemu_status, "qemu_status"] : null,
       ]),
       card("Hardware", [
