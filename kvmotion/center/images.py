@@ -28,7 +28,8 @@ def image_json(image: ImageInfo) -> dict[str, Any]:
 
 async def hosts_with(inv: Inventory, datastore: str) -> list[Host]:
     """The connected hosts that mount ``datastore`` (NotFound if none)."""
-    ds = await inv.datastore(datastore)
+    await inv.datastore(datastore)  # NotFound for a datastore no host has
+    [ds] = [d for d in await inv.datastores() if d.name == datastore]  # with its hosts
     names = {h.name for h in ds.hosts}
     hosts = [h for h in await inv.hosts() if h.name in names and h.connection == "connected"]
     if not hosts:

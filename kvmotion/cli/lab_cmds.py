@@ -135,6 +135,17 @@ def tls(
     console.print(f"migration TLS {state}; the center sees it at its next refresh (3 s in the lab)")
 
 
-def demo() -> None:
+def demo(
+    os_name: str | None = typer.Option(
+        None, "--os", help="debian: the same story with a real Debian server and real clients"
+    ),
+) -> None:
     """The seed's lab: vm-a moves 172.16.0.172 -> .173 -> .172 while its user stays connected."""
-    asyncio.run(demo_mod.run_demo(_log))
+    if os_name is None:
+        asyncio.run(demo_mod.run_demo(_log))
+        return
+    if os_name != "debian":
+        raise typer.BadParameter("the real-server demo has one OS: debian", param_hint="--os")
+    from kvmotion.lab.osdemo import run_os_demo  # needs the OS image builder only here
+
+    asyncio.run(run_os_demo(_log))

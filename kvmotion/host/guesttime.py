@@ -31,8 +31,7 @@ async def correct_clock(incoming: Incoming, files: RunFiles) -> None:
         if synced is None:
             incoming.log.info("no guest agent answered: the guest's clock was left as it was")
             return
-        incoming.view.guest_clock_step_s = synced.step_s
-        incoming.log.info("guest clock set to this host's: it was %+.3f s off", synced.step_s)
+        incoming.view.guest_clock_step_s = synced.step_s  # sync_guest_clock logged it
     finally:
         incoming.view.marks["clock_checked"] = time.time()
         incoming.notify()

@@ -114,7 +114,8 @@ async def inspect(path: Path, declared: str | None) -> tuple[str, int]:
         rc, out, err = await _qemu_img("check", "--output=json", "-f", "qcow2", str(path))
         # 0: clean; 3: leaked clusters only (harmless); anything else: corrupt or unreadable
         if rc not in (0, 3):
-            detail = (err or out).strip()[-200:]
+            lines = [x for x in (err or out).splitlines() if x.strip()]
+            detail = "; ".join(lines[:2])[:240] or f"exit status {rc}"
             raise _refuse(f"qemu-img check finds it damaged or truncated ({detail})",
                           code="image_corrupt")  # fmt: skip
     return fmt, virtual

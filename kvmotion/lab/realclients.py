@@ -85,7 +85,12 @@ class SshTicker:
 
     def start(self) -> SshTicker:
         count = self.seconds * 100
-        command = f"i=0; while [ $i -lt {count} ]; do echo $i; i=$((i+1)); sleep 0.01; done"
+        # bash's own 10 ms wait (a read that times out on a pipe nobody writes): no process
+        # started per line, so the pace is the guest's, not fork's under TCG
+        command = (
+            "bash -c 'exec 3<> <(:); "
+            f"for ((i=0;i<{count};i++)); do echo $i; read -t 0.01 -u 3; done'"
+        )
         self._proc = subprocess.Popen(
             ssh_argv(self.ns, self.key, self.user, self.address, command),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -268,3 +273,33 @@ class Repeat:
         self._stop.set()
         self._thread.join(timeout=self.run_timeout + 10)
         return list(self.slices)
+
+
+def wait_port(ns: str, address: str, port: int, timeout: float) -> float:
+    """Until a TCP connection to ``address:port`` from ``ns`` succeeds (a service up in the
+    guest); seconds it took. LabError at ``timeout``."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        try:
+            netns.connect_in_netns(ns, address, port, timeout=2.0).close()
+            return time.monotonic() - start
+        except (OSError, LabError):
+            time.sleep(1)
+    raise LabError(f"nothing listens on {address}:{port} after {timeout:.0f} s")
+
+
+def wait_postgres(ns: str, address: str, timeout: float) -> float:
+    """Until PostgreSQL in the guest accepts the bench user's queries (it listens a while
+    before it is ready under TCG); seconds it took. LabError at ``timeout``."""
+    start = time.monotonic()
+    last = ""
+    while time.monotonic() - start < timeout:
+        done = subprocess.run(
+            in_client(ns, [PSQL, "-h", address, "-U", "bench", "-Atc", "select 1", "bench"]),
+            capture_output=True, text=True, timeout=60, env=pg_env(),
+        )  # fmt: skip
+        if done.returncode == 0:
+            return time.monotonic() - start
+        last = done.stderr.strip()[-200:]
+        time.sleep(2)
+    raise LabError(f"PostgreSQL at {address} not ready after {timeout:.0f} s: {last}")

@@ -46,12 +46,14 @@ class FakeAgent:
         stale: bytes = b"",
         chunk: int = 0,
         silent: bool = False,
+        flush_error: bool = True,
     ) -> None:
         self.path = path
         self.handler: Handler = handler or (lambda request: {"return": {}})
         self.stale = stale  # left in the channel by an earlier client
         self.chunk = chunk  # write answers this many bytes at a time
         self.silent = silent
+        self.flush_error = flush_error  # older agents answer a stray 0xFF with nothing
         self.requests: list[dict[str, Any]] = []
         self.flushes = 0
         self.hung_up = asyncio.Event()
@@ -86,7 +88,8 @@ class FakeAgent:
                 if line.startswith(b"\xff"):
                     self.flushes += 1
                     line = line.lstrip(b"\xff")
-                    await self._send(writer, PARSE_ERROR)
+                    if self.flush_error:
+                        await self._send(writer, PARSE_ERROR)
                 request = json.loads(line)
                 self.requests.append(request)
                 if request["execute"] == "guest-sync-delimited":
@@ -114,24 +117,29 @@ class FakeAgent:
                 await asyncio.sleep(0.001)  # so that the client reads it in pieces
 
 
-STALE = {
-    "clean": b"",
-    "answers and half a line for an earlier client": b'{"return": 1234}\n{"retu',
-    "an earlier client's sync answer": b'\xff{"return": 99}\n',
-    "an earlier sync answer cut short": b'{"return": 5}\n\xff{"retu',
-    "more junk than a line may hold": b"x" * (2 * MAX_LINE)
-    + b'\xff{"return": "'
-    + b"y" * (2 * MAX_LINE)
-    + b'"}\n\xff{"return": 7}\n',
+STALE = {  # what an earlier client left in the channel, and whether the 0xFF earns an error
+    "clean": (b"", True),
+    "answers and half a line for an earlier client": (b'{"return": 1234}\n{"retu', True),
+    "an earlier client's sync answer": (b'\xff{"return": 99}\n', True),
+    "a sync answer cut short, the parse error next": (b'{"return": 5}\n\xff{"retu', True),
+    "a sync answer cut short, ours next": (b'{"return": 5}\n\xff{"retu', False),
+    "more junk than a line may hold": (
+        b"x" * (2 * MAX_LINE) + b'\xff{"return": "' + b"y" * (2 * MAX_LINE) + b'"}\n',
+        True,
+    ),
 }
 
 
-@pytest.mark.parametrize("stale", STALE.values(), ids=STALE.keys())
+@pytest.mark.parametrize(("stale", "flush_error"), STALE.values(), ids=STALE.keys())
 async def test_sync_skips_stale_output_and_answers_come_in_pieces(
-    tmp_path: Path, stale: bytes
+    tmp_path: Path, stale: bytes, flush_error: bool
 ) -> None:
     fake = FakeAgent(
-        tmp_path / "qga.sock", lambda r: {"return": 42_000_000_000}, stale=stale, chunk=3
+        tmp_path / "qga.sock",
+        lambda r: {"return": 42_000_000_000},
+        stale=stale,
+        chunk=3,
+        flush_error=flush_error,
     )
     async with fake, GuestAgent(fake.path, timeout=3) as ga:
         assert await ga.get_time() == 42_000_000_000
@@ -254,6 +262,7 @@ async def test_a_refused_clock_set_is_logged_not_raised(
             return {"return": 1_000}
         return {"error": {"class": "GenericError", "desc": "hwclock failed"}}
 
+    caplog.set_level(logging.WARNING, logger="kvmotion.qemu.qga")  # whatever an earlier test set
     async with FakeAgent(tmp_path / "qga.sock", handler) as fake:
         assert await sync_guest_clock(fake.path, timeout=2) is None
     assert "not confirmed" in caplog.text and "hwclock failed" in caplog.text
@@ -318,3 +327,16 @@ async def test_unreadable_answers_are_guest_agent_errors(tmp_path: Path) -> None
                 await ga.ping()
             assert ga.closed  # where the next answer starts is unknown
         assert await guest_addresses(fake.path, timeout=2) is None
+
+
+async def test_a_cancelled_call_closes_the_session_and_stays_cancelled(tmp_path: Path) -> None:
+    async def never(request: dict[str, Any]) -> Any:
+        await asyncio.sleep(10)
+
+    async with FakeAgent(tmp_path / "qga.sock", never) as fake, GuestAgent(fake.path) as ga:
+        call = asyncio.create_task(ga.ping())
+        await asyncio.sleep(0.05)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert ga.closed
