@@ -129,6 +129,7 @@ class ImageStore:
         return self.datastores.resolve(datastore, IMAGES_DIR)
 
     def find(self, datastore: str, name: str) -> ImageInfo | None:
+        _check_name(name)
         meta = self._folder(datastore) / f"{name}.json"
         try:
             info = ImageInfo(**json.loads(meta.read_text()))
@@ -152,10 +153,7 @@ class ImageStore:
         self, datastore: str, name: str, chunks: AsyncIterator[bytes], *,
         length: int | None, declared_format: str | None, filename: str = "",
     ) -> ImageInfo:  # fmt: skip
-        try:
-            check_name(name, "image name")
-        except ValueError as exc:
-            raise InvalidInput(str(exc), code="invalid_name") from None
+        _check_name(name)
         folder = self._folder(datastore)
         if any((folder / f"{name}.{f}").exists() for f in (*IMAGE_FORMATS, "json")):
             raise Conflict(f"datastore {datastore!r} has an image {name!r} already: delete it "
@@ -183,6 +181,7 @@ class ImageStore:
 
     def users(self, datastore: str, name: str) -> list[str]:
         """VMs whose record on ``datastore`` has a disk reading through the image."""
+        _check_name(name)
         prefix = f"{IMAGES_DIR}/{name}."
         users = []
         for record in self.datastores.resolve(datastore, ".").glob(f"*/{RECORD}"):
@@ -205,6 +204,14 @@ class ImageStore:
         folder = self._folder(datastore)
         (folder / f"{name}.json").unlink(missing_ok=True)
         (folder / f"{name}.{info.format}").unlink(missing_ok=True)
+
+
+def _check_name(name: str) -> None:
+    """An image's name is a file name in ``.images/``: the VM name rules (no '/', no '..')."""
+    try:
+        check_name(name, "image name")
+    except ValueError as exc:
+        raise InvalidInput(str(exc), code="invalid_name") from None
 
 
 async def _receive(path: Path, chunks: AsyncIterator[bytes], limit: int) -> int:

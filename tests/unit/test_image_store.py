@@ -152,3 +152,11 @@ def test_delete_is_refused_while_a_vm_reads_through_the_image(
     assert files(store) == []
     with pytest.raises(NotFound):
         store.delete("shared", "debian")
+
+
+@pytest.mark.parametrize("name", ["..", "../x", "a/b", ".hidden", ""])
+def test_names_that_are_not_file_names_are_refused(store: ImageStore, name: str) -> None:
+    with pytest.raises(InvalidInput):
+        store.delete("shared", name)
+    with pytest.raises(InvalidInput):
+        store.users("shared", name)
