@@ -19,6 +19,7 @@ from kvmotion.center.db import Host, Vm
 from kvmotion.center.inventory import Inventory
 from kvmotion.errors import Conflict, HostUnreachable, NotFound
 from kvmotion.host.images import ImageInfo
+from kvmotion.host.vmfiles import IMAGE_FORMATS
 
 
 def image_json(image: ImageInfo) -> dict[str, Any]:
@@ -66,12 +67,14 @@ async def list_images(inv: Inventory) -> list[dict[str, Any]]:
 
 def users(vms: list[Vm], datastore: str, name: str) -> list[str]:
     """The VMs whose disks read through image ``name`` on ``datastore`` (overlays of it)."""
-    prefix = f".images/{name}."
+    bases = {f".images/{name}.{fmt}" for fmt in IMAGE_FORMATS}  # exact: not "debian.12"
     return sorted(
-        vm.name
-        for vm in vms
-        for d in vm.config.get("disks", [])
-        if d.get("datastore") == datastore and str(d.get("backing") or "").startswith(prefix)
+        {
+            vm.name
+            for vm in vms
+            for d in vm.config.get("disks", [])
+            if d.get("datastore") == datastore and d.get("backing") in bases
+        }
     )
 
 

@@ -76,7 +76,9 @@ async def create_vm_files(
                 created.append(path.parent)
             size = str(sizes_bytes[i]) if sizes_bytes else f"{disk.size_mib}M"
             if i == 0 and first_disk_copy is not None:
-                await qemu_img("convert", "-q", "-O", disk.format, str(first_disk_copy), str(path))
+                fmt = first_disk_copy.suffix.lstrip(".")  # an image's name says its format
+                await qemu_img("convert", "-q", "-f", fmt, "-O", disk.format,
+                               str(first_disk_copy), str(path))  # fmt: skip
                 await qemu_img("resize", "-q", "-f", disk.format, str(path), size)
             else:
                 await qemu_img("create", "-q", "-f", disk.format, *_backing(disk, datastores),

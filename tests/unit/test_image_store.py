@@ -160,3 +160,20 @@ def test_names_that_are_not_file_names_are_refused(store: ImageStore, name: str)
         store.delete("shared", name)
     with pytest.raises(InvalidInput):
         store.users("shared", name)
+
+
+def test_center_counts_only_vms_on_exactly_this_image() -> None:
+    from kvmotion.center.db import Vm
+    from kvmotion.center.images import users
+
+    def vm(name: str, datastore: str, backing: str | None) -> Vm:
+        disks = [{"datastore": datastore, "path": f"{name}/{name}.qcow2", "backing": backing}]
+        return Vm(name=name, uuid=name, config={"disks": disks})
+
+    vms = [
+        vm("a", "shared", ".images/debian.qcow2"),
+        vm("b", "shared", ".images/debian.12.qcow2"),  # another image whose name starts alike
+        vm("c", "local", ".images/debian.qcow2"),  # the same name on another datastore
+        vm("d", "shared", None),
+    ]
+    assert users(vms, "shared", "debian") == ["a"]
