@@ -240,15 +240,25 @@ class GuestAgent:
                 raise
 
 
+# qemu-ga's guest-set-time also writes the guest's RTC (hwclock), which waits for a second's
+# edge and, in a loaded guest under TCG, was seen to take over 5 s: the set gets this long.
+SET_TIME_TIMEOUT_S = 30.0
+
+
 async def sync_guest_clock(
-    path: Path, *, timeout: float = DEFAULT_TIMEOUT_S, now_ns: Callable[[], int] = time.time_ns
+    path: Path,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_S,
+    set_timeout: float = SET_TIME_TIMEOUT_S,
+    now_ns: Callable[[], int] = time.time_ns,
 ) -> ClockSync | None:
     """Step the guest's clock to this host's, as VMware Tools does after a vMotion; the step.
 
     The step is this host's time at the middle of the guest's read minus the guest's time; the
-    guest is then set to this host's time as the request leaves. ``timeout`` bounds each answer,
-    so a guest without an agent costs about ``timeout``. Never raises for the agent: None when
-    none answers, or it refuses, or the set is not confirmed (the last two logged at warning).
+    guest is then set to this host's time as the request leaves. ``timeout`` bounds each answer
+    but the set's (``set_timeout``), so a guest without an agent costs about ``timeout``. Never
+    raises for the agent: None when none answers, or it refuses, or the set is not confirmed
+    (the last two logged at warning).
     """
     measured: ClockSync | None = None
     try:
@@ -258,7 +268,7 @@ async def sync_guest_clock(
             after = now_ns()
             step_ns = before - guest + (after - before) // 2
             measured = ClockSync(step_s=step_ns / 1e9, round_trip_s=(after - before) / 1e9)
-            await ga.set_time(now_ns())
+            await ga.set_time(now_ns(), timeout=set_timeout)
     except QemuError as exc:
         if measured is not None:
             log.warning("setting the guest clock at %s (%+.3f s off) was not confirmed: %s",

@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -340,3 +341,20 @@ async def test_a_cancelled_call_closes_the_session_and_stays_cancelled(tmp_path:
         with pytest.raises(asyncio.CancelledError):
             await call
         assert ga.closed
+
+
+async def test_a_slow_clock_set_is_waited_for_longer_than_a_read(tmp_path: Path) -> None:
+    """qemu-ga's guest-set-time writes the RTC too: under TCG it took over 5 s (the lab's
+    "both" move), so the set has a timeout of its own, longer than a read's."""
+
+    async def handler(request: dict[str, Any]) -> Any:
+        if request["execute"] == "guest-get-time":
+            return {"return": time.time_ns()}
+        await asyncio.sleep(1.0)  # hwclock -w, slowly
+        return {"return": {}}
+
+    async with FakeAgent(tmp_path / "qga.sock", handler) as fake:
+        assert await sync_guest_clock(fake.path, timeout=0.5, set_timeout=0.2) is None
+    async with FakeAgent(tmp_path / "qga2.sock", handler) as fake:
+        synced = await sync_guest_clock(fake.path, timeout=0.5, set_timeout=3)
+    assert synced is not None
