@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,8 @@ PROBE_TIMEOUT_S = 5.0  # a datastore whose statvfs takes longer is reported inac
 class Datastores:
     def __init__(self, configs: list[DatastoreConfig]) -> None:
         self._by_name = {ds.name: ds for ds in configs}
-        self._probes: dict[str, Future[os.statvfs_result]] = {}
+        # the last statvfs of each datastore, and when it began
+        self._probes: dict[str, tuple[Future[os.statvfs_result], float]] = {}
 
     def names(self) -> list[str]:
         return sorted(self._by_name)
@@ -59,17 +61,22 @@ class Datastores:
     async def info(self, name: str, timeout: float = PROBE_TIMEOUT_S) -> DatastoreInfo:
         """Capacity and free space, read in a thread of the datastores' own: a hung NFS mount
         never blocks the agent's event loop (which sends ``migrate-continue`` while a guest is
-        stunned). A datastore that does not answer in ``timeout``, or whose last probe still
-        hangs, is inaccessible; the hung probe is not queued again."""
+        stunned). A datastore that does not answer in ``timeout`` is inaccessible. A probe
+        still running is shared: waited for (what is left of ``timeout``) if it is younger than
+        ``timeout``, taken as hung if older, and never queued again while it hangs."""
         ds = self.get(name)
-        pending = self._probes.get(name)
         inaccessible = DatastoreInfo(ds.name, str(ds.path), ds.shared, 0, 0, False)
+        pending, began = self._probes.get(name, (None, 0.0))
+        left = timeout
         if pending is not None and not pending.done():
-            return inaccessible
-        pending = _statvfs_in_thread(ds.path)
-        self._probes[name] = pending
+            left = timeout - (time.monotonic() - began)
+            if left <= 0:
+                return inaccessible
+        else:
+            pending = _statvfs_in_thread(ds.path)
+            self._probes[name] = (pending, time.monotonic())
         try:
-            st = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(pending)), timeout)
+            st = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(pending)), left)
         except (OSError, TimeoutError):
             return inaccessible
         return DatastoreInfo(

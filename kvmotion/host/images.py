@@ -44,7 +44,7 @@ from kvmotion.errors import (
     NotFound,
     PreconditionError,
 )
-from kvmotion.host.datastores import PROBE_TIMEOUT_S, Datastores
+from kvmotion.host.datastores import Datastores
 from kvmotion.host.vmconfig import MAX_DISK_MIB, VmConfig, check_name
 from kvmotion.host.vmfiles import IMAGE_FORMATS, IMAGES_DIR, RECORD
 
@@ -335,19 +335,14 @@ class ImageStore:
             tmp.unlink(missing_ok=True)
 
     async def _free_bytes(self, datastore: str) -> int:
-        """Datastores.info reads a datastore as inaccessible while another caller's probe of it
-        is in flight (a concurrent import, the center's facts), not only while it hangs: ask
-        again for as long as one probe may take."""
-        for _ in range(int(PROBE_TIMEOUT_S / 0.05)):
-            info = await self.datastores.info(datastore)
-            if info.accessible:
-                return info.free_bytes
-            await asyncio.sleep(0.05)
-        raise PreconditionError(
-            f"datastore {datastore!r} does not answer (a hung mount?): check it on this host, "
-            "or import to another datastore",
-            code="datastore_inaccessible",
-        )
+        info = await self.datastores.info(datastore)
+        if not info.accessible:
+            raise PreconditionError(
+                f"datastore {datastore!r} does not answer (a hung mount?): check it on this "
+                "host, or import to another datastore",
+                code="datastore_inaccessible",
+            )
+        return info.free_bytes
 
     @staticmethod
     def _taken(folder: Path, name: str) -> bool:

@@ -74,9 +74,7 @@ async def run_os_demo(log: Log) -> None:
     ns = state.client_netns
     async with CenterClient(lab_center.url, lab_center.token) as center:
         address = await _server(center, state, key, log)
-        for port in (80, 5432):  # nginx and PostgreSQL may come up after sshd
-            await asyncio.to_thread(realclients.wait_port, ns, address, port, BOOT_TIMEOUT_S)
-        await asyncio.to_thread(realclients.wait_postgres, ns, address, BOOT_TIMEOUT_S)
+        await asyncio.to_thread(realclients.wait_services, ns, address, BOOT_TIMEOUT_S)
         await asyncio.to_thread(realclients.run_pgbench, ns, address, "-i", "-s", "1", timeout=300)
         start = await asyncio.to_thread(realclients.count_history, ns, address)
         ticker = realclients.SshTicker(ns, key, USER, address).start()

@@ -303,3 +303,10 @@ def wait_postgres(ns: str, address: str, timeout: float) -> float:
         last = done.stderr.strip()[-200:]
         time.sleep(2)
     raise LabError(f"PostgreSQL at {address} not ready after {timeout:.0f} s: {last}")
+
+
+def wait_services(ns: str, address: str, timeout: float) -> None:
+    """Until the server image's nginx and PostgreSQL serve (they may come up after sshd)."""
+    for port in (80, 5432):
+        wait_port(ns, address, port, timeout)
+    wait_postgres(ns, address, timeout)

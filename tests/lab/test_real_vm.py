@@ -140,9 +140,7 @@ def server(lab: topology.LabState, center: httpx.Client, key: Path) -> Iterator[
     assert kvmotion("vm", "start", VM).returncode == 0
     address, source = wait_address(center, BOOT_TIMEOUT_S)
     ssh_s = realclients.wait_ssh(lab.client_netns, key, USER, address, BOOT_TIMEOUT_S)
-    for port in (80, 5432):  # nginx and PostgreSQL may come up after sshd
-        realclients.wait_port(lab.client_netns, address, port, BOOT_TIMEOUT_S)
-    realclients.wait_postgres(lab.client_netns, address, BOOT_TIMEOUT_S)
+    realclients.wait_services(lab.client_netns, address, BOOT_TIMEOUT_S)
     boot_s = time.monotonic() - started
     realclients.run_pgbench(lab.client_netns, address, "-i", "-s", "1", timeout=600)
     try:
