@@ -7,6 +7,7 @@ always ``{"error": {"code", "message"}}``. Request bodies that do not parse are 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import secrets
@@ -14,7 +15,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
@@ -152,14 +153,9 @@ def role_checker(
     "admin" (everything) or "read-only" (GET, and POSTs whose path ends with one of
     ``read_paths``, such as a precheck that changes nothing). Raises Unauthorized (no or an
     unknown token) or Forbidden (a read-only token asking for a change); never echoes a token."""
-    known = [(f"Bearer {t}".encode(), name, role) for t, (name, role) in tokens.items()]
 
     async def check(request: Request) -> None:
-        given = (request.headers.get("authorization") or "").encode()
-        match = None
-        for expected, name, role in known:  # compare with every token: no timing hint
-            if secrets.compare_digest(given, expected):
-                match = (name, role)
+        match = check_bearer((request.headers.get("authorization") or "").encode(), tokens)
         if match is None:
             raise Unauthorized(f"missing or wrong token: {who}")
         name, role = match
@@ -182,3 +178,73 @@ def bearer_checker(token: str, who: str) -> Callable[[Request], Awaitable[None]]
             raise Unauthorized(f"missing or wrong token: {who}")
 
     return check
+
+
+# -- websockets (the consoles) ------------------------------------------------------------------
+# Close codes a console's websocket ends with (the reason is a sentence for the user): a domain
+# error's class decides it as its status decides an HTTP answer (4000 + the HTTP status).
+WS_NORMAL = 1000
+WS_SERVER_ERROR = 1011
+WS_REASON_MAX = 120  # bytes: a close frame's reason is at most 123
+
+
+def ws_close_code(exc: KvmotionError) -> int:
+    """4401 unauthorized, 4403 forbidden, 4404 not found, 4409 conflict, ...: 4000 + status."""
+    return 4000 + exc.http_status
+
+
+def ws_reason(text: str) -> str:
+    """``text`` cut to what a close frame carries, on a character boundary."""
+    raw = text.encode()
+    if len(raw) <= WS_REASON_MAX:
+        return text
+    return raw[: WS_REASON_MAX - 3].decode(errors="ignore") + "..."
+
+
+def check_bearer(given: bytes, tokens: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """(name, role) of the token ``given`` (``Bearer <token>``) matches, compared with every
+    known token (no timing hint); None if none does."""
+    match = None
+    for token, (name, role) in tokens.items():
+        if secrets.compare_digest(given, f"Bearer {token}".encode()):
+            match = (name, role)
+    return match
+
+
+class WsEnds:
+    """A server-side websocket (Starlette's) as ``send`` and ``receive`` of bytes; ``receive``
+    gives None once the peer left (text frames are taken as their UTF-8)."""
+
+    def __init__(self, ws: WebSocket) -> None:
+        self.ws = ws
+        self.gone = False
+
+    async def send(self, data: bytes) -> None:
+        if self.gone:
+            raise ConnectionError("the viewer left")
+        try:
+            await self.ws.send_bytes(data)
+        except (RuntimeError, WebSocketDisconnect, OSError) as exc:
+            self.gone = True
+            raise ConnectionError("the viewer left") from exc
+
+    async def receive(self) -> bytes | None:
+        if self.gone:
+            return None
+        try:
+            message = await self.ws.receive()
+        except (RuntimeError, WebSocketDisconnect, OSError):
+            message = {"type": "websocket.disconnect"}
+        if message["type"] == "websocket.disconnect":
+            self.gone = True
+            return None
+        if message.get("bytes") is not None:
+            return bytes(message["bytes"])
+        return str(message.get("text") or "").encode()
+
+    async def close(self, code: int = WS_NORMAL, reason: str = "") -> None:
+        if self.gone:
+            return
+        self.gone = True
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
+            await self.ws.close(code, ws_reason(reason))

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi import Path as FastApiPath
 from fastapi.responses import StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -26,16 +26,24 @@ from sqlalchemy import select
 
 from kvmotion import __version__
 from kvmotion.center import images
+from kvmotion.center.console import KINDS, TICKET_TTL_S, check_console
 from kvmotion.center.db import Event
 from kvmotion.center.inventory import datastore_dict, host_dict, vm_dict
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import TaskState, task_dict
-from kvmotion.errors import Conflict, InvalidInput, KvmotionError, NotFound
+from kvmotion.errors import Conflict, Forbidden, InvalidInput, KvmotionError, NotFound, Unauthorized
 from kvmotion.host.config import DEFAULT_AGENT_PORT
 from kvmotion.host.migrationview import MAX_STREAMS
 from kvmotion.host.protocol import vm_json
 from kvmotion.host.vmconfig import VmCreateRequest, check_name
-from kvmotion.httpapi import ERROR_RESPONSES, install_error_handlers, role_checker
+from kvmotion.httpapi import (
+    ERROR_RESPONSES,
+    WsEnds,
+    check_bearer,
+    install_error_handlers,
+    role_checker,
+    ws_close_code,
+)
 from kvmotion.migration.request import MigrationRequest
 from kvmotion.migration.strategies import Strategy
 from kvmotion.pulse import wait_beat
@@ -106,6 +114,10 @@ class ClusterHost(BaseModel):
     host: str = Field(max_length=255)
 
 
+class ConsoleOpen(BaseModel):
+    kind: Literal["serial", "vnc"] = "serial"
+
+
 class EvcBody(BaseModel):
     mode: str | None = Field(None, pattern=r"^[a-z0-9-]{1,40}$")  # None disables EVC
 
@@ -123,10 +135,11 @@ def create_app(center: Center) -> FastAPI:
         title="kvmotion center", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES
     )
     install_error_handlers(app)
+    tokens = center.config.api_tokens()
     auth = [
         Depends(
             role_checker(
-                center.config.api_tokens(),
+                tokens,
                 "the center needs an API token (its own, or a user's from its config)",
                 read_paths=("/precheck",),
             )
@@ -246,6 +259,54 @@ def create_app(center: Center) -> FastAPI:
             async with inv.agent(record.host) as agent:
                 await agent.delete_vm(record.uuid)
         await inv.remove_vm(record.uuid)
+
+    # -- consoles --------------------------------------------------------------------------------
+    @app.post("/v1/vms/{vm}/console", dependencies=auth)
+    async def open_console(vm: str, body: ConsoleOpen, request: Request) -> dict[str, Any]:
+        """A ticket for one connection to the VM's console within ``TICKET_TTL_S`` (a browser's
+        websocket cannot carry the token); admins only, as every POST."""
+        record = await inv.vm(vm)
+        check_console(record, body.kind)
+        user = api_user(request.headers.get("authorization", ""))
+        ticket = center.consoles.tickets.issue(record.uuid, body.kind, user)
+        return {
+            "kind": body.kind,
+            "ticket": ticket,
+            "url": f"/v1/vms/{record.name}/console/{body.kind}?ticket={ticket}",
+            "expires_in_s": TICKET_TTL_S,
+        }
+
+    @app.websocket("/v1/vms/{vm}/console/{kind}")
+    async def console(
+        ws: WebSocket, vm: str, kind: str, ticket: str | None = Query(None, max_length=64)
+    ) -> None:
+        """The VM's serial console (``serial``) or screen (``vnc``, RFB for noVNC), binary
+        frames both ways, wherever it runs; with a ticket, or an admin's ``Authorization``."""
+        offered = ws.scope.get("subprotocols") or ()
+        await ws.accept(subprotocol="binary" if "binary" in offered else None)
+        ends = WsEnds(ws)
+        try:
+            if kind not in KINDS:
+                raise NotFound(f"no console {kind[:20]!r}: serial or vnc", code="no_console")
+            record = await inv.vm(vm)
+            if ticket is not None:
+                user = center.consoles.tickets.take(ticket, record.uuid, kind)
+            else:
+                user = api_user(ws.headers.get("authorization", ""), admin=True)
+        except KvmotionError as exc:
+            await ends.close(ws_close_code(exc), exc.message)
+            return
+        await center.consoles.serve(ends, record.name, kind, user)
+
+    def api_user(authorization: str, admin: bool = False) -> str:
+        match = check_bearer(authorization.encode(), tokens)
+        if match is None:
+            raise Unauthorized("missing or wrong token: the console needs an admin's token")
+        if admin and match[1] != "admin":
+            raise Forbidden(
+                f"{match[0]!r} may only look (role {match[1]}): consoles are for admins"
+            )
+        return match[0]
 
     # -- migrations ------------------------------------------------------------------------------
     @app.post("/v1/vms/{vm}/migrate", dependencies=auth, status_code=202)

@@ -184,6 +184,11 @@ class CenterClient:
         path = f"/v1/vms/{_segment(vm)}/power-on"
         return await self._object("POST", path, timeout=_POWER_ON_TIMEOUT)
 
+    async def open_console(self, vm: str, kind: str = "serial") -> JsonObject:
+        """A ticket and the websocket path of the VM's console (``center/console.py``)."""
+        path = f"/v1/vms/{_segment(vm)}/console"
+        return await self._object("POST", path, json={"kind": kind})
+
     async def shutdown(self, vm: str) -> JsonObject:
         path = f"/v1/vms/{_segment(vm)}/shutdown"
         return await self._object("POST", path, timeout=_SHUTDOWN_TIMEOUT)

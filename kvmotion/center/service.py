@@ -11,6 +11,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from kvmotion.center.clusters import Clusters
+from kvmotion.center.console import ConsoleRelay
 from kvmotion.center.db import Database
 from kvmotion.center.executor import DEFAULT_STALL_TIMEOUT, Executor
 from kvmotion.center.inventory import Inventory
@@ -68,6 +69,7 @@ class Center:
             stall_timeout_s=config.stall_timeout_s,
         )
         self.clusters = Clusters(self.db, self.inventory)
+        self.consoles = ConsoleRelay(self.inventory)
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -215,6 +215,14 @@ def vm_create(
     user_data: Annotated[
         Path | None, typer.Option(help="a cloud-config file for the guest's first boot")
     ] = None,
+    graphics: Annotated[
+        bool | None,
+        typer.Option(
+            "--graphics/--no-graphics",
+            help="a screen (VGA, in the web console) [default: with an image]",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     center: CenterOpt = None,
     token: TokenOpt = None,
@@ -231,6 +239,8 @@ def vm_create(
     }
     if image is not None:
         spec |= {"image": image, "image_datastore": image_datastore}
+    if graphics is not None:
+        spec["graphics"] = graphics
     if image is not None or ssh_key or user_data or hostname:
         spec["first_boot"] = first_boot_spec(name, hostname, ssh_key or [], user_data)
     vm = call(connect(center, token), lambda c: c.create_vm(host, spec))

@@ -13,6 +13,7 @@ import typer
 
 from kvmotion.cli import (
     center_cmds,
+    console_cmds,
     evc_cmds,
     host_cmds,
     image_cmds,
@@ -41,6 +42,7 @@ app.add_typer(lab_cmds.app, name="lab")
 app.add_typer(task_cmds.app, name="task")
 app.add_typer(tls_cmds.app, name="tls")
 inventory_cmds.vm_app.command("set-evc")(evc_cmds.vm_set_evc)
+console_cmds.register(inventory_cmds.vm_app)
 app.add_typer(inventory_cmds.vm_app, name="vm")
 app.command("demo")(lab_cmds.demo)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from kvmotion.errors import Conflict, Forbidden, InsufficientResources, NotFound, QemuError
 from kvmotion.host import facts, guestmem, switchover, taps
 from kvmotion.host.config import HostConfig
+from kvmotion.host.console import Consoles, Receive, Send, relay_unix
 from kvmotion.host.cpu import HostCpu, VmCpu
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.facts import HostFacts, NetworkInfo
@@ -54,6 +55,7 @@ class HostAgent:
         self.cpu = HostCpu(None, None, "not probed yet")
         self.tls = MigrationTls(config.migration_tls, config.tls_dir)
         self._create_lock = asyncio.Lock()
+        self.consoles = Consoles()  # the open serial consoles (host/console.py)
 
     # -- start and stop ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -92,6 +94,7 @@ class HostAgent:
 
     async def close(self) -> None:
         """Let go of every VM without stopping any (they outlive the agent)."""
+        await self.consoles.close()
         for vm in self.vms.values():
             await vm.detach()
 
@@ -308,6 +311,33 @@ class HostAgent:
             return await vm.info()
 
     # -- live migration ----------------------------------------------------------------------
+    # -- consoles ------------------------------------------------------------------------------
+    async def console(
+        self, ref: str, kind: str, send: Send, receive: Receive, *, offset: int | None = None
+    ) -> str:
+        """Relay a viewer to the VM's serial port or screen until either ends; returns why.
+        Raises NotFound (no such VM here, or no screen) or Conflict (it is not running here)."""
+        vm = self.get(ref)
+        if vm.state is not PowerState.POWERED_ON or vm.process is None:
+            raise Conflict(
+                f"VM {vm.config.name} is {vm.state} on host {self.config.name}: a console "
+                "shows a running VM",
+                code="vm_not_running",
+            )
+        process = vm.process
+        if kind == "vnc":
+            if not vm.config.graphics:
+                raise Conflict(
+                    f"VM {vm.config.name} has no screen (created without graphics): use its "
+                    "serial console",
+                    code="no_display",
+                )
+            return await relay_unix(vm.files.vnc_socket, send, receive, "the VM's screen")
+        return await self.consoles.serial(
+            vm.files.console_socket, vm.files.console_log, send, receive,
+            offset=offset, running=lambda: vm.process is process,
+        )  # fmt: skip
+
     def _migration_address(self) -> str:
         if not self.config.migration_address:
             raise Conflict(

@@ -14,9 +14,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response, WebSocket
 
 from kvmotion import __version__
+from kvmotion.errors import KvmotionError, NotFound, Unauthorized
 from kvmotion.host import watch
 from kvmotion.host.agent import HostAgent
 from kvmotion.host.images import ImageInfo
@@ -44,7 +45,15 @@ from kvmotion.host.protocol import (
     VmCreateRequest,
     VmInfo,
 )
-from kvmotion.httpapi import ERROR_RESPONSES, bearer_checker, install_error_handlers
+from kvmotion.httpapi import (
+    ERROR_RESPONSES,
+    WS_NORMAL,
+    WsEnds,
+    bearer_checker,
+    check_bearer,
+    install_error_handlers,
+    ws_close_code,
+)
 
 # The header tell_destination sends (host/switchover.py TOKEN_HEADER)
 SwitchoverToken = Annotated[str, Header(alias="X-Switchover-Token", max_length=100)]
@@ -239,7 +248,45 @@ def create_app(agent: HostAgent) -> FastAPI:
     async def abort_migration(vm: str, destination_gone: bool = False) -> AbortResult:
         return AbortResult(done=await agent.abort_migration(vm, destination_gone=destination_gone))
 
+    @app.websocket("/v1/vms/{vm}/console/{kind}")
+    async def console(
+        ws: WebSocket,
+        vm: str,
+        kind: str,
+        offset: int | None = Query(None, ge=0),
+    ) -> None:
+        """A VM's serial console (``kind`` serial: its bytes, replayed from the log's
+        ``offset`` or its last few KiB) or screen (vnc: RFB), as binary frames both ways."""
+        await console_session(agent, ws, vm, kind, offset)
+
     return app
+
+
+async def console_session(
+    agent: HostAgent, ws: WebSocket, vm: str, kind: str, offset: int | None
+) -> None:
+    """Check the center's token, relay, and close with the reason it ended (or was refused)."""
+    ends = WsEnds(ws)
+    if (
+        check_bearer(
+            ws.headers.get("authorization", "").encode(), {agent.config.token: ("center", "admin")}
+        )
+        is None
+    ):
+        await ends.close(ws_close_code(Unauthorized("")), "this host accepts only its center")
+        return
+    if kind not in ("serial", "vnc"):
+        await ends.close(ws_close_code(NotFound("")), f"no console {kind[:20]!r}: serial or vnc")
+        return
+    await ws.accept(subprotocol="binary" if "binary" in ws.scope.get("subprotocols", ()) else None)
+    try:
+        why = await agent.console(vm, kind, ends.send, ends.receive, offset=offset)
+    except KvmotionError as exc:
+        await ends.close(ws_close_code(exc), exc.message)
+    except ConnectionError:
+        pass  # the viewer left
+    else:
+        await ends.close(WS_NORMAL, why)
 
 
 async def serve(agent: HostAgent, host: str, port: int) -> None:

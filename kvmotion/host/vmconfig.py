@@ -153,6 +153,8 @@ class VmCreateRequest(BaseModel):
     image_datastore: str | None = None
     first_boot: FirstBoot | None = None  # written to a NoCloud seed the guest reads
     guest_agent: bool | None = None  # a channel for qemu-guest-agent; default: with an image
+    # A screen (a VGA card, shown through VNC in the console); default: with an image
+    graphics: bool | None = None
 
     _name = field_validator("name")(lambda v: check_name(v, "VM name"))
     _ds = field_validator("datastore")(lambda v: check_name(v, "datastore"))
@@ -174,6 +176,8 @@ class VmCreateRequest(BaseModel):
                 )
         if self.guest_agent is None:
             self.guest_agent = self.image is not None
+        if self.graphics is None:
+            self.graphics = self.image is not None
         return self
 
     @field_validator("cpu_model", "machine_type")
@@ -232,6 +236,7 @@ class VmConfig(BaseModel):
     image: str | None = None  # the OS image its first disk was made from (for the record)
     first_boot: FirstBoot | None = None
     guest_agent: bool = False
+    graphics: bool = False  # a VGA card and a VNC server on the host's run directory
 
     @property
     def seed_path(self) -> str | None:
@@ -279,6 +284,7 @@ class VmConfig(BaseModel):
             image=req.image,
             first_boot=req.first_boot,
             guest_agent=bool(req.guest_agent),
+            graphics=bool(req.graphics),
         )
 
     def moved_to(self, datastore: str) -> VmConfig:

@@ -122,6 +122,14 @@ class RunFiles:
         return self.run_dir / "console.log"
 
     @property
+    def console_socket(self) -> Path:
+        return self.run_dir / "console.sock"
+
+    @property
+    def vnc_socket(self) -> Path:
+        return self.run_dir / "vnc.sock"
+
+    @property
     def guest_agent_socket(self) -> Path:
         return self.run_dir / "qga.sock"
 
@@ -170,6 +178,7 @@ def qemu_launch(
         qmp_socket=files.qmp_socket,
         pidfile=files.pidfile,
         console_log=files.console_log,
+        console_socket=files.console_socket,
         kernel=kernel,
         initrd=initrd,
         append=f"{BASE_KERNEL_ARGS} {cfg.kernel_args}".strip() if kernel is not None else "",
@@ -181,6 +190,7 @@ def qemu_launch(
             else None
         ),
         guest_agent_socket=files.guest_agent_socket if cfg.guest_agent else None,
+        vnc_socket=files.vnc_socket if cfg.graphics else None,
         incoming=incoming,
         ram_pad_kib=ram_pad_kib,
         binary=env.qemu_binary,

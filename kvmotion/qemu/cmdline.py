@@ -41,6 +41,9 @@ class QemuLaunch:
     qmp_socket: Path
     pidfile: Path
     console_log: Path
+    # The serial port: a unix socket the agent's console attaches to, everything the guest
+    # writes also kept in ``console_log`` (attached or not)
+    console_socket: Path
     kernel: Path | None = None
     initrd: Path | None = None
     append: str = ""
@@ -48,6 +51,7 @@ class QemuLaunch:
     nics: tuple[NicLaunch, ...] = ()
     seed: Path | None = None  # a read-only NoCloud seed (ISO), after the disks
     guest_agent_socket: Path | None = None  # the qemu-guest-agent channel's socket
+    vnc_socket: Path | None = None  # a VGA card, its screen served by VNC on this unix socket
     # Destination of a migration: wait for `migrate-incoming`, stay paused until `cont`.
     incoming: bool = False
     # KiB past the RAM size (see ``TCG_RAM_PAD_KIB``): fixed for the VM's life, since a
@@ -121,7 +125,8 @@ def build_command(launch: QemuLaunch) -> list[str]:
         "-m", memory_option(launch.memory_mib, launch.ram_pad_kib),
         "-nodefaults", "-no-user-config",
         "-display", "none",
-        "-chardev", f"file,id=console0,path={launch.console_log}",
+        "-chardev", f"socket,id=console0,path={launch.console_socket},server=on,wait=off,"
+        f"logfile={launch.console_log}",
         "-serial", "chardev:console0",
         "-chardev", f"socket,id=qmp0,path={launch.qmp_socket},server=on,wait=off",
         "-mon", "chardev=qmp0,mode=control",
@@ -158,6 +163,8 @@ def build_command(launch: QemuLaunch) -> list[str]:
             "-device", "virtio-serial-pci,id=virtio-serial0",
             "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0,id=qga-port",
         ]  # fmt: skip
+    if launch.vnc_socket is not None:
+        argv += ["-device", "VGA,id=video0", "-vnc", f"unix:{launch.vnc_socket}"]
     for nic in launch.nics:
         argv += [
             "-netdev", f"tap,id={nic.ident},ifname={nic.tap},script=no,downscript=no",

@@ -13,7 +13,12 @@ the whole module.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import re
+import secrets
+import select
 import subprocess
 import time
 from collections.abc import Iterator
@@ -264,6 +269,94 @@ def test_real_clients_keep_working_through_the_move(
         f"{web['longest_stall_ms']:.0f} ms; pgbench {committed} committed, 0 failed; "
         f"guest clock step {clock} ms"
     )
+
+
+class ConsoleViewer:
+    """`kvmotion vm console` in a pseudo-terminal, typed into as a user would."""
+
+    def __init__(self, vm: str) -> None:
+        master, slave = os.openpty()
+        self.proc = subprocess.Popen(
+            [*CLI, "vm", "console", vm], stdin=slave, stdout=slave, stderr=slave,
+            start_new_session=True,
+        )  # fmt: skip
+        os.close(slave)
+        self.fd, self.seen, self.mark = master, b"", 0
+
+    def expect(self, pattern: bytes, timeout: float) -> re.Match[bytes]:
+        """Wait (bounded) for ``pattern`` in what the console shows past the last match."""
+        end = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.seen[self.mark :])
+            if found:
+                self.mark += found.end()
+                return found
+            left = end - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                raise AssertionError(f"no {pattern!r} on the console; its end:\n{self.text()}")
+            if select.select([self.fd], [], [], min(left, 0.5))[0]:
+                with contextlib.suppress(OSError):
+                    self.seen += os.read(self.fd, 65536)
+
+    def text(self) -> str:
+        return self.seen[-3000:].decode(errors="replace")
+
+    def type(self, keys: str) -> None:
+        os.write(self.fd, keys.encode())
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            self.type("\x1d")  # Ctrl-]: detach
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        with contextlib.suppress(OSError):
+            while select.select([self.fd], [], [], 0.2)[0]:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    break
+                self.seen += chunk
+        os.close(self.fd)
+        return self.proc.returncode
+
+
+def test_serial_console_logs_in_and_follows_the_vm_to_its_new_host(
+    lab: topology.LabState, center: httpx.Client, key: Path, server: dict[str, Any]
+) -> None:
+    """`kvmotion vm console`: the getty on the guest's serial port, a login, a command; a
+    compute move with the console open, the console following the VM, a command there; Ctrl-]."""
+    password = secrets.token_hex(8)
+    realclients.ssh_run(lab.client_netns, key, USER, server["address"],
+                        f"echo {USER}:{password} | sudo -n chpasswd", 60)  # fmt: skip
+    viewer = ConsoleViewer(VM)
+    try:
+        viewer.expect(rb"Ctrl-\] detaches", 30)
+        viewer.type("\r")
+        viewer.expect(rf"{VM} login: ".encode(), 60)
+        viewer.type(f"{USER}\r")
+        viewer.expect(rb"Password: ", 60)
+        viewer.type(f"{password}\r")
+        viewer.expect(rf"{USER}@{VM}:~\$ ".encode(), 120)
+        viewer.type("echo CONSOLE-$((6*7))\r")
+        viewer.expect(rb"CONSOLE-42", 60)  # the shell ran it (the typed line says 6*7)
+        here = center.get(f"/v1/vms/{VM}").json()["host"]
+        there = DST if here == SRC else SRC
+        r = center.post(f"/v1/vms/{VM}/migrate", json={"type": "compute", "host": there})
+        assert r.status_code == 202, r.text
+        task = wait_task(center, r.json()["id"], deadline=900)
+        assert task["state"] == "success", task["error"]
+        viewer.expect(rf"\[kvmotion: console moved to host {re.escape(there)}\]".encode(), 60)
+        viewer.type("echo MOVED-$((6*7))\r")
+        viewer.expect(rb"MOVED-42", 60)
+        viewer.type("exit\r")
+        viewer.expect(rf"{VM} login: ".encode(), 60)
+    finally:
+        code = viewer.close()
+    assert code == 0, viewer.text()
+    assert "[console closed: detached]" in viewer.text()
+    print(f"\nconsole: logged in, ran a command, followed the VM to {there}")
 
 
 def test_powered_off_disk_is_clean(

@@ -25,6 +25,7 @@ def launch(**kw: object) -> QemuLaunch:
         qmp_socket=Path("/run/x/qmp.sock"),
         pidfile=Path("/run/x/qemu.pid"),
         console_log=Path("/run/x/console.log"),
+        console_socket=Path("/run/x/console.sock"),
         kernel=Path("/img/vmlinuz"),
         initrd=Path("/img/initrd.img"),
         append="console=ttyS0",
@@ -114,3 +115,21 @@ def test_image_vm_boots_its_disk_with_seed_and_guest_agent() -> None:
     assert joined.index("id=virtio-disk0") < joined.index("id=virtio-seed")
     assert "socket,id=qga0,path=/run/x/qga.sock,server=on,wait=off" in joined
     assert "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0" in joined
+
+
+def test_serial_port_is_a_socket_logged_whether_attached_or_not() -> None:
+    """The console attaches to a unix socket; QEMU logs every byte (it also logs what it could
+    not send while no one is attached), which the agent replays to a console that opens."""
+    joined = " ".join(build_command(launch()))
+    assert (
+        "socket,id=console0,path=/run/x/console.sock,server=on,wait=off,"
+        "logfile=/run/x/console.log" in joined
+    )
+    assert "-serial chardev:console0" in joined
+    assert "-vnc" not in joined and "VGA" not in joined  # no screen unless asked
+
+
+def test_a_vm_with_graphics_has_a_vga_card_and_vnc_on_a_unix_socket() -> None:
+    argv = build_command(launch(vnc_socket=Path("/run/x/vnc.sock")))
+    assert argv[argv.index("-vnc") + 1] == "unix:/run/x/vnc.sock"
+    assert "VGA,id=video0" in argv
