@@ -183,6 +183,11 @@ def _memory(facts: dict[str, Any]) -> str:
 
 
 # -- VMs ----------------------------------------------------------------------------------------
+class Firmware(StrEnum):
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
 @vm_app.command("create")
 def vm_create(
     name: Annotated[str, typer.Argument(help="the new VM's name")],
@@ -223,6 +228,9 @@ def vm_create(
             show_default=False,
         ),
     ] = None,
+    firmware: Annotated[
+        Firmware, typer.Option(help="bios (SeaBIOS) or uefi (OVMF, its variables moving with it)")
+    ] = Firmware.BIOS,
     json_out: JsonOpt = False,
     center: CenterOpt = None,
     token: TokenOpt = None,
@@ -241,6 +249,8 @@ def vm_create(
         spec |= {"image": image, "image_datastore": image_datastore}
     if graphics is not None:
         spec["graphics"] = graphics
+    if firmware is not Firmware.BIOS:
+        spec["firmware"] = firmware.value
     if image is not None or ssh_key or user_data or hostname:
         spec["first_boot"] = first_boot_spec(name, hostname, ssh_key or [], user_data)
     vm = call(connect(center, token), lambda c: c.create_vm(host, spec))
@@ -311,6 +321,8 @@ def vm_show(
         ("memory", f"{cfg.get('memory_mib', '-')} MiB"),
         ("CPU model", cfg.get("cpu_model", "-")),
         ("machine", cfg.get("machine_type", "-")),
+        ("firmware", "UEFI (OVMF)" if cfg.get("firmware") == "uefi" else "BIOS (SeaBIOS)"),
+        ("console", "serial and screen" if cfg.get("graphics") else "serial"),
         ("record", info.get("config_path") or "-"),
     ):
         table.add_row(key, escape(str(value)))

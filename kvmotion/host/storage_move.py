@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kvmotion.errors import Conflict, QemuError
+from kvmotion.host.firmware import switch_vars
 from kvmotion.host.migration import Outgoing
 from kvmotion.host.recovery import copy_jobs_left, end_copy_jobs
 from kvmotion.host.storage import (
@@ -128,7 +129,10 @@ class StorageMove:
         new = vm.config.moved_to(datastore)
         sources = [vm.env.datastores.resolve(d.datastore, d.path) for d in vm.config.disks]
         sizes = [p.stat().st_size for p in sources]
-        record, created = await create_vm_files(new, vm.env.datastores)
+        stores = self._vars_paths(new)
+        record, created = await create_vm_files(
+            new, vm.env.datastores, vars_from=stores[0] if stores else None
+        )
         self._register(created, record)
         targets = [vm.env.datastores.resolve(d.datastore, d.path) for d in new.disks]
 
@@ -146,6 +150,9 @@ class StorageMove:
         assert isinstance(vm.storage, DiskMirror)
         async with vm.lock:
             old_nodes = [d.source_node for d in vm.storage.view.disks]
+            stores = self._vars_paths(new)
+            if stores is not None and vm.qmp is not None:
+                await switch_vars(vm.qmp, *stores)  # first: if it fails, nothing has moved
             try:
                 await vm.storage.pivot()
             except (QemuError, Conflict):
@@ -154,8 +161,20 @@ class StorageMove:
                 used = await self._copies_in_use(new)
                 switched = all(d.status == "completed" for d in vm.storage.view.disks)
                 if used == "none" or (used == "unknown" and not switched):
+                    if stores is not None and vm.qmp is not None:
+                        await switch_vars(vm.qmp, stores[1], stores[0])  # back with the disks
                     raise
             await self._switch_to_copies(new, record, old_nodes)
+
+    def _vars_paths(self, new: VmConfig) -> tuple[Path, Path] | None:
+        """A UEFI VM's variable store now and in ``new``'s folder."""
+        vm = self.vm
+        if vm.config.vars_path is None or new.vars_path is None:
+            return None
+        resolve = vm.env.datastores.resolve
+        return resolve(vm.config.datastore, vm.config.vars_path), resolve(
+            new.datastore, new.vars_path
+        )
 
     async def _copies_in_use(self, new: VmConfig) -> str:
         """Which of the VM's devices use the copies at ``new``'s paths: "all", "none", or

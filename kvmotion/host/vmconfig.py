@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import uuid as uuidlib
 from datetime import UTC, datetime
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -155,6 +156,8 @@ class VmCreateRequest(BaseModel):
     guest_agent: bool | None = None  # a channel for qemu-guest-agent; default: with an image
     # A screen (a VGA card, shown through VNC in the console); default: with an image
     graphics: bool | None = None
+    # "bios" (SeaBIOS) or "uefi" (OVMF, with the VM's own variable store: host/firmware.py)
+    firmware: Literal["bios", "uefi"] = "bios"
 
     _name = field_validator("name")(lambda v: check_name(v, "VM name"))
     _ds = field_validator("datastore")(lambda v: check_name(v, "datastore"))
@@ -237,6 +240,12 @@ class VmConfig(BaseModel):
     first_boot: FirstBoot | None = None
     guest_agent: bool = False
     graphics: bool = False  # a VGA card and a VNC server on the host's run directory
+    firmware: Literal["bios", "uefi"] = "bios"
+
+    @property
+    def vars_path(self) -> str | None:
+        """A UEFI VM's variable store beside the record (relative to ``datastore``)."""
+        return f"{self.name}/{self.name}_VARS.fd" if self.firmware == "uefi" else None
 
     @property
     def seed_path(self) -> str | None:
@@ -285,6 +294,7 @@ class VmConfig(BaseModel):
             first_boot=req.first_boot,
             guest_agent=bool(req.guest_agent),
             graphics=bool(req.graphics),
+            firmware=req.firmware,
         )
 
     def moved_to(self, datastore: str) -> VmConfig:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvmotion.errors import Conflict, ExecutionError, InvalidInput, NotFound
+from kvmotion.host import firmware
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.seed import write_seed
@@ -52,12 +53,15 @@ async def create_vm_files(
     sizes_bytes: list[int] | None = None,
     *,
     first_disk_copy: Path | None = None,
+    vars_from: Path | None = None,
 ) -> tuple[Path, list[Path]]:
-    """Make the VM's folder, disk images, first-boot seed and record. Returns the record's
-    path and the folders made (remove them to undo). Raises Conflict if the folder exists.
+    """Make the VM's folder, disk images, first-boot seed, UEFI variable store and record.
+    Returns the record's path and the folders made (remove them to undo). Raises Conflict if
+    the folder exists.
 
     A disk with a ``backing`` is made as a qcow2 overlay of it; ``first_disk_copy``: the first
-    disk is a full copy of that image (an image on another datastore), grown to its size."""
+    disk is a full copy of that image (an image on another datastore), grown to its size.
+    ``vars_from``: the variable store to copy (a cold move), else OVMF's empty one."""
     folder = datastores.resolve(config.datastore, config.name)
     if folder.exists():
         raise Conflict(
@@ -86,6 +90,12 @@ async def create_vm_files(
         if config.first_boot is not None and config.seed_path is not None:
             seed = datastores.resolve(config.datastore, config.seed_path)
             await write_seed(seed, config.uuid, config.first_boot)
+        if config.vars_path is not None:
+            store = datastores.resolve(config.datastore, config.vars_path)
+            if vars_from is not None:
+                await asyncio.to_thread(firmware.copy_vars, vars_from, store)
+            else:
+                await asyncio.to_thread(firmware.new_vars, store)
         record = folder / RECORD
         write_record(record, config)
         return record, created
@@ -181,8 +191,9 @@ def remove_vm_files(config: VmConfig, datastores: Datastores, record: Path) -> l
     Returns what could not be removed (nothing raises: the VM already lives elsewhere)."""
     problems: list[str] = []
     paths = [datastores.resolve(d.datastore, d.path) for d in config.disks] + [record]
-    if config.seed_path is not None:
-        paths.append(datastores.resolve(config.datastore, config.seed_path))
+    for derived in (config.seed_path, config.vars_path):
+        if derived is not None:
+            paths.append(datastores.resolve(config.datastore, derived))
     for path in paths:
         try:
             path.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from kvmotion.errors import NotFound
-from kvmotion.host import taps
+from kvmotion.host import firmware, taps
 from kvmotion.host.cpu import VmCpu
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.migrationview import MigrationView
@@ -191,6 +191,14 @@ def qemu_launch(
         ),
         guest_agent_socket=files.guest_agent_socket if cfg.guest_agent else None,
         vnc_socket=files.vnc_socket if cfg.graphics else None,
+        uefi=(
+            (
+                firmware.ovmf_file(firmware.OVMF_CODE),
+                env.datastores.resolve(cfg.datastore, cfg.vars_path),
+            )
+            if cfg.vars_path is not None
+            else None
+        ),
         incoming=incoming,
         ram_pad_kib=ram_pad_kib,
         binary=env.qemu_binary,

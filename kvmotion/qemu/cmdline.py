@@ -52,6 +52,8 @@ class QemuLaunch:
     seed: Path | None = None  # a read-only NoCloud seed (ISO), after the disks
     guest_agent_socket: Path | None = None  # the qemu-guest-agent channel's socket
     vnc_socket: Path | None = None  # a VGA card, its screen served by VNC on this unix socket
+    # UEFI: OVMF's code (read-only) and the VM's variable store, as flash (host/firmware.py)
+    uefi: tuple[Path, Path] | None = None
     # Destination of a migration: wait for `migrate-incoming`, stay paused until `cont`.
     incoming: bool = False
     # KiB past the RAM size (see ``TCG_RAM_PAD_KIB``): fixed for the VM's life, since a
@@ -118,7 +120,9 @@ def build_command(launch: QemuLaunch) -> list[str]:
         launch.binary,
         "-name", f"guest={launch.name},debug-threads=on",
         "-uuid", launch.uuid,
-        "-machine", launch.machine_type,
+        "-machine", launch.machine_type + (
+            ",pflash0=pflash0,pflash1=pflash1" if launch.uefi is not None else ""
+        ),
         "-accel", accel_option(launch.accel),
         "-cpu", launch.cpu_model,
         "-smp", str(launch.vcpus),
@@ -134,6 +138,14 @@ def build_command(launch: QemuLaunch) -> list[str]:
         "-daemonize",
         "-msg", "timestamp=on",
     ]  # fmt: skip
+    if launch.uefi is not None:
+        code, variables = launch.uefi
+        argv += [
+            "-blockdev", f"driver=file,filename={code},node-name=pflash0-file,read-only=on",
+            "-blockdev", "driver=raw,file=pflash0-file,node-name=pflash0,read-only=on",
+            "-blockdev", f"driver=file,filename={variables},node-name=pflash1-file",
+            "-blockdev", "driver=raw,file=pflash1-file,node-name=pflash1",
+        ]  # fmt: skip
     if launch.kernel is not None:
         argv += ["-kernel", str(launch.kernel)]
         if launch.initrd is not None:

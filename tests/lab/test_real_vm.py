@@ -110,20 +110,20 @@ def test_hostile_images_are_refused_and_change_nothing(
     assert center.get("/v1/images").json() == listed
 
 
-def vm_addresses(center: httpx.Client) -> tuple[list[str], str | None]:
-    vm = center.get(f"/v1/vms/{VM}").json()
+def vm_addresses(center: httpx.Client, vm_name: str = VM) -> tuple[list[str], str | None]:
+    vm = center.get(f"/v1/vms/{vm_name}").json()
     return vm.get("addresses") or [], vm.get("addresses_source")
 
 
-def wait_address(center: httpx.Client, timeout: float) -> tuple[str, str]:
+def wait_address(center: httpx.Client, timeout: float, vm_name: str = VM) -> tuple[str, str]:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        addresses, source = vm_addresses(center)
+        addresses, source = vm_addresses(center, vm_name)
         v4 = [a for a in addresses if ":" not in a]
         if v4 and source is not None:
             return v4[0], source
         time.sleep(3)
-    raise AssertionError(f"the center showed no address for {VM} in {timeout:.0f} s")
+    raise AssertionError(f"the center showed no address for {vm_name} in {timeout:.0f} s")
 
 
 @pytest.fixture(scope="module")
