@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,3 +155,11 @@ def assert_user_noticed_nothing(summary: PingSummary) -> None:
     assert summary.n_monotonic, "guestd restarted: the VM did not keep running"
     assert summary.max_gap_ms < 1000, f"longest gap {summary.max_gap_ms:.0f} ms"
     assert summary.answered == summary.sent >= 50
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SSH key pair a test's user logs into its guests with (``key``, ``key.pub``)."""
+    path = tmp_path_factory.mktemp("ssh") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
+    return path

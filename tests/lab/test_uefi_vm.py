@@ -9,7 +9,6 @@ them."""
 from __future__ import annotations
 
 import secrets
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,13 +34,6 @@ GUID = "6b6f7461-6e6f-4d6b-b675-6b766d6f7465"
 @pytest.fixture(scope="module")
 def center(lab: topology.LabState) -> Iterator[httpx.Client]:
     yield from center_http(lab)
-
-
-@pytest.fixture(scope="module")
-def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ssh") / "id_ed25519"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-    return path
 
 
 @pytest.fixture(scope="module")
