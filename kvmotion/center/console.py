@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -39,6 +40,7 @@ KINDS = ("serial", "vnc")
 TICKET_TTL_S = 30.0
 FOLLOW_S = 90.0  # how long a serial console waits for its VM to run again (on another host)
 FOLLOW_POLL_S = 0.5
+SAME_HOST_RETRY_S = 2.0  # a console broken on a host still running the VM: reopened after this
 CONNECT_TIMEOUT_S = 10.0
 MAX_FRAME = 1024 * 1024
 
@@ -118,7 +120,7 @@ class ConsoleRelay:
                 self.inventory.db, f"{user} opened the {kind} console of VM {vm.name}", vm=vm.name
             )
             if kind == "vnc":
-                why = await self._relay(ends, host, vm.uuid, "vnc", None)
+                why, _ = await self._relay(ends, host, vm.uuid, "vnc", None)
             else:
                 why = await self._serial(ends, vm, host)
         except KvmotionError as exc:
@@ -132,29 +134,42 @@ class ConsoleRelay:
             await ends.close(WS_NORMAL, why)
 
     async def _serial(self, ends: WsEnds, vm: Vm, host: Host) -> str:
+        """Relay the serial console, following the VM: to its new host after a move (from
+        that log's start), or back to the same host (from where it stopped) when the relay
+        broke there but the VM still runs (its agent restarted)."""
         offset: int | None = None  # the first host: its last few KiB of output
+        why, first, deadline = "", True, 0.0
         while True:
-            why = await self._relay(ends, host, vm.uuid, "serial", offset)
+            try:
+                why, offset = await self._relay(ends, host, vm.uuid, "serial", offset)
+                deadline = time.monotonic() + FOLLOW_S
+            except (HostUnreachable, AgentRefused):
+                if first:
+                    raise
+            first = False
             if ends.gone:
                 return why
-            moved = await self._follow(vm.uuid, host.name)
-            if moved is None:
+            found = await self._next_host(vm.uuid, host.name, deadline)
+            if found is None:
                 return "the VM is no longer running"
-            if moved.name != host.name:
-                await ends.send(f"\r\n[kvmotion: console moved to host {moved.name}]\r\n".encode())
-            host, offset = moved, 0  # all it printed there since it resumed
+            if found.name != host.name:
+                await ends.send(f"\r\n[kvmotion: console moved to host {found.name}]\r\n".encode())
+                offset = 0  # all it printed there since it resumed
+            host = found
 
-    async def _follow(self, vm_uuid: str, left: str) -> Host | None:
-        """The host the VM runs on once its QEMU ended on ``left`` (a move), waiting up to
-        ``FOLLOW_S``; None once the VM is off, or if no other host runs it in time."""
-        deadline = time.monotonic() + FOLLOW_S
+    async def _next_host(self, vm_uuid: str, left: str, deadline: float) -> Host | None:
+        """Where to reopen the console once it ended on ``left``: the VM's new host (a move:
+        the inventory names it before the source's copy ends), or ``left`` again after a
+        moment while the VM is still said to run there. None once the VM is off, or at
+        ``deadline``."""
+        since = time.monotonic()
         while time.monotonic() < deadline:
             vm = await self.inventory.vm(vm_uuid)
             if vm.power_state == "poweredOff":
                 return None
-            if vm.power_state == "poweredOn" and vm.host is not None and vm.host.name != left:
-                return vm.host
-            if vm.host is not None and vm.host.name == left:
+            if vm.power_state == "poweredOn" and vm.host is not None:
+                if vm.host.name != left or time.monotonic() - since >= SAME_HOST_RETRY_S:
+                    return vm.host
                 with contextlib.suppress(KvmotionError):
                     await self.inventory.fresh_vm(vm)  # the host's word, not a stale row
             await asyncio.sleep(FOLLOW_POLL_S)
@@ -162,9 +177,10 @@ class ConsoleRelay:
 
     async def _relay(
         self, ends: WsEnds, host: Host, vm_uuid: str, kind: str, offset: int | None
-    ) -> str:
+    ) -> tuple[str, int | None]:
         """Relay between the viewer and ``host``'s console of the VM until either ends; returns
-        the agent's reason. Raises AgentRefused or HostUnreachable."""
+        the agent's reason and, for a serial console, the log offset reached. Raises
+        AgentRefused or HostUnreachable."""
         url = host.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
         url += f"/v1/vms/{vm_uuid}/console/{kind}"
         if offset is not None:
@@ -179,44 +195,58 @@ class ConsoleRelay:
             )
         except InvalidStatus as exc:
             raise AgentRefused(
-                f"host {host.name} refused the console (HTTP {exc.response.status_code})",
-                code="console_refused",
+                f"host {host.name} refused the console (HTTP {exc.response.status_code})"
             ) from exc
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise HostUnreachable(
                 f"host {host.name} did not open the console: {exc}", code="host_unreachable"
             ) from exc
         async with agent:
-            return await _pump(ends, agent, host.name)
+            pump = _Pump(ends, agent, offset)
+            return await pump.run(host.name), pump.offset
 
 
-async def _pump(ends: WsEnds, agent: ClientConnection, host: str) -> str:
-    async def outward() -> None:
-        async for message in agent:
-            await ends.send(message if isinstance(message, bytes) else message.encode())
+class _Pump:
+    """Frames both ways between a viewer and an agent. The agent's text frames say where in
+    the log a serial console starts (``{"offset": N}``); its binary frames are the console's
+    bytes, counted to know the offset reached."""
 
-    async def inward() -> None:
-        while (data := await ends.receive()) is not None:
-            await agent.send(data)
+    def __init__(self, ends: WsEnds, agent: ClientConnection, offset: int | None) -> None:
+        self.ends, self.agent, self.offset = ends, agent, offset
 
-    tasks = [asyncio.create_task(outward()), asyncio.create_task(inward())]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            exc = task.exception()
-            if exc is not None and not isinstance(exc, (ConnectionClosed, ConnectionError)):
-                raise exc
-    finally:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed, ConnectionError):
-                await task
-    if ends.gone:
-        return "the viewer left"
-    code, reason = agent.close_code, agent.close_reason or ""
-    if code is not None and code >= 4000:
-        refused = AgentRefused(reason or f"host {host} ended the console (code {code})")
-        refused.http_status = code - 4000  # the agent's refusal, passed on as it said it
-        raise refused
-    return reason or f"host {host} ended the console"
+    async def _outward(self) -> None:
+        async for message in self.agent:
+            if isinstance(message, str):
+                with contextlib.suppress(ValueError, TypeError, AttributeError):
+                    self.offset = int(json.loads(message)["offset"])
+                continue
+            await self.ends.send(message)
+            if self.offset is not None:
+                self.offset += len(message)
+
+    async def _inward(self) -> None:
+        while (data := await self.ends.receive()) is not None:
+            await self.agent.send(data)
+
+    async def run(self, host: str) -> str:
+        tasks = [asyncio.create_task(self._outward()), asyncio.create_task(self._inward())]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                exc = task.exception()
+                if exc is not None and not isinstance(exc, (ConnectionClosed, ConnectionError)):
+                    raise exc
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed, ConnectionError):
+                    await task
+        if self.ends.gone:
+            return "the viewer left"
+        code, reason = self.agent.close_code, self.agent.close_reason or ""
+        if code is not None and code >= 4000:
+            refused = AgentRefused(reason or f"host {host} ended the console (code {code})")
+            refused.http_status = code - 4000  # the agent's refusal, passed on as it said it
+            raise refused
+        return reason or f"host {host} ended the console"

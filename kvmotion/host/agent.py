@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from kvmotion.errors import Conflict, Forbidden, InsufficientResources, NotFound, QemuError
@@ -313,7 +314,14 @@ class HostAgent:
     # -- live migration ----------------------------------------------------------------------
     # -- consoles ------------------------------------------------------------------------------
     async def console(
-        self, ref: str, kind: str, send: Send, receive: Receive, *, offset: int | None = None
+        self,
+        ref: str,
+        kind: str,
+        send: Send,
+        receive: Receive,
+        *,
+        offset: int | None = None,
+        started: Callable[[int], Awaitable[None]] | None = None,
     ) -> str:
         """Relay a viewer to the VM's serial port or screen until either ends; returns why.
         Raises NotFound (no such VM here, or no screen) or Conflict (it is not running here)."""
@@ -335,7 +343,7 @@ class HostAgent:
             return await relay_unix(vm.files.vnc_socket, send, receive, "the VM's screen")
         return await self.consoles.serial(
             vm.files.console_socket, vm.files.console_log, send, receive,
-            offset=offset, running=lambda: vm.process is process,
+            offset=offset, running=lambda: vm.process is process, started=started,
         )  # fmt: skip
 
     def _migration_address(self) -> str:

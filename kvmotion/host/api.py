@@ -7,6 +7,7 @@ center's token (``Authorization: Bearer ...``). Domain errors become responses i
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -267,12 +268,8 @@ async def console_session(
 ) -> None:
     """Check the center's token, relay, and close with the reason it ended (or was refused)."""
     ends = WsEnds(ws)
-    if (
-        check_bearer(
-            ws.headers.get("authorization", "").encode(), {agent.config.token: ("center", "admin")}
-        )
-        is None
-    ):
+    center_only = {agent.config.token: ("center", "admin")}
+    if check_bearer(ws.headers.get("authorization", "").encode(), center_only) is None:
         await ends.close(ws_close_code(Unauthorized("")), "this host accepts only its center")
         return
     if kind not in ("serial", "vnc"):
@@ -280,7 +277,10 @@ async def console_session(
         return
     await ws.accept(subprotocol="binary" if "binary" in ws.scope.get("subprotocols", ()) else None)
     try:
-        why = await agent.console(vm, kind, ends.send, ends.receive, offset=offset)
+        why = await agent.console(
+            vm, kind, ends.send, ends.receive, offset=offset,
+            started=lambda at: ws.send_text(json.dumps({"offset": at})),
+        )  # fmt: skip
     except KvmotionError as exc:
         await ends.close(ws_close_code(exc), exc.message)
     except ConnectionError:

@@ -113,9 +113,12 @@ class Consoles:
         offset: int | None = None,
         history: int = HISTORY_BYTES,
         running: Callable[[], bool],
+        started: Callable[[int], Awaitable[None]] | None = None,
     ) -> str:
         """Relay one viewer until it leaves or the VM's QEMU ends; returns why it ended.
-        ``offset``: replay the log from there (None: its last ``history`` bytes)."""
+        ``offset``: replay the log from there (None: its last ``history`` bytes); ``started``
+        is told the log offset the relay starts at (what it sends after is the log from
+        there, so a viewer that reconnects knows where to resume)."""
         line = self._lines.get(socket_path)
         if line is None or line.ended.is_set():
             line = self._lines[socket_path] = SerialLine(socket_path)
@@ -123,7 +126,7 @@ class Consoles:
         try:
             typing = asyncio.create_task(_keys(line, receive))
             try:
-                return await _tail(log_path, send, line, typing, offset, history, running)
+                return await _tail(log_path, send, line, typing, offset, history, running, started)
             finally:
                 typing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -153,6 +156,7 @@ async def _tail(
     offset: int | None,
     history: int,
     running: Callable[[], bool],
+    started: Callable[[int], Awaitable[None]] | None,
 ) -> str:
     try:
         log_file = open(log_path, "rb")  # noqa: SIM115 (closed below, after the loop)
@@ -164,6 +168,8 @@ async def _tail(
     if offset is None:
         offset = size - min(max(history, 0), MAX_HISTORY_BYTES)
     position = min(max(offset, size - MAX_HISTORY_BYTES, 0), size)
+    if started is not None:
+        await started(position)
     with log_file:
         while True:
             ended = line.ended.is_set() or not running()

@@ -276,10 +276,10 @@ async def test_a_serial_console_follows_the_vm_to_its_new_host(
 
     async def fake_relay(
         ends: Ends, host: HostRow, uuid: str, kind: str, offset: int | None
-    ) -> str:
+    ) -> tuple[str, int]:
         opened.append((host.name, offset))
         await ends.send(f"<{host.name}>".encode())
-        return "the VM's QEMU ended on this host"
+        return "the VM's QEMU ended on this host", 5000
 
     monkeypatch.setattr(relay, "_relay", fake_relay)
     monkeypatch.setattr(center_console, "record_event", _no_event)
@@ -292,6 +292,35 @@ async def test_a_serial_console_follows_the_vm_to_its_new_host(
 
 async def _no_event(*args: Any, **kw: Any) -> None:
     return None
+
+
+async def test_a_serial_console_broken_on_a_host_still_running_the_vm_resumes_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The agent restarted (QEMU did not): the console is reopened on the same host from the
+    log offset it had reached, so nothing is shown twice, and no "moved" line."""
+    monkeypatch.setattr(center_console, "FOLLOW_POLL_S", 0.01)
+    monkeypatch.setattr(center_console, "SAME_HOST_RETRY_S", 0.05)
+    a = HostRow(SRC)
+    places = Places(*[Row("vm-a", "poweredOn", a)] * 40, Row("vm-a", "poweredOff", a))
+    relay = ConsoleRelay(places)  # type: ignore[arg-type]
+    opened: list[int | None] = []
+
+    async def fake_relay(
+        ends: Ends, host: HostRow, uuid: str, kind: str, offset: int | None
+    ) -> tuple[str, int]:
+        opened.append(offset)
+        if len(opened) == 2:
+            raise center_console.HostUnreachable("the agent is restarting")
+        return "host ended the console", (offset or 1000) + 10
+
+    monkeypatch.setattr(relay, "_relay", fake_relay)
+    monkeypatch.setattr(center_console, "record_event", _no_event)
+    ends = Ends()
+    await relay.serve(ends, "vm-a", "serial", "admin")  # type: ignore[arg-type]
+    assert opened[:3] == [None, 1010, 1010]  # the refused try, then again from where it was
+    assert b"moved" not in ends.sent
+    assert ends.closed == (1000, "the VM is no longer running")
 
 
 async def test_a_console_of_a_vm_that_is_off_or_has_no_screen_is_refused() -> None:
