@@ -1,4 +1,5 @@
-// kvmotion web client: one page, no build step, no dependencies.
+// kvmotion web client: one page, no build step; its only libraries (xterm.js and noVNC, for the
+// console) are vendored in web/vendor/.
 //
 // Layout as the vSphere Client's: an inventory tree on the left, the selected item's summary in
 // the main pane, Recent Tasks at the bottom. Everything comes from the center's REST API (same
@@ -10,7 +11,8 @@
 //     inventory lookups, routes) · api.js · widgets.js (summary blocks, host/VM tables, modals)
 //   views: session.js (sign-in, inventory refresh) · router.js (main pane) · tree.js ·
 //     datacenter.js (+ datastore, network) · host.js · vm.js (+ power) · cluster.js (+ EVC) ·
-//     wizard.js · tasks.js (Recent Tasks, stream) · task-detail.js (timeline, chart) · events.js
+//     wizard.js · console.js (serial terminal and screen) · tasks.js (Recent Tasks, stream) ·
+//     task-detail.js (timeline, chart) · events.js
 //   main.js (this): wires the page's listeners and signs in.
 //
 // The shared modules import no view. Views import each other's functions (the router renders

@@ -1,4 +1,4 @@
-// The VM summary, its "migrating now" banner, and the power buttons.
+// The VM summary, its "migrating now" banner, the power buttons and the Console button.
 
 import { $, $$, h } from "./dom.js";
 import { fmtDateTime, fmtMiB, parseTime, plural, POWER_LABEL } from "./format.js";
@@ -13,6 +13,7 @@ import {
 import { refreshInventory } from "./session.js";
 import { renderMain } from "./router.js";
 import { openWizard } from "./wizard.js";
+import { openConsole } from "./console.js";
 import { routeText } from "./tasks.js";
 
 export const vmView = {
@@ -37,6 +38,12 @@ function renderVm(v) {
   const effective = v.evc_mode || (clusterObj && clusterObj.evc_mode) || null;
   const features = (v.cpu && v.cpu.features) || [];
   const actions = [
+    h("button", {
+      id: "console-btn", class: "btn", type: "button", disabled: !on,
+      title: on ? `Open the VM's console: its serial port${cfg.graphics ? " and its screen" : ""}`
+        : "the VM is not running: power it on to open its console",
+      onclick: () => openConsole(v.name),
+    }, "Console"),
     h("button", {
       id: "migrate-btn", class: "btn btn-primary", type: "button", disabled: Boolean(task),
       title: task ? `task ${task.id} is migrating this VM` : "Move this VM to another host or datastore",
@@ -80,6 +87,8 @@ function renderVm(v) {
           : effective ? `${evcText(effective)} (from cluster ${cluster})` : "none", "evc_mode",
         "the baseline the VM gets at its next power-on"],
         ["Machine type", cfg.machine_type || "—", "machine_type"],
+        ["Screen", cfg.graphics ? "VGA (in the console's Screen tab)" : "none (serial console only)", "graphics",
+          null, String(Boolean(cfg.graphics))],
       ], features.length ? h("details", { class: "more" },
         h("summary", null, `${plural(features.length, "CPU feature")} the guest was started with`),
         h("p", { class: "mono small wrap" }, features.join(" "))) : null),
