@@ -194,9 +194,11 @@ class ConsoleRelay:
                 compression=None,
             )
         except InvalidStatus as exc:
-            raise AgentRefused(
-                f"host {host.name} refused the console (HTTP {exc.response.status_code})"
-            ) from exc
+            status = exc.response.status_code
+            refused = AgentRefused(f"host {host.name} refused the console (HTTP {status})")
+            if 400 <= status < 600:
+                refused.http_status = status  # e.g. 4403: its token is not this center's
+            raise refused from exc
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             raise HostUnreachable(
                 f"host {host.name} did not open the console: {exc}", code="host_unreachable"
