@@ -27,7 +27,7 @@ from sqlalchemy import select
 from kvmotion import __version__
 from kvmotion.center import images
 from kvmotion.center.console import KINDS, TICKET_TTL_S, check_console
-from kvmotion.center.db import Event
+from kvmotion.center.db import Event, Host
 from kvmotion.center.inventory import datastore_dict, host_dict, vm_dict
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import TaskState, task_dict
@@ -212,9 +212,29 @@ def create_app(center: Center) -> FastAPI:
     async def get_vm(vm: str) -> dict[str, Any]:
         return vm_dict(await inv.vm(vm))
 
+    @app.post("/v1/hosts/{name}/maintenance/enter", dependencies=auth, status_code=202)
+    async def enter_maintenance(name: str) -> dict[str, Any]:
+        """Empty the host of running VMs (live migrations where the placement says), then
+        hold it in maintenance; the task shows what moves and what blocks it."""
+        task_id = await center.maintenance.enter(name)
+        return task_dict(await center.tasks.get(task_id))
+
+    @app.post("/v1/hosts/{name}/maintenance/exit", dependencies=auth)
+    async def exit_maintenance(name: str) -> dict[str, Any]:
+        return host_dict(await center.maintenance.exit(name))
+
+    def taking_new_vms(host: Host) -> None:
+        if host.maintenance is not None:
+            raise Conflict(
+                f"host {host.name} is in maintenance mode: nothing new runs there (choose "
+                "another host, or `kvmotion host maintenance exit` it)",
+                code="host_in_maintenance",
+            )
+
     @app.post("/v1/vms", dependencies=auth, status_code=201)
     async def create_vm(body: VmCreate) -> dict[str, Any]:
         host = await inv.host(body.host)
+        taking_new_vms(host)
         async with inv.agent(host) as agent:
             info = await agent.create_vm(body.spec.model_dump(mode="json"))
         return vm_dict(await inv.upsert_vm(vm_json(info), host))
@@ -224,6 +244,8 @@ def create_app(center: Center) -> FastAPI:
             raise Conflict(f"VM {vm} is being migrated: wait for it or cancel the task")
         record = await inv.vm(vm)
         assert record.host is not None
+        if action == "power_on":
+            taking_new_vms(record.host)
         async with inv.agent(record.host) as agent:
             if action == "power_on":
                 info = await agent.power_on(record.uuid, **kw)

@@ -166,6 +166,12 @@ class CenterClient:
     async def hosts(self) -> list[JsonObject]:
         return await self._list("/v1/hosts")
 
+    async def enter_maintenance(self, name: str) -> JsonObject:
+        return await self._object("POST", f"/v1/hosts/{_segment(name)}/maintenance/enter")
+
+    async def exit_maintenance(self, name: str) -> JsonObject:
+        return await self._object("POST", f"/v1/hosts/{_segment(name)}/maintenance/exit")
+
     async def host(self, name: str) -> JsonObject:
         return await self._object("GET", f"/v1/hosts/{_segment(name)}")
 

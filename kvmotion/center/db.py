@@ -89,6 +89,8 @@ class Host(Base):
     connection: Mapped[str] = mapped_column(String(20), default="connected")
     facts: Mapped[dict[str, Any]] = mapped_column(default=dict)
     last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+    # Maintenance mode (center/maintenance.py): None, "entering" or "in"
+    maintenance: Mapped[str | None] = mapped_column(String(20), default=None)
     datastores: Mapped[list[Datastore]] = relationship(secondary="host_datastores", lazy="selectin")
 
 

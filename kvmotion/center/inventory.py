@@ -65,6 +65,7 @@ def host_view(host: Host) -> HostView:
         migration_tls=(str(tls["mode"]), bool(tls.get("ready")))
         if (tls := facts.get("migration_tls"))
         else None,
+        maintenance=host.maintenance is not None,
     )
 
 
@@ -77,6 +78,7 @@ def vm_view(vm: Vm, migrating: bool) -> VmView:
         disk_datastores=tuple(d["datastore"] for d in cfg.get("disks", [])),
         networks=tuple(n["network"] for n in cfg.get("nics", [])),
         memory_mib=int(cfg.get("memory_mib", 0)),
+        vcpus=int(cfg.get("vcpus", 1)),
         cpu_model=str(cfg.get("cpu_model", "")),
         machine_type=str(cfg.get("machine_type", "")),
         ram_pad_kib=vm.ram_pad_kib,
@@ -122,6 +124,7 @@ def host_dict(host: Host) -> dict[str, Any]:
         "url": host.url,
         "connection": host.connection,
         "last_seen": host.last_seen.isoformat() if host.last_seen else None,
+        "maintenance": host.maintenance,  # None, "entering" or "in"
         "facts": host.facts,
     }
 

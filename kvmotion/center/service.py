@@ -15,6 +15,7 @@ from kvmotion.center.console import ConsoleRelay
 from kvmotion.center.db import Database
 from kvmotion.center.executor import DEFAULT_STALL_TIMEOUT, Executor
 from kvmotion.center.inventory import Inventory
+from kvmotion.center.maintenance import Maintenance
 from kvmotion.center.tasks import TaskStore, record_event
 from kvmotion.configfile import ConfigFile
 from kvmotion.errors import KvmotionError
@@ -70,6 +71,7 @@ class Center:
         )
         self.clusters = Clusters(self.db, self.inventory)
         self.consoles = ConsoleRelay(self.inventory)
+        self.maintenance = Maintenance(self.db, self.inventory, self.executor, self.tasks)
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -107,6 +109,7 @@ class Center:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        await self.maintenance.close()
         await self.executor.close()
         await self.inventory.close()
         await self.db.close()

@@ -69,6 +69,9 @@ def datastore_list(
 
 
 # -- hosts --------------------------------------------------------------------------------------
+MAINTENANCE_LABEL: dict[Any, str] = {"entering": "entering", "in": "in maintenance"}
+
+
 @host_app.command("add")
 def host_add(
     address: Annotated[str, typer.Argument(help="the agent's management address")],
@@ -101,12 +104,15 @@ def host_list(json_out: JsonOpt = False, center: CenterOpt = None, token: TokenO
     if json_out:
         print_json(hosts)
         return
-    table = Table("host", "connection", "migration address", "accel", "CPU", "memory free")
+    table = Table(
+        "host", "connection", "maintenance", "migration address", "accel", "CPU", "memory free"
+    )
     for h in hosts:
         facts = h.get("facts") or {}
         table.add_row(
             h["name"],
             _connection(h["connection"]),
+            MAINTENANCE_LABEL.get(h.get("maintenance"), "-"),
             facts.get("migration_address") or "-",
             facts.get("accel", "-"),
             (facts.get("cpu") or {}).get("vendor", "-"),
@@ -132,6 +138,7 @@ def host_show(
     table = Table("host", host["name"], show_header=True)
     for key, value in (
         ("connection", host["connection"]),
+        ("maintenance", MAINTENANCE_LABEL.get(host.get("maintenance"), "-")),
         ("agent", host["url"]),
         ("last seen", host.get("last_seen") or "-"),
         ("migration address", facts.get("migration_address") or "-"),

@@ -20,6 +20,7 @@ from kvmotion.cli import (
     image_store_cmds,
     inventory_cmds,
     lab_cmds,
+    maintenance_cmds,
     task_cmds,
     tls_cmds,
 )
@@ -35,6 +36,7 @@ app = typer.Typer(
 app.add_typer(center_cmds.app, name="center")
 app.add_typer(evc_cmds.cluster_app, name="cluster")
 app.add_typer(inventory_cmds.datastore_app, name="datastore")
+maintenance_cmds.register(host_cmds.app)
 app.add_typer(host_cmds.app, name="host")
 image_store_cmds.register(image_cmds.app)
 app.add_typer(image_cmds.app, name="image")

@@ -58,6 +58,7 @@ class HostView:
     # How it encrypts streams to other hosts: ("required" | "off", certificates ready); None
     # when the host did not say.
     migration_tls: tuple[str, bool] | None = None
+    maintenance: bool = False  # entering or in maintenance mode: nothing new comes here
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class VmView:
     migrating: bool = False
     cpu_features: tuple[str, ...] = ()  # the features it was started with
     disk_bytes: int = 0  # the virtual size of all its disks
+    vcpus: int = 1
 
 
 @dataclass
@@ -163,6 +165,12 @@ def _vm_and_hosts(
 
 
 def _compute(vm: VmView, source: HostView, dest: HostView, f: _Findings) -> None:
+    if dest.maintenance:
+        f.error(
+            "host_in_maintenance",
+            f"host {dest.name} is in maintenance mode: nothing new is placed on it (choose "
+            "another host, or `kvmotion host maintenance exit` it)",
+        )
     _network(vm, source, dest, f)
     _machine(vm, source, dest, f)
     _cpu(vm, source, dest, f)

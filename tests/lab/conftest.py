@@ -91,6 +91,7 @@ def _lab(
     request: pytest.FixtureRequest,
     cpus: dict[int | str, str | None] | None = None,
     qemus: dict[int | str, str | None] | None = None,
+    hosts: int = 2,
 ) -> Iterator[topology.LabState]:
     lab_dir = topology.lab_dir()
     # The suite owns the machine's lab: a lab left up (a demo, an earlier run) goes first.
@@ -98,7 +99,7 @@ def _lab(
     topology.lab_down(log=lambda _msg: None)
     ensure_image(lambda _msg: None)
     try:
-        state = topology.lab_up(2, cpus=cpus, qemus=qemus, log=lambda _msg: None)
+        state = topology.lab_up(hosts, cpus=cpus, qemus=qemus, log=lambda _msg: None)
         yield state
     finally:
         current = topology.load_state()
@@ -116,6 +117,12 @@ def _lab(
 def lab(request: pytest.FixtureRequest) -> Iterator[topology.LabState]:
     """A two-host lab with agents, for one test module; torn down and checked after it."""
     yield from _lab(request)
+
+
+@pytest.fixture(scope="module")
+def lab3(request: pytest.FixtureRequest) -> Iterator[topology.LabState]:
+    """A three-host lab (172.16.0.172-174): one host's VMs have two others to go to."""
+    yield from _lab(request, hosts=3)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,266 @@
+"""Maintenance mode: a host emptied of running VMs by live migration, so it can be patched.
+
+As in vSphere: entering, the host takes nothing new (migrations and placements onto it are
+refused: the precheck's ``host_in_maintenance``; VMs are not created or powered on there), and
+each of its running VMs is moved to the host :mod:`~kvmotion.migration.placement` chooses, as
+ordinary migration tasks, admitted by the cost model (queued, never failed for concurrency). The
+"maintenance" task runs until the host is empty, then the host is **in maintenance**. A VM that
+cannot move (no host fits, its disks on a local datastore, a migration that failed three times)
+blocks the host: the task shows each blocker with its reason and goes on looking every few
+seconds, so that a blocker the admin resolves (powering the VM off, adding room) lets it finish.
+A cancel stops new moves and leaves moved VMs where they are; the host stays entering until
+``exit``. Exiting ends the mode (and a running evacuation); VMs are not moved back.
+
+A center restart fails the running task (as every task); the host stays "entering", and entering
+again resumes the evacuation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from sqlalchemy import select
+
+from kvmotion.center.db import Database, Host, Vm
+from kvmotion.center.executor import Executor
+from kvmotion.center.inventory import Inventory, host_view, vm_view
+from kvmotion.center.tasks import TaskState, TaskStore, record_event
+from kvmotion.errors import Conflict, KvmotionError
+from kvmotion.migration.placement import Capacity, Cluster, Overcommit, plan
+from kvmotion.migration.request import MigrationRequest
+
+log = logging.getLogger(__name__)
+
+ENTERING, IN_MAINTENANCE = "entering", "in"
+ROUND_S = 3.0  # between two looks at the host while VMs move or block it
+MAX_ATTEMPTS = 3  # migrations of one VM that may fail before it blocks the host
+
+
+def capacity(host: Host, vms: list[Vm]) -> Capacity:
+    """A host's CPUs and memory, and what its powered-on VMs commit."""
+    facts = host.facts or {}
+    running = [v for v in vms if v.host_id == host.id and v.power_state == "poweredOn"]
+    return Capacity(
+        cpus=int(facts.get("cpu", {}).get("count") or 1),
+        memory_mib=int(facts.get("memory", {}).get("total_bytes") or 0) // 2**20,
+        committed_vcpus=sum(int(v.config.get("vcpus", 1)) for v in running),
+        committed_memory_mib=sum(int(v.config.get("memory_mib", 0)) for v in running),
+        vms=len(running),
+    )
+
+
+class Maintenance:
+    """Enters and exits hosts' maintenance mode; one evacuation task per host at a time."""
+
+    def __init__(
+        self,
+        db: Database,
+        inventory: Inventory,
+        executor: Executor,
+        tasks: TaskStore,
+        overcommit: Overcommit | None = None,
+    ) -> None:
+        self.db, self.inventory, self.executor, self.tasks = db, inventory, executor, tasks
+        self.overcommit = overcommit or Overcommit()
+        self._runs: dict[str, tuple[int, asyncio.Task[None]]] = {}  # host -> (task, runner)
+
+    async def enter(self, host_name: str) -> int:
+        """Start emptying the host; returns the maintenance task's id. Raises NotFound, or
+        Conflict if the host is already in maintenance or being emptied."""
+        host = await self.inventory.host(host_name)
+        if host.maintenance == IN_MAINTENANCE:
+            raise Conflict(
+                f"host {host.name} is already in maintenance mode", code="in_maintenance"
+            )
+        if host.name in self._runs:
+            task_id = self._runs[host.name][0]
+            raise Conflict(
+                f"host {host.name} is already entering maintenance mode (task {task_id})",
+                code="entering_maintenance",
+            )
+        await self._set(host.name, ENTERING)
+        task = await self.tasks.create("maintenance", host.name, {"host": host.name})
+        await self.tasks.update(task.id, state=TaskState.RUNNING, phase="evacuating")
+        await record_event(self.db, f"host {host.name} entering maintenance mode", host=host.name)
+        runner = asyncio.create_task(self._evacuate(task.id, host.name), name=f"evac-{host.name}")
+        self._runs[host.name] = (task.id, runner)
+        runner.add_done_callback(lambda _: self._runs.pop(host.name, None))
+        return task.id
+
+    async def exit(self, host_name: str) -> Host:
+        """End maintenance mode (and an evacuation still running: its moves stay)."""
+        host = await self.inventory.host(host_name)
+        if host.maintenance is None:
+            raise Conflict(
+                f"host {host.name} is not in maintenance mode", code="not_in_maintenance"
+            )
+        run = self._runs.get(host.name)
+        if run is not None:
+            with contextlib.suppress(KvmotionError):
+                await self.tasks.request_cancel(run[0])
+            await asyncio.wait({run[1]}, timeout=ROUND_S * 4)
+        host = await self._set(host.name, None)
+        await record_event(self.db, f"host {host.name} exited maintenance mode", host=host.name)
+        return host
+
+    async def wait(self, task_id: int) -> None:
+        for tid, runner in list(self._runs.values()):
+            if tid == task_id:
+                await asyncio.shield(runner)
+
+    async def close(self) -> None:
+        runners = [runner for _, runner in self._runs.values()]
+        for runner in runners:
+            runner.cancel()
+        for runner in runners:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await runner
+
+    async def _set(self, host_name: str, state: str | None) -> Host:
+        async with self.db.session() as s:
+            host = await s.scalar(select(Host).where(Host.name == host_name))
+            assert host is not None
+            host.maintenance = state
+            await s.commit()
+            return host
+
+    # -- the evacuation ----------------------------------------------------------------------
+    async def _evacuate(self, task_id: int, host_name: str) -> None:
+        moves: dict[str, int] = {}  # VM -> its migration task
+        failures: dict[str, list[str]] = {}  # VM -> why its migrations failed
+        moved: list[str] = []
+        try:
+            while True:
+                task = await self.tasks.get(task_id)
+                if task.cancel_requested:
+                    await self.tasks.update(
+                        task_id, state=TaskState.CANCELLED, phase="cancelled",
+                        summary=self._summary(moved, moves, {}, failures),
+                        error=f"cancelled: VMs moved stay moved; host {host_name} stays "
+                        "entering maintenance until `host maintenance exit`",
+                    )  # fmt: skip
+                    return
+                await self._settle(moves, failures, moved)
+                running = await self._running_vms(host_name)
+                if not running and not moves:
+                    await self._set(host_name, IN_MAINTENANCE)
+                    await self.tasks.update(
+                        task_id, state=TaskState.SUCCESS, phase="in maintenance", progress=100.0,
+                        summary=self._summary(moved, moves, {}, failures),
+                    )  # fmt: skip
+                    await record_event(
+                        self.db, f"host {host_name} is in maintenance mode ({len(moved)} VMs "
+                        "moved)", host=host_name,
+                    )  # fmt: skip
+                    return
+                blockers = await self._move(host_name, running, moves, failures)
+                total = len(moved) + len(running)
+                await self.tasks.update(
+                    task_id,
+                    phase="blocked" if blockers and not moves else "evacuating",
+                    progress=round(100.0 * len(moved) / total, 1) if total else 0.0,
+                    summary=self._summary(moved, moves, blockers, failures),
+                )
+                await asyncio.sleep(ROUND_S)
+        except Exception as exc:
+            log.exception("evacuating %s failed", host_name)
+            with contextlib.suppress(KvmotionError):
+                await self.tasks.update(
+                    task_id, state=TaskState.ERROR, error=f"the evacuation failed: {exc}",
+                    error_code="evacuation_failed",
+                )  # fmt: skip
+
+    async def _running_vms(self, host_name: str) -> list[Vm]:
+        return [
+            v
+            for v in await self.inventory.vms()
+            if v.host is not None and v.host.name == host_name and v.power_state == "poweredOn"
+        ]
+
+    async def _settle(
+        self, moves: dict[str, int], failures: dict[str, list[str]], moved: list[str]
+    ) -> None:
+        """Forget the migrations that ended: moved, or failed (counted against the VM)."""
+        for vm, task_id in list(moves.items()):
+            task = await self.tasks.get(task_id)
+            if not TaskState(task.state).final:
+                continue
+            del moves[vm]
+            if task.state == TaskState.SUCCESS:
+                moved.append(vm)
+            else:
+                failures.setdefault(vm, []).append(f"task {task_id}: {task.error or task.state}")
+
+    async def _move(
+        self,
+        host_name: str,
+        running: list[Vm],
+        moves: dict[str, int],
+        failures: dict[str, list[str]],
+    ) -> dict[str, str]:
+        """Start a migration for each running VM not moving yet, where the placement says;
+        returns the blockers: VM -> why it cannot move."""
+        blockers: dict[str, str] = {}
+        waiting = []
+        for vm in running:
+            if vm.name in moves or self.executor.migrating(vm.name):
+                continue
+            if len(failures.get(vm.name, [])) >= MAX_ATTEMPTS:
+                blockers[vm.name] = (
+                    f"its last {MAX_ATTEMPTS} migrations failed ({failures[vm.name][-1]}): "
+                    "move or power it off by hand"
+                )
+                continue
+            waiting.append(vm)
+        if not waiting:
+            return blockers
+        cluster = await self._cluster(host_name, moves)
+        for placement in plan([vm_view(v, False) for v in waiting], cluster):
+            if placement.host is None:
+                blockers[placement.vm] = placement.explain()
+                continue
+            try:
+                moves[placement.vm] = await self.executor.submit(
+                    MigrationRequest(placement.vm, placement.host)
+                )
+                log.info("evacuating %s: %s", host_name, placement.explain())
+            except KvmotionError as exc:
+                failures.setdefault(placement.vm, []).append(exc.message)
+                blockers[placement.vm] = f"{exc.message} ({exc.code})"
+        return blockers
+
+    async def _cluster(self, host_name: str, moves: dict[str, int]) -> Cluster:
+        """Every connected host's view and capacity, counting the VMs already on their way."""
+        hosts = await self.inventory.hosts()
+        vms = await self.inventory.vms()
+        by_name = {v.name: v for v in vms}
+        cluster = Cluster(views={}, capacity={}, overcommit=self.overcommit)
+        for host in hosts:
+            view = host_view(host)
+            cluster.views[host.name] = view
+            cluster.capacity[host.name] = capacity(host, vms)
+        for vm_name, task_id in moves.items():
+            dest = (await self.tasks.get(task_id)).request.get("dest")
+            vm = by_name.get(vm_name)
+            if vm is not None and dest in cluster.capacity and dest != host_name:
+                cluster.capacity[dest] = cluster.capacity[dest].plus(
+                    int(vm.config.get("vcpus", 1)), int(vm.config.get("memory_mib", 0))
+                )
+        return cluster
+
+    @staticmethod
+    def _summary(
+        moved: list[str],
+        moves: dict[str, int],
+        blockers: dict[str, str],
+        failures: dict[str, list[str]],
+    ) -> dict[str, Any]:
+        return {
+            "moved": list(moved),
+            "moving": [{"vm": vm, "task": task_id} for vm, task_id in moves.items()],
+            "blockers": [{"vm": vm, "reason": why} for vm, why in blockers.items()],
+            "failed_attempts": {vm: why for vm, why in failures.items()},
+        }

@@ -1,0 +1,123 @@
+"""Maintenance mode for real, on a three-host lab: 172.16.0.172 runs four VMs on the shared
+datastore (the user connected to one, pinging it every 10 ms) and one on its local datastore.
+`kvmotion host maintenance enter 172.16.0.172`: the four move to .173 and .174 (the placement
+spreads them), the user notices nothing, and the local one blocks the host with its reason until
+the admin powers it off; then the host is in maintenance, empty of running VMs, refuses new
+ones, and exits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from kvmotion.lab import topology
+from kvmotion.lab.demo import guest_ip, vm_spec, wait_for_guest
+from tests.lab.conftest import assert_user_noticed_nothing, center_http, user_ping_loop
+
+pytestmark = pytest.mark.lab
+
+HOST = "172.16.0.172"
+OTHERS = {"172.16.0.173", "172.16.0.174"}
+SHARED_VMS = [f"vm-{i}" for i in range(4)]
+LOCAL_VM = "vm-local"
+CLI = [str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "kvmotion")]
+
+
+@pytest.fixture(scope="module")
+def center(lab3: topology.LabState) -> Iterator[httpx.Client]:
+    yield from center_http(lab3)
+
+
+@pytest.fixture(scope="module")
+def vms(lab3: topology.LabState, center: httpx.Client) -> Iterator[None]:
+    specs = [vm_spec(n, i) for i, n in enumerate(SHARED_VMS)]
+    specs.append(vm_spec(LOCAL_VM, len(SHARED_VMS), datastore="local-172"))
+    for spec in specs:
+        r = center.post("/v1/vms", json={"host": HOST, "spec": spec})
+        assert r.status_code == 201, r.text
+        assert center.post(f"/v1/vms/{spec['name']}/power-on").status_code == 200
+    for i in range(len(specs)):
+        wait_for_guest(lab3, guest_ip(i)).close()
+    yield
+
+
+def kvmotion(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def hosts_of(center: httpx.Client) -> dict[str, str | None]:
+    return {v["name"]: v["host"] for v in center.get("/v1/vms").json()}
+
+
+def wait_for(what: str, check: Any, timeout: float = 300) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"{what} within {timeout:.0f} s")
+
+
+def test_entering_maintenance_empties_the_host_while_the_user_stays_connected(
+    lab3: topology.LabState, center: httpx.Client, vms: None
+) -> None:
+    user = user_ping_loop(lab3, 0)
+    try:
+        time.sleep(1)
+        done = kvmotion("host", "maintenance", "enter", HOST, "--no-wait", "--json")
+        assert done.returncode == 0, done.stderr
+        task_id = int(json.loads(done.stdout)["id"])
+
+        def blocked() -> dict[str, Any] | None:
+            task: dict[str, Any] = center.get(f"/v1/tasks/{task_id}").json()
+            assert task["state"] == "running", task
+            return task if task["phase"] == "blocked" else None
+
+        task = wait_for("the shared VMs moved and the local one blocking", blocked)
+        time.sleep(1)
+    finally:
+        summary = user.stop()
+    assert_user_noticed_nothing(summary)
+    [blocker] = task["summary"]["blockers"]
+    assert blocker["vm"] == LOCAL_VM and "local-172" in blocker["reason"], blocker
+    placed = hosts_of(center)
+    assert sorted(task["summary"]["moved"]) == SHARED_VMS
+    assert {placed[n] for n in SHARED_VMS} == OTHERS  # spread over both other hosts
+    assert center.get(f"/v1/hosts/{HOST}").json()["maintenance"] == "entering"
+    # The admin resolves the blocker: the host is then empty, and in maintenance.
+    assert center.post(f"/v1/vms/{LOCAL_VM}/power-off").status_code == 200
+    wait_for("the task to end", lambda: center.get(f"/v1/tasks/{task_id}").json()["state"]
+             != "running", timeout=60)  # fmt: skip
+    task = center.get(f"/v1/tasks/{task_id}").json()
+    assert task["state"] == "success" and task["phase"] == "in maintenance", task
+    assert center.get(f"/v1/hosts/{HOST}").json()["maintenance"] == "in"
+    running_here = [v["name"] for v in center.get("/v1/vms").json()
+                    if v["host"] == HOST and v["power_state"] == "poweredOn"]  # fmt: skip
+    assert running_here == []
+    listed = kvmotion("host", "list")
+    assert "in maintenance" in listed.stdout, listed.stdout
+    print(f"\nmaintenance: {len(SHARED_VMS)} VMs moved to "
+          f"{sorted({placed[n] for n in SHARED_VMS})}, the user's longest gap "
+          f"{summary.max_gap_ms:.0f} ms over {summary.answered} pings")  # fmt: skip
+
+
+def test_a_host_in_maintenance_takes_nothing_new_until_it_exits(
+    lab3: topology.LabState, center: httpx.Client, vms: None
+) -> None:
+    refused = kvmotion("vm", "start", LOCAL_VM)
+    assert refused.returncode != 0 and "host_in_maintenance" in refused.stderr, refused.stderr
+    back = center.post("/v1/vms/vm-0/migrate", json={"type": "compute", "host": HOST})
+    assert back.status_code == 409 and back.json()["error"]["code"] == "host_in_maintenance"
+    done = kvmotion("host", "maintenance", "exit", HOST)
+    assert done.returncode == 0, done.stderr
+    assert center.get(f"/v1/hosts/{HOST}").json()["maintenance"] is None
+    assert kvmotion("vm", "start", LOCAL_VM).returncode == 0

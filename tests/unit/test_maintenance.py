@@ -1,0 +1,108 @@
+"""Maintenance mode through the center with fake hosts: a host emptied by live migrations to the
+hosts the placement chooses, then held (nothing created, powered on or migrated onto it); a VM
+that cannot move blocks it with its reason until cancelled; exit. With real guests:
+tests/lab/test_maintenance.py."""
+
+# ruff: noqa: F811 (the fixtures imported below are the tests' parameters)
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from kvmotion.center import maintenance
+from kvmotion.center.service import Center
+from kvmotion.center.tasks import TaskState
+from kvmotion.errors import Conflict, PreconditionError
+from kvmotion.migration.request import MigrationRequest
+from tests.unit.fake_agent import FakeAgents, wait_until
+from tests.unit.test_executor import (  # noqa: F401 (fixtures used as parameters)
+    DST,
+    SRC,
+    center,
+    db_dir,
+    fake,
+    fast,
+    template_db,
+    vm_host,
+)
+
+
+@pytest.fixture(autouse=True)
+def quick_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(maintenance, "ROUND_S", 0.02)
+
+
+async def test_entering_moves_every_running_vm_then_holds_the_host(
+    center: Center, fake: FakeAgents
+) -> None:
+    task_id = await center.maintenance.enter(SRC)
+    await center.maintenance.wait(task_id)
+    task = await center.tasks.get(task_id)
+    assert task.state == TaskState.SUCCESS and task.phase == "in maintenance", task.error
+    assert sorted(task.summary["moved"]) == ["vm-a", "vm-b"] and task.summary["blockers"] == []
+    assert await vm_host(center, "vm-a") == await vm_host(center, "vm-b") == DST
+    assert await vm_host(center, "vm-off") == SRC  # powered off: it stays (not asked to move)
+    assert (await center.inventory.host(SRC)).maintenance == "in"
+    # Nothing new comes: a migration onto it is refused by the precheck.
+    with pytest.raises(PreconditionError) as info:
+        await center.executor.submit(MigrationRequest("vm-a", SRC))
+    assert info.value.code == "host_in_maintenance"
+    with pytest.raises(Conflict):
+        await center.maintenance.enter(SRC)
+    await center.maintenance.exit(SRC)
+    assert (await center.inventory.host(SRC)).maintenance is None
+    moved = await center.executor.submit(MigrationRequest("vm-a", SRC))
+    await center.executor.wait(moved)
+    assert (await center.tasks.get(moved)).state == TaskState.SUCCESS
+
+
+async def test_a_vm_that_cannot_move_blocks_the_host_saying_why(
+    center: Center, fake: FakeAgents
+) -> None:
+    fake.add_vm(SRC, "vm-local", datastore="local-172")
+    await center.inventory.refresh_all()
+    task_id = await center.maintenance.enter(SRC)
+
+    async def blocked() -> bool:
+        task = await center.tasks.get(task_id)
+        return task.phase == "blocked"
+
+    await wait_until_async(blocked)
+    task = await center.tasks.get(task_id)
+    assert task.state == TaskState.RUNNING
+    [blocker] = task.summary["blockers"]
+    assert blocker["vm"] == "vm-local" and "local-172" in blocker["reason"], blocker
+    assert sorted(task.summary["moved"]) == ["vm-a", "vm-b"]  # the others moved meanwhile
+    await center.executor.request_cancel(task_id)
+    await center.maintenance.wait(task_id)
+    task = await center.tasks.get(task_id)
+    assert task.state == TaskState.CANCELLED and "stays entering" in (task.error or "")
+    assert (await center.inventory.host(SRC)).maintenance == "entering"
+    assert await vm_host(center, "vm-local") == SRC
+    await center.maintenance.exit(SRC)
+    assert (await center.inventory.host(SRC)).maintenance is None
+
+
+async def test_a_host_entering_maintenance_takes_no_new_vm(
+    center: Center, fake: FakeAgents
+) -> None:
+    fake.add_vm(SRC, "vm-local", datastore="local-172")
+    await center.inventory.refresh_all()
+    task_id = await center.maintenance.enter(SRC)
+    with pytest.raises(Conflict) as info:
+        await center.maintenance.enter(SRC)
+    assert info.value.code == "entering_maintenance"
+    await wait_until(lambda: bool(fake.called(SRC, "migrate")))
+    await center.maintenance.exit(SRC)  # ends the evacuation too
+    task = await center.tasks.get(task_id)
+    assert task.state == TaskState.CANCELLED
+
+
+async def wait_until_async(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < end, "timed out"
+        await asyncio.sleep(0.01)
