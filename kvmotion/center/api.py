@@ -29,6 +29,7 @@ from kvmotion.center import images
 from kvmotion.center.console import KINDS, TICKET_TTL_S, check_console
 from kvmotion.center.db import Event, Host
 from kvmotion.center.inventory import datastore_dict, host_dict, vm_dict
+from kvmotion.center.placing import place_new_vm
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import TaskState, task_dict
 from kvmotion.errors import Conflict, Forbidden, InvalidInput, KvmotionError, NotFound, Unauthorized
@@ -70,7 +71,7 @@ class HostAdd(BaseModel):
 
 
 class VmCreate(BaseModel):
-    host: str = Field(max_length=255)
+    host: str | None = Field(None, max_length=255)  # None: the placement chooses
     spec: VmCreateRequest
 
 
@@ -233,11 +234,20 @@ def create_app(center: Center) -> FastAPI:
 
     @app.post("/v1/vms", dependencies=auth, status_code=201)
     async def create_vm(body: VmCreate) -> dict[str, Any]:
-        host = await inv.host(body.host)
+        """Create a VM on ``host``, or, given none, on the host the placement chooses (the
+        answer's ``placement`` says why)."""
+        why = None
+        if body.host is None:
+            placement = await place_new_vm(inv, body.spec)
+            assert placement.host is not None
+            host, why = await inv.host(placement.host), placement.explain()
+        else:
+            host = await inv.host(body.host)
         taking_new_vms(host)
         async with inv.agent(host) as agent:
             info = await agent.create_vm(body.spec.model_dump(mode="json"))
-        return vm_dict(await inv.upsert_vm(vm_json(info), host))
+        created = vm_dict(await inv.upsert_vm(vm_json(info), host))
+        return created | ({"placement": why} if why else {})
 
     async def _power(vm: str, action: str, **kw: Any) -> dict[str, Any]:
         if center.executor.migrating((await inv.vm(vm)).name):

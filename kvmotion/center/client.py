@@ -182,7 +182,8 @@ class CenterClient:
     async def vm(self, vm: str) -> JsonObject:
         return await self._object("GET", f"/v1/vms/{_segment(vm)}")
 
-    async def create_vm(self, host: str, spec: JsonObject) -> JsonObject:
+    async def create_vm(self, host: str | None, spec: JsonObject) -> JsonObject:
+        """Create a VM on ``host``, or where the center's placement says (None)."""
         body = {"host": host, "spec": spec}
         return await self._object("POST", "/v1/vms", json=body, timeout=_CREATE_TIMEOUT)
 

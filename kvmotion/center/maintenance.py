@@ -26,10 +26,11 @@ from sqlalchemy import select
 
 from kvmotion.center.db import Database, Host, Vm
 from kvmotion.center.executor import Executor
-from kvmotion.center.inventory import Inventory, host_view, vm_view
+from kvmotion.center.inventory import Inventory, vm_view
+from kvmotion.center.placing import cluster_now
 from kvmotion.center.tasks import TaskState, TaskStore, record_event
 from kvmotion.errors import Conflict, KvmotionError
-from kvmotion.migration.placement import Capacity, Cluster, Overcommit, plan
+from kvmotion.migration.placement import Cluster, Overcommit, plan
 from kvmotion.migration.request import MigrationRequest
 
 log = logging.getLogger(__name__)
@@ -37,19 +38,6 @@ log = logging.getLogger(__name__)
 ENTERING, IN_MAINTENANCE = "entering", "in"
 ROUND_S = 3.0  # between two looks at the host while VMs move or block it
 MAX_ATTEMPTS = 3  # migrations of one VM that may fail before it blocks the host
-
-
-def capacity(host: Host, vms: list[Vm]) -> Capacity:
-    """A host's CPUs and memory, and what its powered-on VMs commit."""
-    facts = host.facts or {}
-    running = [v for v in vms if v.host_id == host.id and v.power_state == "poweredOn"]
-    return Capacity(
-        cpus=int(facts.get("cpu", {}).get("count") or 1),
-        memory_mib=int(facts.get("memory", {}).get("total_bytes") or 0) // 2**20,
-        committed_vcpus=sum(int(v.config.get("vcpus", 1)) for v in running),
-        committed_memory_mib=sum(int(v.config.get("memory_mib", 0)) for v in running),
-        vms=len(running),
-    )
 
 
 class Maintenance:
@@ -233,15 +221,9 @@ class Maintenance:
         return blockers
 
     async def _cluster(self, host_name: str, moves: dict[str, int]) -> Cluster:
-        """Every connected host's view and capacity, counting the VMs already on their way."""
-        hosts = await self.inventory.hosts()
-        vms = await self.inventory.vms()
-        by_name = {v.name: v for v in vms}
-        cluster = Cluster(views={}, capacity={}, overcommit=self.overcommit)
-        for host in hosts:
-            view = host_view(host)
-            cluster.views[host.name] = view
-            cluster.capacity[host.name] = capacity(host, vms)
+        """Every host's view and capacity, counting the VMs already on their way."""
+        cluster = await cluster_now(self.inventory, self.overcommit)
+        by_name = {v.name: v for v in await self.inventory.vms()}
         for vm_name, task_id in moves.items():
             dest = (await self.tasks.get(task_id)).request.get("dest")
             vm = by_name.get(vm_name)

@@ -198,8 +198,11 @@ class Firmware(StrEnum):
 @vm_app.command("create")
 def vm_create(
     name: Annotated[str, typer.Argument(help="the new VM's name")],
-    host: Annotated[str, typer.Option(help="host to create it on", show_default=False)],
     datastore: Annotated[str, typer.Option(help="datastore for its files", show_default=False)],
+    host: Annotated[
+        str | None,
+        typer.Option(help="host to create it on [default: the one with most room that fits]"),
+    ] = None,
     memory: Annotated[int, typer.Option(min=16, help="memory in MiB")] = 256,
     vcpus: Annotated[int, typer.Option(min=1, help="virtual CPUs")] = 1,
     disk_mib: Annotated[
@@ -269,6 +272,8 @@ def vm_create(
         f"start it with `kvmotion vm start {vm['name']}`",
         highlight=False,
     )
+    if vm.get("placement"):
+        console.print(f"placed: {vm['placement']}", highlight=False)
 
 
 def first_boot_spec(

@@ -150,13 +150,20 @@ def _filters(
         errors = precheck_compute(vm, source, dest).errors
         if errors:
             return errors
-    else:
+    else:  # registered there, to run later: its files and networks must be there
         missing = set(vm.disk_datastores) - dest.datastores
         if missing:
             return (
                 Finding(
                     "datastore_not_shared",
                     f"{dest.name} does not see datastore(s) {', '.join(sorted(missing))}",
+                ),
+            )
+        absent = set(vm.networks) - dest.networks
+        if absent:
+            return (
+                Finding(
+                    "network_missing", f"{dest.name} has no network {', '.join(sorted(absent))}"
                 ),
             )
     limit = cluster.overcommit

@@ -13,9 +13,11 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from kvmotion.center import maintenance
+from kvmotion.center.placing import place_new_vm
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import TaskState
-from kvmotion.errors import Conflict, PreconditionError
+from kvmotion.errors import Conflict, InsufficientResources, PreconditionError
+from kvmotion.host.vmconfig import NicRequest, VmCreateRequest
 from kvmotion.migration.request import MigrationRequest
 from tests.unit.fake_agent import FakeAgents, wait_until
 from tests.unit.test_executor import (  # noqa: F401 (fixtures used as parameters)
@@ -106,3 +108,20 @@ async def wait_until_async(check: Callable[[], Awaitable[bool]], timeout: float 
     while not await check():
         assert time.monotonic() < end, "timed out"
         await asyncio.sleep(0.01)
+
+
+async def test_a_new_vm_given_no_host_goes_where_there_is_most_room(
+    center: Center, fake: FakeAgents
+) -> None:
+    spec = VmCreateRequest(name="vm-new", datastore="shared", memory_mib=512,
+                           nics=[NicRequest(network="vm-network")])  # fmt: skip
+    placed = await place_new_vm(center.inventory, spec)
+    assert placed.host == DST  # .172 runs vm-a and vm-b
+    assert placed.explain().startswith(f"vm-new -> {DST} (")
+    await center.maintenance.enter(DST)  # nothing new goes to a host in maintenance
+    assert (await place_new_vm(center.inventory, spec)).host == SRC
+    lost = spec.model_copy(update={"nics": [NicRequest(network="nowhere")]})
+    with pytest.raises(InsufficientResources) as info:
+        await place_new_vm(center.inventory, lost)
+    assert info.value.code == "no_host_fits"
+    assert "has no network nowhere" in info.value.message  # each host's reason
