@@ -46,6 +46,7 @@ from kvmotion.httpapi import (
     ws_close_code,
 )
 from kvmotion.migration.request import MigrationRequest
+from kvmotion.migration.rules import Rule
 from kvmotion.migration.strategies import Strategy
 from kvmotion.pulse import wait_beat
 
@@ -113,6 +114,16 @@ class ClusterCreate(BaseModel):
 
 class ClusterHost(BaseModel):
     host: str = Field(max_length=255)
+
+
+class RuleBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    kind: Literal["affinity", "anti-affinity", "vm-host"]
+    vms: list[Annotated[str, Field(max_length=80)]] = Field(max_length=64)
+    hosts: list[Annotated[str, Field(max_length=255)]] = Field(default_factory=list, max_length=64)
+    must: bool = True  # False: a should rule (preferred, not enforced)
 
 
 class ConsoleOpen(BaseModel):
@@ -238,7 +249,7 @@ def create_app(center: Center) -> FastAPI:
         answer's ``placement`` says why)."""
         why = None
         if body.host is None:
-            placement = await place_new_vm(inv, body.spec)
+            placement = await place_new_vm(inv, center.rules, body.spec)
             assert placement.host is not None
             host, why = await inv.host(placement.host), placement.explain()
         else:
@@ -291,6 +302,22 @@ def create_app(center: Center) -> FastAPI:
             async with inv.agent(record.host) as agent:
                 await agent.delete_vm(record.uuid)
         await inv.remove_vm(record.uuid)
+
+    # -- placement rules ---------------------------------------------------------------------------
+    @app.get("/v1/rules", dependencies=auth)
+    async def list_rules() -> list[dict[str, Any]]:
+        """Each rule, and whether the running VMs keep it now (what breaks it, if not)."""
+        return await center.rules.states()
+
+    @app.post("/v1/rules", dependencies=auth, status_code=201)
+    async def add_rule(body: RuleBody) -> dict[str, Any]:
+        rule = Rule(body.name, body.kind, frozenset(body.vms), frozenset(body.hosts), body.must)
+        await center.rules.add(rule)
+        return next(r for r in await center.rules.states() if r["name"] == rule.name)
+
+    @app.delete("/v1/rules/{name}", dependencies=auth, status_code=204)
+    async def delete_rule(name: str) -> None:
+        await center.rules.delete(name)
 
     # -- consoles --------------------------------------------------------------------------------
     @app.post("/v1/vms/{vm}/console", dependencies=auth)

@@ -166,6 +166,15 @@ class CenterClient:
     async def hosts(self) -> list[JsonObject]:
         return await self._list("/v1/hosts")
 
+    async def rules(self) -> list[JsonObject]:
+        return await self._list("/v1/rules")
+
+    async def add_rule(self, body: JsonObject) -> JsonObject:
+        return await self._object("POST", "/v1/rules", json=body)
+
+    async def delete_rule(self, name: str) -> None:
+        await self.request("DELETE", f"/v1/rules/{_segment(name)}")
+
     async def enter_maintenance(self, name: str) -> JsonObject:
         return await self._object("POST", f"/v1/hosts/{_segment(name)}/maintenance/enter")
 

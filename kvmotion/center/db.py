@@ -154,6 +154,18 @@ class Task(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
 
 
+class PlacementRule(Base):
+    """A DRS-style rule (migration/rules.py): VMs together, apart, or on some hosts."""
+
+    __tablename__ = "rules"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(80), unique=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    vms: Mapped[list[str]] = mapped_column(JSON, default=list)
+    hosts: Mapped[list[str]] = mapped_column(JSON, default=list)
+    must: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
 class Event(Base):
     __tablename__ = "events"
     id: Mapped[int] = mapped_column(primary_key=True)

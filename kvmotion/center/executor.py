@@ -19,12 +19,14 @@ from kvmotion.center.compute_run import ComputeMigration
 from kvmotion.center.db import Database, Host, Task, Vm
 from kvmotion.center.inventory import Inventory, host_view, vm_view
 from kvmotion.center.prediction import link_of, sample_and_predict
+from kvmotion.center.rules import Rules
 from kvmotion.center.storage_run import StorageMigration
 from kvmotion.center.tasks import TaskStore
 from kvmotion.errors import Conflict, InvalidInput, PreconditionError
 from kvmotion.migration.costs import Budget, CostLimits, Demand, demand
 from kvmotion.migration.precheck import PrecheckResult, precheck_migration
 from kvmotion.migration.request import KINDS, MigrationRequest
+from kvmotion.migration.rules import findings
 
 DEFAULT_STALL_TIMEOUT = 20.0  # no byte copied for this long: the link is gone, abort
 # An abort, and a finish after the switchover, keep asking an unreachable (restarting) source
@@ -61,6 +63,7 @@ class Executor:
         self._reserved: set[str] = set()  # VMs whose migration request is in its precheck
         self._runs: dict[int, asyncio.Task[None]] = {}
         self._running: dict[int, ComputeMigration | StorageMigration] = {}  # task id -> run
+        self.rules: Rules | None = None  # the center's placement rules, once it has them
 
     def migrating(self, vm_name: str) -> bool:
         """A migration of this VM runs, or a request for one is being checked."""
@@ -133,6 +136,12 @@ class Executor:
         result = precheck_migration(
             vm_view(vm, vm.name in self.active), host_view(source), host_view(dest), req.datastore
         )
+        if self.rules is not None and dest.name != source.name:
+            # The placement rules (center/rules.py): a must rule refuses, a should rule warns.
+            hard, soft = findings(
+                vm.name, dest.name, await self.rules.all(), await self.rules.where()
+            )
+            result = PrecheckResult((*result.errors, *hard), (*result.warnings, *soft))
         return req, vm, source, dest, result
 
     async def predict(

@@ -28,6 +28,7 @@ from kvmotion.center.db import Database, Host, Vm
 from kvmotion.center.executor import Executor
 from kvmotion.center.inventory import Inventory, vm_view
 from kvmotion.center.placing import cluster_now
+from kvmotion.center.rules import Rules
 from kvmotion.center.tasks import TaskState, TaskStore, record_event
 from kvmotion.errors import Conflict, KvmotionError
 from kvmotion.migration.placement import Cluster, Overcommit, plan
@@ -49,9 +50,11 @@ class Maintenance:
         inventory: Inventory,
         executor: Executor,
         tasks: TaskStore,
+        rules: Rules,
         overcommit: Overcommit | None = None,
     ) -> None:
         self.db, self.inventory, self.executor, self.tasks = db, inventory, executor, tasks
+        self.rules = rules
         self.overcommit = overcommit or Overcommit()
         self._runs: dict[str, tuple[int, asyncio.Task[None]]] = {}  # host -> (task, runner)
 
@@ -206,6 +209,8 @@ class Maintenance:
         if not waiting:
             return blockers
         cluster = await self._cluster(host_name, moves)
+        for vm in waiting:  # not placed yet: a rule binds the others to where the plan puts it
+            cluster.where.pop(vm.name, None)
         for placement in plan([vm_view(v, False) for v in waiting], cluster):
             if placement.host is None:
                 blockers[placement.vm] = placement.explain()
@@ -222,7 +227,7 @@ class Maintenance:
 
     async def _cluster(self, host_name: str, moves: dict[str, int]) -> Cluster:
         """Every host's view and capacity, counting the VMs already on their way."""
-        cluster = await cluster_now(self.inventory, self.overcommit)
+        cluster = await cluster_now(self.inventory, self.rules, self.overcommit)
         by_name = {v.name: v for v in await self.inventory.vms()}
         for vm_name, task_id in moves.items():
             dest = (await self.tasks.get(task_id)).request.get("dest")
@@ -231,6 +236,7 @@ class Maintenance:
                 cluster.capacity[dest] = cluster.capacity[dest].plus(
                     int(vm.config.get("vcpus", 1)), int(vm.config.get("memory_mib", 0))
                 )
+                cluster.where[vm_name] = dest
         return cluster
 
     @staticmethod

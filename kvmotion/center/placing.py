@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from kvmotion.center.db import Host, Vm
 from kvmotion.center.inventory import Inventory, host_view
+from kvmotion.center.rules import Rules
 from kvmotion.errors import InsufficientResources
 from kvmotion.host.vmconfig import VmCreateRequest
 from kvmotion.migration.placement import Capacity, Cluster, Overcommit, Placement, place
@@ -24,13 +25,18 @@ def capacity(host: Host, vms: list[Vm]) -> Capacity:
     )
 
 
-async def cluster_now(inventory: Inventory, overcommit: Overcommit | None = None) -> Cluster:
+async def cluster_now(
+    inventory: Inventory, rules: Rules, overcommit: Overcommit | None = None
+) -> Cluster:
+    """Every host's view and capacity, the rules, and where each running VM is."""
     hosts = await inventory.hosts()
     vms = await inventory.vms()
     return Cluster(
         views={h.name: host_view(h) for h in hosts},
         capacity={h.name: capacity(h, vms) for h in hosts},
         overcommit=overcommit or Overcommit(),
+        rules=tuple(await rules.all()),
+        where=await rules.where(),
     )
 
 
@@ -52,11 +58,11 @@ def new_vm_view(spec: VmCreateRequest) -> VmView:
     )
 
 
-async def place_new_vm(inventory: Inventory, spec: VmCreateRequest) -> Placement:
+async def place_new_vm(inventory: Inventory, rules: Rules, spec: VmCreateRequest) -> Placement:
     """Where a new VM goes when its creator names no host. Raises InsufficientResources
     (saying why each host was ruled out) when none fits."""
     view = new_vm_view(spec)
-    placement = place(view, await cluster_now(inventory))
+    placement = place(view, await cluster_now(inventory, rules))
     if placement.host is None:
         raise InsufficientResources(placement.explain(), code="no_host_fits")
     return placement

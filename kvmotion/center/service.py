@@ -16,6 +16,7 @@ from kvmotion.center.db import Database
 from kvmotion.center.executor import DEFAULT_STALL_TIMEOUT, Executor
 from kvmotion.center.inventory import Inventory
 from kvmotion.center.maintenance import Maintenance
+from kvmotion.center.rules import Rules
 from kvmotion.center.tasks import TaskStore, record_event
 from kvmotion.configfile import ConfigFile
 from kvmotion.errors import KvmotionError
@@ -71,7 +72,11 @@ class Center:
         )
         self.clusters = Clusters(self.db, self.inventory)
         self.consoles = ConsoleRelay(self.inventory)
-        self.maintenance = Maintenance(self.db, self.inventory, self.executor, self.tasks)
+        self.rules = Rules(self.db, self.inventory)
+        self.executor.rules = self.rules
+        self.maintenance = Maintenance(
+            self.db, self.inventory, self.executor, self.tasks, self.rules
+        )
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:

@@ -21,6 +21,7 @@ from kvmotion.cli import (
     inventory_cmds,
     lab_cmds,
     maintenance_cmds,
+    rule_cmds,
     task_cmds,
     tls_cmds,
 )
@@ -41,6 +42,7 @@ app.add_typer(host_cmds.app, name="host")
 image_store_cmds.register(image_cmds.app)
 app.add_typer(image_cmds.app, name="image")
 app.add_typer(lab_cmds.app, name="lab")
+app.add_typer(rule_cmds.app, name="rule")
 app.add_typer(task_cmds.app, name="task")
 app.add_typer(tls_cmds.app, name="tls")
 inventory_cmds.vm_app.command("set-evc")(evc_cmds.vm_set_evc)

@@ -10,6 +10,8 @@ the VMs on it already commit) and the VMs.
   storage, migration network, networks, CPU and EVC, machine type, RAM pad, free memory, TLS);
   capacity: the memory and vCPUs the host's VMs commit, plus this VM's, within the host's
   memory and CPUs times the overcommit allowed.
+- **Rules** (migration/rules.py): a host where the VM would break a must rule is ruled out, naming
+  the rule; one where it would break a should rule is scored down (taken only if no other fits).
 - **Score**: the host's fuller share (memory or vCPUs) once the VM is there; the lowest wins, so
   VMs spread where there is most room (oVirt's "evenly distributed", vSphere's initial placement
   by headroom). Ties go to the host with fewer VMs, then by name, so a plan is reproducible.
@@ -24,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from kvmotion.migration.precheck import Finding, HostView, VmView, precheck_compute
+from kvmotion.migration.rules import Rule, findings
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,9 @@ class Capacity:
 @dataclass(frozen=True)
 class Candidate:
     host: str
-    score: float | None  # None: ruled out
+    score: float | None  # None: ruled out; +1 per should-rule broken
     reasons: tuple[Finding, ...] = ()  # why it is ruled out
+    broken: tuple[Finding, ...] = ()  # the should-rules placing it there breaks
 
     @property
     def fits(self) -> bool:
@@ -82,7 +86,9 @@ class Placement:
             best = self.candidates[0]
             assert best.score is not None
             others = len([c for c in self.candidates if c.fits]) - 1
-            return f"{self.vm} -> {self.host} ({best.score:.0%} committed after it" + (
+            broken = "".join(f"; breaks {f.message}" for f in best.broken)
+            share = best.score - len(best.broken)
+            return f"{self.vm} -> {self.host} ({share:.0%} committed after it{broken}" + (
                 f"; {others} other host(s) fit, with less room)" if others else ")"
             )
         if not self.candidates:
@@ -93,29 +99,35 @@ class Placement:
 
 @dataclass
 class Cluster:
-    """The hosts a placement chooses from: each one's view and capacity, by name."""
+    """The hosts a placement chooses from: each one's view and capacity, by name; the rules,
+    and where each running VM is (a plan adds the VMs it places)."""
 
     views: dict[str, HostView]
     capacity: dict[str, Capacity]
     overcommit: Overcommit = field(default_factory=Overcommit)
+    rules: tuple[Rule, ...] = ()
+    where: dict[str, str] = field(default_factory=dict)
 
 
 def place(vm: VmView, cluster: Cluster) -> Placement:
     """Where ``vm`` (running on ``vm.host``, or powered off) should go."""
     source = cluster.views.get(vm.host) if vm.host is not None else None
-    fit: list[tuple[float, int, str]] = []
+    fit: list[tuple[float, int, str, tuple[Finding, ...]]] = []
     out: list[Candidate] = []
     for name in sorted(cluster.views):
         if name == vm.host:
             continue
         reasons = _filters(vm, source, cluster.views[name], cluster)
-        if reasons:
-            out.append(Candidate(name, None, reasons))
+        hard, soft = findings(vm.name, name, cluster.rules, cluster.where)
+        if reasons or hard:
+            out.append(Candidate(name, None, (*reasons, *hard)))
             continue
         after = cluster.capacity[name].plus(vm.vcpus, vm.memory_mib)
-        fit.append((after.share(cluster.overcommit), after.vms, name))
-    fit.sort()
-    ranked = [Candidate(name, round(score, 4)) for score, _, name in fit]
+        # A should-rule broken costs more than any difference in room: kept if at all possible.
+        share = after.share(cluster.overcommit) + len(soft)
+        fit.append((share, after.vms, name, tuple(soft)))
+    fit.sort(key=lambda f: f[:3])
+    ranked = [Candidate(name, round(score, 4), (), soft) for score, _, name, soft in fit]
     return Placement(vm.name, ranked[0].host if ranked else None, (*ranked, *out))
 
 
@@ -129,6 +141,7 @@ def plan(vms: Sequence[VmView], cluster: Cluster) -> list[Placement]:
             cluster.capacity[placement.host] = cluster.capacity[placement.host].plus(
                 vm.vcpus, vm.memory_mib
             )
+            cluster.where[vm.name] = placement.host
         placements.append(placement)
     return placements
 

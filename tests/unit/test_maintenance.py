@@ -16,9 +16,10 @@ from kvmotion.center import maintenance
 from kvmotion.center.placing import place_new_vm
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import TaskState
-from kvmotion.errors import Conflict, InsufficientResources, PreconditionError
+from kvmotion.errors import Conflict, InsufficientResources, NotFound, PreconditionError
 from kvmotion.host.vmconfig import NicRequest, VmCreateRequest
 from kvmotion.migration.request import MigrationRequest
+from kvmotion.migration.rules import Rule
 from tests.unit.fake_agent import FakeAgents, wait_until
 from tests.unit.test_executor import (  # noqa: F401 (fixtures used as parameters)
     DST,
@@ -115,13 +116,59 @@ async def test_a_new_vm_given_no_host_goes_where_there_is_most_room(
 ) -> None:
     spec = VmCreateRequest(name="vm-new", datastore="shared", memory_mib=512,
                            nics=[NicRequest(network="vm-network")])  # fmt: skip
-    placed = await place_new_vm(center.inventory, spec)
+    placed = await place_new_vm(center.inventory, center.rules, spec)
     assert placed.host == DST  # .172 runs vm-a and vm-b
     assert placed.explain().startswith(f"vm-new -> {DST} (")
     await center.maintenance.enter(DST)  # nothing new goes to a host in maintenance
-    assert (await place_new_vm(center.inventory, spec)).host == SRC
+    assert (await place_new_vm(center.inventory, center.rules, spec)).host == SRC
     lost = spec.model_copy(update={"nics": [NicRequest(network="nowhere")]})
     with pytest.raises(InsufficientResources) as info:
-        await place_new_vm(center.inventory, lost)
+        await place_new_vm(center.inventory, center.rules, lost)
     assert info.value.code == "no_host_fits"
     assert "has no network nowhere" in info.value.message  # each host's reason
+
+
+async def test_rules_are_checked_when_added_and_kept_by_moves(
+    center: Center, fake: FakeAgents
+) -> None:
+    await center.rules.add(Rule("pin-a", "vm-host", frozenset({"vm-a"}), frozenset({SRC})))
+    with pytest.raises(Conflict) as info:
+        await center.rules.add(Rule("pin-a-too", "vm-host", frozenset({"vm-a"}), frozenset({DST})))
+    assert info.value.code == "rule_conflict" and "rule pin-a" in info.value.message
+    with pytest.raises(NotFound):
+        await center.rules.add(Rule("ghost", "affinity", frozenset({"vm-a", "nobody"})))
+    # A migration that breaks a must rule is refused by the precheck, naming the rule.
+    with pytest.raises(PreconditionError) as refused:
+        await center.executor.submit(MigrationRequest("vm-a", DST))
+    assert refused.value.code == "rule_violation" and "rule pin-a" in refused.value.message
+    # A should rule only warns.
+    await center.rules.add(
+        Rule("b-home", "vm-host", frozenset({"vm-b"}), frozenset({SRC}), must=False)
+    )
+    task_id = await center.executor.submit(MigrationRequest("vm-b", DST))
+    await center.executor.wait(task_id)
+    task = await center.tasks.get(task_id)
+    assert task.state == TaskState.SUCCESS
+    assert any("rule b-home" in w["message"] for w in task.warnings)
+    [state] = [r for r in await center.rules.states() if r["name"] == "b-home"]
+    assert not state["kept"] and "not on 172.16.0.173" in state["broken"][0]
+
+
+async def test_a_vm_pinned_by_a_must_rule_blocks_maintenance_naming_it(
+    center: Center, fake: FakeAgents
+) -> None:
+    await center.rules.add(Rule("pin-a", "vm-host", frozenset({"vm-a"}), frozenset({SRC})))
+    task_id = await center.maintenance.enter(SRC)
+
+    async def blocked() -> bool:
+        return (await center.tasks.get(task_id)).phase == "blocked"
+
+    await wait_until_async(blocked)
+    task = await center.tasks.get(task_id)
+    [blocker] = task.summary["blockers"]
+    assert (
+        blocker["vm"] == "vm-a"
+        and "rule pin-a: vm-a must run on 172.16.0.172" in (blocker["reason"])
+    )
+    assert task.summary["moved"] == ["vm-b"]
+    await center.maintenance.exit(SRC)
