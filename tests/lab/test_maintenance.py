@@ -1,9 +1,10 @@
 """Maintenance mode for real, on a three-host lab: 172.16.0.172 runs four VMs on the shared
-datastore (the user connected to one, pinging it every 10 ms) and one on its local datastore.
-`kvmotion host maintenance enter 172.16.0.172`: the four move to .173 and .174 (the placement
-spreads them), the user notices nothing, and the local one blocks the host with its reason until
-the admin powers it off; then the host is in maintenance, empty of running VMs, refuses new
-ones, and exits."""
+datastore (the user connected to one, pinging it every 10 ms; another pinned to .172 by a must
+rule) and one on its local datastore. `kvmotion host maintenance enter 172.16.0.172`: three move
+to .173 and .174 (the placement spreads them), the user notices nothing; the pinned one and the
+local one block the host, each with its reason, until the admin deletes the rule (that VM then
+moves) and powers the local one off; then the host is in maintenance, empty of running VMs,
+refuses new ones, and exits."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.lab
 HOST = "172.16.0.172"
 OTHERS = {"172.16.0.173", "172.16.0.174"}
 SHARED_VMS = [f"vm-{i}" for i in range(4)]
+PINNED = "vm-3"
 LOCAL_VM = "vm-local"
 CLI = [str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "kvmotion")]
 
@@ -70,6 +72,8 @@ def wait_for(what: str, check: Any, timeout: float = 300) -> Any:
 def test_entering_maintenance_empties_the_host_while_the_user_stays_connected(
     lab3: topology.LabState, center: httpx.Client, vms: None
 ) -> None:
+    pinned = kvmotion("rule", "add", "pin", "--vm-host", "--vm", PINNED, "--host", HOST)
+    assert pinned.returncode == 0, pinned.stderr
     user = user_ping_loop(lab3, 0)
     try:
         time.sleep(1)
@@ -87,13 +91,17 @@ def test_entering_maintenance_empties_the_host_while_the_user_stays_connected(
     finally:
         summary = user.stop()
     assert_user_noticed_nothing(summary)
-    [blocker] = task["summary"]["blockers"]
-    assert blocker["vm"] == LOCAL_VM and "local-172" in blocker["reason"], blocker
+    blockers = {b["vm"]: b["reason"] for b in task["summary"]["blockers"]}
+    assert sorted(blockers) == [LOCAL_VM, PINNED], blockers
+    assert "local-172" in blockers[LOCAL_VM]
+    assert f"rule pin: {PINNED} must run on {HOST}" in blockers[PINNED]
     placed = hosts_of(center)
-    assert sorted(task["summary"]["moved"]) == SHARED_VMS
-    assert {placed[n] for n in SHARED_VMS} == OTHERS  # spread over both other hosts
+    free = [n for n in SHARED_VMS if n != PINNED]
+    assert sorted(task["summary"]["moved"]) == free
+    assert {placed[n] for n in free} == OTHERS  # spread over both other hosts
     assert center.get(f"/v1/hosts/{HOST}").json()["maintenance"] == "entering"
-    # The admin resolves the blocker: the host is then empty, and in maintenance.
+    # The admin resolves the blockers: the pinned VM then moves, the host empties.
+    assert kvmotion("rule", "delete", "pin").returncode == 0
     assert center.post(f"/v1/vms/{LOCAL_VM}/power-off").status_code == 200
     wait_for("the task to end", lambda: center.get(f"/v1/tasks/{task_id}").json()["state"]
              != "running", timeout=60)  # fmt: skip
@@ -105,8 +113,9 @@ def test_entering_maintenance_empties_the_host_while_the_user_stays_connected(
     assert running_here == []
     listed = kvmotion("host", "list")
     assert "in maintenance" in listed.stdout, listed.stdout
-    print(f"\nmaintenance: {len(SHARED_VMS)} VMs moved to "
-          f"{sorted({placed[n] for n in SHARED_VMS})}, the user's longest gap "
+    assert sorted(task["summary"]["moved"]) == SHARED_VMS
+    print(f"\nmaintenance: {len(free)} VMs moved to {sorted({placed[n] for n in free})}, "
+          f"{PINNED} once its rule was deleted; the user's longest gap "
           f"{summary.max_gap_ms:.0f} ms over {summary.answered} pings")  # fmt: skip
 
 
