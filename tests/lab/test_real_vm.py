@@ -291,6 +291,18 @@ class ConsoleViewer:
                 with contextlib.suppress(OSError):
                     self.seen += os.read(self.fd, 65536)
 
+    def prompt(self, keys: str, pattern: bytes, tries: int, each: float) -> None:
+        """Type ``keys`` until ``pattern`` shows (as a user presses Enter at a quiet console),
+        at most ``tries`` times."""
+        for attempt in range(tries):
+            self.type(keys)
+            try:
+                self.expect(pattern, each)
+                return
+            except AssertionError:
+                if attempt == tries - 1 or self.proc.poll() is not None:
+                    raise
+
     def text(self) -> str:
         return self.seen[-3000:].decode(errors="replace")
 
@@ -323,11 +335,17 @@ def test_serial_console_logs_in_and_follows_the_vm_to_its_new_host(
     password = secrets.token_hex(8)
     realclients.ssh_run(lab.client_netns, key, USER, server["address"],
                         f"echo {USER}:{password} | sudo -n chpasswd", 60)  # fmt: skip
+    # The serial getty starts once the boot is over (after cloud-init's last stage, which a
+    # loaded TCG guest may still be in): wait for it, as a user would for a login prompt.
+    realclients.ssh_run(
+        lab.client_netns, key, USER, server["address"],
+        "for i in $(seq 300); do systemctl is-active --quiet serial-getty@ttyS0 && exit 0; "
+        "sleep 1; done; exit 1", 330,
+    )  # fmt: skip
     viewer = ConsoleViewer(VM)
     try:
-        viewer.expect(rb"Ctrl-\] detaches", 30)
-        viewer.type("\r")
-        viewer.expect(rf"{VM} login: ".encode(), 60)
+        viewer.expect(rb"Connected to the serial console", 30)
+        viewer.prompt("\r", rf"{VM} login: ".encode(), tries=6, each=20)
         viewer.type(f"{USER}\r")
         viewer.expect(rb"Password: ", 60)
         viewer.type(f"{password}\r")
