@@ -11,7 +11,7 @@ export const clusterView = {
   find: (name) => state.idx.cluster.get(name),
   sig: (c) => [c, c.hosts.map((n) => {
     const x = state.idx.host.get(n);
-    return x && [x.connection, x.facts && x.facts.cpu, x.facts && x.facts.cpu_model && x.facts.cpu_model.highest_evc_mode];
+    return x && [x.connection, x.maintenance, x.facts && x.facts.cpu, x.facts && x.facts.cpu_model && x.facts.cpu_model.highest_evc_mode];
   }), state.data.vms.filter((v) => c.vms.includes(v.name)).map((v) => [v.name, v.power_state, v.host])],
   render: renderCluster,
 };

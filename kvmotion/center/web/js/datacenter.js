@@ -12,7 +12,7 @@ export const datacenterView = {
   sig: () => {
     const d = state.data;
     return [d.clusters.map((c) => [c.name, c.hosts, c.evc_mode]),
-      d.hosts.map((x) => [x.name, x.connection]), d.vms.map((v) => [v.name, v.host, v.power_state]),
+      d.hosts.map((x) => [x.name, x.connection, x.maintenance]), d.vms.map((v) => [v.name, v.host, v.power_state]),
       d.datastores.map((x) => [x.name, x.free_bytes]), [...state.idx.network.keys()],
       [...state.tasks.values()].filter((t) => !FINAL_STATES.has(t.state)).length];
   },
@@ -23,13 +23,16 @@ function renderDatacenter() {
   const d = state.data;
   const on = d.vms.filter((v) => v.power_state === "poweredOn").length;
   const connected = d.hosts.filter((x) => x.connection === "connected").length;
-  const running = [...state.tasks.values()].filter((t) => !FINAL_STATES.has(t.state)).length;
+  const running = [...state.tasks.values()].filter((t) => t.kind !== "maintenance" && !FINAL_STATES.has(t.state)).length;
+  const held = d.hosts.filter((x) => x.maintenance === "in").length;
+  const entering = d.hosts.filter((x) => x.maintenance === "entering").length;
   return h("div", { id: "datacenter-summary", class: "summary" },
     summaryHeader("datacenter", DATACENTER, "Datacenter"),
     h("div", { class: "cards" },
       card("Summary", [
         ["Clusters", String(d.clusters.length), "clusters"],
         ["Hosts", `${d.hosts.length} (${connected} connected)`, "hosts"],
+        held || entering ? ["Hosts in maintenance", `${held} in maintenance mode, ${entering} entering`, "maintenance"] : null,
         ["Virtual machines", `${d.vms.length} (${on} powered on)`, "vms"],
         ["Datastores", String(d.datastores.length), "datastores"],
         ["Networks", String(state.idx.network.size), "networks"],

@@ -90,6 +90,8 @@ const ICON_PATHS = {
   folder: "M1.5 3.5h5l1.5 1.5h6.5v8.5h-13z",
   events: "M8 1.5l6.5 12h-13zM8 6v4M8 11.5v.5",
   task: "M3 2.5h10v11H3zM5.5 6h5M5.5 9h5M5.5 12h3",
+  // a wrench: maintenance mode
+  maintenance: "M13.6 4.4l-2.1 2.1-2-2 2.1-2.1a3.2 3.2 0 0 0-4.2 4.1L2.3 11.6a1.4 1.4 0 0 0 2.1 2.1l5.1-5.1a3.2 3.2 0 0 0 4.1-4.2z",
 };
 
 export function icon(kind, cls = "") {

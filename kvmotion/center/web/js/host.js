@@ -1,11 +1,13 @@
-// The host summary.
+// The host summary, with its maintenance mode buttons and panel (maintenance.js).
 
 import { $, h } from "./dom.js";
 import { fmtBytes, fmtDateTime, fmtLink, parseTime, plural, vendorName } from "./format.js";
-import { evcText, state } from "./state.js";
+import { evcText, maintenanceTaskFor, state } from "./state.js";
 import {
-  card, connectionBadge, itemLink, stateBadge, summaryHeader, table, usageBar, vmsTable,
+  actionMessage, card, connectionBadge, itemLink, maintenanceBadge, stateBadge, summaryHeader, table,
+  usageBar, vmsTable,
 } from "./widgets.js";
+import { maintenanceButtons, maintenancePanel, maintenanceSig } from "./maintenance.js";
 
 export const hostView = {
   find: (name) => state.idx.host.get(name),
@@ -13,7 +15,8 @@ export const hostView = {
     const { last_seen: _seen, facts, ...rest } = x;
     const f = { ...(facts || {}), memory: { total_bytes: facts && facts.memory && facts.memory.total_bytes } };
     return [rest, f, state.idx.clusterOfHost.get(x.name),
-      state.idx.vmsOnHost.get(x.name).map((v) => [v.name, v.power_state, v.config.memory_mib, v.cpu && v.cpu.model])];
+      state.idx.vmsOnHost.get(x.name).map((v) => [v.name, v.power_state, v.config.memory_mib, v.cpu && v.cpu.model]),
+      maintenanceSig(maintenanceTaskFor(x.name))];
   },
   live: (x) => {
     const mem = $("#main [data-field='memory']");
@@ -42,11 +45,13 @@ function renderHost(x) {
   const cluster = state.idx.clusterOfHost.get(x.name);
   const dsTotal = new Map(state.data.datastores.map((d) => [d.name, d]));
   return h("div", { id: "host-summary", class: "summary" },
-    summaryHeader("host", x.name, `Host${f.hostname ? ` · ${f.hostname}` : ""}`, [],
-      connectionBadge(x.connection)),
+    summaryHeader("host", x.name, `Host${f.hostname ? ` · ${f.hostname}` : ""}`, maintenanceButtons(x),
+      h("span", { class: "badges" }, connectionBadge(x.connection), maintenanceBadge(x.maintenance, "maintenance-badge"))),
+    actionMessage(),
     x.connection !== "connected" ? h("div", { class: "panel-error" },
       "The center cannot reach this host's agent: the facts below are the last it reported. ",
       "Check that `kvmotion host serve` runs there and that the management network reaches it.") : null,
+    maintenancePanel(x),
     h("div", { class: "cards" },
       card("General", [
         ["Cluster", cluster ? itemLink("cluster", cluster) : "none (standalone)", "cluster"],

@@ -11,7 +11,8 @@
 //     inventory lookups, routes) · api.js · widgets.js (summary blocks, host/VM tables, modals)
 //   views: session.js (sign-in, inventory refresh) · router.js (main pane) · tree.js ·
 //     datacenter.js (+ datastore, network) · host.js · vm.js (+ power) · cluster.js (+ EVC) ·
-//     wizard.js · console.js (serial terminal and screen) · tasks.js (Recent Tasks, stream) ·
+//     maintenance.js (a host's maintenance mode, a maintenance task's page) · wizard.js ·
+//     console.js (serial terminal and screen) · tasks.js (Recent Tasks, stream) ·
 //     task-detail.js (timeline, chart) · events.js
 //   main.js (this): wires the page's listeners and signs in.
 //

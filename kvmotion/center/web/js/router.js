@@ -10,6 +10,7 @@ import { clusterView } from "./cluster.js";
 import { hostView } from "./host.js";
 import { vmView } from "./vm.js";
 import { renderTaskDetail } from "./task-detail.js";
+import { maintenanceSig } from "./maintenance.js";
 import { loadEvents, renderEvents } from "./events.js";
 
 // ---------------------------------------------------------------------------------------------
@@ -31,9 +32,10 @@ function itemView(kind) {
 }
 
 export function navigate(route) {
+  const hash = routeHash(route);
+  if (state.actionMessage && state.actionMessage.route !== hash) state.actionMessage = null;
   state.route = route;
   if (route.view === "item") state.lastItem = route;
-  const hash = routeHash(route);
   if (location.hash !== hash) history.pushState(null, "", hash);
   renderMain(true);
   markSelection();
@@ -76,7 +78,8 @@ export function renderMain(force = false) {
   }
   if (r.view === "task") {
     const task = state.tasks.get(r.id);
-    const sig = JSON.stringify(["task", r.id, task || null]);
+    const sig = JSON.stringify(["task", r.id, task || null,
+      task && task.kind === "maintenance" ? maintenanceSig(task) : null]);
     if (force || sig !== state.mainSig) {
       state.mainSig = sig;
       showInMain(renderTaskDetail(r.id, task), force);

@@ -64,6 +64,7 @@ export function signOut(message) {
   state.tasks.clear();
   state.taskRows.clear();
   state.mainSig = state.treeSig = null;
+  state.actionMessage = null;
   clear($("#tree"));
   clear($("#main"));
   clear($("#tasks-rows"));

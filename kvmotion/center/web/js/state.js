@@ -32,6 +32,10 @@ export const MIGRATION_TYPES = [
 ];
 export const TYPE_LABEL = Object.fromEntries(MIGRATION_TYPES.map((t) => [t.value, t.label]));
 
+// A host's `maintenance` (GET /v1/hosts): null, "entering" (being emptied; it takes no new VMs)
+// or "in" (empty of running VMs, held so).
+export const MAINTENANCE_LABEL = { entering: "Entering maintenance", in: "In maintenance" };
+
 // ---------------------------------------------------------------------------------------------
 // State
 
@@ -51,6 +55,7 @@ export const state = {
   treeSig: null,
   modal: null,
   lastItem: null, // the last inventory item shown (the Inventory link returns to it)
+  actionMessage: null, // {route, text, kind}: how the last action on a summary went (widgets.js)
   generation: 0, // bumped at sign-out: late answers of an old session are dropped
 };
 
@@ -95,10 +100,21 @@ export function vmNetworks(v) {
   return [...new Set(((v.config && v.config.nics) || []).map((n) => n.network))];
 }
 
+/** The running migration of a VM (a maintenance task's target is a host, never a VM). */
 export function activeTaskFor(vmName) {
   let found = null;
   for (const t of state.tasks.values()) {
-    if (t.target === vmName && !FINAL_STATES.has(t.state) && (!found || t.id > found.id)) found = t;
+    if (t.kind !== "maintenance" && t.target === vmName && !FINAL_STATES.has(t.state)
+        && (!found || t.id > found.id)) found = t;
+  }
+  return found;
+}
+
+/** The newest maintenance task of a host that the client knows (running or ended), or null. */
+export function maintenanceTaskFor(hostName) {
+  let found = null;
+  for (const t of state.tasks.values()) {
+    if (t.kind === "maintenance" && t.target === hostName && (!found || t.id > found.id)) found = t;
   }
   return found;
 }

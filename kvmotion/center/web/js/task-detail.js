@@ -9,6 +9,7 @@ import { api, errorText } from "./api.js";
 import { card, itemLink, showInMain, stateBadge, summaryHeader, table } from "./widgets.js";
 import { renderMain } from "./router.js";
 import { cancelTask, renderTaskRow, routeText, stateClass } from "./tasks.js";
+import { renderMaintenanceTask } from "./maintenance.js";
 
 // What each timeline step means (kvmotion/cli/progress.py STEP_TEXT and center/tasks.py STEPS).
 const STEP_TEXT = {
@@ -84,14 +85,15 @@ export function renderTaskDetail(id, task) {
     }).catch((err) => {
       if (state.route.view !== "task" || state.route.id !== id) return;
       showInMain(h("div", { id: "task-detail", class: "summary" },
-        summaryHeader("task", `Task ${id}`, "Migration task"),
+        summaryHeader("task", `Task ${id}`, "Task"),
         h("p", { class: "form-error" }, `${errorText(err)}. Choose a task in Recent Tasks.`),
         taskChart([])), true);
     });
     return h("div", { id: "task-detail", class: "summary" },
-      summaryHeader("task", `Task ${id}`, "Migration task"),
+      summaryHeader("task", `Task ${id}`, "Task"),
       h("p", { class: "placeholder" }, "Loading the task..."));
   }
+  if (task.kind === "maintenance") return renderMaintenanceTask(task);
   const req = task.request || {};
   const running = !FINAL_STATES.has(task.state);
   const s = task.summary || {};

@@ -8,8 +8,10 @@ import { refreshSoon, sessionExpired } from "./session.js";
 import { navigate, renderMain } from "./router.js";
 import { renderTree } from "./tree.js";
 import { updateVmTaskBanner } from "./vm.js";
+import { maintenanceRouteText, taskTouchesHost } from "./maintenance.js";
 
 export function routeText(t) {
+  if (t.kind === "maintenance") return maintenanceRouteText(t);
   const req = t.request || {};
   const ds = req.datastore ? `, disks to ${req.datastore}` : "";
   if (req.type === "storage") return `on ${req.source || "?"}${ds}`;
@@ -31,7 +33,13 @@ export function upsertTask(task) {
     renderMain();
     updateVmTaskBanner(state.idx ? state.idx.vm.get(task.target) || { name: task.target } : { name: task.target });
   }
-  if (state.route.view === "task" && state.route.id === task.id) renderMain();
+  if (state.route.view === "item" && state.route.kind === "host" && taskTouchesHost(task, state.route.name)) {
+    renderMain();
+  }
+  // A task's page; a maintenance task's shows the migrations it started too (renderMain
+  // rebuilds the page only when what it shows changed).
+  if (state.route.view === "task" && (state.route.id === task.id
+      || (state.tasks.get(state.route.id) || {}).kind === "maintenance")) renderMain();
   if (state.route.view === "item" && state.route.kind === "datacenter" && (ended || started)) renderMain();
 }
 
@@ -77,13 +85,14 @@ export function renderTaskRow(t) {
   const finished = parseTime(t.finished_at);
   const running = !FINAL_STATES.has(t.state);
   $(".vm", row).textContent = t.target || req.vm || "—";
-  $(".type", row).textContent = req.type || t.kind || "—";
+  $(".type", row).textContent = t.kind === "maintenance" ? "enter maintenance" : req.type || t.kind || "—";
   $(".route", row).textContent = routeText(t) || "—";
   const stateEl = $(".state", row);
   stateEl.textContent = t.state;
   stateEl.className = `state badge ${stateClass(t.state)}`;
   stateEl.title = t.error ? `error (${t.error_code}): ${t.error}` : t.state;
   $(".phase", row).textContent = t.phase || "—";
+  $(".phase", row).className = `phase${t.phase === "blocked" && running ? " blocked" : ""}`;
   const pct = Math.max(0, Math.min(100, Number(t.progress) || 0));
   const fill = $(".fill", row);
   fill.style.width = `${pct}%`;
@@ -100,7 +109,9 @@ export function renderTaskRow(t) {
     if (want === "cancel") {
       actions.append(h("button", {
         class: "btn btn-small cancel-btn", type: "button",
-        title: "Cancel: the VM keeps running where it was, on its disks (possible until switchover)",
+        title: t.kind === "maintenance"
+          ? "Cancel: stop moving VMs off the host; those moved stay, and the host stays entering maintenance mode until you exit it"
+          : "Cancel: the VM keeps running where it was, on its disks (possible until switchover)",
         onclick: (ev) => { ev.stopPropagation(); cancelTask(t.id, ev.currentTarget); },
       }, "Cancel"));
     } else if (want === "cancelling") {
@@ -144,7 +155,9 @@ export async function cancelTask(id, button) {
   try {
     const task = await api(`/v1/tasks/${id}/cancel`, { method: "POST" });
     upsertTask(task);
-    setTasksMessage(`Cancelling task ${id}: the VM stays where it was.`, "info");
+    setTasksMessage(task.kind === "maintenance"
+      ? `Cancelling task ${id}: the VMs moved stay where they are; host ${task.target} stays entering maintenance mode until you exit it.`
+      : `Cancelling task ${id}: the VM stays where it was.`, "info");
   } catch (err) {
     if (button) {
       button.disabled = false;

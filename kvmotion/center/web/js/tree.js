@@ -2,7 +2,7 @@
 
 import { $, $$, h, icon, morph } from "./dom.js";
 import { POWER_LABEL } from "./format.js";
-import { activeTaskFor, DATACENTER, state } from "./state.js";
+import { activeTaskFor, DATACENTER, MAINTENANCE_LABEL, state } from "./state.js";
 import { navigate } from "./router.js";
 
 // Each item is <span class="node" data-kind data-name> (display: inline) holding its row and the
@@ -22,7 +22,9 @@ function treeModel() {
   const hostNode = (x) => ({
     kind: "host", name: x.name,
     badge: x.connection === "connected" ? null : "bad",
-    title: `${x.name}: ${x.connection}`,
+    maintenance: x.maintenance || null,
+    title: `${x.name}: ${x.connection}${x.maintenance === "in" ? ", in maintenance mode (takes no new VMs)"
+      : x.maintenance === "entering" ? ", entering maintenance mode (its VMs are moving off)" : ""}`,
     children: idx.vmsOnHost.get(x.name).map(vmNode),
   });
   const clustered = new Set(idx.clusterOfHost.keys());
@@ -80,7 +82,8 @@ function treeItem(node, depth) {
     class: `node${node.group ? " group" : ""}`,
     role: "treeitem",
     "aria-expanded": hasChildren ? String(!collapsed) : null,
-    dataset: node.group ? { group: node.group, key } : { kind: node.kind, name: node.name, key },
+    dataset: node.group ? { group: node.group, key }
+      : { kind: node.kind, name: node.name, key, ...(node.maintenance ? { maintenance: node.maintenance } : {}) },
   };
   const twisty = h("span", {
     class: `twisty${hasChildren ? "" : " leaf"}${collapsed ? " collapsed" : ""}`,
@@ -98,6 +101,10 @@ function treeItem(node, depth) {
     node.group ? "muted" : ""),
   node.badge ? h("span", { class: `badge-dot ${node.badge}`, "aria-hidden": "true" }) : null,
   h("span", { class: "label" }, node.name),
+  node.maintenance ? h("span", {
+    class: `maint-mark ${node.maintenance}`, role: "img", title: node.title,
+    "aria-label": MAINTENANCE_LABEL[node.maintenance] || node.maintenance,
+  }, icon("maintenance")) : null,
   node.group ? h("span", { class: "count" }, String(node.children.length)) : null);
   return h("li", { role: "none" }, h("span", props, row,
     hasChildren && !collapsed

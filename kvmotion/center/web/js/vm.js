@@ -21,7 +21,7 @@ export const vmView = {
   sig: (v) => {
     const host = v.host && state.idx.host.get(v.host);
     const t = activeTaskFor(v.name);
-    return [v, host && host.connection, state.idx.clusterOfHost.get(v.host),
+    return [v, host && host.connection, host && host.maintenance, state.idx.clusterOfHost.get(v.host),
       t && [t.id, FINAL_STATES.has(t.state)]];
   },
   live: (v) => updateVmTaskBanner(v),
@@ -37,6 +37,8 @@ function renderVm(v) {
   const on = v.power_state === "poweredOn";
   const effective = v.evc_mode || (clusterObj && clusterObj.evc_mode) || null;
   const features = (v.cpu && v.cpu.features) || [];
+  // A host in (or entering) maintenance mode powers nothing on: the center refuses it.
+  const held = !on && host && host.maintenance;
   const actions = [
     h("button", {
       id: "console-btn", class: "btn", type: "button", disabled: !on,
@@ -50,8 +52,9 @@ function renderVm(v) {
       onclick: () => openWizard(v.name),
     }, "Migrate..."),
     h("button", {
-      id: "power-on-btn", class: "btn", type: "button", disabled: on || Boolean(task),
-      title: on ? "the VM is already powered on" : "Start the VM on its host",
+      id: "power-on-btn", class: "btn", type: "button", disabled: on || Boolean(task) || Boolean(held),
+      title: on ? "the VM is already powered on" : held ? heldText(v, host)
+        : "Start the VM on its host",
       onclick: () => powerAction(v.name, "power-on"),
     }, "Power on"),
     h("button", {
@@ -63,6 +66,8 @@ function renderVm(v) {
   return h("div", { id: "vm-summary", class: "summary" },
     summaryHeader("vm", v.name, `Virtual machine${host ? ` on ${host.name}` : ""}`, actions, powerBadge(v.power_state)),
     actionMessage(),
+    held ? h("div", { id: "vm-maintenance-note", class: "panel-warn", dataset: { maintenance: host.maintenance } },
+      `${heldText(v, host)}.`) : null,
     h("div", { id: "vm-task-banner", class: "task-banner", hidden: true }),
     h("div", { class: "cards" },
       card("Summary", [
@@ -106,6 +111,13 @@ function renderVm(v) {
       ])));
 }
 
+/** Why a powered-off VM cannot be powered on where it is. */
+function heldText(v, host) {
+  const mode = host.maintenance === "in" ? "is in maintenance mode" : "is entering maintenance mode";
+  return `Host ${host.name} ${mode}: nothing new is powered on there, so ${v.name} cannot start `
+    + `until the host exits maintenance mode (or the VM is migrated to another host)`;
+}
+
 /** The "migrating now" line of a VM summary, updated in place as task events arrive. */
 export function updateVmTaskBanner(v) {
   const el = $("#vm-task-banner");
@@ -127,18 +139,20 @@ export function updateVmTaskBanner(v) {
 
 async function powerAction(vm, action) {
   const label = action === "power-on" ? "Powering on" : "Powering off";
-  showActionMessage(`${label} ${vm}...`, "info");
+  const route = state.route;
+  showActionMessage(`${label} ${vm}...`, "info", route);
   $$("#vm-summary .actions .btn").forEach((b) => { b.disabled = true; });
   try {
     await api(`/v1/vms/${enc(vm)}/${action}`, { method: "POST" });
-    showActionMessage(`${vm} is ${action === "power-on" ? "powered on" : "powered off"}.`, "ok");
+    showActionMessage(`${vm} is ${action === "power-on" ? "powered on" : "powered off"}.`, "ok", route);
     state.mainSig = null;
     await refreshInventory();
-    showActionMessage(`${vm} is ${action === "power-on" ? "powered on" : "powered off"}.`, "ok");
   } catch (err) {
+    // The refusal as the center said it (host_in_maintenance, vm_migrating...); kept by the
+    // summary's rebuilds (widgets.actionMessage) until the next action or page.
+    showActionMessage(errorText(err), "bad", route);
     state.mainSig = null;
     renderMain(true);
-    showActionMessage(`${errorText(err)}`, "bad");
   }
 }
 

@@ -3,7 +3,9 @@
 
 import { $, clear, h, icon, morph } from "./dom.js";
 import { fmtBytes, fmtMiB, POWER_LABEL, vendorName } from "./format.js";
-import { evcLabel, evcText, routeHash, state, vmDatastores } from "./state.js";
+import {
+  evcLabel, evcText, MAINTENANCE_LABEL, routeHash, state, vmDatastores,
+} from "./state.js";
 
 /** Show `view` as the main pane's content: morphed into the one there when it is the same
  * view (same id), else put in its place. */
@@ -73,13 +75,34 @@ export function connectionBadge(c) {
   return stateBadge(c === "connected" ? "Connected" : c, c === "connected" ? "ok" : "bad");
 }
 
-export function actionMessage() {
-  return h("div", { id: "action-message", class: "action-message", role: "status", hidden: true });
+/** A host's maintenance state as a badge (nothing when it is not in maintenance). */
+export function maintenanceBadge(m, id) {
+  if (!m) return null;
+  return h("span", {
+    id, class: `badge ${m === "in" ? "maint" : "warn"}`, dataset: { maintenance: m },
+    title: m === "in" ? "In maintenance mode: no VM runs here, and nothing new is placed, created or powered on here"
+      : "Entering maintenance mode: its running VMs are being moved off, and nothing new comes here",
+  }, MAINTENANCE_LABEL[m] || m);
 }
 
-export function showActionMessage(text, kind = "info") {
+/** The line under a summary's header that says how an action went. What it says is kept in
+ * `state.actionMessage` for the route it was said on, so that a summary rebuilt or morphed by a
+ * refresh shows it still (a refusal must not vanish with the next inventory poll). */
+export function actionMessage() {
+  const m = state.actionMessage;
+  const mine = m && m.route === routeHash(state.route);
+  return h("div", {
+    id: "action-message", class: `action-message${mine ? ` ${m.kind}` : ""}`, role: "status",
+    hidden: !mine,
+  }, mine ? m.text : null);
+}
+
+/** Say `text` on the summary of `route` (the current one unless given: an action that ends
+ * after the user went elsewhere says it where it started, seen on coming back). */
+export function showActionMessage(text, kind = "info", route = state.route) {
+  state.actionMessage = { route: routeHash(route), text, kind };
   const el = $("#action-message");
-  if (!el) return;
+  if (!el || routeHash(route) !== routeHash(state.route)) return;
   el.className = `action-message ${kind}`;
   el.textContent = text;
   el.hidden = false;
@@ -92,7 +115,7 @@ export function hostsTable(hosts, field) {
       const cpu = f.cpu || {};
       return h("tr", { dataset: { host: x.name } },
         h("td", null, itemLink("host", x.name)),
-        h("td", null, connectionBadge(x.connection)),
+        h("td", null, connectionBadge(x.connection), x.maintenance ? [" ", maintenanceBadge(x.maintenance)] : null),
         h("td", null, state.idx.clusterOfHost.has(x.name)
           ? itemLink("cluster", state.idx.clusterOfHost.get(x.name)) : "—"),
         h("td", null, `${vendorName(cpu.vendor)} · ${cpu.count ?? "?"} CPUs`),

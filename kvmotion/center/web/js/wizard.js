@@ -4,7 +4,7 @@ import { $, $$, clear, h } from "./dom.js";
 import { fmtBytes, fmtLink, fmtSeconds, plural, vendorName } from "./format.js";
 import { MIGRATION_TYPES, shortMode, state, TYPE_LABEL, vmDatastores } from "./state.js";
 import { api, enc, errorText } from "./api.js";
-import { closeModal, connectionBadge, openModal } from "./widgets.js";
+import { closeModal, connectionBadge, maintenanceBadge, openModal } from "./widgets.js";
 import { flashTask, setTasksMessage, upsertTask } from "./tasks.js";
 
 const WIZ_STEPS = ["Select a migration type", "Select the destination", "Select options", "Ready to complete"];
@@ -78,6 +78,9 @@ function wizardValid(wiz) {
       if (!wiz.host) return { ok: false, why: "Select a destination host." };
       const c = wiz.hostChecks.get(`${wiz.type}|${wiz.host}`);
       if (!c || c.status === "checking") return { ok: false, why: `Checking ${wiz.host}...` };
+      if (c.level === "error" && c.reasons.some((r) => r.code === "host_in_maintenance")) {
+        return { ok: false, why: `${wiz.host} is in maintenance mode (or entering it): it takes no new VMs. Choose another host, or exit maintenance mode on ${wiz.host} first.` };
+      }
       if (c.level === "error") {
         return { ok: false, why: `${wiz.host} cannot take this VM (see its errors): choose another host${wiz.type === "compute" ? ", or change both compute resource and storage" : ""}.` };
       }
@@ -200,7 +203,8 @@ function hostCandidate(wiz, x) {
     onclick: (ev) => { if (ev.target !== radio && !ev.target.closest("a")) radio.click(); },
   },
   h("td", { class: "pick" }, radio),
-  h("td", null, h("strong", null, x.name), x.connection !== "connected" ? [" ", connectionBadge(x.connection)] : null),
+  h("td", null, h("strong", null, x.name), x.connection !== "connected" ? [" ", connectionBadge(x.connection)] : null,
+    x.maintenance ? [" ", maintenanceBadge(x.maintenance)] : null),
   h("td", null, state.idx.clusterOfHost.get(x.name) || "—"),
   h("td", null, vendorName(cpu.vendor), f.cpu_model && f.cpu_model.highest_evc_mode
     ? h("div", { class: "muted small" }, `EVC up to ${shortMode(f.cpu_model.highest_evc_mode)}`) : null),

@@ -1,0 +1,288 @@
+"""The web client's maintenance mode end to end: real headless Chromium against the lab's center.
+
+On the two-host lab, 172.16.0.172 runs two VMs on the shared datastore and one on its local
+datastore ``local-172`` (which no other host sees, so it cannot move). From the host's page the
+user enters maintenance mode (the dialog says what will happen); the two shared VMs move to .173
+(the tree shows them there) while the page's panel shows the local one blocking the host, with
+the reason naming local-172, and the task's page shows the same. The user powers the blocker off
+from its page (whose Power on then says the host is in maintenance); the host becomes "In
+maintenance" (its badge, the panel, the tree), the Migrate wizard says why it takes no VM, and
+the user exits maintenance mode from the host's page. Screenshots in artifacts/web/3*.png.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kvmotion.lab import labcenter, topology
+from kvmotion.lab.demo import guest_ip, vm_spec, wait_for_guest
+from tests.lab.conftest import center_http
+
+pytestmark = pytest.mark.lab
+
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
+from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
+
+from tests.lab.test_web import (  # noqa: E402
+    CHROMEDRIVER,
+    CHROMIUM,
+    SHOTS,
+    click,
+    css,
+    host_of_vm_in_tree,
+    no_js_errors,
+    open_item,
+    shot,
+    sign_in,
+    tree_item,
+    wait,
+)
+
+SRC, DST = "172.16.0.172", "172.16.0.173"
+MOVABLE = ["vm-m0", "vm-m1"]  # on the shared datastore
+BLOCKER = "vm-mlocal"  # on local-172: no other host sees its disk
+MOVES_S = 600.0  # two compute moves of 256 MiB TCG guests in the lab, with room to spare
+ROUND_S = 30.0  # the evacuation looks again every 3 s; the page hears of it over the stream
+
+
+@pytest.fixture(scope="module")
+def center(lab: topology.LabState) -> Iterator[httpx.Client]:
+    yield from center_http(lab)
+
+
+@pytest.fixture(scope="module")
+def vms(lab: topology.LabState, center: httpx.Client) -> Iterator[None]:
+    """Two movable VMs and one blocker on .172, all running and answering."""
+    specs = [vm_spec(name, i) for i, name in enumerate(MOVABLE)]
+    specs.append(vm_spec(BLOCKER, len(MOVABLE), datastore="local-172"))
+    for spec in specs:
+        r = center.post("/v1/vms", json={"host": SRC, "spec": spec})
+        assert r.status_code == 201, r.text
+        r = center.post(f"/v1/vms/{spec['name']}/power-on")
+        assert r.status_code == 200, r.text
+    for index in range(len(specs)):
+        wait_for_guest(lab, guest_ip(index)).close()
+    yield
+
+
+@pytest.fixture(scope="module")
+def browser(center: httpx.Client) -> Iterator[WebDriver]:
+    """Chromium, signed in to the lab's center."""
+    if not (Path(CHROMIUM).exists() and shutil.which(CHROMEDRIVER)):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (./run setup)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
+    driver = webdriver.Chrome(options=options, service=service)
+    driver.implicitly_wait(0)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        lc = labcenter.load_center()
+        assert lc is not None
+        sign_in(driver, lc.token)
+        yield driver
+    finally:
+        driver.quit()
+
+
+def host_maintenance(driver: WebDriver) -> str:
+    """The host page's maintenance badge: "entering", "in", or "" when there is none."""
+    return _attr(css(driver, "#host-summary #maintenance-badge"), "data-maintenance")
+
+
+def tree_maintenance(driver: WebDriver, host: str) -> str:
+    return _attr(tree_item(driver, "host", host), "data-maintenance")
+
+
+def open_host(driver: WebDriver, host: str) -> None:
+    open_item(driver, "host", host)
+    wait(f"{host}'s summary", lambda: _text(css(driver, "#host-summary h1")) == host)
+
+
+def blocker_row(driver: WebDriver, vm: str) -> WebElement | None:
+    return css(driver, f'#maintenance-blockers tr[data-blocker="{vm}"]')
+
+
+def test_enter_maintenance_from_the_host_page_shows_moves_and_the_blocker_then_exit(
+    center: httpx.Client, vms: None, browser: WebDriver
+) -> None:
+    open_host(browser, SRC)
+    assert host_maintenance(browser) == "" and tree_maintenance(browser, SRC) == ""
+    assert css(browser, "#maintenance-panel") is None
+    click(browser, "#maintenance-enter-btn")
+    dialog = wait("the maintenance dialog", lambda: css(browser, "#maintenance-dialog"))
+    said = dialog.text
+    assert "live-migrated" in said and "takes no new VMs" in said, said
+    for vm in [*MOVABLE, BLOCKER]:
+        assert vm in said, said  # the running VMs it will move
+    shot(browser, "30-maintenance-dialog")
+    click(browser, "#maintenance-confirm")
+    wait("the dialog to close", lambda: css(browser, "#maintenance-dialog") is None)
+
+    # Entering: the badge, the tree's mark, and the panel with the task's progress.
+    wait("the host's badge to say entering", lambda: host_maintenance(browser) == "entering")
+    assert "Entering maintenance" in _text(css(browser, "#maintenance-badge"))
+    wait("the tree to mark the host", lambda: tree_maintenance(browser, SRC) == "entering")
+    mark = css(browser, f'#tree [data-kind="host"][data-name="{SRC}"] .maint-mark')
+    assert mark is not None and "entering maintenance" in (mark.get_attribute("title") or "")
+    panel = wait("the evacuation panel", lambda: css(browser, "#maintenance-panel"))
+    task_id = int(panel.get_attribute("data-task") or 0)
+    assert task_id, panel.get_attribute("outerHTML")
+    task = center.get(f"/v1/tasks/{task_id}").json()
+    assert task["kind"] == "maintenance" and task["target"] == SRC, task
+
+    # The blocker, with its reason naming the datastore only .172 sees.
+    row = wait("the blocker in the panel", lambda: blocker_row(browser, BLOCKER), ROUND_S)
+    reason = row.find_element(By.CSS_SELECTOR, "td.reason").text
+    assert "local-172" in reason, reason
+    wait(
+        "the moves in the panel",
+        lambda: (
+            css(browser, "#maintenance-moving tr[data-moving]")
+            or css(browser, "#maintenance-moved tr[data-moved]")
+        ),
+        ROUND_S,
+    )
+    shot(browser, "31-maintenance-entering")
+
+    # The two shared VMs move to .173: the tree says so, the panel lists them as moved.
+    wait(
+        f"{' and '.join(MOVABLE)} under {DST} in the tree",
+        lambda: all(host_of_vm_in_tree(browser, vm) == DST for vm in MOVABLE),
+        MOVES_S,
+    )
+    wait(
+        "both moved in the panel",
+        lambda: all(css(browser, f'#maintenance-moved tr[data-moved="{vm}"]') for vm in MOVABLE),
+        ROUND_S,
+    )
+    assert host_of_vm_in_tree(browser, BLOCKER) == SRC
+    wait(
+        "the panel to say the host is blocked",
+        lambda: "Blocked" in _text(css(browser, "#maintenance-phase")),
+        ROUND_S,
+    )
+    reason = wait("the blocker still shown", lambda: blocker_row(browser, BLOCKER)).text
+    assert "local-172" in reason, reason
+    assert host_maintenance(browser) == "entering"
+    shot(browser, "32-maintenance-blocked")
+
+    # Recent Tasks and the task's page show it as a maintenance task, not a migration.
+    task_row = wait(
+        "the task in Recent Tasks", lambda: css(browser, f'#tasks [data-task-id="{task_id}"]')
+    )
+    assert _text(task_row.find_element(By.CSS_SELECTOR, ".vm")) == SRC
+    assert _text(task_row.find_element(By.CSS_SELECTOR, ".type")) == "enter maintenance"
+    assert _text(task_row.find_element(By.CSS_SELECTOR, ".phase")) == "blocked"
+    assert BLOCKER in _text(task_row.find_element(By.CSS_SELECTOR, ".route"))
+    click(browser, f'#maintenance-panel a[href="#/task/{task_id}"]')
+    detail = wait("the task's page", lambda: css(browser, '#task-detail[data-kind="maintenance"]'))
+    assert SRC in _text(css(browser, "#task-detail h1"))
+    assert css(browser, "#task-chart") is None, "a maintenance task has no migration chart"
+    row = wait("the blocker on the task's page", lambda: blocker_row(browser, BLOCKER))
+    assert "local-172" in row.text, row.text
+    for vm in MOVABLE:
+        assert css(browser, f'#task-detail #maintenance-moved tr[data-moved="{vm}"]'), detail.text
+    shot(browser, "33-maintenance-task")
+
+    # The admin resolves the blocker: powers it off from its page.
+    open_item(browser, "vm", BLOCKER)
+    wait(f"{BLOCKER}'s summary", lambda: _text(css(browser, "#vm-summary h1")) == BLOCKER)
+    click(browser, "#power-off-btn")
+    click(browser, "#confirm-ok")
+    wait(
+        f"{BLOCKER} powered off",
+        lambda: _value(css(browser, '#vm-summary [data-field="power_state"]')) == "poweredOff",
+        60,
+    )
+    # Its host takes nothing new: Power on says so instead of being refused.
+    note = wait("the maintenance note", lambda: css(browser, "#vm-maintenance-note"))
+    assert SRC in note.text and "maintenance" in note.text, note.text
+    button = wait("Power on disabled", lambda: _disabled(css(browser, "#power-on-btn")))
+    assert "maintenance" in (button.get_attribute("title") or "")
+    shot(browser, "34-maintenance-blocker-off")
+
+    # The host empties: in maintenance.
+    open_host(browser, SRC)
+    wait("the host in maintenance", lambda: host_maintenance(browser) == "in", ROUND_S * 2)
+    assert "In maintenance" in _text(css(browser, "#maintenance-badge"))
+    wait("the tree to mark it in maintenance", lambda: tree_maintenance(browser, SRC) == "in")
+    wait(
+        "the panel to say in maintenance",
+        lambda: _attr(css(browser, "#maintenance-panel"), "data-maintenance") == "in",
+    )
+    assert _enabled(css(browser, "#maintenance-exit-btn"))
+    assert not _enabled(css(browser, "#maintenance-enter-btn"))
+    task = center.get(f"/v1/tasks/{task_id}").json()
+    assert task["state"] == "success" and task["phase"] == "in maintenance", task
+    assert sorted(task["summary"]["moved"]) == MOVABLE, task["summary"]
+    assert center.get(f"/v1/hosts/{SRC}").json()["maintenance"] == "in"
+    shot(browser, "35-maintenance-in")
+
+    # The Migrate wizard says why .172 takes no VM.
+    open_item(browser, "vm", MOVABLE[0])
+    wait(f"{MOVABLE[0]}'s summary", lambda: _text(css(browser, "#vm-summary h1")) == MOVABLE[0])
+    click(browser, "#migrate-btn")
+    click(browser, 'input[name="mtype"][value="compute"]')
+    click(browser, "#wizard-next")
+    candidate = wait(
+        f"{SRC}'s compatibility check",
+        lambda: _checked(css(browser, f'[data-candidate-host="{SRC}"]')),
+        60,
+    )
+    verdict = candidate.find_element(By.CSS_SELECTOR, ".compat").text
+    assert verdict.startswith("Errors") and "maintenance" in verdict, verdict
+    assert "host_in_maintenance" in verdict, verdict
+    shot(browser, "36-maintenance-wizard")
+    click(browser, "#wizard-cancel")
+    wait("the wizard to close", lambda: css(browser, "#wizard") is None)
+
+    # Exit from the host's page.
+    open_host(browser, SRC)
+    click(browser, "#maintenance-exit-btn")
+    wait("the badge to go", lambda: host_maintenance(browser) == "", 30)
+    wait("the tree's mark to go", lambda: tree_maintenance(browser, SRC) == "", 30)
+    wait("the panel to go", lambda: css(browser, "#maintenance-panel") is None)
+    assert "exited maintenance mode" in _text(css(browser, "#action-message"))
+    assert center.get(f"/v1/hosts/{SRC}").json()["maintenance"] is None
+    shot(browser, "37-maintenance-exited")
+    no_js_errors(browser)
+
+
+def _text(element: WebElement | None) -> str:
+    return element.text.strip() if element is not None else ""
+
+
+def _attr(element: WebElement | None, name: str) -> str:
+    return (element.get_attribute(name) or "") if element is not None else ""
+
+
+def _value(element: WebElement | None) -> str:
+    return _attr(element, "data-value")
+
+
+def _enabled(element: WebElement | None) -> WebElement | None:
+    return element if element is not None and element.is_enabled() else None
+
+
+def _disabled(element: WebElement | None) -> WebElement | None:
+    return element if element is not None and not element.is_enabled() else None
+
+
+def _checked(candidate: WebElement | None) -> WebElement | None:
+    """A wizard candidate whose compatibility has been checked (its verdict is shown)."""
+    if candidate is None:
+        return None
+    verdict = candidate.find_elements(By.CSS_SELECTOR, ".compat")
+    text = verdict[0].text if verdict else ""
+    return candidate if text.startswith(("Compatible", "Warnings", "Errors")) else None
