@@ -170,7 +170,11 @@ def create_app(center: Center) -> FastAPI:
 
     @app.get("/v1/hosts", dependencies=auth)
     async def list_hosts() -> list[dict[str, Any]]:
-        return [host_dict(h) for h in await inv.hosts()]
+        return [with_task(host_dict(h)) for h in await inv.hosts()]
+
+    def with_task(host: dict[str, Any]) -> dict[str, Any]:
+        """The host, with its latest maintenance task (None if none since the center started)."""
+        return host | {"maintenance_task": center.maintenance.task_of(host["name"])}
 
     @app.get("/v1/datastores", dependencies=auth)
     async def list_datastores() -> list[dict[str, Any]]:
@@ -211,7 +215,7 @@ def create_app(center: Center) -> FastAPI:
 
     @app.get("/v1/hosts/{name}", dependencies=auth)
     async def get_host(name: str) -> dict[str, Any]:
-        host = host_dict(await inv.host(name))
+        host = with_task(host_dict(await inv.host(name)))
         host["vms"] = [v.name for v in await inv.vms() if v.host and v.host.name == name]
         return host
 

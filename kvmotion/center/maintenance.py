@@ -57,6 +57,11 @@ class Maintenance:
         self.rules = rules
         self.overcommit = overcommit or Overcommit()
         self._runs: dict[str, tuple[int, asyncio.Task[None]]] = {}  # host -> (task, runner)
+        self._last: dict[str, int] = {}  # host -> its latest maintenance task (this center's)
+
+    def task_of(self, host_name: str) -> int | None:
+        """The latest maintenance task of the host since this center started, if any."""
+        return self._last.get(host_name)
 
     async def enter(self, host_name: str) -> int:
         """Start emptying the host; returns the maintenance task's id. Raises NotFound, or
@@ -78,6 +83,7 @@ class Maintenance:
         await record_event(self.db, f"host {host.name} entering maintenance mode", host=host.name)
         runner = asyncio.create_task(self._evacuate(task.id, host.name), name=f"evac-{host.name}")
         self._runs[host.name] = (task.id, runner)
+        self._last[host.name] = task.id
         runner.add_done_callback(lambda _: self._runs.pop(host.name, None))
         return task.id
 
@@ -130,8 +136,9 @@ class Maintenance:
                     await self.tasks.update(
                         task_id, state=TaskState.CANCELLED, phase="cancelled",
                         summary=self._summary(moved, moves, {}, failures),
-                        error=f"cancelled: VMs moved stay moved; host {host_name} stays "
-                        "entering maintenance until `host maintenance exit`",
+                        error=f"VMs moved stay moved; host {host_name} stays entering "
+                        "maintenance until it exits maintenance mode",
+                        error_code="cancelled",
                     )  # fmt: skip
                     return
                 await self._settle(moves, failures, moved)
@@ -191,19 +198,20 @@ class Maintenance:
         running: list[Vm],
         moves: dict[str, int],
         failures: dict[str, list[str]],
-    ) -> dict[str, str]:
+    ) -> dict[str, dict[str, Any]]:
         """Start a migration for each running VM not moving yet, where the placement says;
-        returns the blockers: VM -> why it cannot move."""
-        blockers: dict[str, str] = {}
+        returns the blockers: VM -> why it cannot move (a sentence, and each host's reason)."""
+        blockers: dict[str, dict[str, Any]] = {}
         waiting = []
         for vm in running:
             if vm.name in moves or self.executor.migrating(vm.name):
                 continue
             if len(failures.get(vm.name, [])) >= MAX_ATTEMPTS:
-                blockers[vm.name] = (
-                    f"its last {MAX_ATTEMPTS} migrations failed ({failures[vm.name][-1]}): "
-                    "move or power it off by hand"
-                )
+                blockers[vm.name] = {
+                    "reason": f"its last {MAX_ATTEMPTS} migrations failed "
+                    f"({failures[vm.name][-1]}): move or power it off by hand",
+                    "hosts": [],
+                }
                 continue
             waiting.append(vm)
         if not waiting:
@@ -213,7 +221,14 @@ class Maintenance:
             cluster.where.pop(vm.name, None)
         for placement in plan([vm_view(v, False) for v in waiting], cluster):
             if placement.host is None:
-                blockers[placement.vm] = placement.explain()
+                blockers[placement.vm] = {
+                    "reason": placement.explain(),
+                    "hosts": [
+                        {"host": c.host, "code": c.reasons[0].code, "message": c.reasons[0].message}
+                        for c in placement.candidates
+                        if c.reasons
+                    ],
+                }
                 continue
             try:
                 moves[placement.vm] = await self.executor.submit(
@@ -222,7 +237,7 @@ class Maintenance:
                 log.info("evacuating %s: %s", host_name, placement.explain())
             except KvmotionError as exc:
                 failures.setdefault(placement.vm, []).append(exc.message)
-                blockers[placement.vm] = f"{exc.message} ({exc.code})"
+                blockers[placement.vm] = {"reason": f"{exc.message} ({exc.code})", "hosts": []}
         return blockers
 
     async def _cluster(self, host_name: str, moves: dict[str, int]) -> Cluster:
@@ -243,12 +258,12 @@ class Maintenance:
     def _summary(
         moved: list[str],
         moves: dict[str, int],
-        blockers: dict[str, str],
+        blockers: dict[str, dict[str, Any]],
         failures: dict[str, list[str]],
     ) -> dict[str, Any]:
         return {
             "moved": list(moved),
             "moving": [{"vm": vm, "task": task_id} for vm, task_id in moves.items()],
-            "blockers": [{"vm": vm, "reason": why} for vm, why in blockers.items()],
+            "blockers": [{"vm": vm, **why} for vm, why in blockers.items()],
             "failed_attempts": {vm: why for vm, why in failures.items()},
         }

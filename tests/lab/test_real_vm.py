@@ -331,7 +331,8 @@ def test_serial_console_logs_in_and_follows_the_vm_to_its_new_host(
     lab: topology.LabState, center: httpx.Client, key: Path, server: dict[str, Any]
 ) -> None:
     """`kvmotion vm console`: the getty on the guest's serial port, a login, a command; a
-    compute move with the console open, the console following the VM, a command there; Ctrl-]."""
+    move with the console open (compute, or "both" once the disk is local), the console
+    following the VM, a command there; Ctrl-]."""
     password = secrets.token_hex(8)
     realclients.ssh_run(lab.client_netns, key, USER, server["address"],
                         f"echo {USER}:{password} | sudo -n chpasswd", 60)  # fmt: skip
@@ -352,9 +353,12 @@ def test_serial_console_logs_in_and_follows_the_vm_to_its_new_host(
         viewer.expect(rf"{USER}@{VM}:~\$ ".encode(), 120)
         viewer.type("echo CONSOLE-$((6*7))\r")
         viewer.expect(rb"CONSOLE-42", 60)  # the shell ran it (the typed line says 6*7)
-        here = center.get(f"/v1/vms/{VM}").json()["host"]
-        there = DST if here == SRC else SRC
-        r = center.post(f"/v1/vms/{VM}/migrate", json={"type": "compute", "host": there})
+        vm = center.get(f"/v1/vms/{VM}").json()
+        there = DST if vm["host"] == SRC else SRC
+        body: dict[str, Any] = {"type": "compute", "host": there}
+        if vm["config"]["datastore"] != "shared":  # after the "both" move: a local disk
+            body |= {"type": "both", "datastore": f"local-{there.rsplit('.', 1)[1]}"}
+        r = center.post(f"/v1/vms/{VM}/migrate", json=body)
         assert r.status_code == 202, r.text
         task = wait_task(center, r.json()["id"], deadline=900)
         assert task["state"] == "success", task["error"]

@@ -78,11 +78,16 @@ async def test_a_vm_that_cannot_move_blocks_the_host_saying_why(
     assert task.state == TaskState.RUNNING
     [blocker] = task.summary["blockers"]
     assert blocker["vm"] == "vm-local" and "local-172" in blocker["reason"], blocker
+    assert blocker["hosts"] == [
+        {"host": DST, "code": "datastore_not_shared", "message": blocker["hosts"][0]["message"]}
+    ]
+    assert center.maintenance.task_of(SRC) == task_id
     assert sorted(task.summary["moved"]) == ["vm-a", "vm-b"]  # the others moved meanwhile
     await center.executor.request_cancel(task_id)
     await center.maintenance.wait(task_id)
     task = await center.tasks.get(task_id)
-    assert task.state == TaskState.CANCELLED and "stays entering" in (task.error or "")
+    assert task.state == TaskState.CANCELLED and task.error_code == "cancelled"
+    assert "stays entering" in (task.error or "")
     assert (await center.inventory.host(SRC)).maintenance == "entering"
     assert await vm_host(center, "vm-local") == SRC
     await center.maintenance.exit(SRC)
