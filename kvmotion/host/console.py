@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -164,13 +165,13 @@ async def _tail(
         raise NotFound(
             f"the serial console's log is missing ({exc.strerror})", code="console_unavailable"
         ) from exc
-    size = log_path.stat().st_size
-    if offset is None:
-        offset = size - min(max(history, 0), MAX_HISTORY_BYTES)
-    position = min(max(offset, size - MAX_HISTORY_BYTES, 0), size)
-    if started is not None:
-        await started(position)
     with log_file:
+        size = os.fstat(log_file.fileno()).st_size
+        if offset is None:
+            offset = size - min(max(history, 0), MAX_HISTORY_BYTES)
+        position = min(max(offset, size - MAX_HISTORY_BYTES, 0), size)
+        if started is not None:
+            await started(position)
         while True:
             ended = line.ended.is_set() or not running()
             log_file.seek(position)
