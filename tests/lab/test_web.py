@@ -56,6 +56,11 @@ def vms(mixed_lab: topology.LabState, center: httpx.Client) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[WebDriver]:
+    yield from chromium()
+
+
+def chromium() -> Iterator[WebDriver]:
+    """Headless Chromium through Debian's chromedriver (skips without them), quit after use."""
     if not (Path(CHROMIUM).exists() and shutil.which(CHROMEDRIVER)):
         pytest.skip("Debian's chromium and chromium-driver are not installed (./run setup)")
     options = webdriver.ChromeOptions()

@@ -11,9 +11,7 @@ back by itself after the VM moves. Every screen is saved in artifacts/web/.
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -30,9 +28,7 @@ from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 
 from tests.lab.test_web import (  # noqa: E402
-    CHROMEDRIVER,
-    CHROMIUM,
-    SHOTS,
+    chromium,
     click,
     css,
     no_js_errors,
@@ -79,27 +75,18 @@ def vms(mixed_lab: topology.LabState, center: httpx.Client) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def browser(center: httpx.Client) -> Iterator[WebDriver]:
     """Chromium, signed in to the lab's center."""
-    if not (Path(CHROMIUM).exists() and shutil.which(CHROMEDRIVER)):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (./run setup)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
-    driver = webdriver.Chrome(options=options, service=service)
-    driver.implicitly_wait(0)
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    try:
-        lc = labcenter.load_center()
-        assert lc is not None
-        driver.get(lc.url + "/")
-        wait("the sign-in form", lambda: css(driver, "#token")).send_keys(lc.token)
-        click(driver, "#signin")
-        wait("the app after sign-in", lambda: css(driver, "#app"))
+    for driver in chromium():
+        signed_in(driver)
         yield driver
-    finally:
-        driver.quit()
+
+
+def signed_in(driver: WebDriver) -> None:
+    lc = labcenter.load_center()
+    assert lc is not None
+    driver.get(lc.url + "/")
+    wait("the sign-in form", lambda: css(driver, "#token")).send_keys(lc.token)
+    click(driver, "#signin")
+    wait("the app after sign-in", lambda: css(driver, "#app"))
 
 
 def terminal_text(driver: WebDriver) -> str:

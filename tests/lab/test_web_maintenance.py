@@ -12,9 +12,7 @@ the user exits maintenance mode from the host's page. Screenshots in artifacts/w
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -31,9 +29,7 @@ from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
 
 from tests.lab.test_web import (  # noqa: E402
-    CHROMEDRIVER,
-    CHROMIUM,
-    SHOTS,
+    chromium,
     click,
     css,
     host_of_vm_in_tree,
@@ -75,24 +71,11 @@ def vms(lab: topology.LabState, center: httpx.Client) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def browser(center: httpx.Client) -> Iterator[WebDriver]:
     """Chromium, signed in to the lab's center."""
-    if not (Path(CHROMIUM).exists() and shutil.which(CHROMEDRIVER)):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (./run setup)")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
-    driver = webdriver.Chrome(options=options, service=service)
-    driver.implicitly_wait(0)
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    try:
+    for driver in chromium():
         lc = labcenter.load_center()
         assert lc is not None
         sign_in(driver, lc.token)
         yield driver
-    finally:
-        driver.quit()
 
 
 def host_maintenance(driver: WebDriver) -> str:
