@@ -130,6 +130,19 @@ class ConsoleOpen(BaseModel):
     kind: Literal["serial", "vnc"] = "serial"
 
 
+class BalancingBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["off", "manual", "automatic"] | None = None
+    threshold: int | None = Field(None, ge=1, le=5)
+    window_s: float | None = Field(None, ge=10, le=900)
+    hold_s: float | None = Field(None, ge=0, le=86400)
+
+
+class ApplyBody(BaseModel):
+    ids: list[int] | None = Field(None, max_length=256)  # None: every pending one
+
+
 class EvcBody(BaseModel):
     mode: str | None = Field(None, pattern=r"^[a-z0-9-]{1,40}$")  # None disables EVC
 
@@ -416,6 +429,30 @@ def create_app(center: Center) -> FastAPI:
     async def set_cluster_evc(name: str, body: EvcBody) -> dict[str, Any]:
         await center.clusters.set_evc(name, body.mode)
         return await center.clusters.describe(name)
+
+    @app.get("/v1/clusters/{name}/balancing", dependencies=auth)
+    async def get_balancing(name: str) -> dict[str, Any]:
+        """The cluster's balancing settings and its latest pass (None before the first)."""
+        latest = center.balancer.latest(name)
+        return {
+            "settings": await center.balancer.settings(name),
+            "latest": latest.as_dict() if latest else None,
+        }
+
+    @app.put("/v1/clusters/{name}/balancing", dependencies=auth)
+    async def set_balancing(name: str, body: BalancingBody) -> dict[str, Any]:
+        return await center.balancer.configure(name, **body.model_dump(exclude_none=True))
+
+    @app.post("/v1/clusters/{name}/recommendations", dependencies=auth)
+    async def recommend(name: str) -> dict[str, Any]:
+        """A balancing pass now (whatever the mode): the loads, and the moves it recommends,
+        each with the predictor's time and downtime from a fresh sample."""
+        return (await center.balancer.run_pass(name, predict_moves=True)).as_dict()
+
+    @app.post("/v1/clusters/{name}/recommendations/apply", dependencies=auth)
+    async def apply_recommendations(name: str, body: ApplyBody) -> dict[str, Any]:
+        """Start the latest pass's recommendations (those numbered, or all pending)."""
+        return {"applied": await center.balancer.apply(name, body.ids)}
 
     @app.put("/v1/vms/{vm}/evc", dependencies=auth)
     async def set_vm_evc(vm: str, body: EvcBody) -> dict[str, Any]:

@@ -330,6 +330,23 @@ class CenterClient:
             "PUT", f"/v1/clusters/{_segment(name)}/evc", json={"mode": mode}, timeout=60
         )
 
+    async def balancing(self, name: str) -> JsonObject:
+        return await self._object("GET", f"/v1/clusters/{_segment(name)}/balancing")
+
+    async def set_balancing(self, name: str, **settings: Any) -> JsonObject:
+        body = {k: v for k, v in settings.items() if v is not None}
+        return await self._object("PUT", f"/v1/clusters/{_segment(name)}/balancing", json=body)
+
+    async def recommendations(self, name: str) -> JsonObject:
+        """A balancing pass now: the loads and what it recommends (sampling each VM it would
+        move for the predictor: a few seconds)."""
+        path = f"/v1/clusters/{_segment(name)}/recommendations"
+        return await self._object("POST", path, timeout=120)
+
+    async def apply_recommendations(self, name: str, ids: list[int] | None) -> JsonObject:
+        path = f"/v1/clusters/{_segment(name)}/recommendations/apply"
+        return await self._object("POST", path, json={"ids": ids}, timeout=120)
+
     async def set_vm_evc(self, vm: str, mode: str | None) -> JsonObject:
         return await self._object("PUT", f"/v1/vms/{_segment(vm)}/evc", json={"mode": mode})
 

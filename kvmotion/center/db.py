@@ -67,6 +67,11 @@ class Cluster(Base):
     name: Mapped[str] = mapped_column(String(80), unique=True)
     datacenter_id: Mapped[int] = mapped_column(ForeignKey("datacenters.id"))
     evc_mode: Mapped[str | None] = mapped_column(String(80), default=None)
+    # Balancing (center/balancing.py); None: the default
+    drs_mode: Mapped[str | None] = mapped_column(String(20), default=None)  # off/manual/automatic
+    drs_threshold: Mapped[int | None] = mapped_column(Integer, default=None)  # 1-5
+    drs_window_s: Mapped[float | None] = mapped_column(Float, default=None)
+    drs_hold_s: Mapped[float | None] = mapped_column(Float, default=None)
 
 
 class HostDatastore(Base):

@@ -10,6 +10,7 @@ from typing import Literal
 import httpx
 from pydantic import BaseModel, Field
 
+from kvmotion.center.balancing import INTERVAL_S, Balancer
 from kvmotion.center.clusters import Clusters
 from kvmotion.center.console import ConsoleRelay
 from kvmotion.center.db import Database
@@ -45,6 +46,7 @@ class CenterConfig(ConfigFile):
     # host on top (the lab sets 2: TCG on a small machine).
     migrations_per_host: int | None = Field(None, ge=1, le=64)
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT  # a copy that moves no byte this long aborts
+    balancing_interval_s: float = Field(INTERVAL_S, ge=5.0)  # between passes (center/balancing.py)
 
     def api_tokens(self) -> dict[str, tuple[str, str]]:
         """Every token the API accepts: token -> (name, role)."""
@@ -77,6 +79,10 @@ class Center:
         self.maintenance = Maintenance(
             self.db, self.inventory, self.executor, self.tasks, self.rules
         )
+        self.balancer = Balancer(
+            self.db, self.inventory, self.executor, self.tasks, self.rules,
+            interval_s=config.balancing_interval_s,
+        )  # fmt: skip
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -84,6 +90,7 @@ class Center:
         await self.inventory.ensure_defaults()
         await self._fail_orphaned_tasks()
         self._refresher = asyncio.create_task(self._refresh_loop(), name="refresh-hosts")
+        self.balancer.start()
 
     async def _fail_orphaned_tasks(self) -> None:
         """Tasks a previous center left unfinished: mark them failed, saying so."""
@@ -114,6 +121,7 @@ class Center:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        await self.balancer.close()
         await self.maintenance.close()
         await self.executor.close()
         await self.inventory.close()

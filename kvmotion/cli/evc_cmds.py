@@ -16,7 +16,9 @@ from kvmotion.cli import host_cmds
 from kvmotion.cli.output import console, print_json
 from kvmotion.cli.remote import CenterOpt, JsonOpt, TokenOpt, call, connect, path_name
 
-cluster_app = typer.Typer(help="Clusters and their EVC mode (CPU baseline).", no_args_is_help=True)
+cluster_app = typer.Typer(
+    help="Clusters: their EVC mode (CPU baseline) and balancing (DRS).", no_args_is_help=True
+)
 
 ModeArg = Annotated[str, typer.Argument(help="an EVC mode key, e.g. intel-merom; 'none' disables")]
 

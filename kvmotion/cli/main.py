@@ -11,7 +11,8 @@ import sys
 
 import typer
 
-from kvmotion.cli import (
+from kvmotion.cli import (  # noqa: F401 (balancing_cmds adds its commands on import)
+    balancing_cmds,
     center_cmds,
     console_cmds,
     evc_cmds,

@@ -9,6 +9,7 @@ again, and never starts a second copy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 from collections.abc import Awaitable, Callable
@@ -25,8 +26,9 @@ from kvmotion.host.guestmem import MemoryProfile
 from kvmotion.host.hostqemu import HostQemu
 from kvmotion.host.images import ImageStore
 from kvmotion.host.incoming import Incoming
+from kvmotion.host.load import LoadSampler
 from kvmotion.host.migrationview import MigrationMode
-from kvmotion.host.protocol import MigrateRequest
+from kvmotion.host.protocol import HostLoadOut, MigrateRequest
 from kvmotion.host.tls import MigrationTls
 from kvmotion.host.vm import VirtualMachine
 from kvmotion.host.vmconfig import DEFAULT_DISK_MIB, VmConfig, VmCreateRequest
@@ -57,6 +59,8 @@ class HostAgent:
         self.tls = MigrationTls(config.migration_tls, config.tls_dir)
         self._create_lock = asyncio.Lock()
         self.consoles = Consoles()  # the open serial consoles (host/console.py)
+        self.load = LoadSampler(self._running_pids)  # what the VMs use (host/load.py)
+        self._sampling: asyncio.Task[None] | None = None
 
     # -- start and stop ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -92,12 +96,29 @@ class HostAgent:
             elif not attached and vm.moving_to is not None:
                 log.info("dropping the unfinished disk copies of %s", vm.config.name)
                 vm.storage_move.drop_copies()
+        self._sampling = asyncio.create_task(self.load.run(), name="load-sampler")
 
     async def close(self) -> None:
         """Let go of every VM without stopping any (they outlive the agent)."""
+        if self._sampling is not None:
+            self._sampling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sampling
         await self.consoles.close()
         for vm in self.vms.values():
             await vm.detach()
+
+    def _running_pids(self) -> dict[str, int]:
+        return {
+            vm.config.name: vm.process.pid
+            for vm in self.vms.values()
+            if vm.state is PowerState.POWERED_ON and vm.process is not None and not vm.incoming
+        }
+
+    def load_report(self, window_s: float) -> HostLoadOut:
+        """The VMs' load averaged over the last ``window_s`` seconds."""
+        memory = facts.read_memory()
+        return self.load.report(window_s, facts.read_cpu().count, memory.available_bytes)
 
     def _env(self) -> VmEnvironment:
         return VmEnvironment(

@@ -32,6 +32,7 @@ from kvmotion.host.protocol import (
     FinishRequest,
     FinishResult,
     HostFacts,
+    HostLoadOut,
     IncomingRequest,
     IncomingResult,
     MemoryProfileOut,
@@ -114,6 +115,11 @@ def create_app(agent: HostAgent) -> FastAPI:
     @app.get("/v1/host", dependencies=auth)
     async def host_facts() -> HostFacts:
         return await agent.facts()
+
+    @app.get("/v1/load", dependencies=auth)
+    async def host_load(window: float = Query(300.0, ge=5.0, le=900.0)) -> HostLoadOut:
+        """What each running VM used, averaged over the last ``window`` seconds."""
+        return agent.load_report(window)
 
     @app.get("/v1/vms", dependencies=auth)
     async def list_vms() -> list[VmInfo]:

@@ -27,6 +27,7 @@ from kvmotion.host.protocol import (
     FinishRequest,
     FinishResult,
     HostFacts,
+    HostLoadOut,
     IncomingRequest,
     IncomingResult,
     MemoryProfileOut,
@@ -169,6 +170,10 @@ class AgentClient:
     async def facts(self) -> HostFacts:
         return await self.call(HOST_FACTS, "GET", "/v1/host")
 
+    async def load(self, window_s: float) -> HostLoadOut:
+        """Each running VM's load, averaged over the last ``window_s`` seconds."""
+        return await self.call(_LOAD, "GET", f"/v1/load?window={window_s:g}")
+
     async def list_vms(self) -> list[VmInfo]:
         return await self.call(VM_LIST, "GET", "/v1/vms")
 
@@ -256,5 +261,6 @@ class AgentClient:
 _SHUTDOWN = TypeAdapter(ShutdownResult)
 _INCOMING = TypeAdapter(IncomingResult)
 _PROFILE = TypeAdapter(MemoryProfileOut)
+_LOAD = TypeAdapter(HostLoadOut)
 _FINISH = TypeAdapter(FinishResult)
 _ABORT = TypeAdapter(AbortResult)

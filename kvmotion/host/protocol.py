@@ -55,6 +55,7 @@ __all__ = [
     "FinishRequest",
     "FinishResult",
     "HostFacts",
+    "HostLoadOut",
     "IncomingRequest",
     "IncomingResult",
     "MemoryProfileOut",
@@ -66,6 +67,7 @@ __all__ = [
     "TuneRequest",
     "VmCreateRequest",
     "VmInfo",
+    "VmLoadOut",
     "build",
     "facts_json",
     "vm_json",
@@ -268,6 +270,24 @@ class MemoryProfileOut(BaseModel):
 
 class AbortResult(BaseModel):
     done: str
+
+
+class VmLoadOut(BaseModel):
+    """A VM's load averaged over a window (host/load.py)."""
+
+    cpu: float  # CPU cores its QEMU used
+    memory_mib: float  # its resident memory
+    seconds: float  # how much of the window its samples cover
+    samples: int
+
+
+class HostLoadOut(BaseModel):
+    window_s: float
+    interval_s: float
+    cpus: int
+    host_cpu_busy: float | None  # the share of all CPUs busy (None: not sampled yet)
+    memory_available_mib: int
+    vms: dict[str, VmLoadOut]  # by name; a VM sampled fewer than twice is absent
 
 
 VM_INFO = TypeAdapter(VmInfo)

@@ -117,7 +117,7 @@ def place(vm: VmView, cluster: Cluster) -> Placement:
     for name in sorted(cluster.views):
         if name == vm.host:
             continue
-        reasons = _filters(vm, source, cluster.views[name], cluster)
+        reasons = ruled_out(vm, source, cluster.views[name], cluster)
         hard, soft = findings(vm.name, name, cluster.rules, cluster.where)
         if reasons or hard:
             out.append(Candidate(name, None, (*reasons, *hard)))
@@ -146,9 +146,10 @@ def plan(vms: Sequence[VmView], cluster: Cluster) -> list[Placement]:
     return placements
 
 
-def _filters(
+def ruled_out(
     vm: VmView, source: HostView | None, dest: HostView, cluster: Cluster
 ) -> tuple[Finding, ...]:
+    """Why ``vm`` cannot go to ``dest`` (its rules aside): empty if it can."""
     capacity = cluster.capacity[dest.name]
     if not dest.connected:
         return (Finding("host_disconnected", f"{dest.name} is not connected"),)

@@ -35,6 +35,7 @@ from kvmotion.host.protocol import (
     VM_LIST,
     AbortResult,
     FinishResult,
+    HostLoadOut,
     IncomingResult,
     MemoryProfileOut,
 )
@@ -65,6 +66,7 @@ ROUTES: tuple[tuple[str, str, re.Pattern[str]], ...] = tuple(
         ("storage_mirror", "POST", f"{_VM}/storage/mirror"),
         ("storage_cancel", "POST", f"{_VM}/storage/cancel"),
         ("memory_profile", "POST", f"{_VM}/memory-profile"),
+        ("load", "GET", "/v1/load"),
     )
 )
 
@@ -88,6 +90,7 @@ REPLIES: dict[str, TypeAdapter[Any]] = {
     ),
     "incoming": TypeAdapter(IncomingResult),
     "memory_profile": TypeAdapter(MemoryProfileOut),
+    "load": TypeAdapter(HostLoadOut),
     "finish": TypeAdapter(FinishResult),
     "storage_cancel": TypeAdapter(AbortResult),
     "abort": TypeAdapter(AbortResult),
@@ -149,6 +152,7 @@ class FakeVm:
     disk_polls: int = 0
     moving_to: str | None = None  # the datastore a local copy goes to
     created: bool = False  # a destination made new disks for it (change both)
+    cpu: float = 0.05  # what /v1/load says it uses (cores), while it runs
 
     @property
     def name(self) -> str:
@@ -421,6 +425,15 @@ class FakeAgents(httpx.AsyncBaseTransport):
             return 201, self._create(host, body).info()
         if route == "incoming":
             return 201, self._incoming(host, body)
+        if route == "load":
+            running = [v for v in host.vms.values() if v.power_state == "poweredOn"]
+            return 200, {
+                "window_s": float(query.get("window", 300)), "interval_s": 5.0,
+                "cpus": host.facts["cpu"]["count"], "host_cpu_busy": None,
+                "memory_available_mib": host.facts["memory"]["available_bytes"] // 2**20,
+                "vms": {v.name: {"cpu": v.cpu, "memory_mib": 100.0, "seconds": 60.0, "samples": 13}
+                        for v in running},
+            }  # fmt: skip
         if route == "memory_profile" and ref is not None:
             ram = int(host.find(ref).config["memory_mib"]) * 2**20
             return 200, {"ram_bytes": ram, **host.profile}
