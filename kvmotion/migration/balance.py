@@ -8,9 +8,15 @@ view, capacity and the rules), the recent moves, and the cluster's settings.
   load the memory its VMs use (resident) over its memory. Only the VMs count, as vSphere's DRS
   counts VM demand: a host's own work is not the balancer's to move (and in the lab every host
   shares one kernel, so a host-wide figure would be the same on all of them).
-- **Imbalance**: the standard deviation of the hosts' CPU loads plus that of their memory loads
-  (Watcher's "workload stabilization", weights 1 and 1). Hosts that are disconnected or in
-  maintenance are not part of it: nothing may be placed there.
+- **Imbalance**: the standard deviation of the hosts' loads, CPU and memory taken together
+  (the root of the sum of both variances; Watcher's "workload stabilization" with weights 1
+  and 1). Hosts that are disconnected or in maintenance are not part of it: nothing may be
+  placed there.
+- **A move's gain**: how much it lowers the hosts' summed squared deviations from the mean:
+  ``2·d·(La - Lb - d)`` for a load ``d`` moved from a host at ``La`` to one at ``Lb`` (per
+  resource). Unlike the standard deviation's change, it does not shrink as the cluster grows
+  (one move among 1,000 hosts barely moves a standard deviation), and a positive gain always
+  lowers the imbalance.
 - **A pass** first makes the *mandatory* moves (a VM where a must rule forbids it, at any
   threshold, as vSphere's level 1), then, while the imbalance is above the threshold's
   tolerance, the single move that lowers it most, each move seeing those before it, up to
@@ -41,15 +47,15 @@ from kvmotion.migration.rules import findings
 @dataclass(frozen=True)
 class Level:
     tolerance: float  # an imbalance at or below this is left alone
-    min_gain: float  # what a move must lower the imbalance by (for an instant move)
+    min_gain: float  # the gain a move needs (for an instant move): see the module's doc
 
 
 LEVELS: dict[int, Level | None] = {
     1: None,  # mandatory moves only
     2: Level(0.20, 0.05),
-    3: Level(0.10, 0.02),
-    4: Level(0.05, 0.01),
-    5: Level(0.02, 0.004),
+    3: Level(0.10, 0.01),
+    4: Level(0.05, 0.004),
+    5: Level(0.02, 0.001),
 }
 COST_SCALE_S = 60.0  # a move this long must gain twice the minimum
 SOURCES = 3  # the most loaded hosts whose VMs are tried, per move
@@ -191,9 +197,12 @@ class _State:
     def imbalance(self, sums: Sequence[float] | None = None) -> float:
         c1, c2, m1, m2 = sums or self.sums
         n = max(len(self.hosts), 1)
-        return math.sqrt(max(c2 / n - (c1 / n) ** 2, 0.0)) + math.sqrt(
-            max(m2 / n - (m1 / n) ** 2, 0.0)
-        )
+        return math.sqrt(max(c2 / n - (c1 / n) ** 2, 0.0) + max(m2 / n - (m1 / n) ** 2, 0.0))
+
+    def gain(self, imbalance: float, after: float) -> float:
+        """What lowering the imbalance from ``imbalance`` to ``after`` takes off the hosts'
+        summed squared deviations (the same whatever the cluster's size)."""
+        return len(self.hosts) * (imbalance**2 - after**2)
 
     def shares_after(self, vm: str, dest: str) -> tuple[float, float, float, float]:
         """(source CPU, source memory, dest CPU, dest memory) once ``vm`` is on ``dest``."""
@@ -323,10 +332,11 @@ def _best_load_move(
             need = level.min_gain * (1 + state.load[vm].move_s / COST_SCALE_S)
             for dest in targets:
                 after = state.imbalance_after(vm, dest)
-                if imbalance - after > need:
-                    weighed.append((-(imbalance - after), need, vm, dest, after))
+                gain = state.gain(imbalance, after)
+                if gain > need:
+                    weighed.append((-gain, need, vm, dest, after))
     weighed.sort()
-    for _, need, vm, dest, after in weighed:
+    for minus_gain, need, vm, dest, after in weighed:
         if _undoes(vm, dest, state, history) or not state.allowed(vm, dest):
             continue
         source = str(state.views[vm].host)
@@ -337,8 +347,8 @@ def _best_load_move(
             f"{dest} CPU {state.cpu[dest]:.0%} memory {state.mem[dest]:.0%}; {vm} uses "
             f"{load.cpu:.2f} cores and {load.memory_mib:.0f} MiB; after: {source} CPU {sc:.0%} "
             f"memory {sm:.0%}, {dest} CPU {dc:.0%} memory {dm:.0%}; imbalance "
-            f"{imbalance:.3f} -> {after:.3f} (a gain over {need:.3f} is needed "
-            f"at threshold {threshold} for a move of ~{load.move_s:.0f} s)"
+            f"{imbalance:.3f} -> {after:.3f}, a gain of {-minus_gain:.4f} (over {need:.4f} is "
+            f"needed at threshold {threshold} for a move of ~{load.move_s:.0f} s)"
         )
         move = Move(
             vm, source, dest, False, reason, round(imbalance, 4), round(after, 4),
@@ -348,8 +358,8 @@ def _best_load_move(
     if not weighed:
         held = len(recent & set(state.running))
         return None, (
-            f"no move lowers the imbalance {imbalance:.3f} by the {level.min_gain:.3f} "
-            f"threshold {threshold} needs"
+            f"no move lowers the imbalance {imbalance:.3f} enough: threshold {threshold} "
+            f"needs a gain of {level.min_gain:g} or more"
             + (f" ({held} VM(s) held after a recent move)" if held else "")
         )
     return None, (
