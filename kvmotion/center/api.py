@@ -29,7 +29,8 @@ from kvmotion.center import images
 from kvmotion.center.console import KINDS, TICKET_TTL_S, check_console
 from kvmotion.center.db import Event, Host
 from kvmotion.center.inventory import datastore_dict, host_dict, vm_dict
-from kvmotion.center.placing import place_new_vm
+from kvmotion.center.placing import place_new_vm, place_vm
+from kvmotion.center.relocation import relocate
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import TaskState, task_dict
 from kvmotion.errors import Conflict, Forbidden, InvalidInput, KvmotionError, NotFound, Unauthorized
@@ -128,6 +129,18 @@ class RuleBody(BaseModel):
 
 class ConsoleOpen(BaseModel):
     kind: Literal["serial", "vnc"] = "serial"
+
+
+class MaintenanceBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    evacuate_powered_off: bool = False  # register powered-off VMs on other hosts too
+
+
+class ExitBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    move_back: bool = False  # migrate back what the evacuation moved off
 
 
 class BalancingBody(BaseModel):
@@ -242,15 +255,22 @@ def create_app(center: Center) -> FastAPI:
         return vm_dict(await inv.vm(vm))
 
     @app.post("/v1/hosts/{name}/maintenance/enter", dependencies=auth, status_code=202)
-    async def enter_maintenance(name: str) -> dict[str, Any]:
+    async def enter_maintenance(name: str, body: MaintenanceBody | None = None) -> dict[str, Any]:
         """Empty the host of running VMs (live migrations where the placement says), then
         hold it in maintenance; the task shows what moves and what blocks it."""
-        task_id = await center.maintenance.enter(name)
+        task_id = await center.maintenance.enter(
+            name, evacuate_powered_off=body is not None and body.evacuate_powered_off
+        )
         return task_dict(await center.tasks.get(task_id))
 
     @app.post("/v1/hosts/{name}/maintenance/exit", dependencies=auth)
-    async def exit_maintenance(name: str) -> dict[str, Any]:
-        return host_dict(await center.maintenance.exit(name))
+    async def exit_maintenance(name: str, body: ExitBody | None = None) -> dict[str, Any]:
+        """End maintenance mode; with ``move_back``, what its evacuation moved off comes back
+        (``moved_back``: a task, or why not, per VM)."""
+        host = host_dict(await center.maintenance.exit(name))
+        if body is not None and body.move_back:
+            host["moved_back"] = await center.maintenance.move_back(name)
+        return host
 
     def taking_new_vms(host: Host) -> None:
         if host.maintenance is not None:
@@ -295,9 +315,26 @@ def create_app(center: Center) -> FastAPI:
 
     @app.post("/v1/vms/{vm}/power-on", dependencies=auth)
     async def power_on(vm: str) -> dict[str, Any]:
-        """Power on; in an EVC cluster (or with a per-VM mode) the VM gets that baseline."""
+        """Power on; in an EVC cluster (or with a per-VM mode) the VM gets that baseline. A
+        powered-off VM whose host is in maintenance is first registered on the host the
+        placement chooses (``placed`` says where and why), or refused if none fits."""
+        record = await inv.vm(vm)
+        placed = None
+        in_maintenance = record.host is not None and record.host.maintenance is not None
+        if in_maintenance and record.power_state == "poweredOff":
+            placement = await place_vm(inv, center.rules, record)
+            if placement.host is None:
+                raise Conflict(
+                    f"its host is in maintenance mode and no other host can take "
+                    f"VM {record.name}: {placement.explain()}",
+                    code="host_in_maintenance",
+                )
+            await relocate(center.db, inv, center.executor, center.tasks, center.rules,
+                           record.name, placement.host)  # fmt: skip
+            placed = placement.explain()
         mode = await center.clusters.effective_mode(await inv.vm(vm))
-        return await _power(vm, "power_on", evc_mode=mode)
+        answer = await _power(vm, "power_on", evc_mode=mode)
+        return answer | {"placed": placed} if placed else answer
 
     @app.post("/v1/vms/{vm}/shutdown", dependencies=auth)
     async def shutdown(vm: str) -> dict[str, Any]:
@@ -387,6 +424,13 @@ def create_app(center: Center) -> FastAPI:
     # -- migrations ------------------------------------------------------------------------------
     @app.post("/v1/vms/{vm}/migrate", dependencies=auth, status_code=202)
     async def migrate(vm: str, body: MigrateBody) -> dict[str, Any]:
+        """A migration task. A powered-off VM given another host (type compute) is moved by
+        registering it there (center/relocation.py): its task has ended when this answers."""
+        record = await inv.vm(vm)
+        if record.power_state == "poweredOff" and body.type == "compute" and body.host:
+            task_id = await relocate(center.db, inv, center.executor, center.tasks,
+                                     center.rules, vm, body.host)  # fmt: skip
+            return task_dict(await center.tasks.get(task_id))
         task_id = await center.executor.submit(body.request(vm))
         return task_dict(await center.tasks.get(task_id))
 

@@ -175,11 +175,14 @@ class CenterClient:
     async def delete_rule(self, name: str) -> None:
         await self.request("DELETE", f"/v1/rules/{_segment(name)}")
 
-    async def enter_maintenance(self, name: str) -> JsonObject:
-        return await self._object("POST", f"/v1/hosts/{_segment(name)}/maintenance/enter")
+    async def enter_maintenance(self, name: str, evacuate_powered_off: bool = False) -> JsonObject:
+        path = f"/v1/hosts/{_segment(name)}/maintenance/enter"
+        body = {"evacuate_powered_off": evacuate_powered_off}
+        return await self._object("POST", path, json=body)
 
-    async def exit_maintenance(self, name: str) -> JsonObject:
-        return await self._object("POST", f"/v1/hosts/{_segment(name)}/maintenance/exit")
+    async def exit_maintenance(self, name: str, move_back: bool = False) -> JsonObject:
+        path = f"/v1/hosts/{_segment(name)}/maintenance/exit"
+        return await self._object("POST", path, json={"move_back": move_back}, timeout=120)
 
     async def host(self, name: str) -> JsonObject:
         return await self._object("GET", f"/v1/hosts/{_segment(name)}")

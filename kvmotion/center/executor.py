@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from kvmotion.center import postcopy
@@ -68,6 +69,18 @@ class Executor:
     def migrating(self, vm_name: str) -> bool:
         """A migration of this VM runs, or a request for one is being checked."""
         return vm_name in self.active or vm_name in self._reserved
+
+    @contextlib.contextmanager
+    def reserved(self, vm_name: str) -> Iterator[None]:
+        """The VM counts as migrating while this lasts (a powered-off VM's relocation:
+        center/relocation.py); Conflict if it already does."""
+        if self.migrating(vm_name):
+            raise Conflict(f"VM {vm_name} is already being moved", code="already_migrating")
+        self._reserved.add(vm_name)
+        try:
+            yield
+        finally:
+            self._reserved.discard(vm_name)
 
     def costs(self, req: MigrationRequest, vm: Vm, *hosts: Host) -> Demand:
         """What a migration takes while it runs: each of ``hosts`` and its link, and the

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
@@ -29,6 +30,7 @@ from kvmotion.center.db import Database, Host, Vm
 from kvmotion.center.executor import Executor
 from kvmotion.center.inventory import Inventory, vm_view
 from kvmotion.center.placing import cluster_now
+from kvmotion.center.relocation import relocate
 from kvmotion.center.rules import Rules
 from kvmotion.center.tasks import TaskState, TaskStore, record_event
 from kvmotion.errors import Conflict, KvmotionError
@@ -42,6 +44,14 @@ ROUND_S = 3.0  # between two looks at the host while VMs block it
 SETTLE_POLL_S = 0.1  # how often the moves under way are looked at (one ending starts a round)
 EXIT_WAIT_S = 10.0  # exit waits this long (past a round) for the evacuation to stop
 MAX_ATTEMPTS = 3  # migrations of one VM that may fail before it blocks the host
+
+
+@dataclass
+class _PoweredOff:
+    """What became of the host's powered-off VMs (``--evacuate-powered-off``)."""
+
+    moved: list[str] = field(default_factory=list)
+    stayed: dict[str, str] = field(default_factory=dict)  # VM -> why
 
 
 class Maintenance:
@@ -66,9 +76,11 @@ class Maintenance:
         """The latest maintenance task of the host since this center started, if any."""
         return self._last.get(host_name)
 
-    async def enter(self, host_name: str) -> int:
-        """Start emptying the host; returns the maintenance task's id. Raises NotFound, or
-        Conflict if the host is already in maintenance or being emptied."""
+    async def enter(self, host_name: str, *, evacuate_powered_off: bool = False) -> int:
+        """Start emptying the host; returns the maintenance task's id. With
+        ``evacuate_powered_off``, its powered-off VMs are registered on other hosts too (those
+        that cannot go stay, listed, and do not block). Raises NotFound, or Conflict if the
+        host is already in maintenance or being emptied."""
         host = await self.inventory.host(host_name)
         if host.maintenance == IN_MAINTENANCE:
             raise Conflict(
@@ -81,10 +93,15 @@ class Maintenance:
                 code="entering_maintenance",
             )
         await self._set(host.name, ENTERING)
-        task = await self.tasks.create("maintenance", host.name, {"host": host.name})
+        task = await self.tasks.create(
+            "maintenance", host.name,
+            {"host": host.name, "evacuate_powered_off": evacuate_powered_off},
+        )  # fmt: skip
         await self.tasks.update(task.id, state=TaskState.RUNNING, phase="evacuating")
         await record_event(self.db, f"host {host.name} entering maintenance mode", host=host.name)
-        runner = asyncio.create_task(self._evacuate(task.id, host.name), name=f"evac-{host.name}")
+        runner = asyncio.create_task(
+            self._evacuate(task.id, host.name, evacuate_powered_off), name=f"evac-{host.name}"
+        )
         self._runs[host.name] = (task.id, runner)
         self._last[host.name] = task.id
         runner.add_done_callback(lambda _: self._runs.pop(host.name, None))
@@ -105,6 +122,42 @@ class Maintenance:
         host = await self._set(host.name, None)
         await record_event(self.db, f"host {host.name} exited maintenance mode", host=host.name)
         return host
+
+    async def move_back(self, host_name: str) -> list[dict[str, Any]]:
+        """Move back what the host's latest evacuation moved off it and is still away: running
+        VMs by live migration (queued by the cost model), powered-off ones by registering them
+        here again. One entry per VM: its task, or why it stays."""
+        host = await self.inventory.host(host_name)
+        if host.maintenance is not None:
+            raise Conflict(
+                f"host {host.name} is in maintenance mode: exit it first", code="in_maintenance"
+            )
+        latest = next(
+            (t for t in await self.tasks.list(limit=500)
+             if t.kind == "maintenance" and t.target == host.name),
+            None,
+        )  # fmt: skip
+        summary = (latest.summary or {}) if latest is not None else {}
+        results: list[dict[str, Any]] = []
+        for name in [*summary.get("moved", []), *summary.get("powered_off_moved", [])]:
+            try:
+                vm = await self.inventory.vm(name)
+                if vm.host is None or vm.host.name == host.name:
+                    continue  # back already (or gone)
+                if vm.power_state == "poweredOn":
+                    task_id = await self.executor.submit(MigrationRequest(vm.name, host.name))
+                elif vm.power_state == "poweredOff":
+                    task_id = await relocate(
+                        self.db, self.inventory, self.executor, self.tasks, self.rules,
+                        vm.name, host.name,
+                    )  # fmt: skip
+                else:
+                    results.append({"vm": name, "error": f"it is {vm.power_state}"})
+                    continue
+                results.append({"vm": name, "task": task_id})
+            except KvmotionError as exc:
+                results.append({"vm": name, "error": f"{exc.message} ({exc.code})"})
+        return results
 
     async def wait(self, task_id: int) -> None:
         for tid, runner in list(self._runs.values()):
@@ -128,17 +181,20 @@ class Maintenance:
             return host
 
     # -- the evacuation ----------------------------------------------------------------------
-    async def _evacuate(self, task_id: int, host_name: str) -> None:
+    async def _evacuate(self, task_id: int, host_name: str, powered_off: bool = False) -> None:
         moves: dict[str, int] = {}  # VM -> its migration task
         failures: dict[str, list[str]] = {}  # VM -> why its migrations failed
         moved: list[str] = []
+        off = _PoweredOff()
         try:
             while True:
+                if powered_off:
+                    await self._relocate_powered_off(host_name, off)
                 task = await self.tasks.get(task_id)
                 if task.cancel_requested:
                     await self.tasks.update(
                         task_id, state=TaskState.CANCELLED, phase="cancelled",
-                        summary=self._summary(moved, moves, {}, failures),
+                        summary=self._summary(moved, moves, {}, failures, off),
                         error=f"VMs moved stay moved; host {host_name} stays entering "
                         "maintenance until it exits maintenance mode",
                         error_code="cancelled",
@@ -150,7 +206,7 @@ class Maintenance:
                     await self._set(host_name, IN_MAINTENANCE)
                     await self.tasks.update(
                         task_id, state=TaskState.SUCCESS, phase="in maintenance", progress=100.0,
-                        summary=self._summary(moved, moves, {}, failures),
+                        summary=self._summary(moved, moves, {}, failures, off),
                     )  # fmt: skip
                     await record_event(
                         self.db, f"host {host_name} is in maintenance mode ({len(moved)} VMs "
@@ -163,7 +219,7 @@ class Maintenance:
                     task_id,
                     phase="blocked" if blockers and not moves else "evacuating",
                     progress=round(100.0 * len(moved) / total, 1) if total else 0.0,
-                    summary=self._summary(moved, moves, blockers, failures),
+                    summary=self._summary(moved, moves, blockers, failures, off),
                 )
                 await self._next_round(moves)
         except Exception as exc:
@@ -173,6 +229,28 @@ class Maintenance:
                     task_id, state=TaskState.ERROR, error=f"the evacuation failed: {exc}",
                     error_code="evacuation_failed",
                 )  # fmt: skip
+
+    async def _relocate_powered_off(self, host_name: str, off: _PoweredOff) -> None:
+        """Register each powered-off VM of the host (not tried yet) where the placement says;
+        one that cannot go stays, with its reason (it does not block: it does not run)."""
+        waiting = [
+            v for v in await self.inventory.vms()
+            if v.host is not None and v.host.name == host_name and v.power_state == "poweredOff"
+            and v.name not in off.moved and v.name not in off.stayed
+        ]  # fmt: skip
+        if not waiting:
+            return
+        cluster = await cluster_now(self.inventory, self.rules, self.overcommit)
+        for placement in plan([vm_view(v, False) for v in waiting], cluster):
+            if placement.host is None:
+                off.stayed[placement.vm] = placement.explain()
+                continue
+            try:
+                await relocate(self.db, self.inventory, self.executor, self.tasks, self.rules,
+                               placement.vm, placement.host)  # fmt: skip
+                off.moved.append(placement.vm)
+            except KvmotionError as exc:
+                off.stayed[placement.vm] = f"{exc.message} ({exc.code})"
 
     async def _next_round(self, moves: dict[str, int]) -> None:
         """Until one of the moves ends (the next VM may go at once), or ``ROUND_S``."""
@@ -278,10 +356,13 @@ class Maintenance:
         moves: dict[str, int],
         blockers: dict[str, dict[str, Any]],
         failures: dict[str, list[str]],
+        off: _PoweredOff,
     ) -> dict[str, Any]:
         return {
             "moved": list(moved),
             "moving": [{"vm": vm, "task": task_id} for vm, task_id in moves.items()],
             "blockers": [{"vm": vm, **why} for vm, why in blockers.items()],
             "failed_attempts": {vm: why for vm, why in failures.items()},
+            "powered_off_moved": list(off.moved),
+            "powered_off_stayed": [{"vm": vm, "reason": why} for vm, why in off.stayed.items()],
         }

@@ -4,7 +4,7 @@ every host's view and capacity now, for an evacuation and for a new VM given no 
 from __future__ import annotations
 
 from kvmotion.center.db import Host, Vm
-from kvmotion.center.inventory import Inventory, host_view
+from kvmotion.center.inventory import Inventory, host_view, vm_view
 from kvmotion.center.rules import Rules
 from kvmotion.errors import InsufficientResources
 from kvmotion.host.vmconfig import VmCreateRequest
@@ -66,3 +66,11 @@ async def place_new_vm(inventory: Inventory, rules: Rules, spec: VmCreateRequest
     if placement.host is None:
         raise InsufficientResources(placement.explain(), code="no_host_fits")
     return placement
+
+
+async def place_vm(inventory: Inventory, rules: Rules, vm: Vm) -> Placement:
+    """Where a registered VM (powered off: its datastores and networks decide) would go,
+    among the other hosts."""
+    cluster = await cluster_now(inventory, rules)
+    cluster.where.pop(vm.name, None)
+    return place(vm_view(vm, False), cluster)

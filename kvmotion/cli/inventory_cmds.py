@@ -361,6 +361,8 @@ def _power(
     if json_out:
         print_json(info)
         return
+    if info.get("placed"):
+        console.print(f"placed (its host is in maintenance): {info['placed']}", highlight=False)
     line = f"VM {info['name']} on {info.get('host')}: {info['power_state']}"
     console.print(line, highlight=False)
 
@@ -493,7 +495,8 @@ def vm_migrate(
     token: TokenOpt = None,
 ) -> None:
     """Live-migrate a running VM: to another host (--host), its disks to another datastore
-    (--datastore), or both at once; shows its progress and timeline.
+    (--datastore), or both at once; shows its progress and timeline. A powered-off VM given
+    --host alone is registered there (its files stay).
 
     Ctrl-C while it runs cancels the migration (the VM keeps running where it was, on its disks).
     Exit codes: 0 migrated, 1 failed or cancelled, 3 refused by the precheck (nothing changed).
@@ -529,6 +532,16 @@ def vm_migrate(
             _print_precheck(vm, _where(host, datastore), result)
         raise typer.Exit(0 if result.get("ok") else 3)
     task = call(ref, lambda c: c.migrate(vm, host, kind.value, downtime_ms, bandwidth, **options))
+    if task.get("kind") == "relocate":  # powered off: registered there, already done
+        if json_out:
+            print_json(task)
+        else:
+            console.print(
+                f"[green]VM {vm} (powered off) is now registered on {host}[/] (task "
+                f"{task['id']}; its files stay where they are)",
+                highlight=False,
+            )
+        return
     if no_wait:
         if json_out:
             print_json(task)

@@ -33,13 +33,20 @@ def enter(
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="follow the evacuation until it ends")
     ] = True,
+    evacuate_powered_off: Annotated[
+        bool,
+        typer.Option(
+            "--evacuate-powered-off",
+            help="register its powered-off VMs on other hosts too (their files stay)",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
     center: CenterOpt = None,
     token: TokenOpt = None,
 ) -> None:
     """Move every running VM off the host (live), then hold it in maintenance mode."""
     ref = connect(center, token)
-    task = call(ref, lambda c: c.enter_maintenance(host))
+    task = call(ref, lambda c: c.enter_maintenance(host, evacuate_powered_off))
     if not wait:
         if json_out:
             print_json(task)
@@ -66,14 +73,26 @@ def enter(
 
 @app.command("exit")
 def exit_(
-    host: HostArg, json_out: JsonOpt = False, center: CenterOpt = None, token: TokenOpt = None
+    host: HostArg,
+    move_back: Annotated[
+        bool,
+        typer.Option("--move-back", help="migrate back the VMs its evacuation moved off"),
+    ] = False,
+    json_out: JsonOpt = False,
+    center: CenterOpt = None,
+    token: TokenOpt = None,
 ) -> None:
-    """End maintenance mode (VMs moved off stay where they are)."""
-    info = call(connect(center, token), lambda c: c.exit_maintenance(host))
+    """End maintenance mode (the VMs moved off stay where they are, unless --move-back)."""
+    info = call(connect(center, token), lambda c: c.exit_maintenance(host, move_back))
     if json_out:
         print_json(info)
-    else:
-        console.print(f"host {host} exited maintenance mode")
+        return
+    console.print(f"host {host} exited maintenance mode")
+    for back in info.get("moved_back", []):
+        if "task" in back:
+            console.print(f"moving {back['vm']} back (task {back['task']})", highlight=False)
+        else:
+            console.print(f"[yellow]{back['vm']} stays: {back['error']}[/]", highlight=False)
 
 
 async def follow(client: CenterClient, task_id: int, quiet: bool = False) -> dict[str, Any]:
@@ -85,6 +104,10 @@ async def follow(client: CenterClient, task_id: int, quiet: bool = False) -> dic
         lines = [f"moving {m['vm']} (task {m['task']})" for m in summary.get("moving", [])]
         lines += [f"moved {vm}" for vm in summary.get("moved", [])]
         lines += [f"blocked by {b['vm']}: {b['reason']}" for b in summary.get("blockers", [])]
+        lines += [f"registered powered-off {vm} elsewhere"
+                  for vm in summary.get("powered_off_moved", [])]  # fmt: skip
+        lines += [f"powered-off {s['vm']} stays: {s['reason']}"
+                  for s in summary.get("powered_off_stayed", [])]  # fmt: skip
         for line in lines:
             if line not in said and not quiet:
                 console.print(line, highlight=False)

@@ -280,6 +280,78 @@ class HostAgent:
         self.vms[config.uuid] = vm
         return vm
 
+    async def register(self, config: VmConfig, config_path: Path) -> VmInfo:
+        """Register a powered-off VM from its record on a datastore this host sees (it was
+        unregistered, or is about to be, on another host). Already registered here and powered
+        off: its record is answered (a retry). Raises NotFound (the record, a disk or a network
+        this host does not see), Conflict (registered here and not powered off), InvalidInput
+        (a machine type this QEMU lacks). Nothing is written on error."""
+        existing = self.vms.get(config.uuid)
+        if existing is not None:
+            if existing.state is not PowerState.POWERED_OFF:
+                raise Conflict(
+                    f"VM {config.name} is already {existing.state} on this host",
+                    code="wrong_state",
+                )
+            return await existing.info()
+        if any(vm.config.name == config.name for vm in self.vms.values()):
+            raise Conflict(
+                f"another VM named {config.name!r} is registered on this host", code="name_taken"
+            )
+        try:
+            record = VmConfig.model_validate_json(config_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise NotFound(
+                f"the record of {config.name} ({config_path}) is not readable from host "
+                f"{self.config.name}: {exc}",
+                code="record_not_visible",
+            ) from exc
+        if record.uuid != config.uuid:
+            raise Conflict(
+                f"{config_path} holds VM {record.name} ({record.uuid}), not {config.name}",
+                code="record_mismatch",
+            )
+        for disk in record.disks:
+            if not self.datastores.resolve(disk.datastore, disk.path).exists():
+                raise NotFound(
+                    f"disk {disk.path} of {record.name} is not visible on datastore "
+                    f"{disk.datastore!r} from host {self.config.name}",
+                    code="disk_not_visible",
+                )
+        bridges = {n.name for n in self.config.networks}
+        missing = sorted({nic.network for nic in record.nics} - bridges)
+        if missing:
+            raise NotFound(
+                f"network {', '.join(missing)} does not exist on host {self.config.name}",
+                code="network_not_found",
+            )
+        if record.machine_type:
+            self.qemu.check_machine_type(record.machine_type, self.config.name)
+        vm = self._register(record, config_path)
+        log.info("registered powered-off VM %s (%s) from %s", record.name, record.uuid,
+                 config_path)  # fmt: skip
+        return await vm.info()
+
+    async def unregister(self, ref: str) -> None:
+        """Forget a powered-off VM, keeping its files (another host registers it). Raises
+        Conflict if it runs or its disks are being copied."""
+        vm = self.get(ref)
+        async with vm.lock:
+            if vm.state is not PowerState.POWERED_OFF or vm.incoming:
+                raise Conflict(
+                    f"VM {vm.config.name} is {vm.state}: only a powered-off VM is moved by "
+                    "registering it elsewhere",
+                    code="wrong_state",
+                )
+            if vm.storage is not None and vm.storage.running:
+                raise Conflict(
+                    f"VM {vm.config.name}'s disks are being copied: cancel that first",
+                    code="wrong_state",
+                )
+            shutil.rmtree(vm.run_dir, ignore_errors=True)
+            self.vms.pop(vm.config.uuid, None)
+        log.info("unregistered powered-off VM %s (its files stay)", vm.config.name)
+
     async def delete(self, ref: str) -> None:
         """Delete a powered-off VM: its record, disks and folder. Raises Conflict if it runs."""
         vm = self.get(ref)

@@ -40,6 +40,7 @@ from kvmotion.host.protocol import (
     PostcopyResume,
     PostcopyStep,
     PowerOnRequest,
+    RegisterRequest,
     ShutdownRequest,
     ShutdownResult,
     StorageMoveRequest,
@@ -141,6 +142,14 @@ def create_app(agent: HostAgent) -> FastAPI:
         tag, info = await watch.watch_vm(agent, vm, after, wait)
         response.headers["ETag"] = f'"{tag}"'
         return info
+
+    @app.post("/v1/vms/register", dependencies=auth, status_code=201)
+    async def register_vm(req: RegisterRequest) -> VmInfo:
+        return await agent.register(req.config, Path(req.config_path))
+
+    @app.post("/v1/vms/{vm}/unregister", dependencies=auth, status_code=204)
+    async def unregister_vm(vm: str) -> None:
+        await agent.unregister(vm)
 
     @app.delete("/v1/vms/{vm}", dependencies=auth, status_code=204)
     async def delete_vm(vm: str) -> None:

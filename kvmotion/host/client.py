@@ -35,6 +35,7 @@ from kvmotion.host.protocol import (
     PostcopyResume,
     PostcopyStep,
     PowerOnRequest,
+    RegisterRequest,
     ShutdownRequest,
     ShutdownResult,
     StorageMoveRequest,
@@ -173,6 +174,14 @@ class AgentClient:
     async def load(self, window_s: float) -> HostLoadOut:
         """Each running VM's load, averaged over the last ``window_s`` seconds."""
         return await self.call(_LOAD, "GET", f"/v1/load?window={window_s:g}")
+
+    async def register_vm(self, config: dict[str, Any], config_path: str) -> VmInfo:
+        """Register a powered-off VM here from its record (see HostAgent.register)."""
+        body = build(RegisterRequest, config=config, config_path=config_path)
+        return await self.call(VM_INFO, "POST", "/v1/vms/register", body, timeout=60)
+
+    async def unregister_vm(self, vm: str) -> None:
+        await self.request("POST", f"/v1/vms/{vm}/unregister", timeout=60)
 
     async def list_vms(self) -> list[VmInfo]:
         return await self.call(VM_LIST, "GET", "/v1/vms")

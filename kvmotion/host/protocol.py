@@ -61,6 +61,7 @@ __all__ = [
     "MemoryProfileOut",
     "MigrateRequest",
     "PowerOnRequest",
+    "RegisterRequest",
     "ShutdownRequest",
     "ShutdownResult",
     "StorageMoveRequest",
@@ -175,6 +176,17 @@ class IncomingRequest(ModeFields):
     _config = field_validator("config")(check_record)
     _path = field_validator("config_path")(check_record_path)
     _ds = field_validator("datastore")(lambda v: None if v is None else check_name(v, "datastore"))
+
+
+class RegisterRequest(BaseModel):
+    """Register a powered-off VM here from its record on a datastore this host sees (the
+    center moving it off another host: center/relocation.py)."""
+
+    config: VmConfig
+    config_path: str
+
+    _config = field_validator("config")(check_record)
+    _path = field_validator("config_path")(check_record_path)
 
 
 class PowerOnRequest(BaseModel):

@@ -151,35 +151,16 @@ def ruled_out(
 ) -> tuple[Finding, ...]:
     """Why ``vm`` cannot go to ``dest`` (its rules aside): empty if it can."""
     capacity = cluster.capacity[dest.name]
-    if not dest.connected:
-        return (Finding("host_disconnected", f"{dest.name} is not connected"),)
-    if dest.maintenance:
-        return (
-            Finding(
-                "host_in_maintenance",
-                f"{dest.name} is in maintenance mode: nothing new is placed on it",
-            ),
-        )
     if source is not None and vm.power_state == "poweredOn":
+        if not dest.connected or dest.maintenance:
+            return registrable(vm, dest)
         errors = precheck_compute(vm, source, dest).errors
         if errors:
             return errors
-    else:  # registered there, to run later: its files and networks must be there
-        missing = set(vm.disk_datastores) - dest.datastores
-        if missing:
-            return (
-                Finding(
-                    "datastore_not_shared",
-                    f"{dest.name} does not see datastore(s) {', '.join(sorted(missing))}",
-                ),
-            )
-        absent = set(vm.networks) - dest.networks
-        if absent:
-            return (
-                Finding(
-                    "network_missing", f"{dest.name} has no network {', '.join(sorted(absent))}"
-                ),
-            )
+    else:
+        found = registrable(vm, dest)
+        if found:
+            return found
     limit = cluster.overcommit
     after = capacity.plus(vm.vcpus, vm.memory_mib)
     if after.committed_memory_mib > capacity.memory_mib * limit.memory:
@@ -197,5 +178,33 @@ def ruled_out(
                 f"{dest.name} would commit {after.committed_vcpus} vCPUs, over its "
                 f"{capacity.cpus * limit.vcpus:g} ({capacity.cpus} CPUs x {limit.vcpus:g})",
             ),
+        )
+    return ()
+
+
+def registrable(vm: VmView, dest: HostView) -> tuple[Finding, ...]:
+    """Why ``dest`` cannot hold ``vm`` registered, to run later (a powered-off VM): it is not
+    connected, in maintenance, or lacks a datastore of its files or one of its networks."""
+    if not dest.connected:
+        return (Finding("host_disconnected", f"{dest.name} is not connected"),)
+    if dest.maintenance:
+        return (
+            Finding(
+                "host_in_maintenance",
+                f"{dest.name} is in maintenance mode: nothing new is placed on it",
+            ),
+        )
+    missing = set(vm.disk_datastores) - dest.datastores
+    if missing:
+        return (
+            Finding(
+                "datastore_not_shared",
+                f"{dest.name} does not see datastore(s) {', '.join(sorted(missing))}",
+            ),
+        )
+    absent = set(vm.networks) - dest.networks
+    if absent:
+        return (
+            Finding("network_missing", f"{dest.name} has no network {', '.join(sorted(absent))}"),
         )
     return ()

@@ -27,6 +27,7 @@ from tests.lab.conftest import (
     user_ping_loop,
     wait_task,
 )
+from tests.lab.test_vmotion import agent_vm_names
 
 pytestmark = pytest.mark.lab
 
@@ -35,6 +36,7 @@ OTHERS = {"172.16.0.173", "172.16.0.174"}
 SHARED_VMS = [f"vm-{i}" for i in range(4)]
 PINNED = "vm-3"
 LOCAL_VM = "vm-local"
+COLD_VM = "vm-cold"
 WINDOW_S = 15  # the balancing load window (its shortest is 10 s: samples every 5 s)
 CLI = [str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "kvmotion")]
 
@@ -138,6 +140,33 @@ def test_a_host_in_maintenance_takes_nothing_new_until_it_exits(
     assert done.returncode == 0, done.stderr
     assert center.get(f"/v1/hosts/{HOST}").json()["maintenance"] is None
     assert kvmotion("vm", "start", LOCAL_VM).returncode == 0
+
+
+def test_a_powered_off_vm_moves_by_registering_it_on_another_host(
+    lab3: topology.LabState, center: httpx.Client, vms: None
+) -> None:
+    """`vm migrate` of a powered-off VM: the other host registers it from its record on the
+    shared datastore, the first forgets it, and it then boots there."""
+    index = len(SHARED_VMS) + 1
+    spec = vm_spec(COLD_VM, index)
+    r = center.post("/v1/vms", json={"host": HOST, "spec": spec})
+    assert r.status_code == 201, r.text
+    try:
+        dest = sorted(OTHERS)[0]
+        done = kvmotion("vm", "migrate", COLD_VM, "--host", dest)
+        assert done.returncode == 0, done.stderr
+        assert f"now registered on {dest}" in done.stdout
+        assert hosts_of(center)[COLD_VM] == dest
+        # each agent says so too (the center asked them, it did not just write it down)
+        names = [h.name for h in lab3.hosts]
+        assert COLD_VM in agent_vm_names(lab3, names.index(dest))
+        assert COLD_VM not in agent_vm_names(lab3, names.index(HOST))
+        assert center.post(f"/v1/vms/{COLD_VM}/power-on").status_code == 200
+        wait_for_guest(lab3, guest_ip(index)).close()  # it boots from its disk, on dest
+        assert hosts_of(center)[COLD_VM] == dest
+    finally:
+        center.post(f"/v1/vms/{COLD_VM}/power-off")
+        center.delete(f"/v1/vms/{COLD_VM}")
 
 
 def test_an_overloaded_host_gets_a_recommendation_that_applied_evens_the_load(

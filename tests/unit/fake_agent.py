@@ -53,6 +53,8 @@ ROUTES: tuple[tuple[str, str, re.Pattern[str]], ...] = tuple(
         ("facts", "GET", "/v1/host"),
         ("list", "GET", "/v1/vms"),
         ("create", "POST", "/v1/vms"),
+        ("register", "POST", "/v1/vms/register"),
+        ("unregister", "POST", f"{_VM}/unregister"),
         ("get", "GET", _VM),
         ("power_on", "POST", f"{_VM}/power-on"),
         ("power_off", "POST", f"{_VM}/power-off"),
@@ -78,6 +80,7 @@ REPLIES: dict[str, TypeAdapter[Any]] = {
     **dict.fromkeys(
         (
             "create",
+            "register",
             "get",
             "power_on",
             "power_off",
@@ -425,6 +428,17 @@ class FakeAgents(httpx.AsyncBaseTransport):
             return 201, self._create(host, body).info()
         if route == "incoming":
             return 201, self._incoming(host, body)
+        if route == "register":
+            config = body["config"]
+            if config["name"] in host.vms:
+                raise AgentError(409, "wrong_state", f"VM {config['name']} is registered here")
+            seen = {d["name"] for d in host.facts["datastores"]}
+            for disk in config["disks"]:
+                if disk["datastore"] not in seen:
+                    raise AgentError(404, "disk_not_visible", f"{disk['path']} is not visible")
+            vm = FakeVm(config, body["config_path"], power_state="poweredOff")
+            host.vms[vm.name] = vm
+            return 201, vm.info()
         if route == "load":
             running = [v for v in host.vms.values() if v.power_state == "poweredOn"]
             return 200, {
@@ -459,6 +473,11 @@ class FakeAgents(httpx.AsyncBaseTransport):
                 raise AgentError(
                     409, "wrong_state", f"VM {vm.name} is {vm.power_state}: shut it down first"
                 )
+            del host.vms[vm.name]
+            return 204, None
+        if route == "unregister":
+            if vm.power_state != "poweredOff":
+                raise AgentError(409, "wrong_state", f"VM {vm.name} is {vm.power_state}")
             del host.vms[vm.name]
             return 204, None
         if route == "migrate":
