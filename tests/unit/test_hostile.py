@@ -104,7 +104,14 @@ CASES: list[Case] = [  # at least 50 kinds (issue 8)
     ("POST", "/v1/vms/vm-a/power-on", None, 409, "wrong_state"),
     ("POST", "/v1/vms/vm-off/power-off", None, 409, "wrong_state"),
     ("DELETE", "/v1/vms/vm-a", None, 409, "wrong_state"),
-    ("POST", "/v1/vms/vm-off/migrate", {"host": DST}, 409, "not_running"),
+    ("POST", "/v1/vms/vm-off/migrate", {"host": SRC}, 422, "invalid_input"),
+    (
+        "POST",
+        "/v1/vms/vm-off/migrate",
+        {"type": "both", "host": DST, "datastore": "local-173"},
+        409,
+        "not_running",
+    ),
     ("POST", "/v1/vms/vm-a/migrate", {"host": SRC}, 409, "same_host"),
     (
         "POST",
