@@ -196,11 +196,12 @@ def create_app(center: Center) -> FastAPI:
 
     @app.get("/v1/hosts", dependencies=auth)
     async def list_hosts() -> list[dict[str, Any]]:
-        return [with_task(host_dict(h)) for h in await inv.hosts()]
+        latest = await center.maintenance.latest_tasks()
+        return [with_task(host_dict(h), latest) for h in await inv.hosts()]
 
-    def with_task(host: dict[str, Any]) -> dict[str, Any]:
-        """The host, with its latest maintenance task (None if none since the center started)."""
-        return host | {"maintenance_task": center.maintenance.task_of(host["name"])}
+    def with_task(host: dict[str, Any], latest: dict[str, int]) -> dict[str, Any]:
+        """The host, with its latest maintenance task (None if it never had one)."""
+        return host | {"maintenance_task": latest.get(host["name"])}
 
     @app.get("/v1/datastores", dependencies=auth)
     async def list_datastores() -> list[dict[str, Any]]:
@@ -241,7 +242,7 @@ def create_app(center: Center) -> FastAPI:
 
     @app.get("/v1/hosts/{name}", dependencies=auth)
     async def get_host(name: str) -> dict[str, Any]:
-        host = with_task(host_dict(await inv.host(name)))
+        host = with_task(host_dict(await inv.host(name)), await center.maintenance.latest_tasks())
         host["vms"] = [v.name for v in await inv.vms() if v.host and v.host.name == name]
         return host
 

@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from kvmotion.center.db import Database, Host, Vm
+from kvmotion.center.db import Database, Host, Task, Vm
 from kvmotion.center.executor import Executor
 from kvmotion.center.inventory import Inventory, vm_view
 from kvmotion.center.placing import cluster_now
@@ -70,11 +70,16 @@ class Maintenance:
         self.rules = rules
         self.overcommit = overcommit or Overcommit()
         self._runs: dict[str, tuple[int, asyncio.Task[None]]] = {}  # host -> (task, runner)
-        self._last: dict[str, int] = {}  # host -> its latest maintenance task (this center's)
 
-    def task_of(self, host_name: str) -> int | None:
-        """The latest maintenance task of the host since this center started, if any."""
-        return self._last.get(host_name)
+    async def latest_tasks(self) -> dict[str, int]:
+        """Each host's latest maintenance task (from the task store: it outlives a restart)."""
+        async with self.db.session() as s:
+            rows = await s.execute(
+                select(Task.target, func.max(Task.id))
+                .where(Task.kind == "maintenance")
+                .group_by(Task.target)
+            )
+            return {str(target): int(task_id) for target, task_id in rows}
 
     async def enter(self, host_name: str, *, evacuate_powered_off: bool = False) -> int:
         """Start emptying the host; returns the maintenance task's id. With
@@ -103,7 +108,6 @@ class Maintenance:
             self._evacuate(task.id, host.name, evacuate_powered_off), name=f"evac-{host.name}"
         )
         self._runs[host.name] = (task.id, runner)
-        self._last[host.name] = task.id
         runner.add_done_callback(lambda _: self._runs.pop(host.name, None))
         return task.id
 
@@ -132,12 +136,8 @@ class Maintenance:
             raise Conflict(
                 f"host {host.name} is in maintenance mode: exit it first", code="in_maintenance"
             )
-        latest = next(
-            (t for t in await self.tasks.list(limit=500)
-             if t.kind == "maintenance" and t.target == host.name),
-            None,
-        )  # fmt: skip
-        summary = (latest.summary or {}) if latest is not None else {}
+        latest = (await self.latest_tasks()).get(host.name)
+        summary = (await self.tasks.get(latest)).summary or {} if latest is not None else {}
         results: list[dict[str, Any]] = []
         for name in [*summary.get("moved", []), *summary.get("powered_off_moved", [])]:
             try:

@@ -81,7 +81,7 @@ async def test_a_vm_that_cannot_move_blocks_the_host_saying_why(
     assert blocker["hosts"] == [
         {"host": DST, "code": "datastore_not_shared", "message": blocker["hosts"][0]["message"]}
     ]
-    assert center.maintenance.task_of(SRC) == task_id
+    assert (await center.maintenance.latest_tasks()) == {SRC: task_id}
     assert sorted(task.summary["moved"]) == ["vm-a", "vm-b"]  # the others moved meanwhile
     await center.executor.request_cancel(task_id)
     await center.maintenance.wait(task_id)

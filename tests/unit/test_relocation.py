@@ -159,3 +159,23 @@ def test_starting_a_vm_whose_host_is_in_maintenance_places_it_elsewhere(
     assert stuck.status_code == 409, stuck.text
     assert stuck.json()["error"]["code"] == "host_in_maintenance"
     assert "local-172" in stuck.json()["error"]["message"]
+
+
+async def test_a_host_names_its_latest_maintenance_task_after_a_center_restart(
+    db_dir: Path, fake: FakeAgents, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(maintenance, "ROUND_S", 0.02)
+    first = Center(center_config(db_dir), transport=fake)
+    await first.start()
+    task_id = await first.maintenance.enter(SRC)
+    await first.maintenance.wait(task_id)
+    await first.close()
+    again = Center(center_config(db_dir), transport=fake)  # the same database
+    await again.start()
+    try:
+        assert await again.maintenance.latest_tasks() == {SRC: task_id}
+        await again.maintenance.exit(SRC)
+        back = await again.maintenance.move_back(SRC)  # it still knows what the task moved
+        assert sorted(b["vm"] for b in back) == ["vm-a", "vm-b"], back
+    finally:
+        await again.close()
