@@ -7,11 +7,14 @@ user enters maintenance mode (the dialog says what will happen); the two shared 
 the reason naming local-172, and the task's page shows the same. The user powers the blocker off
 from its page (whose Power on then says the host is in maintenance); the host becomes "In
 maintenance" (its badge, the panel, the tree), the Migrate wizard says why it takes no VM, and
-the user exits maintenance mode from the host's page. Screenshots in artifacts/web/3*.png.
+the user exits maintenance mode from the host's page. Then balancing: the two guests burn CPU on
+one host, and from the cluster's page the user gets a recommendation (with its reason) and
+applies it. Screenshots in artifacts/web/3*.png.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -27,6 +30,7 @@ webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.remote.webelement import WebElement  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
 from tests.lab.test_web import (  # noqa: E402
     chromium,
@@ -240,6 +244,81 @@ def test_enter_maintenance_from_the_host_page_shows_moves_and_the_blocker_then_e
     assert center.get(f"/v1/hosts/{SRC}").json()["maintenance"] is None
     shot(browser, "37-maintenance-exited")
     no_js_errors(browser)
+
+
+def test_balancing_from_the_cluster_page_recommends_and_applies_a_move(
+    lab: topology.LabState, center: httpx.Client, vms: None, browser: WebDriver
+) -> None:
+    """Both movable guests burn a CPU on one host: on the cluster's page the user sets balancing
+    to manual and saves, gets recommendations (each host's load, a move with its reason and
+    cost), and applies it: the migration's task is linked and the VM lands on the other host."""
+    hosts_now = {v["name"]: v["host"] for v in center.get("/v1/vms").json()}
+    busy_host = hosts_now[MOVABLE[0]]
+    if hosts_now[MOVABLE[1]] != busy_host:  # run alone, or after a move: put them together
+        r = center.post(f"/v1/vms/{MOVABLE[1]}/migrate", json={"host": busy_host})
+        assert r.status_code == 202, r.text
+        wait(f"{MOVABLE[1]} on {busy_host}", lambda: center.get(f"/v1/vms/{MOVABLE[1]}")
+             .json()["host"] == busy_host, timeout=MOVES_S)  # fmt: skip
+    assert center.post("/v1/clusters", json={"name": "web-drs"}).status_code == 201
+    for host in (SRC, DST):
+        assert center.post("/v1/clusters/web-drs/hosts", json={"host": host}).status_code == 200
+    # the window and hold are not on the page: the shortest window, no hold (just moved)
+    r = center.put("/v1/clusters/web-drs/balancing", json={"window_s": 10, "hold_s": 0})
+    assert r.status_code == 200, r.text
+    guests = [wait_for_guest(lab, guest_ip(i)) for i in range(len(MOVABLE))]
+    try:
+        for guest in guests:
+            guest.dirty(0, 1)  # a CPU burnt each
+        browser.refresh()
+        open_item(browser, "cluster", "web-drs")
+        Select(wait("the balancing card", lambda: css(browser, "#balancing-mode"))).select_by_value(
+            "manual"
+        )
+        Select(wait("the threshold", lambda: css(browser, "#balancing-threshold"))).select_by_value(
+            "3"
+        )
+        click(browser, "#balancing-save")
+        wait(
+            "the settings saved",
+            lambda: "Balancing manual" in _text(css(browser, "#balancing-result")),
+        )
+        assert center.get("/v1/clusters/web-drs/balancing").json()["settings"]["mode"] == "manual"
+        time.sleep(12)  # a window of samples with both guests busy
+
+        def recommended() -> WebElement | None:
+            """The first recommendation's row once a pass shows one; else a new pass asked
+            for (the button is enabled again when the last one is shown)."""
+            row = css(browser, "#balancing-recommendations tbody tr")
+            if row is not None:
+                return row
+            button = _enabled(css(browser, "#balancing-run"))
+            if button is not None:
+                button.click()
+            return None
+
+        row = wait("a recommendation", recommended, timeout=120)
+        loads = {e.get_attribute("data-host"): e.text for e in
+                 browser.find_elements(By.CSS_SELECTOR, "#balancing-hosts tbody tr")}  # fmt: skip
+        assert set(loads) == {SRC, DST}, loads
+        vm = row.get_attribute("data-vm")
+        assert vm in MOVABLE
+        assert f"{busy_host} CPU" in _text(row.find_element(By.CSS_SELECTOR, "td.reason"))
+        shot(browser, "38-balancing-recommendation")
+        row.find_element(By.CSS_SELECTOR, "button[data-apply]").click()
+        link = wait("the applied move's task", lambda: css(
+            browser, f"#balancing-recommendations tr[data-vm='{vm}'] a.item-link"))  # fmt: skip
+        task_id = int(link.text.split()[-1])
+        wait("the move to succeed", lambda: center.get(f"/v1/tasks/{task_id}").json()["state"]
+             == "success", timeout=MOVES_S)  # fmt: skip
+        other = DST if busy_host == SRC else SRC
+        assert center.get(f"/v1/vms/{vm}").json()["host"] == other
+        shot(browser, "39-balancing-applied")
+        no_js_errors(browser)
+    finally:
+        for guest in guests:
+            guest.dirty_stop()
+            guest.close()
+        center.put("/v1/clusters/web-drs/balancing", json={"mode": "off"})
 
 
 def _text(element: WebElement | None) -> str:

@@ -1,4 +1,4 @@
-// The cluster summary and its Configure EVC dialog.
+// The cluster summary, its balancing (balancing.js) and its Configure EVC dialog.
 
 import { $, clear, h } from "./dom.js";
 import { plural } from "./format.js";
@@ -6,6 +6,7 @@ import { evcLabel, evcText, state } from "./state.js";
 import { api, ApiError, enc, errorText } from "./api.js";
 import { card, closeModal, hostsTable, openModal, summaryHeader, vmsTable } from "./widgets.js";
 import { refreshSoon } from "./session.js";
+import { balancingCard } from "./balancing.js";
 
 export const clusterView = {
   find: (name) => state.idx.cluster.get(name),
@@ -38,6 +39,7 @@ function renderCluster(c) {
           "the highest mode all member hosts support"],
       ]),
       h("section", { class: "card wide" }, h("h2", null, "Hosts"), hostsTable(hosts, "hosts")),
+      balancingCard(c.name),
       h("section", { class: "card wide" }, h("h2", null, "Virtual machines"), vmsTable(vms, "vm_list"))));
 }
 
