@@ -325,9 +325,10 @@ def create_app(center: Center) -> FastAPI:
         if in_maintenance and record.power_state == "poweredOff":
             placement = await place_vm(inv, center.rules, record)
             if placement.host is None:
+                why = placement.explain().removeprefix(f"{record.name}: ")
                 raise Conflict(
-                    f"its host is in maintenance mode and no other host can take "
-                    f"VM {record.name}: {placement.explain()}",
+                    f"host {record.host.name if record.host else '?'} is in maintenance mode "
+                    f"and no other host can take VM {record.name}: {why}",
                     code="host_in_maintenance",
                 )
             await relocate(center.db, inv, center.executor, center.tasks, center.rules,

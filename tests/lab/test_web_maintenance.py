@@ -5,7 +5,7 @@ datastore ``local-172`` (which no other host sees, so it cannot move). From the 
 user enters maintenance mode (the dialog says what will happen); the two shared VMs move to .173
 (the tree shows them there) while the page's panel shows the local one blocking the host, with
 the reason naming local-172, and the task's page shows the same. The user powers the blocker off
-from its page (whose Power on then says the host is in maintenance); the host becomes "In
+from its page (whose Power on is then refused: no other host sees its disk); the host becomes "In
 maintenance" (its badge, the panel, the tree), the Migrate wizard says why it takes no VM, and
 the user exits maintenance mode from the host's page. Then balancing: the two guests burn CPU on
 one host, and from the cluster's page the user gets a recommendation (with its reason) and
@@ -192,11 +192,15 @@ def test_enter_maintenance_from_the_host_page_shows_moves_and_the_blocker_then_e
         lambda: _value(css(browser, '#vm-summary [data-field="power_state"]')) == "poweredOff",
         60,
     )
-    # Its host takes nothing new: Power on says so instead of being refused.
+    # Its host takes nothing new: the page says what Power on does (place it on another host
+    # first), and for this VM no other host can take it (its disk is on local-172).
     note = wait("the maintenance note", lambda: css(browser, "#vm-maintenance-note"))
-    assert SRC in note.text and "maintenance" in note.text, note.text
-    button = wait("Power on disabled", lambda: _disabled(css(browser, "#power-on-btn")))
-    assert "maintenance" in (button.get_attribute("title") or "")
+    assert SRC in note.text and "another host" in note.text, note.text
+    click(browser, "#power-on-btn")
+    message = "#action-message"
+    wait("the refusal", lambda: "host_in_maintenance" in _text(css(browser, message)))
+    assert "local-172" in _text(css(browser, message)), _text(css(browser, message))
+    assert center.get(f"/v1/vms/{BLOCKER}").json()["power_state"] == "poweredOff"
     shot(browser, "34-maintenance-blocker-off")
 
     # The host empties: in maintenance.

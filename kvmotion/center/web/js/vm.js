@@ -37,7 +37,8 @@ function renderVm(v) {
   const on = v.power_state === "poweredOn";
   const effective = v.evc_mode || (clusterObj && clusterObj.evc_mode) || null;
   const features = (v.cpu && v.cpu.features) || [];
-  // A host in (or entering) maintenance mode powers nothing on: the center refuses it.
+  // A host in (or entering) maintenance mode powers nothing on: the center registers the VM on
+  // another host first (one that sees its datastores and has room), or refuses if none fits.
   const held = !on && host && host.maintenance;
   const actions = [
     h("button", {
@@ -52,7 +53,7 @@ function renderVm(v) {
       onclick: () => openWizard(v.name),
     }, "Migrate..."),
     h("button", {
-      id: "power-on-btn", class: "btn", type: "button", disabled: on || Boolean(task) || Boolean(held),
+      id: "power-on-btn", class: "btn", type: "button", disabled: on || Boolean(task),
       title: on ? "the VM is already powered on" : held ? heldText(v, host)
         : "Start the VM on its host",
       onclick: () => powerAction(v.name, "power-on"),
@@ -111,11 +112,12 @@ function renderVm(v) {
       ])));
 }
 
-/** Why a powered-off VM cannot be powered on where it is. */
+/** What powering on a VM whose host is in maintenance does. */
 function heldText(v, host) {
   const mode = host.maintenance === "in" ? "is in maintenance mode" : "is entering maintenance mode";
-  return `Host ${host.name} ${mode}: nothing new is powered on there, so ${v.name} cannot start `
-    + `until the host exits maintenance mode (or the VM is migrated to another host)`;
+  return `Host ${host.name} ${mode}: nothing new is powered on there, so powering ${v.name} on `
+    + `registers it on another host first (one that sees its datastores and has room), or is `
+    + `refused if none can take it`;
 }
 
 /** The "migrating now" line of a VM summary, updated in place as task events arrive. */
@@ -143,8 +145,9 @@ async function powerAction(vm, action) {
   showActionMessage(`${label} ${vm}...`, "info", route);
   $$("#vm-summary .actions .btn").forEach((b) => { b.disabled = true; });
   try {
-    await api(`/v1/vms/${enc(vm)}/${action}`, { method: "POST" });
-    showActionMessage(`${vm} is ${action === "power-on" ? "powered on" : "powered off"}.`, "ok", route);
+    const done = await api(`/v1/vms/${enc(vm)}/${action}`, { method: "POST" });
+    const placed = done && done.placed ? ` Its host is in maintenance, so it was placed first: ${done.placed}.` : "";
+    showActionMessage(`${vm} is ${action === "power-on" ? "powered on" : "powered off"}.${placed}`, "ok", route);
     state.mainSig = null;
     await refreshInventory();
   } catch (err) {
