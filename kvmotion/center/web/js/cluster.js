@@ -6,7 +6,7 @@ import { evcLabel, evcText, state } from "./state.js";
 import { api, ApiError, enc, errorText } from "./api.js";
 import { card, closeModal, hostsTable, openModal, summaryHeader, vmsTable } from "./widgets.js";
 import { refreshSoon } from "./session.js";
-import { balancingCard } from "./balancing.js";
+import { balancingCard, updateBalancingTasks } from "./balancing.js";
 
 export const clusterView = {
   find: (name) => state.idx.cluster.get(name),
@@ -14,6 +14,7 @@ export const clusterView = {
     const x = state.idx.host.get(n);
     return x && [x.connection, x.maintenance, x.facts && x.facts.cpu, x.facts && x.facts.cpu_model && x.facts.cpu_model.highest_evc_mode];
   }), state.data.vms.filter((v) => c.vms.includes(v.name)).map((v) => [v.name, v.power_state, v.host])],
+  live: () => updateBalancingTasks(),
   render: renderCluster,
 };
 

@@ -41,6 +41,8 @@ export function upsertTask(task) {
   if (state.route.view === "task" && (state.route.id === task.id
       || (state.tasks.get(state.route.id) || {}).kind === "maintenance")) renderMain();
   if (state.route.view === "item" && state.route.kind === "datacenter" && (ended || started)) renderMain();
+  // A cluster's page follows the migrations its balancing card started (live() when unchanged).
+  if (state.route.view === "item" && state.route.kind === "cluster") renderMain();
 }
 
 export function renderTaskRow(t) {
