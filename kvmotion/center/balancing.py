@@ -57,6 +57,7 @@ DEFAULTS = {"mode": "off", "threshold": 3, "window_s": 300.0, "hold_s": 600.0}
 INTERVAL_S = 60.0  # between two passes over a cluster that is not off
 HISTORY = 500  # the finished migrations read for the hold time
 PREDICT_TIMEOUT_S = 30.0
+KEEP_RECOMMENDATIONS = 1000  # the recent recommendations kept appliable by number
 
 
 @dataclass
@@ -125,6 +126,9 @@ class Balancer:
         self.overcommit = overcommit or Overcommit()
         self.interval_s = interval_s
         self._passes: dict[str, ClusterPass] = {}
+        # Every recommendation of recent passes by number, so that one shown to a user stays
+        # appliable when a pass of the loop's replaces the latest meanwhile.
+        self._recent: dict[int, tuple[str, Recommendation]] = {}
         self._ids = itertools.count(1)
         self._made: list[PastMove] = []  # the balancer's own moves
         self._known: dict[str, VmLoad] = {}  # each VM's latest load (a moved VM's stands in)
@@ -218,6 +222,10 @@ class Balancer:
             ]
             done = ClusterPass(name, datetime.now(UTC), current, result, recs, errors)
             self._passes[name] = done
+            for rec in recs:
+                self._recent[rec.id] = (name, rec)
+            for old in sorted(self._recent)[: max(len(self._recent) - KEEP_RECOMMENDATIONS, 0)]:
+                del self._recent[old]
         if predict_moves and recs:
             await self._predict(recs, {h.name: h for h in members})
         return done
@@ -308,17 +316,18 @@ class Balancer:
 
     # -- applying ----------------------------------------------------------------------------
     async def apply(self, name: str, ids: list[int] | None = None) -> list[dict[str, Any]]:
-        """Submit the latest pass's pending recommendations (all, or those numbered): one
-        migration each. Raises NotFound for a number not in the latest pass."""
+        """Submit pending recommendations: all of the latest pass's, or those numbered (of a
+        recent pass: one a user was shown stays appliable after the loop's next pass; one whose
+        VM moved since is "stale"). One migration each. Raises NotFound for an unknown number."""
         latest = self._passes.get(name)
         pending = [r for r in latest.recommendations if r.state == "pending"] if latest else []
         if ids is not None:
-            known = {r.id: r for r in (latest.recommendations if latest else [])}
+            known = {i: rec for i, (cluster, rec) in self._recent.items() if cluster == name}
             missing = [i for i in ids if i not in known]
             if missing:
                 raise NotFound(
                     f"cluster {name} has no recommendation {', '.join(map(str, missing))} "
-                    "in its latest pass (list them again)",
+                    "in its recent passes (list them again)",
                     code="recommendation_not_found",
                 )
             pending = [known[i] for i in ids if known[i].state == "pending"]

@@ -69,11 +69,18 @@ async def test_a_recommendation_says_why_and_what_it_costs_and_applying_moves_th
 
     with pytest.raises(NotFound):
         await center.balancer.apply("drs", [rec.id + 100])
+    # A pass of the loop's replaces the latest meanwhile: the one the user was shown stays
+    # appliable by its number.
+    newer = await center.balancer.run_pass("drs")
+    assert [r.id for r in newer.recommendations] != [rec.id]
     [applied] = await center.balancer.apply("drs", [rec.id])
     assert applied["state"] == "applied" and applied["task"] is not None
     task = await wait_task(center, applied["task"], lambda t: TaskState(t.state).final)
     assert task.state == TaskState.SUCCESS, task.error
     assert await vm_host(center, rec.vm) == DST
+    # The newer pass recommended the same move: its VM has moved since, so it is stale.
+    [stale] = await center.balancer.apply("drs")
+    assert stale["state"] == "stale" and "no longer on" in stale["error"], stale
     assert await center.balancer.apply("drs") == []  # nothing pending is left
     # The next pass: the moved VM is held, the other one would only swap the imbalance.
     again = await center.balancer.run_pass("drs")
