@@ -1,9 +1,13 @@
 """A real server VM, as a user brings and uses one: a Debian 12 image imported onto the shared
 datastore, a VM made from it and booted by SeaBIOS, configured at first boot by cloud-init
 (hostname, the user's SSH key), given its address by the VM network's DHCP server, shown by the
-center; then moved compute-only, storage-only and both while real clients use it: an SSH
-session printing a line every 10 ms, wrk against nginx, pgbench against PostgreSQL. Afterwards
-every committed transaction is in the database, and the powered-off disk passes `fsck -n`.
+center. Looked at over SSH as its user would: booted by GRUB from the disk (that kernel and
+root=UUID= on its command line), cloud-init done from the NoCloud seed, every server unit active
+and none failed, PostgreSQL's bench role by password over TCP, nginx answering; and the guest
+agent answering the center. Then moved compute-only, storage-only and both while real clients
+use it: an SSH session printing a line every 10 ms, wrk against nginx, pgbench against
+PostgreSQL. Afterwards every committed transaction is in the database, and the powered-off disk
+passes `fsck -n`.
 
 Hostile image files are refused and change nothing.
 
@@ -19,6 +23,7 @@ import os
 import re
 import secrets
 import select
+import shlex
 import subprocess
 import time
 from collections.abc import Iterator
@@ -119,6 +124,72 @@ def wait_address(center: httpx.Client, timeout: float, vm_name: str = VM) -> tup
     raise AssertionError(f"the center showed no address for {vm_name} in {timeout:.0f} s")
 
 
+# A user's look around a freshly booted server, in one SSH login (a login costs seconds under
+# TCG): one "name value" line each. It waits for cloud-init's last stage and for systemd to end
+# the boot first, so nothing is judged half-started.
+SERVER_CHECKS = """\
+echo "cloud-init $(cloud-init status --wait | sed -n 's/^status: //p')"
+echo "system $(systemctl is-system-running --wait)"
+echo "units $(systemctl is-active postgresql postgresql@15-main nginx ssh qemu-guest-agent | xargs)"
+echo "failed $(systemctl list-units --failed --plain --no-legend | awk '{print $1}' | xargs)"
+echo "result $(tr -d '\\n' < /run/cloud-init/result.json)"
+echo "hostname $(hostname)"
+echo "key $(cut -d' ' -f2 ~/.ssh/authorized_keys | xargs)"
+echo "pg $(PGPASSWORD=bench psql -h 127.0.0.1 -U bench -d bench -tAc 'select current_user')"
+echo "listen $(ss -Hltn | awk '{print $4}' | sort | xargs)"
+echo "http $( (exec 3<>/dev/tcp/127.0.0.1/80 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 &&
+              head -n 1 <&3) | tr -d '\\r')"
+echo "firmware $(test -d /sys/firmware/efi && echo uefi || echo bios)"
+echo "kernel $(uname -r)"
+echo "root $(findmnt -no UUID /)"
+echo "cmdline $(cat /proc/cmdline)"
+"""
+
+
+def assert_server_configured(
+    lab: topology.LabState, key: Path, address: str, hostname: str, firmware: str
+) -> dict[str, str]:
+    """Look around the server at ``address`` as its user (:data:`SERVER_CHECKS`) and assert it
+    came up as its image and first-boot seed promise, booted by ``firmware``; what was seen."""
+    out = realclients.ssh_run(lab.client_netns, key, USER, address,
+                              f"bash -c {shlex.quote(SERVER_CHECKS)}", 600)  # fmt: skip
+    lines = (line.partition(" ") for line in out.splitlines())
+    seen = {name: value.strip() for name, _, value in lines}
+    assert seen["firmware"] == firmware, seen
+    # cloud-init finished, configured from the NoCloud seed (the kvmotion-made ISO), no errors
+    assert seen["cloud-init"] == "done", seen
+    result = json.loads(seen["result"])["v1"]
+    assert result["datasource"].startswith("DataSourceNoCloud"), result
+    assert result["errors"] == [], result
+    assert seen["hostname"] == hostname  # from the seed
+    assert seen["key"] == Path(f"{key}.pub").read_text().split()[1]
+    assert seen["units"].split() == ["active"] * 5, seen
+    assert seen["failed"] == "" and seen["system"] == "running", seen
+    # GRUB loaded the disk's kernel (the one running) and gave it the root filesystem by UUID
+    assert f"BOOT_IMAGE=/boot/vmlinuz-{seen['kernel']} " in seen["cmdline"] + " ", seen
+    assert f"root=UUID={seen['root']} " in seen["cmdline"] + " ", seen
+    assert seen["pg"] == "bench", seen  # the bench role, by password over TCP
+    assert {"0.0.0.0:5432", "0.0.0.0:80", "0.0.0.0:22"} <= set(seen["listen"].split()), seen
+    assert seen["http"].startswith("HTTP/1.1 200"), seen
+    return seen
+
+
+def wait_guest_agent(center: httpx.Client, address: str, timeout: float, vm_name: str) -> float:
+    """Until the center shows ``vm_name``'s addresses as its guest agent reports them (over the
+    VM's virtio-serial channel), ``address`` among them; seconds it took."""
+    start = time.monotonic()
+    while True:
+        addresses, source = vm_addresses(center, vm_name)
+        if source == "guest-agent" and address in addresses:
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise AssertionError(
+                f"the center showed no addresses from {vm_name}'s guest agent in "
+                f"{timeout:.0f} s (last: {addresses} from {source})"
+            )
+        time.sleep(2)
+
+
 @pytest.fixture(scope="module")
 def server(lab: topology.LabState, center: httpx.Client, key: Path) -> Iterator[dict[str, Any]]:
     """The user's story up to a running server: import, create, start, reach it over SSH."""
@@ -166,6 +237,21 @@ def test_user_reaches_the_server_at_the_address_the_center_shows(
     assert center.delete(f"/v1/images/{IMAGE}", params={"datastore": "shared"}).status_code == 409
     print(f"\nimport {server['import_s']:.1f} s, boot to SSH {server['boot_s']:.1f} s, "
           f"address from {server['source']}")  # fmt: skip
+
+
+def test_the_server_came_up_as_its_image_and_seed_promise(
+    lab: topology.LabState, center: httpx.Client, key: Path, server: dict[str, Any]
+) -> None:
+    """The first boot, looked at from inside over SSH (see :func:`assert_server_configured`):
+    SeaBIOS and GRUB, cloud-init from the seed, the services; and the guest agent, through the
+    center."""
+    started = time.monotonic()
+    seen = assert_server_configured(lab, key, server["address"], VM, "bios")
+    agent_s = wait_guest_agent(center, server["address"], 120, VM)
+    print(
+        f"\nSeaBIOS guest, kernel {seen['kernel']}: configured by cloud-init, services up; "
+        f"checked in {time.monotonic() - started:.1f} s (guest agent {agent_s:.1f} s)"
+    )
 
 
 def move_under_load(
