@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -130,7 +131,7 @@ class Balancer:
         # appliable when a pass of the loop's replaces the latest meanwhile.
         self._recent: dict[int, tuple[str, Recommendation]] = {}
         self._ids = itertools.count(1)
-        self._made: list[PastMove] = []  # the balancer's own moves
+        self._made: deque[PastMove] = deque(maxlen=HISTORY)  # the balancer's own moves
         self._known: dict[str, VmLoad] = {}  # each VM's latest load (a moved VM's stands in)
         self._loop: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -256,8 +257,8 @@ class Balancer:
 
         answers = await asyncio.gather(*(ask(h) for h in connected), return_exceptions=True)
         errors = []
+        # the destination is not chosen yet: the source's own link stands for the pair's
         links = {h.name: link_of(h) or DEFAULT_LINK_BPS for h in members}
-        fastest = max(links.values(), default=DEFAULT_LINK_BPS)
         for host, answer in zip(connected, answers, strict=True):
             if isinstance(answer, BaseException):
                 message = answer.message if isinstance(answer, KvmotionError) else repr(answer)
@@ -270,7 +271,7 @@ class Balancer:
                 ram = view.memory_mib * 2**20
                 estimate = predict(
                     ram, min(int(load.memory_mib * 2**20), ram), 0.0, 0,
-                    min(links[host.name], fastest), ConvergenceRequest(),
+                    links[host.name], ConvergenceRequest(),
                 )  # fmt: skip
                 self._known[vm_name] = VmLoad(load.cpu, load.memory_mib, estimate.total_s)
         loads = {n: self._known[n] for n in views if n in self._known}
@@ -292,7 +293,7 @@ class Balancer:
                     task.finished_at.timestamp(),
                 )
             )
-        return sorted(moves + self._made, key=lambda m: (m.at, m.by_balancer))
+        return sorted([*moves, *self._made], key=lambda m: (m.at, m.by_balancer))
 
     async def _predict(self, recs: list[Recommendation], hosts: dict[str, Host]) -> None:
         """The predictor's time and downtime for each recommendation, from a fresh sample of
