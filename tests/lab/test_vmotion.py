@@ -226,8 +226,11 @@ def test_refusals_change_nothing(
     # A VM on a datastore the destination does not see: the precheck names it and the fix.
     spec = vm_spec("vm-local", 3, datastore="local-172")
     assert center.post("/v1/vms", json={"host": SRC, "spec": spec}).status_code == 201
+    # Powered off, it would move by registering it there: refused, its disk unseen there.
     r = center.post("/v1/vms/vm-local/migrate", json={"host": DST})
-    assert r.status_code == 409 and r.json()["error"]["code"] == "not_running"
+    assert r.status_code == 409 and r.json()["error"]["code"] == "datastore_not_shared", r.text
+    assert "local-172" in r.json()["error"]["message"]
+    assert center.get("/v1/vms/vm-local").json()["host"] == SRC
     assert center.post("/v1/vms/vm-local/power-on").status_code == 200
     r = center.post("/v1/vms/vm-local/migrate", json={"host": DST})
     err = r.json()["error"]
