@@ -30,6 +30,7 @@ from kvmotion.center.console import KINDS, TICKET_TTL_S, check_console
 from kvmotion.center.db import Event, Host
 from kvmotion.center.inventory import datastore_dict, host_dict, vm_dict
 from kvmotion.center.placing import place_new_vm, place_vm
+from kvmotion.center.relocation import refusals as relocation_refusals
 from kvmotion.center.relocation import relocate
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import TaskState, task_dict
@@ -439,6 +440,16 @@ def create_app(center: Center) -> FastAPI:
     @app.post("/v1/vms/{vm}/migrate/precheck", dependencies=auth)
     async def precheck(vm: str, body: MigrateBody) -> dict[str, Any]:
         """What a migration would find, without starting it (errors and warnings)."""
+        record = await inv.vm(vm)
+        if record.power_state == "poweredOff" and body.type == "compute" and body.host:
+            dest = await inv.fresh_facts(body.host, unreachable_ok=True)
+            found = await relocation_refusals(inv, center.rules, record, dest)
+            return {
+                "ok": not found,
+                "errors": [e.__dict__ for e in found],
+                "warnings": [],
+                "relocation": True,  # powered off: it would be registered there
+            }
         req, record, source, dest, result = await center.executor.precheck(body.request(vm))
         answer: dict[str, Any] = {
             "ok": result.ok,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from kvmotion.center.db import Database
+from kvmotion.center.db import Database, Host, Vm
 from kvmotion.center.executor import Executor
 from kvmotion.center.inventory import Inventory, host_view, vm_view
 from kvmotion.center.rules import Rules
@@ -21,9 +21,17 @@ from kvmotion.center.tasks import TaskState, TaskStore, record_event
 from kvmotion.errors import Conflict, InvalidInput, KvmotionError, PreconditionError
 from kvmotion.host.protocol import vm_json
 from kvmotion.migration.placement import registrable
+from kvmotion.migration.precheck import Finding
 from kvmotion.migration.rules import findings
 
 log = logging.getLogger(__name__)
+
+
+async def refusals(inventory: Inventory, rules: Rules, vm: Vm, dest: Host) -> list[Finding]:
+    """Why ``dest`` cannot take the powered-off ``vm`` registered: its filters, then the must
+    rules (empty if it can)."""
+    hard, _ = findings(vm.name, dest.name, await rules.all(), await rules.where())
+    return [*registrable(vm_view(vm, False), host_view(dest)), *hard]
 
 
 async def relocate(
@@ -52,8 +60,7 @@ async def relocate(
     if dest.name == source.name:
         raise InvalidInput(f"VM {vm.name} is already registered on {dest.name}")
     with executor.reserved(vm.name):
-        hard, _ = findings(vm.name, dest.name, await rules.all(), await rules.where())
-        errors = [*registrable(vm_view(vm, False), host_view(dest)), *hard]
+        errors = await refusals(inventory, rules, vm, dest)
         if errors:
             raise PreconditionError(
                 "; ".join(e.message for e in errors), code=errors[0].code,

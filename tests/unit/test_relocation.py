@@ -107,6 +107,17 @@ def test_vm_migrate_moves_a_powered_off_vm_by_registering_it(
     assert fake.vm(DST, "vm-off") is not None
     back = api.post("/v1/vms/vm-off/migrate", json={"type": "compute", "host": DST})
     assert back.status_code == 422 and "already registered" in back.text
+    # --dry-run (the precheck) says what a move of a powered-off VM would find, and moves nothing
+    assert api.post("/v1/vms/vm-off/migrate", json={"type": "compute", "host": SRC}).is_success
+    check = api.post("/v1/vms/vm-off/migrate/precheck", json={"type": "compute", "host": DST})
+    assert check.status_code == 200, check.text
+    assert check.json()["ok"] and check.json()["relocation"], check.text
+    api.post("/v1/rules", json={"name": "pin", "kind": "vm-host", "vms": ["vm-off"],
+                                "hosts": [SRC]})  # fmt: skip
+    check = api.post("/v1/vms/vm-off/migrate/precheck", json={"type": "compute", "host": DST})
+    assert not check.json()["ok"], check.text
+    assert [e["code"] for e in check.json()["errors"]] == ["rule_violation"]
+    assert api.get("/v1/vms/vm-off").json()["host"] == SRC
 
 
 async def test_maintenance_evacuates_powered_off_vms_when_asked(
