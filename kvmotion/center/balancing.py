@@ -34,8 +34,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
-
+from kvmotion.center.clusters import Clusters
 from kvmotion.center.db import Cluster as ClusterRow
 from kvmotion.center.db import Database, Host
 from kvmotion.center.executor import Executor
@@ -119,10 +118,12 @@ class Balancer:
         executor: Executor,
         tasks: TaskStore,
         rules: Rules,
+        clusters: Clusters,
         overcommit: Overcommit | None = None,
         interval_s: float = INTERVAL_S,
     ) -> None:
         self.db, self.inventory, self.executor, self.tasks = db, inventory, executor, tasks
+        self.clusters = clusters
         self.rules = rules
         self.overcommit = overcommit or Overcommit()
         self.interval_s = interval_s
@@ -137,13 +138,6 @@ class Balancer:
         self._lock = asyncio.Lock()
 
     # -- settings ----------------------------------------------------------------------------
-    async def _row(self, name: str) -> ClusterRow:
-        async with self.db.session() as s:
-            row = await s.scalar(select(ClusterRow).where(ClusterRow.name == name))
-        if row is None:
-            raise NotFound(f"no cluster {name!r}", code="cluster_not_found")
-        return row
-
     @staticmethod
     def _settings_of(row: ClusterRow) -> dict[str, Any]:
         return {
@@ -154,7 +148,7 @@ class Balancer:
         }
 
     async def settings(self, name: str) -> dict[str, Any]:
-        return self._settings_of(await self._row(name))
+        return self._settings_of(await self.clusters.get(name))
 
     async def configure(self, name: str, **changes: Any) -> dict[str, Any]:
         """Set some of mode, threshold, window_s, hold_s; returns them all."""
@@ -168,10 +162,10 @@ class Balancer:
             raise InvalidInput("the load window is 10 to 900 seconds", code="invalid_window")
         if hold is not None and not 0 <= hold <= 86400:
             raise InvalidInput("the hold time is 0 to 86400 seconds", code="invalid_hold")
+        cluster_id = (await self.clusters.get(name)).id  # NotFound
         async with self.db.session() as s:
-            row = await s.scalar(select(ClusterRow).where(ClusterRow.name == name))
-            if row is None:
-                raise NotFound(f"no cluster {name!r}", code="cluster_not_found")
+            row = await s.get(ClusterRow, cluster_id)
+            assert row is not None
             if mode is not None:
                 row.drs_mode = mode
             if threshold is not None:
@@ -196,9 +190,9 @@ class Balancer:
         """A pass over the cluster now; kept as its latest (replacing the recommendations of
         the one before that were not applied)."""
         async with self._lock:
-            row = await self._row(name)
+            row = await self.clusters.get(name)
             current = self._settings_of(row)
-            members = [h for h in await self.inventory.hosts() if h.cluster_id == row.id]
+            members = await self.clusters.members(row)
             cluster, views = await self._cluster(members)
             loads, errors = await self._loads(members, views, current["window_s"])
             history = await self._history()
@@ -364,9 +358,7 @@ class Balancer:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
-            async with self.db.session() as s:
-                rows = list(await s.scalars(select(ClusterRow)))
-            for row in rows:
+            for row in await self.clusters.all():
                 mode = self._settings_of(row)["mode"]
                 if mode == "off":
                     continue

@@ -80,7 +80,7 @@ class Center:
             self.db, self.inventory, self.executor, self.tasks, self.rules
         )
         self.balancer = Balancer(
-            self.db, self.inventory, self.executor, self.tasks, self.rules,
+            self.db, self.inventory, self.executor, self.tasks, self.rules, self.clusters,
             interval_s=config.balancing_interval_s,
         )  # fmt: skip
         self._refresher: asyncio.Task[None] | None = None

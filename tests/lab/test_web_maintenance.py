@@ -261,14 +261,7 @@ def test_balancing_on_the_cluster_page_saves_settings_and_shows_a_pass(
     (then off again), then gets recommendations: every member host's CPU and memory load, and
     each recommended move with its reason (not applied: the tests above depend on where the
     VMs are), or why there is none; the page opened again shows the same pass, not a new one."""
-    members = sorted(x["name"] for x in center.get("/v1/hosts").json())
-    clusters = {c["name"]: c["hosts"] for c in center.get("/v1/clusters").json()}
-    cluster = next((n for n, hosts in clusters.items() if hosts == members), DRS_CLUSTER)
-    if cluster not in clusters:
-        assert center.post("/v1/clusters", json={"name": cluster}).status_code == 201
-        for host in members:
-            r = center.post(f"/v1/clusters/{cluster}/hosts", json={"host": host})
-            assert r.status_code == 200, r.text
+    members, cluster = cluster_of_all_hosts(center)
     balancing = f"/v1/clusters/{cluster}/balancing"
     try:
         open_item(browser, "cluster", cluster)
@@ -341,14 +334,7 @@ def test_a_recommendation_applied_from_the_cluster_page_moves_a_busy_guest(
     recommendations and applies the first: its row links the migration's task, and the VM
     lands on the other host. (Balancing stays off: a pass asked for runs anyway, and no pass
     of the center's own replaces the one on the page meanwhile.)"""
-    members = sorted(x["name"] for x in center.get("/v1/hosts").json())
-    clusters = {c["name"]: c["hosts"] for c in center.get("/v1/clusters").json()}
-    cluster = next((n for n, hosts in clusters.items() if hosts == members), DRS_CLUSTER)
-    if cluster not in clusters:
-        assert center.post("/v1/clusters", json={"name": cluster}).status_code == 201
-        for host in members:
-            r = center.post(f"/v1/clusters/{cluster}/hosts", json={"host": host})
-            assert r.status_code == 200, r.text
+    _, cluster = cluster_of_all_hosts(center)
     hosts_now = {v["name"]: v["host"] for v in center.get("/v1/vms").json()}
     busy_host = hosts_now[MOVABLE[0]]
     if hosts_now[MOVABLE[1]] != busy_host:  # put them together
@@ -397,6 +383,19 @@ def test_a_recommendation_applied_from_the_cluster_page_moves_a_busy_guest(
             guest.dirty_stop()
             guest.close()
         center.put(balancing, json={"mode": "off", "window_s": 300, "hold_s": 600})
+
+
+def cluster_of_all_hosts(center: httpx.Client) -> tuple[list[str], str]:
+    """The lab's hosts and a cluster of exactly them (the lab's own, or one made here)."""
+    members = sorted(x["name"] for x in center.get("/v1/hosts").json())
+    clusters = {c["name"]: c["hosts"] for c in center.get("/v1/clusters").json()}
+    cluster = next((n for n, hosts in clusters.items() if hosts == members), DRS_CLUSTER)
+    if cluster not in clusters:
+        assert center.post("/v1/clusters", json={"name": cluster}).status_code == 201
+        for host in members:
+            r = center.post(f"/v1/clusters/{cluster}/hosts", json={"host": host})
+            assert r.status_code == 200, r.text
+    return members, cluster
 
 
 def _text(element: WebElement | None) -> str:
