@@ -153,6 +153,21 @@ class BalancingBody(BaseModel):
     hold_s: float | None = Field(None, ge=0, le=86400)
 
 
+class HaBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool | None = None
+    failure_s: float | None = Field(None, ge=8, le=600)
+    isolation_response: Literal["leave-on", "power-off", "shutdown"] | None = None
+    failures_to_tolerate: int | None = Field(None, ge=0, le=32)
+
+
+class PriorityBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    priority: Literal["high", "medium", "low", "disabled"]
+
+
 class ApplyBody(BaseModel):
     ids: list[int] | None = Field(None, max_length=256)  # None: every pending one
 
@@ -201,8 +216,12 @@ def create_app(center: Center) -> FastAPI:
         return [with_task(host_dict(h), latest) for h in await inv.hosts()]
 
     def with_task(host: dict[str, Any], latest: dict[str, int]) -> dict[str, Any]:
-        """The host, with its latest maintenance task (None if it never had one)."""
-        return host | {"maintenance_task": latest.get(host["name"])}
+        """The host, with its latest maintenance task (None if it never had one) and its HA
+        state (None outside an HA cluster)."""
+        return host | {
+            "maintenance_task": latest.get(host["name"]),
+            "ha": center.ha.host_state(host["name"]),
+        }
 
     @app.get("/v1/datastores", dependencies=auth)
     async def list_datastores() -> list[dict[str, Any]]:
@@ -335,7 +354,10 @@ def create_app(center: Center) -> FastAPI:
             await relocate(center.db, inv, center.executor, center.tasks, center.rules,
                            record.name, placement.host)  # fmt: skip
             placed = placement.explain()
-        mode = await center.clusters.effective_mode(await inv.vm(vm))
+        record = await inv.vm(vm)
+        if record.power_state == "poweredOff":
+            await center.ha.admit(record)
+        mode = await center.clusters.effective_mode(record)
         answer = await _power(vm, "power_on", evc_mode=mode)
         return answer | {"placed": placed} if placed else answer
 
@@ -510,6 +532,20 @@ def create_app(center: Center) -> FastAPI:
     async def apply_recommendations(name: str, body: ApplyBody) -> dict[str, Any]:
         """Start the latest pass's recommendations (those numbered, or all pending)."""
         return {"applied": await center.balancer.apply(name, body.ids)}
+
+    @app.get("/v1/clusters/{name}/ha", dependencies=auth)
+    async def get_ha(name: str) -> dict[str, Any]:
+        """The cluster's HA settings, each member's HA state, admission control's reserve and
+        the latest restarts."""
+        return await center.ha.status(name)
+
+    @app.put("/v1/clusters/{name}/ha", dependencies=auth)
+    async def set_ha(name: str, body: HaBody) -> dict[str, Any]:
+        return await center.ha.configure(name, **body.model_dump(exclude_none=True))
+
+    @app.put("/v1/vms/{vm}/ha-priority", dependencies=auth)
+    async def set_ha_priority(vm: str, body: PriorityBody) -> dict[str, Any]:
+        return await center.ha.set_priority(vm, body.priority)
 
     @app.put("/v1/vms/{vm}/evc", dependencies=auth)
     async def set_vm_evc(vm: str, body: EvcBody) -> dict[str, Any]:

@@ -340,6 +340,18 @@ class CenterClient:
         body = {k: v for k, v in settings.items() if v is not None}
         return await self._object("PUT", f"/v1/clusters/{_segment(name)}/balancing", json=body)
 
+    async def ha(self, name: str) -> JsonObject:
+        """The cluster's HA: settings, each member's state, the reserve, the latest restarts."""
+        return await self._object("GET", f"/v1/clusters/{_segment(name)}/ha")
+
+    async def set_ha(self, name: str, **settings: Any) -> JsonObject:
+        body = {k: v for k, v in settings.items() if v is not None}
+        return await self._object("PUT", f"/v1/clusters/{_segment(name)}/ha", json=body)
+
+    async def set_ha_priority(self, vm: str, priority: str) -> JsonObject:
+        path = f"/v1/vms/{_segment(vm)}/ha-priority"
+        return await self._object("PUT", path, json={"priority": priority})
+
     async def recommendations(self, name: str) -> JsonObject:
         """A balancing pass now: the loads and what it recommends (sampling each VM it would
         move for the predictor: a few seconds)."""

@@ -72,6 +72,11 @@ class Cluster(Base):
     drs_threshold: Mapped[int | None] = mapped_column(Integer, default=None)  # 1-5
     drs_window_s: Mapped[float | None] = mapped_column(Float, default=None)
     drs_hold_s: Mapped[float | None] = mapped_column(Float, default=None)
+    # HA (center/ha.py); None: the default
+    ha_enabled: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    ha_failure_s: Mapped[float | None] = mapped_column(Float, default=None)
+    ha_isolation_response: Mapped[str | None] = mapped_column(String(20), default=None)
+    ha_failures: Mapped[int | None] = mapped_column(Integer, default=None)  # to tolerate
 
 
 class HostDatastore(Base):
@@ -136,6 +141,7 @@ class Vm(Base):
     # Its IP addresses as its host last saw them (guest agent or DHCP leases), while it runs
     addresses: Mapped[list[str] | None] = mapped_column(JSON, default=None)
     addresses_source: Mapped[str | None] = mapped_column(String(20), default=None)
+    ha_priority: Mapped[str | None] = mapped_column(String(10), default=None)  # None: medium
     host: Mapped[Host | None] = relationship(lazy="selectin")
 
 

@@ -100,6 +100,7 @@ def vm_dict(vm: Vm) -> dict[str, Any]:
         "evc_mode": vm.evc_mode,
         "addresses": vm.addresses or [],
         "addresses_source": vm.addresses_source,
+        "ha_priority": vm.ha_priority or "medium",
     }
 
 
@@ -264,6 +265,10 @@ class Inventory:
             name, connection="connected", facts=facts, last_seen=datetime.now(UTC)
         )
 
+    async def mark_disconnected(self, name: str) -> None:
+        """HA found the host failed or isolated: no placement chooses it until it answers."""
+        await self._set_host(name, connection="disconnected")
+
     async def fresh_vm(self, vm: Vm) -> Vm:
         """Ask the VM's host for its state now."""
         assert vm.host is not None
@@ -374,6 +379,8 @@ class Inventory:
                     host=host.name,
                 )
                 await self.upsert_vm(info, host)
+            elif info["power_state"] == "poweredOff" and known.power_state == "poweredOn":
+                await self._drop_stale_registration(host, known)
         names = {info["uuid"] for info in reported}
         for vm in await self.vms():
             gone = vm.host is not None and vm.host.name == host.name and vm.uuid not in names
@@ -386,6 +393,24 @@ class Inventory:
                     host=host.name,
                 )
                 await self.set_vm(vm.uuid, power_state="missing")
+
+    async def _drop_stale_registration(self, host: Host, vm: Vm) -> None:
+        """``host`` still registers, powered off, a VM that runs on another host (HA restarted
+        it there while ``host`` was failed or isolated): forget it there; its files stay."""
+        assert vm.host is not None
+        try:
+            async with self.agent(host) as agent:
+                await agent.unregister_vm(vm.uuid)
+        except KvmotionError as exc:
+            log.warning("could not drop the stale registration of %s on %s: %s", vm.name,
+                        host.name, exc.message)  # fmt: skip
+            return
+        await record_event(
+            self.db,
+            f"VM {vm.name} runs on {vm.host.name}: its old registration on {host.name} "
+            "(powered off) was removed",
+            severity="warning", vm=vm.name, host=host.name,
+        )  # fmt: skip
 
     async def _end_orphan_incoming(self, host: Host, info: dict[str, Any]) -> None:
         """A paused, receiving copy no migration feeds (its migration was aborted while this

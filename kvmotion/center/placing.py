@@ -3,6 +3,8 @@ every host's view and capacity now, for an evacuation and for a new VM given no 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from kvmotion.center.db import Host, Vm
 from kvmotion.center.inventory import Inventory, host_view, vm_view
 from kvmotion.center.rules import Rules
@@ -69,8 +71,9 @@ async def place_new_vm(inventory: Inventory, rules: Rules, spec: VmCreateRequest
 
 
 async def place_vm(inventory: Inventory, rules: Rules, vm: Vm) -> Placement:
-    """Where a registered VM (powered off: its datastores and networks decide) would go,
-    among the other hosts."""
+    """Where a registered VM would be registered and powered on, among the other hosts: it is
+    powered off, or its host failed (HA), so its datastores and networks decide, not a
+    migration's precheck."""
     cluster = await cluster_now(inventory, rules)
     cluster.where.pop(vm.name, None)
-    return place(vm_view(vm, False), cluster)
+    return place(replace(vm_view(vm, False), power_state="poweredOff"), cluster)

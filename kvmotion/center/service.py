@@ -15,6 +15,8 @@ from kvmotion.center.clusters import Clusters
 from kvmotion.center.console import ConsoleRelay
 from kvmotion.center.db import Database
 from kvmotion.center.executor import DEFAULT_STALL_TIMEOUT, Executor
+from kvmotion.center.ha import INTERVAL_S as HA_INTERVAL_S
+from kvmotion.center.ha import HaMonitor
 from kvmotion.center.inventory import Inventory
 from kvmotion.center.maintenance import Maintenance
 from kvmotion.center.rules import Rules
@@ -47,6 +49,7 @@ class CenterConfig(ConfigFile):
     migrations_per_host: int | None = Field(None, ge=1, le=64)
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT  # a copy that moves no byte this long aborts
     balancing_interval_s: float = Field(INTERVAL_S, ge=5.0)  # between passes (center/balancing.py)
+    ha_interval_s: float = Field(HA_INTERVAL_S, ge=0.2, le=5.0)  # HA heartbeats (center/ha.py)
 
     def api_tokens(self) -> dict[str, tuple[str, str]]:
         """Every token the API accepts: token -> (name, role)."""
@@ -83,6 +86,10 @@ class Center:
             self.db, self.inventory, self.executor, self.tasks, self.rules, self.clusters,
             interval_s=config.balancing_interval_s,
         )  # fmt: skip
+        self.ha = HaMonitor(
+            self.db, self.inventory, self.executor, self.tasks, self.rules, self.clusters,
+            interval_s=config.ha_interval_s,
+        )  # fmt: skip
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -91,6 +98,7 @@ class Center:
         await self._fail_orphaned_tasks()
         self._refresher = asyncio.create_task(self._refresh_loop(), name="refresh-hosts")
         self.balancer.start()
+        self.ha.start()
 
     async def _fail_orphaned_tasks(self) -> None:
         """Tasks a previous center left unfinished: mark them failed, saying so."""
@@ -121,6 +129,7 @@ class Center:
             self._refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
+        await self.ha.close()
         await self.balancer.close()
         await self.maintenance.close()
         await self.executor.close()

@@ -113,15 +113,28 @@ def shape(
 def link(
     host: str = typer.Argument(..., help="host name (management address), e.g. 172.16.0.173"),
     state: str = typer.Argument(..., help="down (cut the link, as a pulled cable) or up"),
-    network: str = typer.Option("migration", help="migration, or management (the center's)"),
+    network: str = typer.Option(
+        "migration", help="migration, management (the center's), or storage (the shared datastore)"
+    ),
 ) -> None:
-    """Cut or mend a host's migration (or management) link, to see a migration fail safely."""
+    """Cut or mend a host's migration, management or storage link: to see a migration fail
+    safely, or HA tell an isolated host from a failed one."""
     if state not in ("up", "down"):
         raise typer.BadParameter("say up or down", param_hint="STATE")
-    if network not in ("migration", "management"):
-        raise typer.BadParameter("say migration or management", param_hint="--network")
+    if network not in ("migration", "management", "storage"):
+        raise typer.BadParameter("say migration, management or storage", param_hint="--network")
     topology.set_link_up(host, state == "up", network)
     console.print(f"{host}: {network} link {state}")
+
+
+@app.command("kill")
+def kill(
+    host: str = typer.Argument(..., help="host name (management address), e.g. 172.16.0.173"),
+) -> None:
+    """Kill a host as a power cut would (its agent and QEMUs, SIGKILL); `lab up` restarts its
+    agent."""
+    pids = topology.kill_host(host)
+    console.print(f"{host}: killed {len(pids)} process(es): {' '.join(map(str, pids))}")
 
 
 @app.command("tls")

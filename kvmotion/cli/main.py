@@ -16,6 +16,7 @@ from kvmotion.cli import (  # noqa: F401 (balancing_cmds adds its commands on im
     center_cmds,
     console_cmds,
     evc_cmds,
+    ha_cmds,
     host_cmds,
     image_cmds,
     image_store_cmds,
@@ -48,6 +49,7 @@ app.add_typer(task_cmds.app, name="task")
 app.add_typer(tls_cmds.app, name="tls")
 inventory_cmds.vm_app.command("set-evc")(evc_cmds.vm_set_evc)
 console_cmds.register(inventory_cmds.vm_app)
+ha_cmds.register(inventory_cmds.vm_app)
 app.add_typer(inventory_cmds.vm_app, name="vm")
 app.command("demo")(lab_cmds.demo)
 

@@ -23,6 +23,7 @@ from kvmotion.host.cpu import HostCpu, VmCpu
 from kvmotion.host.datastores import Datastores
 from kvmotion.host.facts import HostFacts, NetworkInfo
 from kvmotion.host.guestmem import MemoryProfile
+from kvmotion.host.ha import Held, HostHa
 from kvmotion.host.hostqemu import HostQemu
 from kvmotion.host.images import ImageStore
 from kvmotion.host.incoming import Incoming
@@ -61,6 +62,11 @@ class HostAgent:
         self.consoles = Consoles()  # the open serial consoles (host/console.py)
         self.load = LoadSampler(self._running_pids)  # what the VMs use (host/load.py)
         self._sampling: asyncio.Task[None] | None = None
+        self.ha = HostHa(
+            config.name, config.datastores, config.run_dir / "ha.json", self._held,
+            self._kill_qemu, self._shutdown_for_ha,
+        )  # fmt: skip
+        self._heartbeat: asyncio.Task[None] | None = None
 
     # -- start and stop ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -97,13 +103,16 @@ class HostAgent:
                 log.info("dropping the unfinished disk copies of %s", vm.config.name)
                 vm.storage_move.drop_copies()
         self._sampling = asyncio.create_task(self.load.run(), name="load-sampler")
+        self._heartbeat = asyncio.create_task(self.ha.run(), name="ha-heartbeat")
 
     async def close(self) -> None:
         """Let go of every VM without stopping any (they outlive the agent)."""
-        if self._sampling is not None:
-            self._sampling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sampling
+        for task in (self._sampling, self._heartbeat):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.ha.close()
         await self.consoles.close()
         for vm in self.vms.values():
             await vm.detach()
@@ -114,6 +123,27 @@ class HostAgent:
             for vm in self.vms.values()
             if vm.state is PowerState.POWERED_ON and vm.process is not None and not vm.incoming
         }
+
+    def _held(self) -> list[Held]:
+        return [
+            Held(vm.config.uuid, vm.config.name,
+                 frozenset(d.datastore for d in vm.config.disks), not vm.incoming)
+            for vm in self.vms.values()
+            if vm.process is not None and vm.process.alive()
+        ]  # fmt: skip
+
+    async def _kill_qemu(self, uuid: str) -> None:
+        """HA's fence: SIGKILL the VM's QEMU now (its watcher records it powered off)."""
+        vm = self.vms.get(uuid)
+        if vm is not None and vm.process is not None:
+            await vm.process.kill()
+
+    async def _shutdown_for_ha(self, uuid: str, timeout: float) -> None:
+        vm = self.vms.get(uuid)
+        if vm is not None:
+            async with vm.lock:
+                if vm.state is PowerState.POWERED_ON:
+                    await vm.shutdown(timeout)
 
     def load_report(self, window_s: float) -> HostLoadOut:
         """The VMs' load averaged over the last ``window_s`` seconds."""

@@ -31,6 +31,8 @@ from kvmotion.host.protocol import (
     DiskMirrorRequest,
     FinishRequest,
     FinishResult,
+    HaHeartbeatIn,
+    HaReportOut,
     HostFacts,
     HostLoadOut,
     IncomingRequest,
@@ -121,6 +123,11 @@ def create_app(agent: HostAgent) -> FastAPI:
     async def host_load(window: float = Query(300.0, ge=5.0, le=900.0)) -> HostLoadOut:
         """What each running VM used, averaged over the last ``window`` seconds."""
         return agent.load_report(window)
+
+    @app.post("/v1/ha", dependencies=auth)
+    async def ha_heartbeat(req: HaHeartbeatIn) -> HaReportOut:
+        """The center's HA heartbeat: this host's HA report (host/ha.py)."""
+        return agent.ha.heartbeat(req.settings, req.released_done)
 
     @app.get("/v1/vms", dependencies=auth)
     async def list_vms() -> list[VmInfo]:

@@ -26,6 +26,9 @@ from kvmotion.host.protocol import (
     DiskMirrorRequest,
     FinishRequest,
     FinishResult,
+    HaHeartbeatIn,
+    HaReportOut,
+    HaSettingsIn,
     HostFacts,
     HostLoadOut,
     IncomingRequest,
@@ -175,6 +178,13 @@ class AgentClient:
         """Each running VM's load, averaged over the last ``window_s`` seconds."""
         return await self.call(_LOAD, "GET", f"/v1/load?window={window_s:g}")
 
+    async def ha_heartbeat(
+        self, settings: HaSettingsIn, released_done: list[str], timeout: float
+    ) -> HaReportOut:
+        """The center's HA heartbeat; the host's HA report (host/ha.py)."""
+        body = HaHeartbeatIn(settings=settings, released_done=released_done)
+        return await self.call(_HA_REPORT, "POST", "/v1/ha", body, timeout=timeout)
+
     async def register_vm(self, config: dict[str, Any], config_path: str) -> VmInfo:
         """Register a powered-off VM here from its record (see HostAgent.register)."""
         body = build(RegisterRequest, config=config, config_path=config_path)
@@ -271,5 +281,6 @@ _SHUTDOWN = TypeAdapter(ShutdownResult)
 _INCOMING = TypeAdapter(IncomingResult)
 _PROFILE = TypeAdapter(MemoryProfileOut)
 _LOAD = TypeAdapter(HostLoadOut)
+_HA_REPORT = TypeAdapter(HaReportOut)
 _FINISH = TypeAdapter(FinishResult)
 _ABORT = TypeAdapter(AbortResult)

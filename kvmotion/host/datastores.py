@@ -10,9 +10,11 @@ import asyncio
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from kvmotion.errors import InvalidInput, NotFound
 from kvmotion.host.config import DatastoreConfig
@@ -27,6 +29,8 @@ class DatastoreInfo:
     free_bytes: int
     accessible: bool
 
+
+T = TypeVar("T")
 
 PROBE_TIMEOUT_S = 5.0  # a datastore whose statvfs takes longer is reported inaccessible
 
@@ -89,15 +93,19 @@ class Datastores:
 
 
 def _statvfs_in_thread(path: Path) -> Future[os.statvfs_result]:
-    """statvfs in a daemon thread of its own: one that never returns (a hung mount) must not
-    hold the agent's exit, as a worker of a thread pool would."""
-    result: Future[os.statvfs_result] = Future()
+    return in_daemon_thread(lambda: os.statvfs(path), f"statvfs {path}")
 
-    def probe() -> None:
+
+def in_daemon_thread(work: Callable[[], T], name: str) -> Future[T]:
+    """``work()`` in a daemon thread of its own: one that never returns (a hung mount) must not
+    hold the agent's exit, as a worker of a thread pool would. Its OSError is the future's."""
+    result: Future[T] = Future()
+
+    def run() -> None:
         try:
-            result.set_result(os.statvfs(path))
+            result.set_result(work())
         except OSError as exc:
             result.set_exception(exc)
 
-    threading.Thread(target=probe, name=f"statvfs {path}", daemon=True).start()
+    threading.Thread(target=run, name=name, daemon=True).start()
     return result

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import uuid as uuidlib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -300,6 +300,62 @@ class HostLoadOut(BaseModel):
     host_cpu_busy: float | None  # the share of all CPUs busy (None: not sampled yet)
     memory_available_mib: int
     vms: dict[str, VmLoadOut]  # by name; a VM sampled fewer than twice is absent
+
+
+class HaSettingsIn(BaseModel):
+    """HA as the center's cluster sets it, sent with every heartbeat (host/ha.py)."""
+
+    enabled: bool = False
+    failure_s: float = Field(15.0, ge=8.0, le=600.0)  # silent this long on both channels: failed
+    isolation_response: Literal["leave-on", "power-off", "shutdown"] = "leave-on"
+    peers: list[str] = Field(default_factory=list, max_length=1000)  # the others' agent URLs
+
+    @field_validator("peers")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        for url in value:
+            if not re.fullmatch(r"https?://[\w.:\[\]-]{1,300}", url):
+                raise ValueError(f"not an agent URL: {url[:80]!r}")
+        return value
+
+
+class HaHeartbeatIn(BaseModel):
+    """The center's heartbeat: the settings, and the released VMs it has restarted since."""
+
+    settings: HaSettingsIn
+    released_done: list[str] = Field(default_factory=list, max_length=10000)
+
+
+class HaPeerOut(BaseModel):
+    """Another host's heartbeat file on a datastore, as this host reads it."""
+
+    age_s: float  # since this host last saw it change (or began watching, if it never did)
+    vms: list[str]  # the uuids it says it runs with a disk here
+    released: list[str]  # the uuids it stopped as its isolation response
+    isolated: bool
+
+
+class HaDatastoreOut(BaseModel):
+    written_age_s: float | None  # since this host last renewed its own heartbeat here
+    watching_s: float  # how long this host has been reading the others' heartbeats here
+    peers: dict[str, HaPeerOut]  # by host name
+
+
+class HaFenceOut(BaseModel):
+    vm: str
+    uuid: str
+    reason: str
+    at: float  # Unix time
+
+
+class HaReportOut(BaseModel):
+    host: str
+    incarnation: str  # changes at every agent start
+    enabled: bool
+    isolated: bool
+    datastores: dict[str, HaDatastoreOut]  # the shared ones, by name
+    fenced: list[HaFenceOut]  # the VMs this host stopped itself, latest last
+    released: list[str]
 
 
 VM_INFO = TypeAdapter(VmInfo)

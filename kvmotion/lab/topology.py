@@ -19,6 +19,7 @@ Safety: no lab namespace touches the machine's uplink, and the root namespace ke
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -26,6 +27,7 @@ import re
 import secrets
 import shlex
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -748,17 +750,73 @@ def shape_link(host: int | str, rate_mbit: float | None) -> None:
 def set_link_up(host: int | str, up: bool, network: str = "migration") -> None:
     """Cut (``up=False``) or mend host ``host``'s migration (or ``management``) link, as a
     pulled cable would: the host's ``vmotion0`` (``mgmt0``) goes down, nothing is told to the
-    other end.
+    other end. ``storage`` cuts the host off the shared datastore (:func:`set_storage_up`).
 
     Raises InvalidInput for an unknown host or network, LabError if the host is not up.
     """
     links = {"migration": HOST_MIGRATION_LINK, "management": HOST_MGMT_LINK}
+    if network == "storage":
+        set_storage_up(host, up)
+        return
     if network not in links:
-        raise InvalidInput(f"network must be migration or management, not {network!r}")
+        raise InvalidInput(f"network must be migration, management or storage, not {network!r}")
     index = host_index(host)
     if not netns.netns_exists(host_netns(index)):
         raise LabError(f"lab host {management_address(index)} is not up; run `kvmotion lab up`")
     netns.ip("link", "set", links[network], "up" if up else "down", ns=host_netns(index))
+
+
+STORAGE_CUT = "kvmotion-storage-cut"  # the source name of the mount that hides the datastore
+
+
+def set_storage_up(host: int | str, up: bool) -> None:
+    """Cut (``up=False``) or mend host ``host``'s path to the shared datastore, as a failed
+    storage link would. The lab's datastore is a directory all hosts share, so the cut is made
+    where only that host sees it: in its agent's mount namespace (``ip netns exec`` gives each
+    agent its own, and its QEMUs share it), an empty read-only file system is mounted over the
+    datastore. The agent's reads and writes there fail from then on, and so do the files a new
+    QEMU of that host would open; files its QEMUs have open already stay open (a real cut would
+    hang them: HA's fence kills them either way). Idempotent.
+
+    Raises InvalidInput for an unknown host, LabError if its agent does not run.
+    """
+    state = load_state()
+    if state is None:
+        raise LabError("the lab is not up; run `kvmotion lab up`")
+    lab_host = state.host(host)
+    if not agent_running(lab_host) or lab_host.agent_pid is None:
+        raise LabError(f"the agent of lab host {lab_host.name} does not run")
+    target = str(state.shared_datastore)
+    enter = ["nsenter", "-t", str(lab_host.agent_pid), "-m"]
+    mounts = netns.run([*enter, "findmnt", "-rn", "-o", "SOURCE", target], check=False).stdout
+    cut = STORAGE_CUT in mounts.split()
+    if up and cut:
+        netns.run([*enter, "umount", "-l", target])
+    elif not up and not cut:
+        netns.run([*enter, "mount", "-t", "tmpfs", "-o", "ro,size=64k", STORAGE_CUT, target])
+
+
+def kill_host(host: int | str) -> list[int]:
+    """Kill host ``host`` as a power cut would: SIGKILL its agent and every QEMU it started.
+    Returns the pids killed. `kvmotion lab up` starts its agent again (its VMs stay off).
+
+    Raises InvalidInput for an unknown host, LabError if the lab is not up.
+    """
+    state = load_state()
+    if state is None:
+        raise LabError("the lab is not up; run `kvmotion lab up`")
+    lab_host = state.host(host)
+    pids = [pid for _, pid in _live_qemus(lab_host.run_dir)]
+    if agent_running(lab_host) and lab_host.agent_pid is not None:
+        pids.insert(0, lab_host.agent_pid)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        deadline = time.monotonic() + 10
+        while netns.pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return pids
 
 
 def _apply_rate(index: int, rate_mbit: float | None) -> None:

@@ -105,6 +105,8 @@ class QemuProcess:
             raise QemuError(
                 f"QEMU for {launch.name} failed to start (exit {proc.returncode}): "
                 f"{output or 'no output'}",
+                # another QEMU holds one of its disks (maybe on another host: HA waits for it)
+                code="disk_locked" if 'Failed to get "write" lock' in output else None,
                 exit_code=proc.returncode,
                 argv=argv,
                 output=output,

@@ -35,6 +35,7 @@ from kvmotion.host.protocol import (
     VM_LIST,
     AbortResult,
     FinishResult,
+    HaReportOut,
     HostLoadOut,
     IncomingResult,
     MemoryProfileOut,
@@ -69,6 +70,7 @@ ROUTES: tuple[tuple[str, str, re.Pattern[str]], ...] = tuple(
         ("storage_cancel", "POST", f"{_VM}/storage/cancel"),
         ("memory_profile", "POST", f"{_VM}/memory-profile"),
         ("load", "GET", "/v1/load"),
+        ("ha", "POST", "/v1/ha"),
     )
 )
 
@@ -94,6 +96,7 @@ REPLIES: dict[str, TypeAdapter[Any]] = {
     "incoming": TypeAdapter(IncomingResult),
     "memory_profile": TypeAdapter(MemoryProfileOut),
     "load": TypeAdapter(HostLoadOut),
+    "ha": TypeAdapter(HaReportOut),
     "finish": TypeAdapter(FinishResult),
     "storage_cancel": TypeAdapter(AbortResult),
     "abort": TypeAdapter(AbortResult),
@@ -226,6 +229,12 @@ class FakeHost:
     die_before: set[str] = field(default_factory=set)
     die_after: dict[str, int] = field(default_factory=dict)  # route -> calls until death
     errors: dict[str, AgentError] = field(default_factory=dict)  # route -> answered error
+    # What /v1/ha answers: the others' heartbeat files on "shared" as this host reads them
+    # (host -> HaPeerOut's fields), and the VMs its isolation response released.
+    ha_peers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ha_released: list[str] = field(default_factory=list)
+    ha_fenced: list[dict[str, Any]] = field(default_factory=list)
+    ha_settings: dict[str, Any] | None = None  # the last the center sent
     # What /memory-profile answers for its VMs (bytes, bytes/s; ram_bytes is the VM's).
     profile: dict[str, float] = field(
         default_factory=lambda: {
@@ -447,6 +456,16 @@ class FakeAgents(httpx.AsyncBaseTransport):
                 "memory_available_mib": host.facts["memory"]["available_bytes"] // 2**20,
                 "vms": {v.name: {"cpu": v.cpu, "memory_mib": 100.0, "seconds": 60.0, "samples": 13}
                         for v in running},
+            }  # fmt: skip
+        if route == "ha":
+            host.ha_settings = body["settings"]
+            done = set(body["released_done"])
+            host.ha_released = [u for u in host.ha_released if u not in done]
+            return 200, {
+                "host": host.name, "incarnation": "fake", "enabled": True, "isolated": False,
+                "datastores": {"shared": {"written_age_s": 0.5, "watching_s": 600.0,
+                                          "peers": host.ha_peers}},
+                "fenced": host.ha_fenced, "released": host.ha_released,
             }  # fmt: skip
         if route == "memory_profile" and ref is not None:
             ram = int(host.find(ref).config["memory_mib"]) * 2**20

@@ -4,7 +4,7 @@ import { $, h } from "./dom.js";
 import { fmtBytes, fmtDateTime, fmtLink, parseTime, plural, vendorName } from "./format.js";
 import { evcText, maintenanceTaskFor, state } from "./state.js";
 import {
-  actionMessage, card, connectionBadge, itemLink, maintenanceBadge, stateBadge, summaryHeader, table,
+  actionMessage, card, connectionBadge, haBadge, itemLink, maintenanceBadge, stateBadge, summaryHeader, table,
   usageBar, vmsTable,
 } from "./widgets.js";
 import { maintenanceButtons, maintenancePanel, maintenanceSig } from "./maintenance.js";
@@ -12,9 +12,9 @@ import { maintenanceButtons, maintenancePanel, maintenanceSig } from "./maintena
 export const hostView = {
   find: (name) => state.idx.host.get(name),
   sig: (x) => {
-    const { last_seen: _seen, facts, ...rest } = x;
+    const { last_seen: _seen, facts, ha, ...rest } = x;
     const f = { ...(facts || {}), memory: { total_bytes: facts && facts.memory && facts.memory.total_bytes } };
-    return [rest, f, state.idx.clusterOfHost.get(x.name),
+    return [rest, f, ha && [ha.state, ha.state === "connected" ? "" : ha.reason], state.idx.clusterOfHost.get(x.name),
       state.idx.vmsOnHost.get(x.name).map((v) => [v.name, v.power_state, v.config.memory_mib, v.cpu && v.cpu.model]),
       maintenanceSig(maintenanceTaskFor(x.name))];
   },
@@ -46,12 +46,15 @@ function renderHost(x) {
   const dsTotal = new Map(state.data.datastores.map((d) => [d.name, d]));
   return h("div", { id: "host-summary", class: "summary" },
     summaryHeader("host", x.name, `Host${f.hostname ? ` · ${f.hostname}` : ""}`, maintenanceButtons(x),
-      h("span", { class: "badges" }, connectionBadge(x.connection), maintenanceBadge(x.maintenance, "maintenance-badge"))),
+      h("span", { class: "badges" }, connectionBadge(x.connection), maintenanceBadge(x.maintenance, "maintenance-badge"),
+        haBadge(x.ha))),
     actionMessage(),
     x.connection !== "connected" ? h("div", { class: "panel-error" },
       "The center cannot reach this host's agent: the facts below are the last it reported. ",
       "Check that `kvmotion host serve` runs there and that the management network reaches it.") : null,
     maintenancePanel(x),
+    x.ha && x.ha.state && x.ha.state !== "connected" ? h("div", { id: "ha-reason", class: "panel-error" },
+      `HA: ${x.ha.state}. ${x.ha.reason}`) : null,
     h("div", { class: "cards" },
       card("General", [
         ["Cluster", cluster ? itemLink("cluster", cluster) : "none (standalone)", "cluster"],

@@ -85,6 +85,17 @@ export function maintenanceBadge(m, id) {
   }, MAINTENANCE_LABEL[m] || m);
 }
 
+const HA_CLASS = { connected: "ok", "not responding": "warn", isolated: "warn", failed: "bad" };
+
+/** A host's HA state as a badge, its reason as the tooltip (nothing outside an HA cluster). */
+export function haBadge(ha) {
+  if (!ha || !ha.state) return null;
+  return h("span", {
+    id: "ha-badge", class: `badge ${HA_CLASS[ha.state] || "warn"}`, dataset: { ha: ha.state },
+    title: ha.reason || "",
+  }, `HA: ${ha.state}`);
+}
+
 /** The line under a summary's header that says how an action went. What it says is kept in
  * `state.actionMessage` for the route it was said on, so that a summary rebuilt or morphed by a
  * refresh shows it still (a refusal must not vanish with the next inventory poll). */
