@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 INTERVAL_S = 1.0
 HEARTBEAT_TIMEOUT_S = 2.0
+OFF_EVERY = 30  # rounds between two "HA is off" heartbeats to the hosts of a cluster without
 RESPONSES = ("leave-on", "power-off", "shutdown")
 DEFAULTS: dict[str, Any] = {
     "enabled": False,
@@ -106,6 +107,7 @@ class HaMonitor:
         self._waiting: dict[str, str] = {}  # VM uuid -> why its restart waits (said once)
         self._released_done: dict[str, set[str]] = {}  # host -> released VMs restarted
         self._loop: asyncio.Task[None] | None = None
+        self._rounds = 0
 
     # -- settings ----------------------------------------------------------------------------
     @staticmethod
@@ -249,12 +251,39 @@ class HaMonitor:
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - began)))
 
     async def tick(self) -> None:
+        self._rounds += 1
         for cluster in await self.clusters.all():
             if cluster.ha_enabled:
                 await self._round(cluster)
+                continue
+            # HA off: its hosts are told so (they keep the settings they were sent, and would
+            # fence and isolate on their own), at once when it was just turned off, then now and
+            # then (a center that restarts does not know who was told).
+            members = await self.clusters.members(cluster)
+            told = [h for h in members if self._health.pop(h.name, None) is not None]
+            if self._rounds % OFF_EVERY == 1:
+                told = members
+            await asyncio.gather(*(self._heartbeat(h, [], DEFAULTS) for h in told))
+        await self._end_unneeded_restarts()
+
+    async def _end_unneeded_restarts(self) -> None:
+        """A restart still waiting for a VM whose host answers again: not needed any more."""
+        for uuid, task_id in list(self._restarting.items()):
+            vm = next((v for v in await self.inventory.vms() if v.uuid == uuid), None)
+            host = vm.host.name if vm is not None and vm.host is not None else None
+            health = self._health.get(host or "")
+            if vm is not None and health is not None and not health.answered:
+                continue
+            self._restarting.pop(uuid, None)
+            self._waiting.pop(uuid, None)
+            if vm is None:
+                why = "not needed: the VM is gone"
+            elif health is None:
+                why = "not needed: HA was turned off"
             else:
-                for host in await self.clusters.members(cluster):
-                    self._health.pop(host.name, None)
+                why = f"not needed: host {host} answers again, with the VM"
+            await self.tasks.update(task_id, state=TaskState.CANCELLED, error=why,
+                                    error_code="not_needed")  # fmt: skip
 
     async def _round(self, cluster: ClusterRow) -> None:
         settings = self._settings_of(cluster)
@@ -294,7 +323,7 @@ class HaMonitor:
         self, host: Host, members: list[Host], settings: dict[str, Any]
     ) -> HaReportOut | None:
         body = HaSettingsIn(
-            enabled=True, failure_s=settings["failure_s"],
+            enabled=settings["enabled"] is not False, failure_s=settings["failure_s"],
             isolation_response=settings["isolation_response"],
             peers=[m.url for m in members if m.name != host.name],
         )  # fmt: skip

@@ -22,7 +22,8 @@ What the agent does alone, with HA enabled:
   that long, or once this host, still connected, reports it released. So a VM the center
   restarts was stopped here first, whatever happened to the network.
 - **isolation**: once the center has been silent for ``failure_s`` and none of the other
-  members' agents answers either (the center alone being down is not isolation), the host is
+  members' agents answers either (the center alone being down is not isolation; a host with no
+  other member is never isolated), the host is
   isolated and applies the cluster's isolation response: ``leave-on`` (the default: its VMs run
   on, and nothing restarts them), ``power-off`` or ``shutdown`` (then each VM stopped is listed
   as *released* in its heartbeat file, and the center restarts it elsewhere). The center's next
@@ -287,7 +288,7 @@ class HostHa:
 
     async def _any_peer_answers(self) -> bool:
         if not self.settings.peers:
-            return False
+            return True  # no other host to tell an isolation from a center outage: not isolated
         async with httpx.AsyncClient(trust_env=False, timeout=1.0) as client:
 
             async def answers(url: str) -> bool:

@@ -11,7 +11,9 @@ the user exits maintenance mode from the host's page. Last, balancing on a clust
 from its page the user saves manual mode at threshold 5 and gets recommendations (each host's
 load, the moves with their reasons or why none; none applied); then both movable guests burn
 CPU on one host and the user applies the recommendation from the page (its task linked, the VM
-moved). Screenshots in artifacts/web/3*.png and 40-*.png.
+moved). Then HA on the same cluster: a host's page shows its HA state (connected; isolated, with
+the reason, while its management link is cut; connected again). Screenshots in
+artifacts/web/3*.png, 40-*.png and 41-*.png.
 """
 
 from __future__ import annotations
@@ -383,6 +385,37 @@ def test_a_recommendation_applied_from_the_cluster_page_moves_a_busy_guest(
             guest.dirty_stop()
             guest.close()
         center.put(balancing, json={"mode": "off", "window_s": 300, "hold_s": 600})
+
+
+def test_a_host_page_shows_its_ha_state_and_why(
+    center: httpx.Client, vms: None, browser: WebDriver
+) -> None:
+    """HA on for a cluster of the lab's hosts: a host's page says "HA: connected"; its
+    management link cut, the page says it is isolated, with the reason (its datastore
+    heartbeat still lives); mended, connected again. Nothing is restarted (leave-on)."""
+    _, cluster = cluster_of_all_hosts(center)
+    ha = f"/v1/clusters/{cluster}/ha"
+    try:
+        assert center.put(ha, json={"enabled": True, "failure_s": 8}).status_code == 200
+        open_host(browser, DST)
+
+        def badge() -> str:
+            return _attr(css(browser, "#ha-badge"), "data-ha")
+
+        wait("HA connected", lambda: badge() == "connected")
+        topology.set_link_up(DST, False, "management")
+        wait("HA isolated", lambda: badge() == "isolated", timeout=60)
+        reason = _text(css(browser, "#ha-reason"))
+        assert "isolated" in reason and "datastore heartbeat lives on shared" in reason, reason
+        shot(browser, "41-host-ha-isolated")
+        topology.set_link_up(DST, True, "management")
+        wait("HA connected again", lambda: badge() == "connected", timeout=60)
+        assert css(browser, "#ha-reason") is None
+        assert center.get(ha).json()["restarts"] == []
+        no_js_errors(browser)
+    finally:
+        topology.set_link_up(DST, True, "management")
+        center.put(ha, json={"enabled": False})
 
 
 def cluster_of_all_hosts(center: httpx.Client) -> tuple[list[str], str]:

@@ -336,3 +336,29 @@ async def test_a_vm_its_connected_host_fenced_restarts_elsewhere_and_is_acknowle
     assert fake.host(SRC).ha_released == []
     [task] = (await center.ha.status("Cluster"))["restarts"]
     assert task["request"]["reason"] == f"host {SRC} lost its datastore and stopped it (fence)"
+
+
+async def test_a_waiting_restart_ends_when_the_host_answers_again_and_off_is_told(
+    center: Center, fake: FakeAgents
+) -> None:
+    await enable(center)
+    await center.ha.tick()
+    fake.host(SRC).dead = True
+    fake.host(DST).fail("power_on", 500, "disk_locked", 'Failed to get "write" lock')
+    fake.host(DST).ha_peers = {SRC: {"age_s": F + 1, "vms": [], "released": [], "isolated": False}}
+    await center.ha.tick()
+    center.ha._health[SRC].last_answer -= F
+    await center.ha.tick()
+    tasks = (await center.ha.status("Cluster"))["restarts"]
+    assert sorted(t["target"] for t in tasks) == ["vm-a", "vm-b"]
+    assert {t["state"] for t in tasks} == {TaskState.RUNNING}
+    fake.host(SRC).dead = False  # it was alive all along (its agent hung): the copy runs there
+    await center.ha.tick()
+    for task in (await center.ha.status("Cluster"))["restarts"]:
+        assert task["state"] == TaskState.CANCELLED and "answers again" in task["error"]
+    assert fake.vm(DST, "vm-a") is None and fake.vm(SRC, "vm-a").power_state == "poweredOn"  # type: ignore[union-attr]
+    await center.ha.configure("Cluster", enabled=False)
+    await center.ha.tick()  # the hosts are told HA is off: they stop fencing and isolating
+    assert fake.host(SRC).ha_settings["enabled"] is False  # type: ignore[index]
+    assert fake.host(DST).ha_settings["enabled"] is False  # type: ignore[index]
+    assert center.ha.host_state(SRC) is None
