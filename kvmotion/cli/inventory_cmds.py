@@ -105,20 +105,29 @@ def host_list(json_out: JsonOpt = False, center: CenterOpt = None, token: TokenO
         print_json(hosts)
         return
     table = Table(
-        "host", "connection", "maintenance", "migration address", "accel", "CPU", "memory free"
-    )
+        "host", "connection", "maintenance", "HA", "migration address", "accel", "CPU",
+        "memory free",
+    )  # fmt: skip
     for h in hosts:
         facts = h.get("facts") or {}
         table.add_row(
             h["name"],
             _connection(h["connection"]),
             MAINTENANCE_LABEL.get(h.get("maintenance"), "-"),
+            (h.get("ha") or {}).get("state") or "-",
             facts.get("migration_address") or "-",
             facts.get("accel", "-"),
             (facts.get("cpu") or {}).get("vendor", "-"),
             _memory(facts),
         )
     console.print(table)
+
+
+def _ha(ha: dict[str, Any] | None) -> str:
+    """A host's HA state, with why unless it is connected ("-" outside an HA cluster)."""
+    if not ha or not ha.get("state"):
+        return "-"
+    return ha["state"] if ha["state"] == "connected" else f"{ha['state']}: {ha['reason']}"
 
 
 @host_app.command("show")
@@ -139,6 +148,7 @@ def host_show(
     for key, value in (
         ("connection", host["connection"]),
         ("maintenance", MAINTENANCE_LABEL.get(host.get("maintenance"), "-")),
+        ("HA", _ha(host.get("ha"))),
         ("agent", host["url"]),
         ("last seen", host.get("last_seen") or "-"),
         ("migration address", facts.get("migration_address") or "-"),

@@ -86,6 +86,11 @@ def vms(lab3: topology.LabState, center: httpx.Client) -> Iterator[dict[str, str
             topology.set_storage_up(host.name, True)
 
 
+def kvmotion(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)  # fmt: skip
+
+
 def states(center: httpx.Client) -> dict[str, str | None]:
     ha = center.get(f"/v1/clusters/{CLUSTER}/ha").json()
     return {h["host"]: h["state"] for h in ha["hosts"]}
@@ -174,6 +179,7 @@ def test_a_host_cut_off_from_the_center_is_isolated_and_its_vm_runs_on(
         wait_for("the host isolated",
                  lambda: states(center)[ISOLATED_HOST] == "isolated", FAILURE_S + 30)  # fmt: skip
         isolated_s = time.monotonic() - cut
+        shown = kvmotion("host", "show", ISOLATED_HOST)
         time.sleep(5)  # past the failure time, well past: still nothing restarts
         ha = center.get(f"/v1/clusters/{CLUSTER}/ha").json()
         topology.set_link_up(ISOLATED_HOST, True, "management")
@@ -184,6 +190,7 @@ def test_a_host_cut_off_from_the_center_is_isolated_and_its_vm_runs_on(
         user.stop()
         summary = user.join(30)
     print(f"\nisolation: declared {isolated_s:.1f} s after the cut")
+    assert shown.returncode == 0 and "isolated:" in shown.stdout, shown
     [host] = [h for h in ha["hosts"] if h["host"] == ISOLATED_HOST]
     assert "datastore heartbeat lives on shared" in host["reason"], host
     assert [t for t in ha["restarts"] if t["target"] == "ha-iso"] == []
@@ -260,8 +267,7 @@ def test_a_dead_host_s_vms_restart_elsewhere_by_priority(
     for name in ("ha-high", "ha-low"):
         wait_for_guest(lab3, guest_ip(VMS[name][0])).close()
         assert len(qemus_of(vms[name])) == 1
-    shown = subprocess.run([*CLI, "cluster", "ha", CLUSTER], capture_output=True, text=True,
-                           timeout=60, stdin=subprocess.DEVNULL)  # fmt: skip
+    shown = kvmotion("cluster", "ha", CLUSTER)
     assert shown.returncode == 0, shown.stderr
     assert "failed" in shown.stdout and "ha-high" in shown.stdout, shown.stdout
     print(f"\nfailure: declared {failed_s:.1f} s after the kill, both VMs ran elsewhere "

@@ -12,7 +12,8 @@ from its page the user saves manual mode at threshold 5 and gets recommendations
 load, the moves with their reasons or why none; none applied); then both movable guests burn
 CPU on one host and the user applies the recommendation from the page (its task linked, the VM
 moved). Then HA on the same cluster: a host's page shows its HA state (connected; isolated, with
-the reason, while its management link is cut; connected again). Screenshots in
+the reason, while its management link is cut; connected again), and the cluster's page each
+member's state and admission control's reserve. Screenshots in
 artifacts/web/3*.png, 40-*.png and 41-*.png.
 """
 
@@ -408,8 +409,22 @@ def test_a_host_page_shows_its_ha_state_and_why(
         reason = _text(css(browser, "#ha-reason"))
         assert "isolated" in reason and "datastore heartbeat lives on shared" in reason, reason
         shot(browser, "41-host-ha-isolated")
+        # The cluster's page: each member's HA state, the reserve, no restarts.
+        open_item(browser, "cluster", cluster)
+
+        def row(host: str) -> str:
+            return _text(css(browser, f'#ha-card tr[data-ha-host="{host}"]'))
+
+        wait("the cluster's HA card", lambda: "isolated" in row(DST))
+        assert "connected" in row(SRC)
+        reserve = _text(css(browser, "#ha-reserve"))
+        assert "1 host failure(s) tolerated" in reserve, reserve
+        assert "No HA restarts" in _text(css(browser, "#ha-card"))
+        shot(browser, "41-cluster-ha")
         topology.set_link_up(DST, True, "management")
-        wait("HA connected again", lambda: badge() == "connected", timeout=60)
+        wait("HA connected again", lambda: "connected" in row(DST), timeout=60)
+        open_host(browser, DST)
+        wait("the host's badge", lambda: badge() == "connected")
         assert css(browser, "#ha-reason") is None
         assert center.get(ha).json()["restarts"] == []
         no_js_errors(browser)

@@ -1,4 +1,4 @@
-// The cluster summary, its balancing (balancing.js) and its Configure EVC dialog.
+// The cluster summary, its balancing (balancing.js), its HA (ha.js) and its Configure EVC dialog.
 
 import { $, clear, h } from "./dom.js";
 import { plural } from "./format.js";
@@ -7,6 +7,7 @@ import { api, ApiError, enc, errorText } from "./api.js";
 import { card, closeModal, hostsTable, openModal, summaryHeader, vmsTable } from "./widgets.js";
 import { refreshSoon } from "./session.js";
 import { balancingCard, updateBalancingTasks } from "./balancing.js";
+import { haCard, haLive } from "./ha.js";
 
 export const clusterView = {
   find: (name) => state.idx.cluster.get(name),
@@ -14,7 +15,10 @@ export const clusterView = {
     const x = state.idx.host.get(n);
     return x && [x.connection, x.maintenance, x.facts && x.facts.cpu, x.facts && x.facts.cpu_model && x.facts.cpu_model.highest_evc_mode];
   }), state.data.vms.filter((v) => c.vms.includes(v.name)).map((v) => [v.name, v.power_state, v.host])],
-  live: () => updateBalancingTasks(),
+  live: (c) => {
+    updateBalancingTasks();
+    haLive(c.name);
+  },
   render: renderCluster,
 };
 
@@ -41,6 +45,7 @@ function renderCluster(c) {
       ]),
       h("section", { class: "card wide" }, h("h2", null, "Hosts"), hostsTable(hosts, "hosts")),
       balancingCard(c.name),
+      haCard(c.name),
       h("section", { class: "card wide" }, h("h2", null, "Virtual machines"), vmsTable(vms, "vm_list"))));
 }
 

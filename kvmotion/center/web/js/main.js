@@ -10,7 +10,8 @@
 //   shared: dom.js (h, s, morph, icons) · format.js · state.js (the one `state` object, constants,
 //     inventory lookups, routes) · api.js · widgets.js (summary blocks, host/VM tables, modals)
 //   views: session.js (sign-in, inventory refresh) · router.js (main pane) · tree.js ·
-//     datacenter.js (+ datastore, network) · host.js · vm.js (+ power) · cluster.js (+ EVC) ·
+//     datacenter.js (+ datastore, network) · host.js · vm.js (+ power) · cluster.js (+ EVC;
+//     balancing.js, ha.js: its DRS and HA cards) ·
 //     maintenance.js (a host's maintenance mode, a maintenance task's page) · wizard.js ·
 //     console.js (serial terminal and screen) · tasks.js (Recent Tasks, stream) ·
 //     task-detail.js (timeline, chart) · events.js
