@@ -267,12 +267,15 @@ class HaMonitor:
         await self._end_unneeded_restarts()
 
     async def _end_unneeded_restarts(self) -> None:
-        """A restart still waiting for a VM whose host answers again: not needed any more."""
+        """A restart still waiting for a VM whose host answers again (and did not release it):
+        not needed any more."""
         for uuid, task_id in list(self._restarting.items()):
             vm = next((v for v in await self.inventory.vms() if v.uuid == uuid), None)
             host = vm.host.name if vm is not None and vm.host is not None else None
             health = self._health.get(host or "")
-            if vm is not None and health is not None and not health.answered:
+            verdict = health.verdict if health is not None else None
+            needed = verdict is not None and (verdict.state == FAILED or uuid in verdict.released)
+            if vm is not None and health is not None and (not health.answered or needed):
                 continue
             self._restarting.pop(uuid, None)
             self._waiting.pop(uuid, None)

@@ -135,6 +135,13 @@ class HostHa:
     def heartbeat(self, settings: HaSettingsIn, released_done: list[str]) -> HaReportOut:
         """The center reached this host: keep its settings, end an isolation, and answer."""
         now = self.clock()
+        if settings.enabled and not self.settings.enabled:
+            # Turned on now: the fence's and the readers' clocks start now, not at the agent's
+            # start (a datastore already failing gets the full time before its VMs are killed).
+            self.started = now
+            self._written.clear()
+            self._watching.clear()
+            self._seen.clear()
         if settings != self.settings:
             self._save_settings(settings)
         if self.isolated:

@@ -165,7 +165,17 @@ async def test_a_host_that_cannot_renew_its_heartbeat_kills_its_vms_there_before
     clock, killed = Clock(), []
     held = [Held("u1", "on-gone", frozenset(["shared"]), True),
             Held("u2", "on-ok", frozenset(["other"]), True)]  # fmt: skip
-    ha = host_ha("a", [gone, ok], tmp_path, clock, held, killed)
+
+    async def kill(uuid: str) -> None:
+        killed.append(uuid)
+        held[:] = [vm for vm in held if vm.uuid != uuid]
+
+    async def shutdown(uuid: str, timeout: float) -> None:
+        raise AssertionError("the fence never asks the guest")
+
+    ha = HostHa("a", [gone, ok], tmp_path / "ha.json", lambda: held, kill, shutdown, clock)
+    clock.now += 3600  # the agent has run an hour before HA is turned on: its clock starts now
+    ha.heartbeat(HaSettingsIn(enabled=True, failure_s=F), [])
     ha.contact = float("inf")  # the center keeps talking: not isolated
     await ha.tick()
     clock.now += fence_after(F) - 0.5
@@ -326,6 +336,12 @@ async def test_a_vm_its_connected_host_fenced_restarts_elsewhere_and_is_acknowle
     vm_a.power_state, vm_a.qemu_status = "poweredOff", None  # fenced
     fake.host(SRC).ha_released = [vm_a.uuid]
     fake.host(SRC).ha_fenced = [{"vm": "vm-a", "uuid": vm_a.uuid, "reason": "lost", "at": 1.0}]
+    fake.host(DST).fail("power_on", 507, "insufficient_memory", "no memory for vm-a")
+    await center.ha.tick()
+    await center.ha.tick()  # its host answers, but released it: the restart still waits
+    [task] = (await center.ha.status("Cluster"))["restarts"]
+    assert task["state"] == TaskState.RUNNING and "no memory" in task["warnings"][0]
+    del fake.host(DST).errors["power_on"]
     await center.ha.tick()
     assert center.ha.host_state(SRC)["state"] == CONNECTED  # type: ignore[index]
     moved = fake.vm(DST, "vm-a")
