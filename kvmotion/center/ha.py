@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 
 INTERVAL_S = 1.0
 HEARTBEAT_TIMEOUT_S = 2.0
-OFF_EVERY = 30  # rounds between two "HA is off" heartbeats to the hosts of a cluster without
 RESPONSES = ("leave-on", "power-off", "shutdown")
 DEFAULTS: dict[str, Any] = {
     "enabled": False,
@@ -107,7 +106,6 @@ class HaMonitor:
         self._waiting: dict[str, str] = {}  # VM uuid -> why its restart waits (said once)
         self._released_done: dict[str, set[str]] = {}  # host -> released VMs restarted
         self._loop: asyncio.Task[None] | None = None
-        self._rounds = 0
 
     # -- settings ----------------------------------------------------------------------------
     @staticmethod
@@ -251,18 +249,17 @@ class HaMonitor:
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - began)))
 
     async def tick(self) -> None:
-        self._rounds += 1
         for cluster in await self.clusters.all():
             if cluster.ha_enabled:
                 await self._round(cluster)
                 continue
             # HA off: its hosts are told so (they keep the settings they were sent, and would
-            # fence and isolate on their own), at once when it was just turned off, then now and
-            # then (a center that restarts does not know who was told).
-            members = await self.clusters.members(cluster)
-            told = [h for h in members if self._health.pop(h.name, None) is not None]
-            if self._rounds % OFF_EVERY == 1:
-                told = members
+            # fence and isolate on their own): at once when it was just turned off, and any
+            # host whose facts say HA is on (a center that restarted, a host moved here).
+            told = [
+                h for h in await self.clusters.members(cluster)
+                if self._health.pop(h.name, None) is not None or (h.facts or {}).get("ha_enabled")
+            ]  # fmt: skip
             await asyncio.gather(*(self._heartbeat(h, [], DEFAULTS) for h in told))
         await self._end_unneeded_restarts()
 

@@ -216,6 +216,7 @@ class HostAgent:
             ],
             vms=len(self.vms),
             vms_powered_on=sum(vm.state is PowerState.POWERED_ON for vm in self.vms.values()),
+            ha_enabled=self.ha.settings.enabled,
         )
 
     # -- create, register, delete ------------------------------------------------------------

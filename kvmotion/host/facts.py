@@ -166,3 +166,6 @@ class HostFacts:
     # KiB of RAM pad VMs powered on here get (qemu.cmdline.ram_pad_kib): a VM without it must
     # not come here
     ram_pad_kib: int = 0
+    # HA is on here, as the center last said (host/ha.py): a center whose cluster has it off
+    # tells the host so
+    ha_enabled: bool = False

@@ -378,3 +378,12 @@ async def test_a_waiting_restart_ends_when_the_host_answers_again_and_off_is_tol
     assert fake.host(SRC).ha_settings["enabled"] is False  # type: ignore[index]
     assert fake.host(DST).ha_settings["enabled"] is False  # type: ignore[index]
     assert center.ha.host_state(SRC) is None
+    # Later, the host says HA is on (a center that restarted does not know whom it told).
+    fake.host(SRC).ha_settings = fake.host(DST).ha_settings = None
+    await center.ha.tick()
+    assert fake.host(SRC).ha_settings is None  # nothing to say: no background traffic
+    fake.host(SRC).facts["ha_enabled"] = True
+    await center.inventory.refresh_all()
+    await center.ha.tick()
+    assert fake.host(SRC).ha_settings["enabled"] is False  # type: ignore[index]
+    assert fake.host(DST).ha_settings is None
