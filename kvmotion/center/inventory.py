@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -142,6 +143,9 @@ class Inventory:
         self.transport = transport  # None: real HTTP; tests plug fake agents in here
         self._refresh_locks: dict[str, asyncio.Lock] = {}
         self._agents: dict[tuple[str, str], AgentClient] = {}  # by agent URL and token
+        # When each VM's record was last written (monotonic, by uuid): a refresh whose list was
+        # read before that is older than the record, and must not undo it.
+        self._written: dict[str, float] = {}
 
     async def ensure_defaults(self) -> None:
         async with self.db.session() as s:
@@ -234,6 +238,7 @@ class Inventory:
         try:
             async with self.agent(host) as agent:
                 facts = facts_json(await agent.facts())
+                listed_at = time.monotonic()
                 vms = [vm_json(info) for info in await agent.list_vms()]
         except HostUnreachable:
             if host.connection != "disconnected":
@@ -246,7 +251,7 @@ class Inventory:
             name, connection="connected", facts=facts, last_seen=datetime.now(UTC)
         )
         await self._sync_datastores(host, facts)
-        await self._reconcile(host, vms)
+        await self._reconcile(host, vms, listed_at)
         return await self.host(name)
 
     async def fresh_facts(self, name: str, *, unreachable_ok: bool = False) -> Host:
@@ -318,7 +323,12 @@ class Inventory:
                 raise NotFound(f"no VM {ref[:80]!r} in the inventory", code="vm_not_found")
             return vm
 
+    def _newer_than(self, uuid: str, listed_at: float) -> bool:
+        """Was this VM's record written after a list read at ``listed_at``?"""
+        return self._written.get(uuid, 0.0) > listed_at
+
     async def upsert_vm(self, info: dict[str, Any], host: Host) -> Vm:
+        self._written[info["uuid"]] = time.monotonic()
         async with self.db.session() as s:
             vm = await s.scalar(select(Vm).where(Vm.uuid == info["uuid"]))
             if vm is None:
@@ -337,6 +347,7 @@ class Inventory:
         return await self.vm(info["uuid"])
 
     async def set_vm(self, uuid: str, **fields: Any) -> None:
+        self._written[uuid] = time.monotonic()
         async with self.db.session() as s:
             vm = await s.scalar(select(Vm).where(Vm.uuid == uuid))
             if vm is not None:
@@ -351,11 +362,16 @@ class Inventory:
                 await s.delete(vm)
                 await s.commit()
 
-    async def _reconcile(self, host: Host, reported: list[dict[str, Any]]) -> None:
-        """Agents are the truth about what runs where; alarms where the truth is impossible."""
+    async def _reconcile(
+        self, host: Host, reported: list[dict[str, Any]], listed_at: float
+    ) -> None:
+        """Agents are the truth about what runs where; alarms where the truth is impossible.
+        A record written after the list was read (a power-on, a create) is newer: left as is."""
         for info in reported:
             if self.migrating(info["name"]):
                 continue  # the executor owns this VM's record until its migration ends
+            if self._newer_than(info["uuid"], listed_at):
+                continue
             if info["power_state"] == "incoming" or info.get("incoming"):
                 await self._end_orphan_incoming(host, info)
                 continue
@@ -384,6 +400,8 @@ class Inventory:
         names = {info["uuid"] for info in reported}
         for vm in await self.vms():
             gone = vm.host is not None and vm.host.name == host.name and vm.uuid not in names
+            if gone and self._newer_than(vm.uuid, listed_at):
+                continue  # created (or moved here) after the list was read
             if gone and not self.migrating(vm.name) and vm.power_state != "missing":
                 await record_event(
                     self.db,

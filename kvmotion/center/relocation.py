@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 async def refusals(inventory: Inventory, rules: Rules, vm: Vm, dest: Host) -> list[Finding]:
     """Why ``dest`` cannot take the powered-off ``vm`` registered: its filters, then the must
     rules (empty if it can)."""
+    if vm.host is not None and vm.host.name == dest.name:
+        return [Finding("same_host", f"VM {vm.name} is already registered on {dest.name}")]
     hard, _ = findings(vm.name, dest.name, await rules.all(), await rules.where())
     return [*registrable(vm_view(vm, False), host_view(dest)), *hard]
 

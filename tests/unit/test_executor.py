@@ -36,6 +36,7 @@ from kvmotion.errors import (
     Unauthorized,
 )
 from kvmotion.host.client import AgentClient
+from kvmotion.host.protocol import vm_json
 from kvmotion.migration.costs import CostLimits
 from kvmotion.migration.request import MigrationRequest
 from tests.unit.fake_agent import PORT, TOKEN, Call, FakeAgents, wait_until
@@ -742,6 +743,42 @@ async def test_concurrent_refreshes_of_a_new_vm(db_dir: Path, fake: FakeAgents) 
         hold_inserts(center, "vms", parties=2)
         await asyncio.gather(*(center.inventory.refresh_host(SRC) for _ in range(2)))
         assert await vm_host(center, "vm-new") == SRC
+    finally:
+        await center.close()
+
+
+async def test_a_refresh_never_undoes_what_happened_after_it_read_the_host(
+    db_dir: Path, fake: FakeAgents, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refresh reads a host's VMs; meanwhile a user powers one on and creates another: the
+    refresh's older list must not turn the first back off, nor call the second missing. (No
+    refresh loop: its own pass would read the host again.)"""
+    center = await start_center(db_dir, fake, start=False)
+    listed = AgentClient.list_vms
+    host = await center.inventory.host(SRC)
+    late: list[str] = []
+
+    async def list_then_act(self: AgentClient) -> list[Any]:
+        vms = await listed(self)
+        if not late and SRC in self.base_url:
+            late.append("done")
+            on = await self.power_on((await center.inventory.vm("vm-off")).uuid)
+            await center.inventory.upsert_vm(vm_json(on), host)
+            made = await self.create_vm(
+                {"name": "vm-late", "datastore": "shared", "nics": [{"network": "vm-network"}]}
+            )
+            await center.inventory.upsert_vm(vm_json(made), host)
+        return vms
+
+    try:
+        monkeypatch.setattr(AgentClient, "list_vms", list_then_act)
+        await center.inventory.refresh_host(SRC)
+        assert late == ["done"]
+        assert (await center.inventory.vm("vm-off")).power_state == "poweredOn"
+        assert (await center.inventory.vm("vm-late")).power_state == "poweredOff"  # not missing
+        monkeypatch.undo()
+        await center.inventory.refresh_host(SRC)  # a list read after them agrees
+        assert (await center.inventory.vm("vm-off")).power_state == "poweredOn"
     finally:
         await center.close()
 

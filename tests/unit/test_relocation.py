@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from kvmotion.center import maintenance
 from kvmotion.center.api import create_app
-from kvmotion.center.relocation import relocate
+from kvmotion.center.relocation import refusals, relocate
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import TaskState
 from kvmotion.errors import Conflict, PreconditionError
@@ -75,6 +75,9 @@ async def test_refusals_name_their_reason_and_change_nothing(
     assert unseen.value.code == "datastore_not_shared"
     assert fake.vm(SRC, "vm-off") is not None and fake.vm(DST, "vm-off") is None
     assert await vm_host(center, "vm-off") == SRC
+    vm, src = await center.inventory.vm("vm-off"), await center.inventory.host(SRC)
+    [same] = await refusals(center.inventory, center.rules, vm, src)  # what a dry run says
+    assert same.code == "same_host"
 
 
 async def test_a_source_that_cannot_let_go_leaves_the_vm_where_it_was(
