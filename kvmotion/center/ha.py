@@ -42,7 +42,7 @@ from kvmotion.center.db import Cluster as ClusterRow
 from kvmotion.center.db import Database, Host, Task, Vm
 from kvmotion.center.executor import Executor
 from kvmotion.center.inventory import Inventory
-from kvmotion.center.placing import place_vm
+from kvmotion.center.placing import capacity, place_vm
 from kvmotion.center.rules import Rules
 from kvmotion.center.tasks import TaskState, TaskStore, record_event, task_dict
 from kvmotion.errors import InsufficientResources, InvalidInput, KvmotionError
@@ -56,7 +56,7 @@ from kvmotion.migration.ha import (
     Sighting,
     Signals,
     Verdict,
-    healthy_observers,
+    healthy_observer,
     judge,
     reserve,
     restart_order,
@@ -201,20 +201,15 @@ class HaMonitor:
         }
 
     async def reserve(self, cluster: ClusterRow) -> Reserve:
-        members = [
-            h for h in await self.clusters.members(cluster)
+        """The members' capacity as the placement counts it (connected, not in maintenance)."""
+        vms = await self.inventory.vms()
+        room = [
+            capacity(h, vms) for h in await self.clusters.members(cluster)
             if h.connection == "connected" and h.maintenance is None
         ]  # fmt: skip
-        ids = {h.id for h in members}
-        used = sum(
-            int(v.config.get("memory_mib", 0))
-            for v in await self.inventory.vms()
-            if v.host_id in ids and v.power_state == "poweredOn"
-        )
-        sizes = [int((h.facts or {}).get("memory", {}).get("total_bytes") or 0) // 2**20
-                 for h in members]  # fmt: skip
         failures = self._settings_of(cluster)["failures_to_tolerate"]
-        return reserve(sizes, used, failures if cluster.ha_enabled else 0)
+        used = sum(c.committed_memory_mib for c in room)
+        return reserve([c.memory_mib for c in room], used, failures if cluster.ha_enabled else 0)
 
     async def admit(self, vm: Vm) -> None:
         """Admission control: refuse (InsufficientResources) a power-on that would leave too
@@ -266,8 +261,11 @@ class HaMonitor:
     async def _end_unneeded_restarts(self) -> None:
         """A restart still waiting for a VM whose host answers again (and did not release it):
         not needed any more."""
+        if not self._restarting:
+            return
+        vms = {v.uuid: v for v in await self.inventory.vms()}
         for uuid, task_id in list(self._restarting.items()):
-            vm = next((v for v in await self.inventory.vms() if v.uuid == uuid), None)
+            vm = vms.get(uuid)
             host = vm.host.name if vm is not None and vm.host is not None else None
             health = self._health.get(host or "")
             verdict = health.verdict if health is not None else None
@@ -310,14 +308,18 @@ class HaMonitor:
     async def _acknowledge_released(self, members: list[Host]) -> None:
         """Tell each host which of the VMs it released run elsewhere now (or are gone): it
         stops listing them."""
+        listing = [
+            (h.name, report) for h in members
+            if (report := self._health[h.name].report) and report.released
+            and self._health[h.name].answered
+        ]  # fmt: skip
+        if not listing:
+            return
         where = {vm.uuid: vm.host.name if vm.host else None for vm in await self.inventory.vms()}
-        for host in members:
-            report = self._health[host.name].report
-            if report is None or not self._health[host.name].answered:
-                continue
-            moved = {u for u in report.released if where.get(u) != host.name}
+        for name, report in listing:
+            moved = {u for u in report.released if where.get(u) != name}
             if moved:
-                self._released_done.setdefault(host.name, set()).update(moved)
+                self._released_done.setdefault(name, set()).update(moved)
 
     async def _heartbeat(
         self, host: Host, members: list[Host], settings: dict[str, Any]
@@ -345,7 +347,7 @@ class HaMonitor:
             if other.name == host.name or seen is None or not seen.answered or not seen.report:
                 continue
             for ds, view in seen.report.datastores.items():
-                if ds not in stores or not healthy_observers({other.name: view.written_age_s}):
+                if ds not in stores or not healthy_observer(view.written_age_s):
                     continue
                 peer = view.peers.get(host.name)
                 sighting = (

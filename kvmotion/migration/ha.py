@@ -113,9 +113,10 @@ def judge(signals: Signals, failure_s: float) -> Verdict:
     )
 
 
-def healthy_observers(written_age_s: Mapping[str, float | None]) -> set[str]:
-    """The hosts whose own heartbeat on a datastore is fresh (by host: its write's age)."""
-    return {h for h, age in written_age_s.items() if age is not None and age <= OBSERVER_FRESH_S}
+def healthy_observer(written_age_s: float | None) -> bool:
+    """Does a host's own heartbeat on a datastore, this old, make it a fair judge of the
+    others' there?"""
+    return written_age_s is not None and written_age_s <= OBSERVER_FRESH_S
 
 
 def restart_order(vms: Iterable[tuple[str, str | None]]) -> list[str]:
