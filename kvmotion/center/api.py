@@ -105,7 +105,7 @@ class MigrateBody(BaseModel):
 
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
-TaskId = Annotated[int, FastApiPath(ge=-(2**63), le=2**63 - 1)]  # what the database can hold
+TaskId = Annotated[int, FastApiPath(ge=-(2**31), le=2**31 - 1)]  # 32 bits in PostgreSQL
 STREAM_GAP_S = 0.1  # a task stream sends at most this often (a migration's figures change faster)
 STREAM_KEEPALIVE_S = 15.0  # a comment line after this long without a change keeps proxies open
 
@@ -176,6 +176,14 @@ class EvcBody(BaseModel):
     mode: str | None = Field(None, pattern=r"^[a-z0-9-]{1,40}$")  # None disables EVC
 
 
+async def refuse_nul(request: Request) -> None:
+    """PostgreSQL stores no NUL character in text, where SQLite does: a request that carries one
+    (in its path, query or JSON body) is refused whole, the same way on both."""
+    body = await request.body()
+    if "\x00" in request.url.path or "%00" in request.url.query or b"\\u0000" in body.lower():
+        raise InvalidInput("a NUL character is not allowed in a name, a value or a path")
+
+
 def create_app(center: Center) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -197,7 +205,8 @@ def create_app(center: Center) -> FastAPI:
                 "the center needs an API token (its own, or a user's from its config)",
                 read_paths=("/precheck",),
             )
-        )
+        ),
+        Depends(refuse_nul),
     ]
     inv = center.inventory
 
@@ -594,7 +603,8 @@ def create_app(center: Center) -> FastAPI:
     @app.get("/v1/events", dependencies=auth)
     async def events(limit: int = 100) -> list[dict[str, Any]]:
         async with center.db.session() as s:
-            rows = await s.scalars(select(Event).order_by(Event.id.desc()).limit(min(limit, 1000)))
+            newest = select(Event).order_by(Event.id.desc()).limit(min(max(limit, 1), 1000))
+            rows = await s.scalars(newest)
             return [
                 {"id": e.id, "time": e.time.isoformat(), "severity": e.severity,
                  "message": e.message, "vm": e.vm, "host": e.host, "task_id": e.task_id}

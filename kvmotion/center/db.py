@@ -1,4 +1,6 @@
-"""The center's inventory schema (SQLAlchemy 2, async). SQLite by default; PostgreSQL by URL.
+"""The center's inventory schema (SQLAlchemy 2, async): SQLite (aiosqlite) for one center,
+PostgreSQL (asyncpg) for centers that fail over (docs/center-ha.md). Alembic migrations
+(center/migrations/) make and upgrade the schema; the center runs them at start.
 
 Datacenter → cluster → hosts; datastores and networks seen by hosts; VMs on hosts; tasks and
 events. JSON columns hold what agents report (host facts, VM config) and what tasks record
@@ -7,9 +9,16 @@ events. JSON columns hold what agents report (host facts, VM config) and what ta
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -196,10 +205,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+MIGRATIONS = Path(__file__).parent / "migrations"
+BASELINE = "0001"  # the schema as kvmotion made it before migrations (create_all + new columns)
+_MIGRATING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+MIGRATION_LOCK = 0x6B766D6F  # "kvmo": one center at a time upgrades a shared PostgreSQL
+
+
 class Database:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url
-        self.engine: AsyncEngine = create_async_engine(url)
+        self.postgres = url.startswith("postgresql")
+        options: dict[str, Any] = {}
+        if self.postgres:
+            # pre_ping: a center that outlives a PostgreSQL failover or restart reconnects
+            options = {"pool_size": pool_size, "max_overflow": pool_size, "pool_pre_ping": True}
+        self.engine: AsyncEngine = create_async_engine(url, **options)
         if url.startswith("sqlite"):
             # Tasks are written at each phase change of a migration: WAL with NORMAL sync keeps
             # each commit cheap and stays crash-safe (a power cut may lose the last ones).
@@ -208,15 +230,55 @@ class Database:
             self.engine, expire_on_commit=False
         )
 
-    async def create_all(self) -> None:
-        """Make the tables, and add the columns a newer kvmotion added to an older database
-        (each nullable, so the rows it has stay valid)."""
-        async with self.engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
-            await conn.run_sync(_add_new_columns)
+    async def migrate(self) -> None:
+        """Make the schema, or upgrade it to this kvmotion's (Alembic, center/migrations/).
+        Alembic keeps its running migration in module globals: one at a time per process (and
+        per database, by a lock in PostgreSQL, across centers)."""
+        loop = asyncio.get_running_loop()
+        async with _MIGRATING.setdefault(loop, asyncio.Lock()), self.engine.begin() as conn:
+            await conn.run_sync(_migrate)
+
+    async def revision(self) -> str | None:
+        """The schema revision the database is at (None: no schema yet)."""
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(_current_revision)
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+def _alembic(conn: Connection) -> AlembicConfig:
+    config = AlembicConfig()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = conn
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_alembic(None)).get_current_head()  # type: ignore[arg-type]
+    assert head is not None
+    return head
+
+
+def _current_revision(conn: Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def _migrate(conn: Connection) -> None:
+    if conn.dialect.name == "postgresql":
+        # Centers that start together on one database: the first upgrades, the others wait
+        # and then find nothing to do. Released with the transaction.
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")  # the write lock now, not at the first write
+    config = _alembic(conn)
+    tables = set(inspect(conn).get_table_names())
+    if "alembic_version" not in tables and "tasks" in tables:
+        # A database an older kvmotion made without migrations: bring it to the baseline the
+        # way that kvmotion did (new nullable columns), then record it as the baseline.
+        _add_new_columns(conn)
+        command.stamp(config, BASELINE)
+    command.upgrade(config, "head")
 
 
 def _add_new_columns(conn: Connection) -> None:

@@ -93,7 +93,7 @@ class Center:
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.db.create_all()
+        await self.db.migrate()
         await self.inventory.ensure_defaults()
         await self._fail_orphaned_tasks()
         self._refresher = asyncio.create_task(self._refresh_loop(), name="refresh-hosts")

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvmotion.errors import LabError
-from kvmotion.lab import netns
+from kvmotion.lab import netns, postgres
 
 SSH_OPTIONS = (
     "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
     "-o", "ConnectTimeout=10", "-o", "LogLevel=ERROR", "-o", "ServerAliveInterval=0",
 )  # fmt: skip
 PG_ENV = {"PGPASSWORD": "bench", "PGCONNECT_TIMEOUT": "10", "PATH": "/usr/bin:/bin"}
-PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
+PGBENCH = str(postgres.binaries() / "pgbench") if postgres.available() else "pgbench"
 PSQL = "/usr/bin/psql"
 
 

@@ -18,7 +18,7 @@ from tests.unit.test_executor import (  # noqa: F401 (fixtures used as parameter
     DST,
     SRC,
     center,
-    db_dir,
+    center_db,
     fake,
     fast,
     template_db,

@@ -38,6 +38,7 @@ from kvmotion.host.protocol import HOST_FACTS, VM_INFO, facts_json
 from kvmotion.host.protocol import vm_json as info_json
 from kvmotion.host.vmconfig import VmConfig, VmCreateRequest
 from kvmotion.httpapi import bearer_checker, install_error_handlers
+from tests.databases import DatabaseServer
 from tests.unit.fake_agent import etag
 
 TOKEN = "center-token"
@@ -303,11 +304,14 @@ def ok(result: Result) -> Result:
 
 
 @pytest.fixture(scope="module")
-def center(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCenter]:
+def center(
+    tmp_path_factory: pytest.TempPathFactory, database_server: DatabaseServer
+) -> Iterator[RunningCenter]:
     tmp = tmp_path_factory.mktemp("center")
+    db_url = database_server.fresh()
     agents = FakeAgents()
     service = Center(
-        CenterConfig(db_url=f"sqlite+aiosqlite:///{tmp}/c.db", token=TOKEN),
+        CenterConfig(db_url=db_url, token=TOKEN),
         transport=httpx.ASGITransport(app=agents.app),
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -334,6 +338,7 @@ def center(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCenter]:
         thread.join(WAIT_S)
         sock.close()
         assert not thread.is_alive(), "the center did not stop"
+        database_server.drop(db_url)
 
 
 def running_vm(center: RunningCenter, name: str, host: str = H1) -> None:

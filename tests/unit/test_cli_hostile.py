@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from kvmotion.center.api import create_app
 from kvmotion.center.service import Center, CenterConfig
 from kvmotion.cli.main import app
+from tests.databases import DatabaseServer
 from tests.unit.fake_agent import PORT, FakeAgents
 from tests.unit.fake_agent import TOKEN as AGENT_TOKEN
 
@@ -62,7 +63,7 @@ CASES: list[tuple[str, tuple[str, ...], int, str]] = [
     ("show .", ("vm", "show", "."), 2, "cannot be a name"),
     ("start ..", ("vm", "start", ".."), 2, "cannot be a name"),
     ("delete .", ("vm", "delete", ".", "--yes"), 2, "cannot be a name"),
-    ("show a name with NUL", ("vm", "show", "a\x00b"), 4, "(vm_not_found)"),
+    ("show a name with NUL", ("vm", "show", "a\x00b"), 3, "(invalid_input)"),
     ("show a 10,000-character name", ("vm", "show", LONG), 4, "(vm_not_found)"),
     ("show a name not UTF-8", ("vm", "show", NOT_UTF8), 3, "not UTF-8"),
     ("host show ..", ("host", "show", ".."), 2, "cannot be a name"),
@@ -121,15 +122,14 @@ class RunningCenter:
 
 
 @pytest.fixture(scope="module")
-def center() -> Iterator[RunningCenter]:
+def center(database_server: DatabaseServer) -> Iterator[RunningCenter]:
     tmp = Path(tempfile.mkdtemp(prefix="kvmotion-cli-hostile-"))
+    db_url = database_server.fresh()
     agents = FakeAgents(SRC, DST)
     agents.add_vm(SRC, "vm-a")
     agents.add_vm(SRC, "vm-off", power_state="poweredOff")
     service = Center(
-        CenterConfig(
-            db_url=f"sqlite+aiosqlite:///{tmp}/c.db", token=TOKEN, refresh_interval_s=3600
-        ),
+        CenterConfig(db_url=db_url, token=TOKEN, refresh_interval_s=3600),
         transport=agents,
     )
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -156,6 +156,7 @@ def center() -> Iterator[RunningCenter]:
         server.should_exit = True
         thread.join(20)
         sock.close()
+        database_server.drop(db_url)
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

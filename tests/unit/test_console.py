@@ -33,7 +33,7 @@ from tests.unit.test_executor import (  # noqa: F401 (fixtures used as parameter
     DST,
     SRC,
     center_config,
-    db_dir,
+    center_db,
     fake,
     template_db,
 )
@@ -340,7 +340,7 @@ async def test_a_console_of_a_vm_that_is_off_or_has_no_screen_is_refused() -> No
 
 @pytest.fixture
 def app_client(
-    db_dir: Path,  # noqa: F811 (the fixture)
+    center_db: str,  # noqa: F811 (the fixture)
     fake: FakeAgents,  # noqa: F811 (the fixture)
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[TestClient]:
@@ -351,7 +351,7 @@ def app_client(
         await ends.close(1000, f"would relay {kind} of {vm} for {user}")
 
     monkeypatch.setattr(ConsoleRelay, "serve", serve)
-    config = center_config(db_dir).model_copy(
+    config = center_config(center_db).model_copy(
         update={"users": [ApiToken(name="viewer", token=VIEWER, role="read-only")]}
     )
     center = Center(config, transport=fake)

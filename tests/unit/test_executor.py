@@ -1,6 +1,6 @@
 """The compute migration as the center drives it, against fake agents (tests/unit/fake_agent.py).
 
-Each test runs a real :class:`~kvmotion.center.service.Center` (SQLite in a temporary folder)
+Each test runs a real :class:`~kvmotion.center.service.Center` (on SQLite, then on PostgreSQL)
 whose agents are :class:`FakeAgents`; what the fake recorded shows what the center asked of each
 host, and the inventory and the task show what the center concluded.
 """
@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,6 +35,7 @@ from kvmotion.host.client import AgentClient
 from kvmotion.host.protocol import vm_json
 from kvmotion.migration.costs import CostLimits
 from kvmotion.migration.request import MigrationRequest
+from tests.databases import DatabaseServer
 from tests.unit.fake_agent import PORT, TOKEN, Call, FakeAgents, wait_until
 
 SRC, DST = "172.16.0.172", "172.16.0.173"
@@ -64,77 +61,61 @@ def fake() -> FakeAgents:
     return standard_fake()
 
 
-def scratch_dir(fallback: Path) -> Path:
-    """A folder for a center's SQLite file: memory-backed when the machine has it (fast)."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):
-        return Path(tempfile.mkdtemp(prefix="kvmotion-test-", dir=shm))
-    fallback.mkdir(parents=True, exist_ok=True)
-    return fallback
-
-
-def center_config(folder: Path, limit: int = 2) -> CenterConfig:
-    return CenterConfig(
-        db_url=f"sqlite+aiosqlite:///{folder}/c.db",
-        token="t",
-        refresh_interval_s=3600,
-        migrations_per_host=limit,
-    )
+def center_config(url: str, limit: int = 2) -> CenterConfig:
+    return CenterConfig(db_url=url, token="t", refresh_interval_s=3600, migrations_per_host=limit)
 
 
 @pytest.fixture(scope="session")
-def template_db(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A center database that has added both hosts (and found their VMs), built once; each test
-    starts from a copy of it."""
-    folder = scratch_dir(tmp_path_factory.mktemp("template"))
+def template_db(database_server: DatabaseServer) -> Iterator[str]:
+    """A center database that has added both hosts (and found their VMs), built once per kind of
+    database; each test starts from a copy of it."""
+    url = database_server.fresh()
 
     async def build() -> None:
-        center = Center(center_config(folder), transport=standard_fake())
-        await center.db.create_all()
+        center = Center(center_config(url), transport=standard_fake())
+        await center.db.migrate()
         await center.inventory.ensure_defaults()
         for address in (SRC, DST):
             await center.inventory.add_host(address, TOKEN, PORT)
         await center.close()
 
     asyncio.run(build())
-    yield folder / "c.db"
-    shutil.rmtree(folder, ignore_errors=True)
+    yield url
+    database_server.drop(url)
 
 
 @pytest.fixture
-def db_dir(tmp_path: Path, template_db: Path) -> Iterator[Path]:
-    folder = scratch_dir(tmp_path / "db")
-    for path in template_db.parent.glob("c.db*"):
-        shutil.copy(path, folder / path.name)
+def center_db(template_db: str, database_server: DatabaseServer) -> Iterator[str]:
+    """A copy of the template: the URL of this test's center database (SQLite, then PostgreSQL)."""
+    url = database_server.copy(template_db)
     try:
-        yield folder
+        yield url
     finally:
-        if folder.is_relative_to("/dev/shm"):
-            shutil.rmtree(folder, ignore_errors=True)
+        database_server.drop(url)
 
 
 async def start_center(
-    db_dir: Path, fake: FakeAgents, limit: int = 2, *, start: bool = True
+    center_db: str, fake: FakeAgents, limit: int = 2, *, start: bool = True
 ) -> Center:
     """A center on a copy of the template: both hosts are in its inventory, with their VMs."""
-    center = Center(center_config(db_dir, limit), transport=fake)
+    center = Center(center_config(center_db, limit), transport=fake)
     if start:
         await center.start()
     return center
 
 
 @pytest.fixture
-async def center(db_dir: Path, fake: FakeAgents) -> AsyncIterator[Center]:
-    c = await start_center(db_dir, fake)
+async def center(center_db: str, fake: FakeAgents) -> AsyncIterator[Center]:
+    c = await start_center(center_db, fake)
     fake.calls.clear()
     yield c
     await c.close()
 
 
 @pytest.fixture
-async def center1(db_dir: Path, fake: FakeAgents) -> AsyncIterator[Center]:
+async def center1(center_db: str, fake: FakeAgents) -> AsyncIterator[Center]:
     """A center that runs one migration per host at a time."""
-    c = await start_center(db_dir, fake, limit=1)
+    c = await start_center(center_db, fake, limit=1)
     fake.calls.clear()
     yield c
     await c.close()
@@ -689,12 +670,12 @@ async def test_cancel_while_queued(center1: Center, fake: FakeAgents) -> None:
     assert await vm_host(center, "vm-b") == SRC
 
 
-async def test_migrations_between_other_hosts_do_not_wait(db_dir: Path, fake: FakeAgents) -> None:
+async def test_migrations_between_other_hosts_do_not_wait(center_db: str, fake: FakeAgents) -> None:
     """The limit is per host: vm-c (.174 → .175) does not wait for vm-a (.172 → .173)."""
     for name in ("172.16.0.174", "172.16.0.175"):
         fake.add_host(name)
     fake.add_vm("172.16.0.174", "vm-c")
-    center = await start_center(db_dir, fake, limit=1)
+    center = await start_center(center_db, fake, limit=1)
     try:
         for name in ("172.16.0.174", "172.16.0.175"):
             await center.inventory.add_host(name, TOKEN, PORT)
@@ -734,10 +715,10 @@ def hold_inserts(center: Center, table: str, parties: int, timeout: float = 0.3)
     return arrived
 
 
-async def test_concurrent_refreshes_of_a_new_vm(db_dir: Path, fake: FakeAgents) -> None:
+async def test_concurrent_refreshes_of_a_new_vm(center_db: str, fake: FakeAgents) -> None:
     # The refresh loop, a user's refresh and the REST API may all read one host at once. (No
     # refresh loop here: its own first pass would make a third, unscheduled party.)
-    center = await start_center(db_dir, fake, start=False)
+    center = await start_center(center_db, fake, start=False)
     try:
         fake.add_vm(SRC, "vm-new")
         hold_inserts(center, "vms", parties=2)
@@ -748,12 +729,12 @@ async def test_concurrent_refreshes_of_a_new_vm(db_dir: Path, fake: FakeAgents) 
 
 
 async def test_a_refresh_never_undoes_what_happened_after_it_read_the_host(
-    db_dir: Path, fake: FakeAgents, monkeypatch: pytest.MonkeyPatch
+    center_db: str, fake: FakeAgents, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A refresh reads a host's VMs; meanwhile a user powers one on and creates another: the
     refresh's older list must not turn the first back off, nor call the second missing. (No
     refresh loop: its own pass would read the host again.)"""
-    center = await start_center(db_dir, fake, start=False)
+    center = await start_center(center_db, fake, start=False)
     listed = AgentClient.list_vms
     host = await center.inventory.host(SRC)
     late: list[str] = []
@@ -1110,9 +1091,9 @@ async def test_prediction_learns_from_the_host_pair(center: Center, fake: FakeAg
     assert "last 1 migrations" in back["reason"]
 
 
-async def test_a_full_migration_link_queues_the_next(db_dir: Path, fake: FakeAgents) -> None:
+async def test_a_full_migration_link_queues_the_next(center_db: str, fake: FakeAgents) -> None:
     """The cost model, not a count: with a link that carries one vMotion, the second waits."""
-    center = await start_center(db_dir, fake, limit=8)
+    center = await start_center(center_db, fake, limit=8)
     center.executor.limits = CostLimits(link_1g=1, link_10g=1)
     try:
         fake.script("vm-a", phases=("active",))  # holds its costs until released below

@@ -36,7 +36,7 @@ from tests.unit.test_executor import (  # noqa: F401 (fixtures used as parameter
     SRC,
     center,
     center_config,
-    db_dir,
+    center_db,
     fake,
     template_db,
 )
@@ -290,11 +290,11 @@ async def test_a_restart_meeting_a_locked_disk_waits_and_leaves_nothing_register
     assert task["state"] == TaskState.SUCCESS
 
 
-def test_ha_settings_state_and_admission_through_the_api(db_dir: Path, fake: FakeAgents) -> None:
+def test_ha_settings_state_and_admission_through_the_api(center_db: str, fake: FakeAgents) -> None:
     # Two hosts of 16 GiB, one kept free: vm-a and vm-b use 2 x 256 MiB of the 16 GiB usable,
     # and vm-off would need 16 GiB more.
     fake.vm(SRC, "vm-off").config["memory_mib"] = 16 * 1024  # type: ignore[union-attr]
-    with TestClient(create_app(Center(center_config(db_dir), transport=fake))) as http:
+    with TestClient(create_app(Center(center_config(center_db), transport=fake))) as http:
         http.headers["Authorization"] = "Bearer t"
         assert http.get("/v1/clusters/Cluster/ha").json()["settings"]["enabled"] is False
         assert http.get(f"/v1/hosts/{SRC}").json()["ha"] is None  # outside an HA cluster

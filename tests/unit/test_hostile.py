@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +18,7 @@ import pytest_asyncio
 
 from kvmotion.center.api import create_app
 from kvmotion.center.service import ApiToken, Center, CenterConfig
+from tests.databases import DatabaseServer
 from tests.unit.fake_agent import PORT, TOKEN, FakeAgents
 
 SRC, DST = "172.16.0.172", "172.16.0.173"
@@ -182,20 +180,20 @@ CASES: list[Case] = [  # at least 50 kinds (issue 8)
 
 
 @pytest.fixture(scope="module")
-def folder() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="kvmotion-hostile-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def module_db(database_server: DatabaseServer) -> Iterator[str]:
+    url = database_server.fresh()
+    yield url
+    database_server.drop(url)
 
 
 @contextlib.asynccontextmanager
-async def running_center(folder: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def running_center(db_url: str) -> AsyncIterator[httpx.AsyncClient]:
     """A center with hosts .172 and .173, vm-a running and vm-off off on .172."""
     fake = FakeAgents(SRC, DST)
     fake.add_vm(SRC, "vm-a")
     fake.add_vm(SRC, "vm-off", power_state="poweredOff")
     config = CenterConfig(
-        db_url=f"sqlite+aiosqlite:///{folder}/c.db",
+        db_url=db_url,
         token=CENTER_TOKEN,
         refresh_interval_s=3600,
         users=[ApiToken(name="student", token=READER_TOKEN, role="read-only")],
@@ -213,10 +211,10 @@ async def running_center(folder: Path) -> AsyncIterator[httpx.AsyncClient]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def api(folder: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def api(module_db: str) -> AsyncIterator[httpx.AsyncClient]:
     """One center for the module's refusals: each must leave it as it was (checked per case).
     A test that changes the center (a migration that is accepted) takes its own."""
-    async with running_center(folder) as client:
+    async with running_center(module_db) as client:
         yield client
 
 
@@ -300,8 +298,8 @@ async def test_a_read_only_user_looks_but_changes_nothing(api: httpx.AsyncClient
 
 
 @pytest.mark.asyncio(loop_scope="function")
-async def test_two_migrations_of_one_vm_at_once_one_runs(tmp_path: Path) -> None:
-    async with running_center(tmp_path) as api:
+async def test_two_migrations_of_one_vm_at_once_one_runs(db_url: str) -> None:
+    async with running_center(db_url) as api:
         await _two_migrations_at_once_one_runs(api)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -25,7 +24,7 @@ from tests.unit.test_executor import (  # noqa: F401 (fixtures used as parameter
     SRC,
     center,
     center_config,
-    db_dir,
+    center_db,
     fake,
     fast,
     template_db,
@@ -94,8 +93,8 @@ async def test_a_source_that_cannot_let_go_leaves_the_vm_where_it_was(
 
 
 @pytest.fixture
-def api(db_dir: Path, fake: FakeAgents) -> Iterator[TestClient]:
-    with TestClient(create_app(Center(center_config(db_dir), transport=fake))) as client:
+def api(center_db: str, fake: FakeAgents) -> Iterator[TestClient]:
+    with TestClient(create_app(Center(center_config(center_db), transport=fake))) as client:
         client.headers["Authorization"] = "Bearer t"
         yield client
 
@@ -176,15 +175,15 @@ def test_starting_a_vm_whose_host_is_in_maintenance_places_it_elsewhere(
 
 
 async def test_a_host_names_its_latest_maintenance_task_after_a_center_restart(
-    db_dir: Path, fake: FakeAgents, monkeypatch: pytest.MonkeyPatch
+    center_db: str, fake: FakeAgents, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(maintenance, "ROUND_S", 0.02)
-    first = Center(center_config(db_dir), transport=fake)
+    first = Center(center_config(center_db), transport=fake)
     await first.start()
     task_id = await first.maintenance.enter(SRC)
     await first.maintenance.wait(task_id)
     await first.close()
-    again = Center(center_config(db_dir), transport=fake)  # the same database
+    again = Center(center_config(center_db), transport=fake)  # the same database
     await again.start()
     try:
         assert await again.maintenance.latest_tasks() == {SRC: task_id}

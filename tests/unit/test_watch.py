@@ -8,7 +8,6 @@ import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -137,9 +136,9 @@ async def test_a_pulse_wakes_only_those_who_took_its_event_before() -> None:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[TaskStore]:
-    db = Database(f"sqlite+aiosqlite:///{tmp_path / 'center.db'}")
-    await db.create_all()
+async def store(db_url: str) -> AsyncIterator[TaskStore]:
+    db = Database(db_url)
+    await db.migrate()
     yield TaskStore(db)
     await db.close()
 
