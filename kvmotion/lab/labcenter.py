@@ -9,6 +9,7 @@ its database.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -78,7 +79,9 @@ def _start(log: Log) -> LabCenter:
     token = old.token if old is not None else secrets.token_urlsafe(32)
     config = CenterConfig(
         port=DEFAULT_CENTER_PORT,
-        db_url=f"sqlite+aiosqlite:///{directory / 'center.db'}",
+        # KVMOTION_LAB_DB_URL: run the lab's center on another database (PostgreSQL)
+        db_url=os.environ.get("KVMOTION_LAB_DB_URL")
+        or f"sqlite+aiosqlite:///{directory / 'center.db'}",
         token=token,
         refresh_interval_s=3.0,
         stall_timeout_s=10.0,  # a cut migration link in the lab shows within seconds
