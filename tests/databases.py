@@ -45,29 +45,26 @@ class DatabaseServer:
         elif kind != "sqlite":
             raise ValueError(f"unknown test database kind {kind!r}")
 
-    def fresh(self) -> str:
-        """The URL of a new, empty database."""
+    def fresh(self, template: str | None = None) -> str:
+        """The URL of a new database: empty, or holding what `template` (a URL this server gave)
+        holds; the template must have no open connection."""
         name = f"t{next(self._names)}"
         if self.postgres is not None:
-            return self.postgres.create_database(name)
-        (self.folder / name).mkdir()
-        return f"sqlite+aiosqlite:///{self.folder / name}/c.db"
-
-    def copy(self, template: str) -> str:
-        """The URL of a new database holding what `template` (a URL from `fresh`) holds; the
-        template must have no open connection."""
-        name = f"t{next(self._names)}"
-        if self.postgres is not None:
-            return self.postgres.create_database(name, template=make_url(template).database)
-        source = Path(template.removeprefix("sqlite+aiosqlite:///")).parent
-        shutil.copytree(source, self.folder / name)
-        return f"sqlite+aiosqlite:///{self.folder / name}/c.db"
+            copied = make_url(template).database if template else None
+            return self.postgres.create_database(name, template=copied)
+        folder = self.folder / name
+        if template:
+            shutil.copytree(Path(str(make_url(template).database)).parent, folder)
+        else:
+            folder.mkdir()
+        return f"sqlite+aiosqlite:///{folder}/c.db"
 
     def drop(self, url: str) -> None:
+        where = str(make_url(url).database)
         if self.postgres is not None:
-            self.postgres.drop_database(str(make_url(url).database))
+            self.postgres.drop_database(where)
         else:
-            shutil.rmtree(Path(url.removeprefix("sqlite+aiosqlite:///")).parent, ignore_errors=True)
+            shutil.rmtree(Path(where).parent, ignore_errors=True)
 
     def close(self) -> None:
         if self.postgres is not None:

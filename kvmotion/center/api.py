@@ -178,9 +178,10 @@ class EvcBody(BaseModel):
 
 async def refuse_nul(request: Request) -> None:
     """PostgreSQL stores no NUL character in text, where SQLite does: a request that carries one
-    (in its path, query or JSON body) is refused whole, the same way on both."""
+    (in its path, query or JSON body, where JSON writes it \\u0000) is refused whole, the same
+    way on both."""
     body = await request.body()
-    if "\x00" in request.url.path or "%00" in request.url.query or b"\\u0000" in body.lower():
+    if "\x00" in request.url.path or "%00" in request.url.query or b"\\u0000" in body:
         raise InvalidInput("a NUL character is not allowed in a name, a value or a path")
 
 

@@ -214,13 +214,12 @@ MIGRATION_LOCK = 0x6B766D6F  # "kvmo": one center at a time upgrades a shared Po
 
 
 class Database:
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str) -> None:
         self.url = url
-        self.postgres = url.startswith("postgresql")
         options: dict[str, Any] = {}
-        if self.postgres:
+        if url.startswith("postgresql"):
             # pre_ping: a center that outlives a PostgreSQL failover or restart reconnects
-            options = {"pool_size": pool_size, "max_overflow": pool_size, "pool_pre_ping": True}
+            options = {"pool_size": 10, "max_overflow": 10, "pool_pre_ping": True}
         self.engine: AsyncEngine = create_async_engine(url, **options)
         if url.startswith("sqlite"):
             # Tasks are written at each phase change of a migration: WAL with NORMAL sync keeps
@@ -247,7 +246,8 @@ class Database:
         await self.engine.dispose()
 
 
-def _alembic(conn: Connection) -> AlembicConfig:
+def _alembic(conn: Connection | None = None) -> AlembicConfig:
+    """Alembic's settings: our migrations, run on the center's own connection (env.py)."""
     config = AlembicConfig()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = conn
@@ -255,7 +255,7 @@ def _alembic(conn: Connection) -> AlembicConfig:
 
 
 def head_revision() -> str:
-    head = ScriptDirectory.from_config(_alembic(None)).get_current_head()  # type: ignore[arg-type]
+    head = ScriptDirectory.from_config(_alembic()).get_current_head()
     assert head is not None
     return head
 

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from kvmotion.errors import KvmotionError
 
@@ -69,7 +70,8 @@ class Postgres:
         """An SQLAlchemy URL (asyncpg) for a database on this server, over its socket."""
         return f"postgresql+asyncpg://{self.user}@/{database}?host={self.socket_dir}"
 
-    def _as_owner(self) -> dict[str, object]:
+    def _as_owner(self) -> dict[str, Any]:
+        """How to run as PostgreSQL's owner: the `postgres` user when we are root."""
         if os.geteuid() != 0:
             return {}
         entry = pwd.getpwnam("postgres")
@@ -77,10 +79,9 @@ class Postgres:
 
     def start(self) -> Postgres:
         self.socket_dir.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            entry = pwd.getpwnam("postgres")
-            for path in (self.folder, self.socket_dir):
-                os.chown(path, entry.pw_uid, entry.pw_gid)
+        owner = self._as_owner()
+        for path in (self.folder, self.socket_dir) if owner else ():
+            os.chown(path, owner["user"], owner["group"])
         log = self.folder / "postgres.log"
         subprocess.run(
             [str(self.bin / "initdb"), "-D", str(self.data), "-U", self.user, "-A", "trust",
@@ -96,27 +97,20 @@ class Postgres:
                 **self._as_owner(),  # type: ignore[call-overload]
             )  # fmt: skip
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not (self.socket_dir / ".s.PGSQL.5432").exists():
+        while not self._ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 tail = log.read_text(errors="replace")[-2000:]
                 self.stop()
                 raise KvmotionError(f"PostgreSQL did not start: {tail}", code="postgres_start")
             time.sleep(0.05)
-        self._wait_ready(deadline)
         return self
 
-    def _wait_ready(self, deadline: float) -> None:
-        while True:
-            ready = subprocess.run(
-                [str(self.bin / "pg_isready"), "-h", str(self.socket_dir), "-U", self.user],
-                capture_output=True, timeout=10,
-            )  # fmt: skip
-            if ready.returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise KvmotionError("PostgreSQL did not become ready", code="postgres_start")
-            time.sleep(0.05)
+    def _ready(self) -> bool:
+        ready = subprocess.run(
+            [str(self.bin / "pg_isready"), "-h", str(self.socket_dir), "-U", self.user],
+            capture_output=True, timeout=10,
+        )  # fmt: skip
+        return ready.returncode == 0
 
     def psql(self, sql: str, database: str = "postgres") -> str:
         done = subprocess.run(

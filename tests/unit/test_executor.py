@@ -87,7 +87,7 @@ def template_db(database_server: DatabaseServer) -> Iterator[str]:
 @pytest.fixture
 def center_db(template_db: str, database_server: DatabaseServer) -> Iterator[str]:
     """A copy of the template: the URL of this test's center database (SQLite, then PostgreSQL)."""
-    url = database_server.copy(template_db)
+    url = database_server.fresh(template_db)
     try:
         yield url
     finally:
