@@ -176,13 +176,23 @@ class EvcBody(BaseModel):
     mode: str | None = Field(None, pattern=r"^[a-z0-9-]{1,40}$")  # None disables EVC
 
 
+NUL_REFUSED = "a NUL character is not allowed in a name, a value or a path"
+
+
 async def refuse_nul(request: Request) -> None:
     """PostgreSQL stores no NUL character in text, where SQLite does: a request that carries one
     (in its path, query or JSON body, where JSON writes it \\u0000) is refused whole, the same
     way on both."""
-    body = await request.body()
-    if "\x00" in request.url.path or "%00" in request.url.query or b"\\u0000" in body:
-        raise InvalidInput("a NUL character is not allowed in a name, a value or a path")
+    refuse_nul_in_url(request)
+    if b"\\u0000" in await request.body():
+        raise InvalidInput(NUL_REFUSED)
+
+
+def refuse_nul_in_url(request: Request) -> None:
+    """The same check for a route whose body is a stream of bytes (an image upload): its body may
+    hold anything, and reading it here would hold all of it in memory."""
+    if "\x00" in request.url.path or "%00" in request.url.query:
+        raise InvalidInput(NUL_REFUSED)
 
 
 def create_app(center: Center) -> FastAPI:
@@ -209,6 +219,7 @@ def create_app(center: Center) -> FastAPI:
         ),
         Depends(refuse_nul),
     ]
+    stream_auth = [auth[0], Depends(refuse_nul_in_url)]
     inv = center.inventory
 
     @app.get("/v1/health")
@@ -245,7 +256,7 @@ def create_app(center: Center) -> FastAPI:
         """Every OS image on the datastores, with the hosts that see it and its VMs."""
         return await images.list_images(inv)
 
-    @app.put("/v1/images/{name}", dependencies=auth, status_code=201)
+    @app.put("/v1/images/{name}", dependencies=stream_auth, status_code=201)
     async def import_image(
         name: str,
         request: Request,

@@ -173,6 +173,9 @@ CASES: list[Case] = [  # at least 50 kinds (issue 8)
     ("POST", "/v1/hosts", {"address": SRC, "token": "t\u00e9"}, 422, "invalid_input"),
     ("POST", "/v1/hosts", {"address": SRC, "token": "t", "port": 0}, 422, "invalid_input"),
     ("POST", "/v1/hosts", {"address": SRC, "token": "t", "port": 70000}, 422, "invalid_input"),
+    # -- images: the body is the image's bytes, never read as text (it may hold NULs) ----------
+    ("PUT", "/v1/images/a%00b?datastore=shared", b"QFI", 422, "invalid_input"),
+    ("PUT", "/v1/images/deb?datastore=nosuch", b"QFI\x00\\u0000", 404, "datastore_not_found"),
     # -- query parameters ----------------------------------------------------------------------
     ("GET", "/v1/tasks?limit=abc", None, 422, "invalid_input"),
     ("GET", "/v1/events?limit=abc", None, 422, "invalid_input"),
