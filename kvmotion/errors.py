@@ -107,6 +107,14 @@ class HostUnreachable(ExecutionError):
     http_status = 502
 
 
+class NotActive(KvmotionError):
+    """A standby center was asked (center/leader.py): the active one answers, at
+    ``details["active_url"]`` when one is known."""
+
+    code = "standby"
+    http_status = 503
+
+
 class LabError(ExecutionError):
     code = "lab_failed"
     http_status = 500

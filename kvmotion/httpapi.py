@@ -13,6 +13,7 @@ import logging
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
@@ -29,6 +30,7 @@ from kvmotion.errors import (
     InsufficientResources,
     InvalidInput,
     KvmotionError,
+    NotActive,
     NotFound,
     Unauthorized,
 )
@@ -48,7 +50,7 @@ ERRORS_BY_STATUS: dict[int, type[KvmotionError]] = {
     cls.http_status: cls
     for cls in (
         InvalidInput, NotFound, Conflict, InsufficientResources, Unauthorized, Forbidden,
-        HostUnreachable,
+        HostUnreachable, NotActive,
     )
 }  # fmt: skip
 ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
@@ -69,13 +71,17 @@ def error_response(exc: KvmotionError) -> JSONResponse:
 
 def error_from_response(response: httpx.Response, what: str) -> KvmotionError:
     """The domain error an error response stands for (the reverse of ``error_response``)."""
+    details: dict[str, Any] = {}
     try:
         body = response.json()["error"]
         code, message = str(body["code"]), str(body["message"])
+        if isinstance(body.get("details"), dict):
+            given = body["details"].items()
+            details = {str(k): v for k, v in given if k not in ("code", "message")}
     except (ValueError, KeyError, TypeError):
         code, message = "http_error", f"{what}: HTTP {response.status_code} {response.text[:200]}"
     cls = ERRORS_BY_STATUS.get(response.status_code, ExecutionError)
-    return cls(message, code=code)
+    return cls(message, code=code, **details)
 
 
 def validation_message(exc: RequestValidationError | ValidationError) -> str:

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator
@@ -19,10 +21,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi import Path as FastApiPath
-from fastapi.responses import StreamingResponse
+from fastapi.responses import RedirectResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocketClose
 
 from kvmotion import __version__
 from kvmotion.center import images
@@ -34,7 +38,15 @@ from kvmotion.center.relocation import refusals as relocation_refusals
 from kvmotion.center.relocation import relocate
 from kvmotion.center.service import Center
 from kvmotion.center.tasks import TaskState, task_dict
-from kvmotion.errors import Conflict, Forbidden, InvalidInput, KvmotionError, NotFound, Unauthorized
+from kvmotion.errors import (
+    Conflict,
+    Forbidden,
+    InvalidInput,
+    KvmotionError,
+    NotActive,
+    NotFound,
+    Unauthorized,
+)
 from kvmotion.host.config import DEFAULT_AGENT_PORT
 from kvmotion.host.migrationview import MAX_STREAMS
 from kvmotion.host.protocol import vm_json
@@ -43,6 +55,7 @@ from kvmotion.httpapi import (
     ERROR_RESPONSES,
     WsEnds,
     check_bearer,
+    error_response,
     install_error_handlers,
     role_checker,
     ws_close_code,
@@ -104,6 +117,8 @@ class MigrateBody(BaseModel):
         )  # fmt: skip
 
 
+log = logging.getLogger(__name__)
+LOST_EXIT = 75  # EX_TEMPFAIL: the center lost leadership (systemd's Restart= brings it back)
 WEB_DIR = Path(__file__).resolve().parent / "web"
 TaskId = Annotated[int, FastApiPath(ge=-(2**31), le=2**31 - 1)]  # 32 bits in PostgreSQL
 STREAM_GAP_S = 0.1  # a task stream sends at most this often (a migration's figures change faster)
@@ -195,6 +210,53 @@ def refuse_nul_in_url(request: Request) -> None:
         raise InvalidInput(NUL_REFUSED)
 
 
+class StandbyGate:
+    """Only the active center answers (center/leader.py). A standby answers ``/v1/health`` and
+    refuses the rest with 503 ``standby``, naming the active center's URL; a browser asking a
+    standby for the web client is sent to the active one's; a console's websocket is closed
+    with 1013 (try again later)."""
+
+    OPEN = ("/v1/health", "/openapi.json")
+
+    def __init__(self, app: ASGIApp, center: Center) -> None:
+        self.app = app
+        self.center = center
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] not in ("http", "websocket")
+            or self.center.role == "active"
+            or scope["path"] in self.OPEN
+        ):
+            await self.app(scope, receive, send)
+            return
+        try:
+            active = await self.center.active_center()
+        except Exception:  # no database (yet): no active center known
+            active = None
+        url = active.url if active is not None and active.name != self.center.name else None
+        if scope["type"] == "websocket":
+            await WebSocketClose(code=1013, reason="this center is a standby").__call__(
+                scope, receive, send
+            )
+            return
+        response: Response
+        if url is not None and not scope["path"].startswith("/v1/"):
+            response = RedirectResponse(url + scope["path"], status_code=307)
+        else:
+            where = (
+                f"the active center is {active.name} at {url}"
+                if active and url
+                else ("no center is active yet: another one takes over within seconds")
+            )
+            error = NotActive(
+                f"this center ({self.center.name}) is a standby ({self.center.role}): {where}",
+                active_url=url,
+            )
+            response = error_response(error)
+        await response(scope, receive, send)
+
+
 def create_app(center: Center) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -208,6 +270,7 @@ def create_app(center: Center) -> FastAPI:
         title="kvmotion center", version=__version__, lifespan=lifespan, responses=ERROR_RESPONSES
     )
     install_error_handlers(app)
+    app.add_middleware(StandbyGate, center=center)
     tokens = center.config.api_tokens()
     auth = [
         Depends(
@@ -224,7 +287,33 @@ def create_app(center: Center) -> FastAPI:
 
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok"}
+        """Up, and which center is active (any client may ask any center, unauthenticated)."""
+        active = await center.active_center() if center.role != "active" else None
+        return {
+            "status": "ok",
+            "role": center.role,
+            "center": {"name": center.name, "url": center.url},
+            "active": (
+                {"name": center.name, "url": center.url}
+                if center.role == "active"
+                else active and {"name": active.name, "url": active.url}
+            ),
+        }
+
+    @app.get("/v1/active")
+    async def active() -> dict[str, Any]:
+        """200 on the active center, 503 on a standby: a load balancer's health check."""
+        return {"role": center.role, "center": center.name}
+
+    @app.get("/v1/centers", dependencies=auth)
+    async def centers() -> list[dict[str, Any]]:
+        """The centers on this database and what each last said (center/leader.py)."""
+        return [
+            {"name": c.name, "url": c.url, "role": c.role, "started_at": c.started_at.isoformat(),
+             "seen_at": c.seen_at.isoformat(),
+             "active_since": c.active_since.isoformat() if c.active_since else None}
+            for c in await center.centers()
+        ]  # fmt: skip
 
     # -- hosts ---------------------------------------------------------------------------------
     @app.post("/v1/hosts", dependencies=auth, status_code=201)
@@ -689,4 +778,19 @@ async def serve(center: Center) -> None:
         # Open task streams (a browser tab) must not hold a stopping center up.
         timeout_graceful_shutdown=3,
     )
-    await uvicorn.Server(config).serve()
+    server = uvicorn.Server(config)
+
+    async def fence() -> None:
+        """Leadership lost: another center may act now, so this one must not, not even to
+        shut down cleanly (its migrations' aborts would race the new active center). The
+        service manager starts it again, as a standby."""
+        await center.lost.wait()
+        log.critical("leadership lost: this center exits now (status %d)", LOST_EXIT)
+        logging.shutdown()
+        os._exit(LOST_EXIT)
+
+    fencing = asyncio.create_task(fence(), name="fence")
+    try:
+        await server.serve()
+    finally:
+        fencing.cancel()

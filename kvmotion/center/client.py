@@ -58,11 +58,16 @@ async def sse_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str]
 
 def resolve_center(url: str | None, token: str | None) -> tuple[str, str]:
     """The center's URL and token: given ones, else the environment, else the lab's center.
+    Several URLs, comma-separated, name centers that share a database: the active one's is
+    returned.
 
     Raises :class:`InvalidInput` (nothing was tried) when none of these names a center, or when a
     center is named without its token.
     """
     url = url or os.environ.get(CENTER_URL_ENV) or None
+    if url is not None and "," in url:  # centers sharing a database: the one that is active
+        urls = [u.strip().rstrip("/") for u in url.split(",") if u.strip()]
+        url = find_active(urls) if len(urls) > 1 else urls[0] if urls else None
     token = token or os.environ.get(CENTER_TOKEN_ENV) or None
     if url is None or token is None:
         from kvmotion.lab.labcenter import load_center  # only when nothing else names a center
@@ -82,6 +87,32 @@ def resolve_center(url: str | None, token: str | None) -> tuple[str, str]:
             code="no_center_token",
         )
     return url.rstrip("/"), token
+
+
+def find_active(urls: list[str], timeout: float = 3.0) -> str:
+    """Of the centers at ``urls`` (those sharing one database: docs/center-ha.md), the URL of
+    the active one, as each says at ``/v1/health`` (a standby names the active one). Raises
+    HostUnreachable, saying what each answered, when none is active."""
+    said = []
+    with httpx.Client(timeout=timeout, trust_env=False) as http:
+        for url in urls:
+            try:
+                health = http.get(f"{url}/v1/health").json()
+                role = str(health.get("role"))
+                active = health.get("active") or {}
+            except (httpx.HTTPError, ValueError, AttributeError) as exc:
+                said.append(f"{url}: {type(exc).__name__}")
+                continue
+            if role == "active":
+                return url
+            if active.get("url"):
+                return str(active["url"]).rstrip("/")
+            said.append(f"{url}: {role}")
+    raise HostUnreachable(
+        f"no center is active ({'; '.join(said)}): if one was just lost, a standby takes "
+        "over within seconds; try again",
+        code="no_active_center",
+    )
 
 
 class CenterClient:

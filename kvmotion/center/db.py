@@ -197,6 +197,19 @@ class Event(Base):
     task_id: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
+class CenterNode(Base):
+    """A center process on this database (center/leader.py): the active one and its standbys,
+    each as it last said; the standbys send clients to the active one's URL."""
+
+    __tablename__ = "centers"
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    url: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(20), default="standby")  # active, standby, stopped
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    active_since: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -283,7 +296,10 @@ def _migrate(conn: Connection) -> None:
 
 def _add_new_columns(conn: Connection) -> None:
     have = inspect(conn)
+    tables = set(have.get_table_names())
     for table in Base.metadata.sorted_tables:
+        if table.name not in tables:
+            continue  # a table a later revision makes
         present = {c["name"] for c in have.get_columns(table.name)}
         for column in table.columns:
             if column.name not in present and column.nullable:

@@ -65,6 +65,7 @@ class Executor:
         self._runs: dict[int, asyncio.Task[None]] = {}
         self._running: dict[int, ComputeMigration | StorageMigration] = {}  # task id -> run
         self.rules: Rules | None = None  # the center's placement rules, once it has them
+        self.abandoned = False  # leadership lost: runs end without a word (center/orphans.py)
 
     def migrating(self, vm_name: str) -> bool:
         """A migration of this VM runs, or a request for one is being checked."""
@@ -224,6 +225,13 @@ class Executor:
     async def wait(self, task_id: int) -> None:
         if task_id in self._runs:
             await asyncio.shield(self._runs[task_id])
+
+    async def abandon(self) -> None:
+        """Another center is active now: stop every run at once, neither aborting it nor
+        writing its task; the agents finish or end each, and the new active center records
+        how (center/orphans.py)."""
+        self.abandoned = True
+        await self.close()
 
     async def close(self) -> None:
         for run in self._runs.values():

@@ -159,7 +159,8 @@ class TaskRun(Generic[P]):
             await self._update(state=TaskState.RUNNING, phase="prepare")
             await self.steps()
         except asyncio.CancelledError:
-            await self.abort("the center stopped during the migration", TaskState.ERROR)
+            if not self.ex.abandoned:  # a center that lost leadership leaves it to the next
+                await self.abort("the center stopped during the migration", TaskState.ERROR)
             raise
         except Cancelled:
             await self.abort("cancelled by the user", TaskState.CANCELLED)

@@ -5,28 +5,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+from datetime import UTC, datetime
 from typing import Literal
 
 import httpx
 from pydantic import BaseModel, Field
+from sqlalchemy import select, update
 
 from kvmotion.center.balancing import INTERVAL_S, Balancer
 from kvmotion.center.clusters import Clusters
 from kvmotion.center.console import ConsoleRelay
-from kvmotion.center.db import Database
+from kvmotion.center.db import CenterNode, Database
 from kvmotion.center.executor import DEFAULT_STALL_TIMEOUT, Executor
 from kvmotion.center.ha import INTERVAL_S as HA_INTERVAL_S
 from kvmotion.center.ha import HaMonitor
 from kvmotion.center.inventory import Inventory
+from kvmotion.center.leader import CHECK_S, Leadership, Role, lock_for
 from kvmotion.center.maintenance import Maintenance
+from kvmotion.center.orphans import Orphans
 from kvmotion.center.rules import Rules
-from kvmotion.center.tasks import TaskStore, record_event
+from kvmotion.center.tasks import TaskStore
 from kvmotion.configfile import ConfigFile
 from kvmotion.errors import KvmotionError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CENTER_PORT = 8600
+HEARTBEAT_S = 2.0  # each center writes its row in the centers table this often
 
 
 class ApiToken(BaseModel):
@@ -50,6 +56,21 @@ class CenterConfig(ConfigFile):
     stall_timeout_s: float = DEFAULT_STALL_TIMEOUT  # a copy that moves no byte this long aborts
     balancing_interval_s: float = Field(INTERVAL_S, ge=5.0)  # between passes (center/balancing.py)
     ha_interval_s: float = Field(HA_INTERVAL_S, ge=0.2, le=5.0)  # HA heartbeats (center/ha.py)
+    # Centers sharing one database (center/leader.py, docs/center-ha.md): this one's name among
+    # them (default: this machine's name and port), and the URL its clients use to reach it,
+    # which standbys send clients to when it is active (default: from listen and port).
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,254}$")
+    advertise_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
+    leader_check_s: float = Field(CHECK_S, ge=0.05, le=5.0)  # holds checked, takeovers tried
+
+    def center_name(self) -> str:
+        return self.name or f"{socket.gethostname()}:{self.port}"
+
+    def center_url(self) -> str:
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = socket.gethostname() if self.listen in ("0.0.0.0", "::") else self.listen
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     def api_tokens(self) -> dict[str, tuple[str, str]]:
         """Every token the API accepts: token -> (name, role)."""
@@ -90,29 +111,104 @@ class Center:
             self.db, self.inventory, self.executor, self.tasks, self.rules, self.clusters,
             interval_s=config.ha_interval_s,
         )  # fmt: skip
+        self.orphans = Orphans(self.inventory, self.executor, self.tasks)
+        self.leadership = Leadership(
+            lock_for(config.db_url), self._activate, self._lose, config.leader_check_s
+        )
+        self.name = config.center_name()
+        self.url = config.center_url()
+        self.lost = asyncio.Event()  # leadership was lost: this process must stop acting
         self._refresher: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    @property
+    def role(self) -> Role:
+        return self.leadership.role
 
     async def start(self) -> None:
+        """Upgrade the schema, then take leadership or wait as a standby. A center alone on its
+        database is active when this returns."""
         await self.db.migrate()
+        await self._say()
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="center-heartbeat")
+        await self.leadership.start()
+        await self._say()
+
+    async def _activate(self) -> None:
+        """Leadership taken: settle what the last active center left, then act."""
         await self.inventory.ensure_defaults()
-        await self._fail_orphaned_tasks()
+        async with self.db.session() as s:
+            others = list(
+                await s.scalars(
+                    select(CenterNode.name).where(
+                        CenterNode.role == "active", CenterNode.name != self.name
+                    )
+                )
+            )
+            await s.execute(
+                update(CenterNode).where(CenterNode.name.in_(others)).values(role="lost")
+            )
+            await s.commit()
+        await self._say("active")  # standbys send clients here from now on
+        if others:
+            reason, code = f"the active center {others[0]} was lost", "center_failover"
+            log.warning("%s: this center (%s) takes over", reason, self.name)
+        else:
+            reason, code = "the center restarted", "center_restarted"
+        await self.orphans.settle(reason, code)
         self._refresher = asyncio.create_task(self._refresh_loop(), name="refresh-hosts")
         self.balancer.start()
         self.ha.start()
 
-    async def _fail_orphaned_tasks(self) -> None:
-        """Tasks a previous center left unfinished: mark them failed, saying so."""
-        for task in await self.tasks.list(limit=500):
-            if task.state in ("queued", "running"):
-                await self.tasks.update(
-                    task.id,
-                    state="error",
-                    error="the center restarted during this task; hosts were re-read",
-                    error_code="center_restarted",
-                )
-                await record_event(
-                    self.db, f"task {task.id} ended by a center restart", severity="warning"
-                )
+    async def _lose(self) -> None:
+        """Another center may be active now: stop every loop that acts on hosts. The process
+        should end (``kvmotion center serve`` does, and its service manager restarts it as a
+        standby); migrations under way are left to their agents and the new active center."""
+        self.lost.set()
+        await self._stop_loops()
+        await self.executor.abandon()
+
+    async def _stop_loops(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        await self.ha.close()
+        await self.balancer.close()
+
+    async def _say(self, role: Role | None = None) -> None:
+        """This center's row: its role (``role``, else its leadership's) and URL, seen now."""
+        role = role or self.role
+        if role == "activating":
+            role = "active"  # it holds the lock: nobody else is active
+        async with self.db.session() as s:
+            row = await s.get(CenterNode, self.name)
+            if row is None:
+                row = CenterNode(name=self.name)
+                s.add(row)
+            now = datetime.now(UTC)
+            if role == "active" and row.role != "active":
+                row.active_since = now
+            row.url, row.role, row.seen_at = self.url, role, now
+            await s.commit()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            try:
+                await self._say()
+            except Exception as exc:  # the database is away: leadership decides what follows
+                log.warning("could not write this center's heartbeat: %s", exc)
+
+    async def centers(self) -> list[CenterNode]:
+        async with self.db.session() as s:
+            return list(await s.scalars(select(CenterNode).order_by(CenterNode.name)))
+
+    async def active_center(self) -> CenterNode | None:
+        """The active center as the database says (None while nobody has taken over)."""
+        async with self.db.session() as s:
+            return await s.scalar(select(CenterNode).where(CenterNode.role == "active"))
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -125,12 +221,17 @@ class Center:
             await asyncio.sleep(self.config.refresh_interval_s)
 
     async def close(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
-        await self.ha.close()
-        await self.balancer.close()
+                await self._heartbeat
+        await self._stop_loops()
+        await self.orphans.close()
+        started = self.leadership.role != "starting"
+        await self.leadership.close()
+        if started:
+            with contextlib.suppress(Exception):
+                await self._say()  # "stopped"
         await self.maintenance.close()
         await self.executor.close()
         await self.inventory.close()

@@ -18,7 +18,7 @@ import typer
 
 from kvmotion.center.client import CENTER_TOKEN_ENV, CENTER_URL_ENV, CenterClient, resolve_center
 from kvmotion.cli.output import fail
-from kvmotion.errors import InvalidInput, KvmotionError
+from kvmotion.errors import InvalidInput, KvmotionError, NotActive
 
 T = TypeVar("T")
 
@@ -28,7 +28,8 @@ CenterOpt = Annotated[
         "--center",
         metavar="URL",
         show_default=False,
-        help=f"the center's URL (default: ${CENTER_URL_ENV}, else the lab's center)",
+        help=f"the center's URL, or several (comma-separated) of centers that share a database "
+        f"(default: ${CENTER_URL_ENV}, else the lab's center)",
     ),
 ]
 TokenOpt = Annotated[
@@ -82,6 +83,13 @@ def call(ref: CenterRef, action: Callable[[CenterClient], Awaitable[T]]) -> T:
 
     async def run() -> T:
         async with CenterClient(ref.url, ref.token) as client:
+            try:
+                return await action(client)
+            except NotActive as exc:  # a standby, which refused before doing anything
+                active = exc.details.get("active_url")
+                if not isinstance(active, str):
+                    raise
+        async with CenterClient(active, ref.token) as client:
             return await action(client)
 
     try:

@@ -35,7 +35,9 @@ async def test_migrations_make_the_schema_the_models_describe(db_url: str) -> No
 async def test_a_database_an_older_kvmotion_made_is_upgraded_in_place(db_url: str) -> None:
     db = Database(db_url)
     async with db.engine.begin() as conn:  # as kvmotion made it before migrations (create_all)
-        await conn.run_sync(Base.metadata.create_all)
+        # the tables of then: the centers table came with revision 0002
+        then = [t for t in Base.metadata.sorted_tables if t.name != "centers"]
+        await conn.run_sync(lambda sync: Base.metadata.create_all(sync, tables=then))
         await conn.execute(text("ALTER TABLE vms DROP COLUMN ram_pad_kib"))  # before RAM pads
         await conn.execute(
             text("INSERT INTO vms (uuid, name, power_state, config, config_path) "
@@ -43,7 +45,7 @@ async def test_a_database_an_older_kvmotion_made_is_upgraded_in_place(db_url: st
         )  # fmt: skip
     assert await db.revision() is None
     await db.migrate()
-    assert await db.revision() == head_revision() != BASELINE or head_revision() == BASELINE
+    assert await db.revision() == head_revision() != BASELINE
     async with db.session() as s:
         vm = await s.get(Vm, 1)
         assert vm is not None and (vm.name, vm.ram_pad_kib) == ("vm-old", None)
