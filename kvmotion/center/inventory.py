@@ -220,11 +220,16 @@ class Inventory:
             return ds
 
     async def refresh_all(self) -> None:
-        for host in await self.hosts():
+        started, failed = time.monotonic(), 0
+        hosts = await self.hosts()
+        for host in hosts:
             try:
                 await self.refresh_host(host.name)
             except KvmotionError as exc:
+                failed += 1
                 log.warning("refresh of %s failed: %s", host.name, exc.message)
+        log.info("refreshed %d hosts in %.2f s (%d failed)", len(hosts),
+                 time.monotonic() - started, failed)  # fmt: skip
 
     async def refresh_host(self, name: str) -> Host:
         """Fetch facts and VMs from one agent; reconcile. A silent agent is marked disconnected.
