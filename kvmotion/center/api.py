@@ -373,7 +373,7 @@ def create_app(center: Center) -> FastAPI:
     @app.get("/v1/hosts/{name}", dependencies=auth)
     async def get_host(name: str) -> dict[str, Any]:
         host = with_task(host_dict(await inv.host(name)), await center.maintenance.latest_tasks())
-        host["vms"] = [v.name for v in await inv.vms() if v.host and v.host.name == name]
+        host["vms"] = await inv.vm_names([host["name"]])
         return host
 
     # -- VMs -----------------------------------------------------------------------------------

@@ -116,7 +116,7 @@ class Clusters:
             "name": cluster.name,
             "evc_mode": cluster.evc_mode,
             "hosts": sorted(names),
-            "vms": [v.name for v in await self.inventory.vms() if v.host and v.host.name in names],
+            "vms": await self.inventory.vm_names(names),
             "evc_modes": list(modes.values()),
         }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +28,10 @@ from kvmotion.migration.precheck import HostView, ModeView, VmView
 log = logging.getLogger(__name__)
 
 ENDED = ("failed", "cancelled")  # a migration phase after which nothing follows
+
+# Hosts refreshed at once: enough to hide the agents' round trips, few enough to leave most of
+# the database pool (db.py) to the API and the migrations.
+REFRESH_CONCURRENCY = 8
 
 DEFAULT_DATACENTER = "Datacenter"
 DEFAULT_CLUSTER = "Cluster"
@@ -105,6 +109,26 @@ def vm_dict(vm: Vm) -> dict[str, Any]:
     }
 
 
+def record_fields(info: dict[str, Any]) -> dict[str, Any]:
+    """What the inventory keeps of an agent's VM record (the columns ``upsert_vm`` sets)."""
+    running = info["power_state"] != "poweredOff"
+    return {
+        "power_state": info["power_state"],
+        "config": info["config"],
+        "config_path": info["config_path"],
+        "cpu": info.get("cpu") if running else None,
+        "ram_pad_kib": info.get("ram_pad_kib") if running else None,
+        "addresses": list(info.get("addresses") or []) if running else None,
+        "addresses_source": info.get("addresses_source") if running else None,
+    }
+
+
+def same_record(vm: Vm, info: dict[str, Any], host: Host) -> bool:
+    """Does the inventory already hold this record of ``host``'s, as it is?"""
+    fields = record_fields(info)
+    return vm.host_id == host.id and all(getattr(vm, k) == v for k, v in fields.items())
+
+
 def _disk_places(info: dict[str, Any]) -> list[tuple[str, str]]:
     disks = (info.get("config") or {}).get("disks") or []
     return [(str(d.get("datastore")), str(d.get("path"))) for d in disks]
@@ -142,6 +166,7 @@ class Inventory:
         self.migrating = migrating  # is a migration of this VM (by name) in flight?
         self.transport = transport  # None: real HTTP; tests plug fake agents in here
         self._refresh_locks: dict[str, asyncio.Lock] = {}
+        self._catalog_lock = asyncio.Lock()  # datastores and networks are made one at a time
         self._agents: dict[tuple[str, str], AgentClient] = {}  # by agent URL and token
         # When each VM's record was last written (monotonic, by uuid): a refresh whose list was
         # read before that is older than the record, and must not undo it.
@@ -220,11 +245,24 @@ class Inventory:
             return ds
 
     async def refresh_all(self) -> None:
-        for host in await self.hosts():
-            try:
-                await self.refresh_host(host.name)
-            except KvmotionError as exc:
-                log.warning("refresh of %s failed: %s", host.name, exc.message)
+        """Refresh every host, ``REFRESH_CONCURRENCY`` at a time: one after another, a fleet's
+        round is the sum of its hosts' round trips and writes (1,000 hosts: minutes)."""
+        started, failed = time.monotonic(), 0
+        hosts = await self.hosts()
+        gate = asyncio.Semaphore(REFRESH_CONCURRENCY)
+
+        async def one(name: str) -> None:
+            nonlocal failed
+            async with gate:
+                try:
+                    await self.refresh_host(name)
+                except KvmotionError as exc:
+                    failed += 1
+                    log.warning("refresh of %s failed: %s", name, exc.message)
+
+        await asyncio.gather(*(one(h.name) for h in hosts))
+        log.info("refreshed %d hosts in %.2f s (%d failed)", len(hosts),
+                 time.monotonic() - started, failed)  # fmt: skip
 
     async def refresh_host(self, name: str) -> Host:
         """Fetch facts and VMs from one agent; reconcile. A silent agent is marked disconnected.
@@ -291,30 +329,52 @@ class Inventory:
             return host
 
     async def _sync_datastores(self, host: Host, facts: dict[str, Any]) -> None:
-        async with self.db.session() as s:
+        """The host's datastores and networks as it reports them. Made under a lock: hosts
+        refreshed at once that share a datastore new to the inventory would both insert it."""
+        reported = facts.get("datastores", [])
+        async with self._catalog_lock, self.db.session() as s:
             h = await s.get(Host, host.id)
             assert h is not None
+            names = [str(info["name"]) for info in reported]
+            known = {d.name: d for d in await s.scalars(
+                select(Datastore).where(Datastore.name.in_(names)))}  # fmt: skip
             seen = []
-            for info in facts.get("datastores", []):
-                ds = await s.scalar(select(Datastore).where(Datastore.name == info["name"]))
+            for info in reported:
+                ds = known.get(info["name"])
                 if ds is None:
-                    ds = Datastore(name=info["name"])
+                    ds = known[info["name"]] = Datastore(name=info["name"])
                     s.add(ds)
                 ds.shared = bool(info.get("shared"))
                 ds.capacity_bytes = int(info.get("capacity_bytes", 0))
                 ds.free_bytes = int(info.get("free_bytes", 0))
                 if info.get("accessible"):
                     seen.append(ds)
-            h.datastores = seen
-            for net in facts.get("networks", []):
-                if await s.scalar(select(Network).where(Network.name == net["name"])) is None:
-                    s.add(Network(name=net["name"]))
+            if {d.name for d in h.datastores} != {d.name for d in seen}:
+                h.datastores = seen
+            nets = {str(n["name"]) for n in facts.get("networks", [])}
+            have = set(await s.scalars(select(Network.name).where(Network.name.in_(nets))))
+            s.add_all(Network(name=n) for n in sorted(nets - have))
             await s.commit()
 
     # -- VMs -----------------------------------------------------------------------------------
-    async def vms(self) -> list[Vm]:
+    async def vms(self, hosts: Collection[str] | None = None) -> list[Vm]:
+        """Every VM, or those on ``hosts`` (by name)."""
+        query = select(Vm).order_by(Vm.name)
+        if hosts is not None:
+            query = query.join(Host, Vm.host_id == Host.id).where(Host.name.in_(list(hosts)))
         async with self.db.session() as s:
-            return list(await s.scalars(select(Vm).order_by(Vm.name)))
+            return list(await s.scalars(query))
+
+    async def vm_names(self, hosts: Collection[str]) -> list[str]:
+        """The names of the VMs on ``hosts``, sorted (no records read)."""
+        query = (
+            select(Vm.name)
+            .join(Host, Vm.host_id == Host.id)
+            .where(Host.name.in_(list(hosts)))
+            .order_by(Vm.name)
+        )
+        async with self.db.session() as s:
+            return list(await s.scalars(query))
 
     async def vm(self, ref: str) -> Vm:
         async with self.db.session() as s:
@@ -335,14 +395,8 @@ class Inventory:
                 vm = Vm(uuid=info["uuid"], name=info["name"])
                 s.add(vm)
             vm.host_id = host.id
-            vm.power_state = info["power_state"]
-            vm.config = info["config"]
-            vm.config_path = info["config_path"]
-            running = info["power_state"] != "poweredOff"
-            vm.cpu = info.get("cpu") if running else None
-            vm.ram_pad_kib = info.get("ram_pad_kib") if running else None
-            vm.addresses = list(info.get("addresses") or []) if running else None
-            vm.addresses_source = info.get("addresses_source") if running else None
+            for key, value in record_fields(info).items():
+                setattr(vm, key, value)
             await s.commit()
         return await self.vm(info["uuid"])
 
@@ -367,6 +421,12 @@ class Inventory:
     ) -> None:
         """Agents are the truth about what runs where; alarms where the truth is impossible.
         A record written after the list was read (a power-on, a create) is newer: left as is."""
+        # Every record this refresh may compare, in one read (not one per VM): those reported
+        # and those the inventory places here.
+        async with self.db.session() as s:
+            uuids = [info["uuid"] for info in reported]
+            records = {vm.uuid: vm for vm in await s.scalars(
+                select(Vm).where(Vm.uuid.in_(uuids) | (Vm.host_id == host.id)))}  # fmt: skip
         for info in reported:
             if self.migrating(info["name"]):
                 continue  # the executor owns this VM's record until its migration ends
@@ -375,14 +435,14 @@ class Inventory:
             if info["power_state"] == "incoming" or info.get("incoming"):
                 await self._end_orphan_incoming(host, info)
                 continue
-            try:
-                known = await self.vm(info["uuid"])
-            except NotFound:
+            known = records.get(info["uuid"])
+            if known is None:
                 await self.upsert_vm(info, host)
                 continue
             runs_here = info["power_state"] == "poweredOn" and info.get("qemu_status") == "running"
             if known.host is None or known.host.name == host.name:
-                await self.upsert_vm(info, host)
+                if not same_record(known, info, host):  # most refreshes change nothing
+                    await self.upsert_vm(info, host)
             elif runs_here and known.power_state == "poweredOn":
                 await self._resolve_two_reports(known, host, info)
             elif runs_here:
@@ -398,8 +458,8 @@ class Inventory:
             elif info["power_state"] == "poweredOff" and known.power_state == "poweredOn":
                 await self._drop_stale_registration(host, known)
         names = {info["uuid"] for info in reported}
-        for vm in await self.vms():
-            gone = vm.host is not None and vm.host.name == host.name and vm.uuid not in names
+        for vm in records.values():
+            gone = vm.host_id == host.id and vm.uuid not in names
             if gone and self._newer_than(vm.uuid, listed_at):
                 continue  # created (or moved here) after the list was read
             if gone and not self.migrating(vm.name) and vm.power_state != "missing":
