@@ -377,9 +377,18 @@ def create_app(center: Center) -> FastAPI:
         return host
 
     # -- VMs -----------------------------------------------------------------------------------
-    @app.get("/v1/vms", dependencies=auth)
-    async def list_vms() -> list[dict[str, Any]]:
-        return [vm_dict(v) for v in await inv.vms()]
+    vms_listed: tuple[int, bytes] | None = None  # (the inventory's writes then, the answer)
+
+    @app.get("/v1/vms", dependencies=auth, response_model=list[dict[str, Any]])
+    async def list_vms() -> Response:
+        """Every VM. The answer is kept until a VM or host is written: at 10,000 VMs it is
+        6 MB, built in about 0.7 s, and every web client asks for it every 5 s."""
+        nonlocal vms_listed
+        writes = center.db.inventory_writes  # before reading: a write meanwhile rebuilds it
+        if vms_listed is None or vms_listed[0] != writes:
+            body = json.dumps([vm_dict(v) for v in await inv.vms()], separators=(",", ":"))
+            vms_listed = (writes, body.encode())
+        return Response(vms_listed[1], media_type="application/json")
 
     @app.get("/v1/vms/{vm}", dependencies=auth)
     async def get_vm(vm: str) -> dict[str, Any]:

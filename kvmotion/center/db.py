@@ -41,7 +41,14 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    ORMExecuteState,
+    Session,
+    mapped_column,
+    relationship,
+)
 
 
 def utcnow() -> datetime:
@@ -238,9 +245,29 @@ class Database:
             # Tasks are written at each phase change of a migration: WAL with NORMAL sync keeps
             # each commit cheap and stays crash-safe (a power cut may lose the last ones).
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+
+        class _Session(Session):  # this database's own, for its change listeners alone
+            pass
+
         self.session: async_sessionmaker[AsyncSession] = async_sessionmaker(
-            self.engine, expire_on_commit=False
+            self.engine, expire_on_commit=False, sync_session_class=_Session
         )
+        # How many times this process wrote a VM or a host: a list built from them is good
+        # until it changes (the API's list of VMs, read by every web client every 5 s).
+        self.inventory_writes = 0
+        event.listen(_Session, "after_flush", self._flushed)
+        event.listen(_Session, "do_orm_execute", self._executed)
+
+    def _flushed(self, session: Session, _context: Any) -> None:
+        changed = (*session.new, *session.dirty, *session.deleted)
+        if any(isinstance(o, (Vm, Host)) for o in changed):
+            self.inventory_writes += 1
+
+    def _executed(self, state: ORMExecuteState) -> None:
+        if (state.is_update or state.is_delete) and any(
+            m.class_ in (Vm, Host) for m in state.all_mappers
+        ):
+            self.inventory_writes += 1
 
     async def migrate(self) -> None:
         """Make the schema, or upgrade it to this kvmotion's (Alembic, center/migrations/).

@@ -1,0 +1,84 @@
+"""The API's list of VMs is kept between requests until a VM or a host is written (api.py): it
+must never answer with what the inventory no longer says. On SQLite, then PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+from sqlalchemy import update
+
+from kvmotion.center import runs
+from kvmotion.center.api import create_app
+from kvmotion.center.db import Vm
+from kvmotion.center.service import Center, CenterConfig
+from kvmotion.migration.request import MigrationRequest
+from tests.databases import DatabaseServer
+from tests.unit.fake_agent import PORT, TOKEN, FakeAgents
+
+SRC, DST = "172.16.0.172", "172.16.0.173"
+
+
+@pytest.fixture(autouse=True)
+def fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(runs, "POLL_INTERVAL", 0.002)
+
+
+@pytest.fixture
+def db_url(database_server: DatabaseServer) -> Iterator[str]:
+    url = database_server.fresh()
+    yield url
+    database_server.drop(url)
+
+
+@pytest.fixture
+async def center(db_url: str) -> AsyncIterator[tuple[Center, FakeAgents, httpx.AsyncClient]]:
+    fake = FakeAgents(SRC, DST)
+    fake.add_vm(SRC, "vm-a")
+    fake.add_vm(SRC, "vm-b")
+    center = Center(CenterConfig(db_url=db_url, token="t", refresh_interval_s=3600), fake)
+    await center.start()
+    for host in (SRC, DST):
+        await center.inventory.add_host(host, TOKEN, PORT)
+    transport = httpx.ASGITransport(app=create_app(center))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://c", headers={"Authorization": "Bearer t"}
+    ) as api:
+        yield center, fake, api
+    await center.close()
+
+
+async def listed(api: httpx.AsyncClient) -> dict[str, tuple[str | None, str]]:
+    r = await api.get("/v1/vms")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    return {v["name"]: (v["host"], v["power_state"]) for v in r.json()}
+
+
+async def test_the_list_follows_every_change_of_the_inventory(
+    center: tuple[Center, FakeAgents, httpx.AsyncClient],
+) -> None:
+    c, fake, api = center
+    on = (SRC, "poweredOn")
+    assert await listed(api) == {"vm-a": on, "vm-b": on}
+    assert await listed(api) == {"vm-a": on, "vm-b": on}  # kept: nothing was written
+
+    vm_b = fake.vm(SRC, "vm-b")
+    assert vm_b is not None
+    vm_b.power_state, vm_b.qemu_status = "poweredOff", None  # its host says so
+    await c.inventory.refresh_host(SRC)
+    assert await listed(api) == {"vm-a": on, "vm-b": (SRC, "poweredOff")}
+
+    task_id = await c.executor.submit(MigrationRequest("vm-a", DST))  # a migration moves it
+    await c.executor.wait(task_id)
+    assert (await c.tasks.get(task_id)).state == "success"
+    assert (await listed(api))["vm-a"] == (DST, "poweredOn")
+
+    async with c.db.session() as s:  # a bulk update (no object flushed) counts as a write too
+        await s.execute(update(Vm).where(Vm.name == "vm-b").values(power_state="missing"))
+        await s.commit()
+    assert (await listed(api))["vm-b"] == (SRC, "missing")
+
+    fake.add_vm(DST, "vm-c")  # a VM found by a refresh
+    await c.inventory.refresh_host(DST)
+    assert set(await listed(api)) == {"vm-a", "vm-b", "vm-c"}
