@@ -286,8 +286,10 @@ def create_app(center: Center) -> FastAPI:
     inv = center.inventory
 
     @app.get("/v1/health")
-    async def health() -> dict[str, Any]:
-        """Up, and which center is active (any client may ask any center, unauthenticated)."""
+    async def health(response: Response) -> dict[str, Any]:
+        """Up, and which center is active (any client may ask any center, unauthenticated;
+        a web client whose center was lost asks the others, from its own origin)."""
+        response.headers["Access-Control-Allow-Origin"] = "*"
         active = await center.active_center() if center.role != "active" else None
         return {
             "status": "ok",

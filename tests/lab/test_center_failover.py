@@ -34,6 +34,7 @@ from kvmotion.lab import labcenter, netns, topology
 from kvmotion.lab.demo import WORKLOAD, guest_ip, vm_spec, wait_for_guest
 from kvmotion.lab.postgres import Postgres
 from tests.lab.conftest import user_ping_loop, wait_task
+from tests.lab.test_web import WebDriver, chromium, click, css, wait
 
 pytestmark = pytest.mark.lab
 
@@ -159,8 +160,13 @@ def wait_precopy(http: httpx.Client, task_id: int, timeout: float = 60) -> None:
     raise AssertionError(f"task {task_id} never got into pre-copy")
 
 
+@pytest.fixture(scope="module")
+def driver() -> Iterator[WebDriver]:
+    yield from chromium()
+
+
 def test_the_standby_takes_over_when_the_active_center_is_killed_mid_migration(
-    lab: topology.LabState, pair: Pair
+    lab: topology.LabState, pair: Pair, driver: WebDriver
 ) -> None:
     a, b = pair.a, pair.b
     both = f"{a.url},{b.url}"
@@ -173,6 +179,12 @@ def test_the_standby_takes_over_when_the_active_center_is_killed_mid_migration(
     listed = pair.cli(both, "vm", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     assert [(v["name"], v["host"]) for v in json.loads(listed.stdout)] == [(VM, SRC)]
+
+    # A user of the web client, signed in to center-a.
+    driver.get(a.url + "/")
+    wait("the sign-in form", lambda: css(driver, "#token")).send_keys(pair.token)
+    click(driver, "#signin")
+    wait("the app after sign-in", lambda: css(driver, "#app"))
 
     ping = user_ping_loop(lab)
     topology.shape_link(SRC, 40)  # a pre-copy slow enough to kill the center in it
@@ -213,6 +225,10 @@ def test_the_standby_takes_over_when_the_active_center_is_killed_mid_migration(
     assert result.same_connection, result.error
     assert result.lost == 0 and result.n_monotonic and result.answered == result.sent >= 50
 
+    # The web client, whose center died, names the active one and links to it.
+    link = wait("the web client's link to the active center",
+                lambda: css(driver, "#refresh-status a"), timeout=30)  # fmt: skip
+    assert link.get_attribute("href").startswith(b.url + "/"), link.get_attribute("href")
     # The CLI follows the active center: with both URLs, with the dead one's alone it fails
     # naming it, and once the old center is back (as a standby) its URL alone leads to the active.
     listed = pair.cli(both, "vm", "list", "--json")

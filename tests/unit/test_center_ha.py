@@ -130,7 +130,9 @@ async def test_one_center_is_active_and_the_standby_sends_clients_to_it(
     one, two, _ = centers
     assert (one.role, two.role) == ("active", "standby")
     async with api(one) as a, api(two) as b:
-        health = (await b.get("/v1/health")).json()
+        answer = await b.get("/v1/health")
+        assert answer.headers["access-control-allow-origin"] == "*"  # the others' web clients
+        health = answer.json()
         assert health["role"] == "standby"
         assert health["active"] == {"name": "one", "url": "https://one.example:8600"}
         refused = await b.get("/v1/vms")

@@ -82,6 +82,7 @@ export function sessionExpired(err) {
 
 function startSession() {
   state.route = parseHash(location.hash);
+  learnCenters();
   renderMainLoading();
   refreshInventory();
   state.refreshTimer = setInterval(refreshInventory, REFRESH_MS);
@@ -115,6 +116,12 @@ export async function refreshInventory() {
     // The center is gone: a stream that still looks open is held by a center shutting down
     // (it waits for its clients to leave). Let go of it and reconnect.
     if (err instanceof ApiError && err.code === "unreachable") restartStream("the center does not answer");
+    // A standby now (this center lost leadership), or gone: point at the center now active.
+    if (err instanceof ApiError && (err.code === "standby" || err.code === "unreachable")) {
+      findActiveCenter(err).then((url) => {
+        if (url && gen === state.generation) showActiveCenter(status, url);
+      });
+    }
     if (!state.data) renderMainError(err);
   }
 }
@@ -123,4 +130,45 @@ export async function refreshInventory() {
 export function refreshSoon(delay = 250) {
   clearTimeout(state.refreshSoonTimer);
   state.refreshSoonTimer = setTimeout(refreshInventory, delay);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Centers that share a database (docs/center-ha.md): when this one is lost, which is active
+
+/** The other centers on this center's database, learned once per session (none: one center). */
+async function learnCenters() {
+  try {
+    const centers = await api("/v1/centers");
+    state.centers = centers.map((c) => c.url).filter((url) => url !== location.origin);
+  } catch {
+    state.centers = [];
+  }
+}
+
+/** The URL of the active center: the one a standby names, else the first of the others whose
+ * /v1/health (open to any origin) says it is active. */
+async function findActiveCenter(err) {
+  if (err.details && err.details.active_url) return err.details.active_url;
+  for (const url of state.centers || []) {
+    try {
+      const resp = await fetch(`${url}/v1/health`, { cache: "no-store" });
+      const health = await resp.json();
+      if (health.role === "active") return url;
+      if (health.active && health.active.url) return health.active.url;
+    } catch {
+      // that one does not answer either: ask the next
+    }
+  }
+  return null;
+}
+
+function showActiveCenter(status, url) {
+  clear(status);
+  status.append("This center no longer answers; the active center is at ");
+  const link = document.createElement("a");
+  link.href = `${url}/${location.hash}`;
+  link.textContent = url;
+  link.title = "Open the active center (sign in there with the same token)";
+  status.append(link);
+  status.classList.add("bad");
 }

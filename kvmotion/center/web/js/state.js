@@ -41,6 +41,7 @@ export const MAINTENANCE_LABEL = { entering: "Entering maintenance", in: "In mai
 
 export const state = {
   token: null,
+  centers: [], // the URLs of the other centers on this one's database (session.js)
   data: null, // {hosts, vms, datastores, clusters}
   idx: null, // lookups built from data
   route: { view: "item", kind: "datacenter", name: DATACENTER },
