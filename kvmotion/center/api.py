@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket
 from fastapi import Path as FastApiPath
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
@@ -29,6 +29,7 @@ from kvmotion.center import images
 from kvmotion.center.console import KINDS, TICKET_TTL_S, check_console
 from kvmotion.center.db import Event, Host
 from kvmotion.center.inventory import datastore_dict, host_dict, vm_dict
+from kvmotion.center.metrics import CONTENT_TYPE
 from kvmotion.center.placing import place_new_vm, place_vm
 from kvmotion.center.relocation import refusals as relocation_refusals
 from kvmotion.center.relocation import relocate
@@ -225,6 +226,11 @@ def create_app(center: Center) -> FastAPI:
     @app.get("/v1/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok"}
+
+    @app.get("/metrics", dependencies=auth, response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus' text format (docs/monitoring.md); any API token may scrape."""
+        return Response(await center.metrics.exposition(), media_type=CONTENT_TYPE)
 
     # -- hosts ---------------------------------------------------------------------------------
     @app.post("/v1/hosts", dependencies=auth, status_code=201)

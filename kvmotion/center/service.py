@@ -19,6 +19,7 @@ from kvmotion.center.ha import INTERVAL_S as HA_INTERVAL_S
 from kvmotion.center.ha import HaMonitor
 from kvmotion.center.inventory import Inventory
 from kvmotion.center.maintenance import Maintenance
+from kvmotion.center.metrics import CenterMetrics
 from kvmotion.center.rules import Rules
 from kvmotion.center.tasks import TaskStore, record_event
 from kvmotion.configfile import ConfigFile
@@ -90,6 +91,7 @@ class Center:
             self.db, self.inventory, self.executor, self.tasks, self.rules, self.clusters,
             interval_s=config.ha_interval_s,
         )  # fmt: skip
+        self.metrics = CenterMetrics(self.inventory, self.tasks, self.ha)  # GET /metrics
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
