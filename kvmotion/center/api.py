@@ -33,6 +33,7 @@ from kvmotion.center import images
 from kvmotion.center.console import KINDS, TICKET_TTL_S, check_console
 from kvmotion.center.db import Event, Host
 from kvmotion.center.inventory import datastore_dict, host_dict, vm_dict
+from kvmotion.center.metrics import CONTENT_TYPE
 from kvmotion.center.placing import place_new_vm, place_vm
 from kvmotion.center.relocation import refusals as relocation_refusals
 from kvmotion.center.relocation import relocate
@@ -316,6 +317,11 @@ def create_app(center: Center) -> FastAPI:
              "active_since": c.active_since.isoformat() if c.active_since else None}
             for c in await center.centers()
         ]  # fmt: skip
+
+    @app.get("/metrics", dependencies=auth, response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus' text format (docs/monitoring.md); any API token may scrape."""
+        return Response(await center.metrics.exposition(), media_type=CONTENT_TYPE)
 
     # -- hosts ---------------------------------------------------------------------------------
     @app.post("/v1/hosts", dependencies=auth, status_code=201)

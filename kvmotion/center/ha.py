@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,8 @@ class HaMonitor:
         self._restarting: dict[str, int] = {}  # VM uuid -> its ha-restart task
         self._waiting: dict[str, str] = {}  # VM uuid -> why its restart waits (said once)
         self._released_done: dict[str, set[str]] = {}  # host -> released VMs restarted
+        # Told of each host state the center declares (the events below): (host, state).
+        self.on_state: list[Callable[[str, str], None]] = []
         self._loop: asyncio.Task[None] | None = None
 
     # -- settings ----------------------------------------------------------------------------
@@ -376,6 +379,8 @@ class HaMonitor:
             health.declared = None
         if before is None and verdict.state == CONNECTED:
             return
+        for listener in self.on_state:
+            listener(host.name, verdict.state)
         severity = {FAILED: "alarm", CONNECTED: "info"}.get(verdict.state, "warning")
         await record_event(
             self.db, f"HA: host {host.name} is {verdict.state}: {verdict.reason}",

@@ -23,6 +23,7 @@ from kvmotion.center.ha import HaMonitor
 from kvmotion.center.inventory import Inventory
 from kvmotion.center.leader import CHECK_S, Leadership, Role, lock_for
 from kvmotion.center.maintenance import Maintenance
+from kvmotion.center.metrics import CenterMetrics
 from kvmotion.center.orphans import Orphans
 from kvmotion.center.rules import Rules
 from kvmotion.center.tasks import TaskStore
@@ -118,6 +119,7 @@ class Center:
         self.name = config.center_name()
         self.url = config.center_url()
         self.lost = asyncio.Event()  # leadership was lost: this process must stop acting
+        self.metrics = CenterMetrics(self.inventory, self.tasks, self.ha)  # GET /metrics
         self._refresher: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
 

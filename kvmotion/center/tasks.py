@@ -6,11 +6,14 @@ seed's five steps with wall-clock times; progress and per-pass samples are updat
 A run's live figures (progress, samples, summary) are kept in memory (:meth:`TaskStore.publish`)
 and written to the database with its next phase or state change (:meth:`TaskStore.update`);
 every read here sees them, and every change beats :attr:`TaskStore.changed` for the streams.
+:meth:`TaskStore.update` is also the one place a task ends: it tells :attr:`TaskStore.on_end`'s
+listeners (the center's metrics) of each task that reached a final state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -20,6 +23,8 @@ from sqlalchemy import select
 from kvmotion.center.db import Database, Event, Task
 from kvmotion.errors import Conflict, NotFound
 from kvmotion.pulse import Pulse
+
+log = logging.getLogger(__name__)
 
 
 class TaskState(StrEnum):
@@ -79,6 +84,8 @@ class TaskStore:
         # (:meth:`changes`) and reads only those tasks.
         self._seq = 0
         self._changed_at: dict[int, int] = {}  # task id -> the number of its last change
+        # Told of each task that reached a final state, once, after it was written.
+        self.on_end: list[Callable[[Task], None]] = []
 
     def _touch(self, task_id: int) -> None:
         self._seq += 1
@@ -149,6 +156,7 @@ class TaskStore:
         """Write fields, with the live ones not written yet; a ``state`` change is checked
         against the lifecycle."""
         fields = self._live.get(task_id, {}) | fields
+        ended = False
         async with self.db.session() as s:
             task = await s.get(Task, task_id)
             if task is None:
@@ -159,12 +167,24 @@ class TaskStore:
                     raise Conflict(f"task {task_id} is {old}; it cannot become {new}")
                 if new.final:
                     fields.setdefault("finished_at", datetime.now(UTC))
+                ended = new.final and not old.final
             for key, value in fields.items():
                 setattr(task, key, value)
             await s.commit()
         self._live.pop(task_id, None)
         self._touch(task_id)
+        if ended:
+            self._tell_ended(task)
         return task
+
+    def _tell_ended(self, task: Task) -> None:
+        for listener in self.on_end:
+            # The task is written: a listener's failure must not look like the update's (a run
+            # would abort a migration that succeeded).
+            try:
+                listener(task)
+            except Exception:
+                log.exception("a listener failed on task %s's end", task.id)
 
     async def request_cancel(self, task_id: int) -> Task:
         task = await self.get(task_id)

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvmotion.lab import netns, topology
 from kvmotion.lab.demo import WORKLOAD, guest_ip, vm_spec, wait_for_guest
@@ -79,6 +80,25 @@ def link_bytes(ns: str, dev: str) -> tuple[int, int]:
     return int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"])
 
 
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(center: httpx.Client) -> Samples:
+    """The center's /metrics, as Prometheus reads it."""
+    r = center.get("/metrics")
+    assert r.status_code == 200, r.text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def moved(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    key = (name, frozenset(labels.items()))
+    return after[key] - before.get(key, 0.0)
+
+
 def qemus_on(host_ns: str, uuid: str) -> list[int]:
     host_dir = topology.lab_dir() / "hosts" / host_ns
     return [p for p in qemu_pids_under(host_dir) if uuid in " ".join(netns.process_cmdline(p))]
@@ -103,6 +123,8 @@ def test_seed_procedure_there_and_back(
     lab: topology.LabState, center: httpx.Client, vm_a: GuestClient
 ) -> None:
     ping = user_ping_loop(lab)
+    before = scrape(center)
+    summaries = []
     try:
         for dest_index in (1, 0):
             src_ns = lab.hosts[1 - dest_index].netns
@@ -110,6 +132,7 @@ def test_seed_procedure_there_and_back(
             before_mgmt = link_bytes(src_ns, "mgmt0")
             task = run_task(center, migrate(center, lab.hosts[dest_index].name)["id"])
             assert task["state"] == "success", task["error"]
+            summaries.append(task["summary"])
             steps = [t["step"] for t in task["timeline"]]
             for step in ("requested", "precopy", "stunned", "resumed", "source_removed"):
                 assert step in steps, f"timeline lacks {step}: {steps}"
@@ -141,6 +164,26 @@ def test_seed_procedure_there_and_back(
         ping.stop()
         result = ping.join(timeout=30)
     assert_user_noticed_nothing(result)
+    # The center's /metrics counted both migrations, with QEMU's downtime, the guest's pause
+    # and the memory they sent, as their tasks report them.
+    after = scrape(center)
+    assert moved(before, after, "kvmotion_migrations_total", kind="compute", result="success") == 2
+    for family, key in (
+        ("kvmotion_migration_downtime_seconds", "downtime_ms"),
+        ("kvmotion_migration_guest_pause_seconds", "stun_to_resume_ms"),
+    ):
+        assert moved(before, after, f"{family}_count", kind="compute") == 2, family
+        took = sum(s[key] for s in summaries) / 1000
+        assert moved(before, after, f"{family}_sum", kind="compute") == pytest.approx(took)
+    sent = moved(
+        before, after, "kvmotion_migration_sent_bytes_total", kind="compute", data="memory"
+    )
+    assert sent == sum(s["transferred_bytes"] for s in summaries)
+    vms = center.get("/v1/vms").json()
+    for host in lab.hosts:
+        running = sum(v["host"] == host.name and v["power_state"] == "poweredOn" for v in vms)
+        labels = {"host": host.name, "power_state": "poweredOn"}
+        assert after["kvmotion_vms", frozenset(labels.items())] == running, host.name
 
 
 def test_guest_survives_ten_migrations_in_a_row(
