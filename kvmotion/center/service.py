@@ -24,7 +24,7 @@ from kvmotion.center.inventory import Inventory
 from kvmotion.center.leader import CHECK_S, Leadership, Role, lock_for
 from kvmotion.center.maintenance import Maintenance
 from kvmotion.center.metrics import CenterMetrics
-from kvmotion.center.orphans import Orphans
+from kvmotion.center.orphans import SETTLE_S, Orphans
 from kvmotion.center.rules import Rules
 from kvmotion.center.tasks import TaskStore
 from kvmotion.configfile import ConfigFile
@@ -63,6 +63,9 @@ class CenterConfig(ConfigFile):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,254}$")
     advertise_url: str | None = Field(None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$")
     leader_check_s: float = Field(CHECK_S, ge=0.05, le=5.0)  # holds checked, takeovers tried
+    # How long the next active center waits for the hosts to finish a migration the lost one
+    # left before it aborts it (center/orphans.py)
+    orphan_settle_s: float = Field(SETTLE_S, ge=5.0, le=3600.0)
 
     def center_name(self) -> str:
         return self.name or f"{socket.gethostname()}:{self.port}"
@@ -112,7 +115,7 @@ class Center:
             self.db, self.inventory, self.executor, self.tasks, self.rules, self.clusters,
             interval_s=config.ha_interval_s,
         )  # fmt: skip
-        self.orphans = Orphans(self.inventory, self.executor, self.tasks)
+        self.orphans = Orphans(self.inventory, self.executor, self.tasks, config.orphan_settle_s)
         self.leadership = Leadership(
             lock_for(config.db_url), self._activate, self._lose, config.leader_check_s
         )
