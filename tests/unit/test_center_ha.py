@@ -103,11 +103,16 @@ async def cut_hold(center: Center) -> None:
 
 
 async def lose_one_mid_migration(
-    one: Center, two: Center, fake: FakeAgents, **script: object
+    one: Center,
+    two: Center,
+    fake: FakeAgents,
+    reserved: list[bool] | None = None,
+    **script: object,
 ) -> int:
     """Center one migrates vm-a and dies at its run's second look at the source (the run waits
     there forever, as if its process ended); the agents go on (each later look, center two's,
-    moves QEMU on along ``script``). Returns the task's id once center two is active."""
+    moves QEMU on along ``script``; ``reserved`` gets, at each, whether center two holds vm-a
+    against new moves). Returns the task's id once center two is active."""
     two.orphans.poll_s = 0.01
     frozen = asyncio.Event()
 
@@ -115,6 +120,8 @@ async def lose_one_mid_migration(
         if poll == 2 and not frozen.is_set():
             frozen.set()
             await asyncio.Event().wait()
+        elif poll > 2 and reserved is not None:
+            reserved.append(two.executor.migrating("vm-a"))
 
     fake.script("vm-a", on_poll=freeze_once, **script)
     task_id = await one.executor.submit(MigrationRequest("vm-a", DST))
@@ -188,9 +195,10 @@ async def test_the_new_active_center_finishes_the_migration_the_lost_one_left(
     """Center one dies mid-copy (its run waits forever at the second poll); the agents go on
     (each look at the source moves QEMU on); center two settles the task as the hosts say."""
     one, two, _ = centers
-    task_id = await lose_one_mid_migration(one, two, fake)
-    assert two.executor.migrating("vm-a")  # no new move of it while it settles
+    reserved: list[bool] = []
+    task_id = await lose_one_mid_migration(one, two, fake, reserved)
     await two.orphans.wait()
+    assert reserved and all(reserved)  # no new move of it while it settles
     task = await two.tasks.get(task_id)
     assert task.state == TaskState.SUCCESS, task.error
     assert task.summary["finished_by"] == "agents"
