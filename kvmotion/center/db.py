@@ -233,6 +233,27 @@ _MIGRATING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] =
 MIGRATION_LOCK = 0x6B766D6F  # "kvmo": one center at a time upgrades a shared PostgreSQL
 
 
+class VmChanges:
+    """VM records written since their reader last took the changes: ids, or everything."""
+
+    KEY = "kvmotion_vms_written"  # where a session notes them until its commit (None: all)
+
+    def __init__(self) -> None:
+        self.everything = True  # nothing read yet
+        self.ids: set[int] = set()
+
+    def add(self, ids: set[int | None]) -> None:
+        if None in ids:
+            self.everything = True
+        self.ids |= {i for i in ids if i is not None}
+
+    def take(self) -> tuple[bool, set[int]]:
+        """(everything changed, else the ids that did), and forget them."""
+        taken = self.everything, self.ids
+        self.everything, self.ids = False, set()
+        return taken
+
+
 class Database:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -252,22 +273,47 @@ class Database:
         self.session: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False, sync_session_class=_Session
         )
-        # How many times this process wrote a VM or a host: a list built from them is good
-        # until it changes (the API's list of VMs, read by every web client every 5 s).
-        self.inventory_writes = 0
+        # Who wants to know which VM records this process writes (watch_vms)
+        self._vm_watchers: weakref.WeakSet[VmChanges] = weakref.WeakSet()
         event.listen(_Session, "after_flush", self._flushed)
         event.listen(_Session, "do_orm_execute", self._executed)
+        event.listen(_Session, "after_commit", self._ended)
+        event.listen(_Session, "after_rollback", self._ended)
 
-    def _flushed(self, session: Session, _context: Any) -> None:
-        changed = (*session.new, *session.dirty, *session.deleted)
-        if any(isinstance(o, (Vm, Host)) for o in changed):
-            self.inventory_writes += 1
+    @staticmethod
+    def _flushed(session: Session, _context: Any) -> None:
+        """Note, in the session, the VMs a flush wrote (told at its commit: a list read between
+        the flush and the commit would still find the old records)."""
+        changed = session.info.setdefault(VmChanges.KEY, set())
+        for o in (*session.new, *session.dirty, *session.deleted):
+            if isinstance(o, Vm):
+                changed.add(o.id)
+            elif isinstance(o, Host) and (
+                o in session.deleted or inspect(o).attrs.name.history.has_changes()
+            ):
+                changed.add(None)  # a VM's record names its host: all of them
 
-    def _executed(self, state: ORMExecuteState) -> None:
+    @staticmethod
+    def _executed(state: ORMExecuteState) -> None:
         if (state.is_update or state.is_delete) and any(
             m.class_ in (Vm, Host) for m in state.all_mappers
         ):
-            self.inventory_writes += 1
+            state.session.info.setdefault(VmChanges.KEY, set()).add(None)  # rows unknown
+
+    def _ended(self, session: Session) -> None:
+        """At a commit, or a rollback (a flushed change may be in either: to read again is
+        harmless), the VMs the session wrote are changed for the readers."""
+        changed = session.info.pop(VmChanges.KEY, None)
+        if changed:
+            for watcher in self._vm_watchers:
+                watcher.add(changed)
+
+    def watch_vms(self) -> VmChanges:
+        """The VM records this process writes from now on, for a reader that keeps them (the
+        API's list of VMs, center/inventory.py VmList); each watcher takes its own."""
+        changes = VmChanges()
+        self._vm_watchers.add(changes)
+        return changes
 
     async def migrate(self) -> None:
         """Make the schema, or upgrade it to this kvmotion's (Alembic, center/migrations/).

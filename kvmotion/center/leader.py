@@ -59,6 +59,10 @@ class Lock(Protocol):
     async def release(self) -> None: ...
 
 
+# What a lost, refused or silent database connection raises.
+UNREACHABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+
+
 class PostgresLock:
     """A session-level advisory lock on a connection of its own (not the pool's: a pooled
     connection would carry the lock to whichever request used it next)."""
@@ -77,7 +81,7 @@ class PostgresLock:
             got = await self._conn.fetchval(
                 "SELECT pg_try_advisory_lock($1)", LEADER_LOCK, timeout=CHECK_TIMEOUT_S
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except UNREACHABLE as exc:
             log.warning("cannot reach the database to take leadership: %s", exc)
             await self._drop()
             return False
@@ -93,7 +97,7 @@ class PostgresLock:
                 LEADER_LOCK,
                 timeout=CHECK_TIMEOUT_S,
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except UNREACHABLE as exc:
             log.error("lost the database connection that holds leadership: %s", exc)
             await self._drop()
             return False

@@ -23,7 +23,7 @@ import logging
 import time
 from typing import Any
 
-from kvmotion.center.db import Task, Vm
+from kvmotion.center.db import Task
 from kvmotion.center.executor import Executor, vm_datastores
 from kvmotion.center.inventory import Inventory
 from kvmotion.center.tasks import TaskState, TaskStore, record_event
@@ -60,12 +60,9 @@ def runs(info: VmInfo) -> bool:
     return info.power_state == "poweredOn" and info.qemu_status == "running" and not info.incoming
 
 
-def on_datastore(info: VmInfo, datastore: str | None) -> bool:
-    return datastore is None or all(d.datastore == datastore for d in info.config.disks)
-
-
-def on_datastore_of(vm: Vm, datastore: str | None) -> bool:
-    return datastore is None or vm_datastores(vm) == {datastore}
+def on_datastore(datastores: set[str], datastore: str | None) -> bool:
+    """Whether disks on ``datastores`` are where a migration asked (None: it moved none)."""
+    return datastore is None or datastores <= {datastore}
 
 
 class Orphans:
@@ -114,7 +111,8 @@ class Orphans:
             for name in dict.fromkeys((source, dest)):  # the inventory as the hosts say now
                 with contextlib.suppress(KvmotionError):
                     await self.inventory.refresh_host(name)
-            if where == dest and on_datastore_of(await self.inventory.vm(vm), req.get("datastore")):
+            moved = vm_datastores(await self.inventory.vm(vm))
+            if where == dest and on_datastore(moved, req.get("datastore")):
                 await self.tasks.update(
                     task.id, state=TaskState.SUCCESS, phase="done", progress=100.0,
                     summary=task.summary | {"finished_by": "agents", "settled_because": reason},
@@ -162,7 +160,7 @@ class Orphans:
         if (
             where == dest != source
             and seen[source] is not None
-            and on_datastore(info, req.get("datastore"))
+            and on_datastore({d.datastore for d in info.config.disks}, req.get("datastore"))
         ):
             return where, await self._end_source_copy(vm, source, req.get("type") == "both")
         return where, ""

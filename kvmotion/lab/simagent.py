@@ -122,9 +122,17 @@ class SimVm:
 
 
 def vm_config(
-    name: str, datastore: str, memory_mib: int = 512, disk_mib: int = 1024
+    name: str,
+    datastore: str = "shared",
+    *,
+    memory_mib: int = 256,
+    disk_mib: int = 64,
+    networks: tuple[str, ...] = ("vm-network",),
+    cpu_model: str = "qemu64",
+    boot_image: str | None = "kvmotion-guest",
 ) -> dict[str, Any]:
-    vm_uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, f"{name}.sim.kvmotion"))
+    """A VM's config as the agent stores it (kvmotion/host/vmconfig.py), one disk per VM."""
+    vm_uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, f"{name}.kvmotion.test"))
     return {
         "uuid": vm_uuid,
         "name": name,
@@ -135,10 +143,10 @@ def vm_config(
             {"datastore": datastore, "path": f"{name}/{name}.qcow2", "size_mib": disk_mib,
              "format": "qcow2"}
         ],
-        "nics": [{"network": "vm-network", "mac": _mac(vm_uuid, 0)}],
-        "cpu_model": "qemu64",
+        "nics": [{"network": net, "mac": _mac(vm_uuid, i)} for i, net in enumerate(networks)],
+        "cpu_model": cpu_model,
         "machine_type": "pc-q35-8.2",
-        "boot_image": None,
+        "boot_image": boot_image,
         "kernel_args": "",
         "created_at": "2024-01-01T00:00:00+00:00",
     }  # fmt: skip
@@ -261,7 +269,10 @@ class Fleet:
         self.hosts[port] = host
         self._by_address[host.migration_address] = host
         for j in range(vms):
-            config = vm_config(f"vm-{index:04d}-{j:02d}", host.shared)
+            config = vm_config(
+                f"vm-{index:04d}-{j:02d}", host.shared, memory_mib=512, disk_mib=1024,
+                boot_image=None,
+            )  # fmt: skip
             vm = SimVm(config, _record(config), "poweredOn", "running")
             host.vms[vm.name] = vm
         return host
@@ -325,8 +336,11 @@ class Fleet:
         if req.name in host.vms:
             raise Conflict(f"VM {req.name} already exists", code="vm_exists")
         self._check_datastore(host, req.datastore)
-        config = vm_config(req.name, req.datastore, req.memory_mib,
-                           (req.disks[0].size_mib or 64) if req.disks else 64)  # fmt: skip
+        disk_mib = (req.disks[0].size_mib or 64) if req.disks else 64
+        config = vm_config(
+            req.name, req.datastore, memory_mib=req.memory_mib, disk_mib=disk_mib,
+            boot_image=req.boot_image,
+        )  # fmt: skip
         config["vcpus"] = req.vcpus
         config["nics"] = [{"network": n.network, "mac": n.mac or _mac(config["uuid"], i)}
                           for i, n in enumerate(req.nics)]  # fmt: skip
@@ -392,7 +406,7 @@ class Fleet:
             path = _record(config)
         vm = SimVm(config, path, "incoming", "inmigrate", created=req.datastore is not None)
         uri = f"tcp:{host.migration_address}:{self._port()}"
-        vm.migration = _view("destination", "listening", uri, {"listening": time.time()})
+        vm.migration = migration_view("destination", "listening", uri, {"listening": time.time()})
         host.vms[vm.name] = vm
         host.touch()
         nbd = self._port() if req.datastore is not None else None
@@ -418,7 +432,7 @@ class Fleet:
             raise Conflict(f"no simulated host listens at {req.uri}", code="conflict")
         vm.knobs = {"downtime_limit_ms": req.downtime_limit_ms,
                     "max_bandwidth_bps": req.max_bandwidth_bps, "throttle_pct": 0}  # fmt: skip
-        vm.migration = _view("source", "setup", req.uri, {"migrate_started": time.time()})
+        vm.migration = migration_view("source", "setup", req.uri, {"migrate_started": time.time()})
         vm.migration["knobs"] = dict(vm.knobs)
         vm.migration["stats"] = _stats("setup", 0, int(vm.config["memory_mib"]) * MiB, 0, 0, 0, 0)
         vm.step()
@@ -671,7 +685,8 @@ def _record(config: dict[str, Any]) -> str:
     return f"/srv/kvmotion/{config['datastore']}/{config['name']}/vm.json"
 
 
-def _view(side: str, phase: str, uri: str, marks: dict[str, float]) -> dict[str, Any]:
+def migration_view(side: str, phase: str, uri: str, marks: dict[str, float]) -> dict[str, Any]:
+    """A migration's view as the agent reports it, at its start (kvmotion/host/protocol.py)."""
     return {"side": side, "phase": phase, "uri": uri, "stats": None, "samples": [],
             "marks": marks, "error": None, "knobs": {}}  # fmt: skip
 

@@ -98,7 +98,7 @@ class SimApp:
 
     async def answer(self, scope: Scope, body: bytes) -> tuple[int, bytes, list[Any]]:
         port = int((scope.get("server") or ("", 0))[1] or 0)
-        route, vm = _route(scope["method"], scope["path"])
+        route, vm = match_route(scope["method"], scope["path"])
         self.fleet.requests[route] = self.fleet.requests.get(route, 0) + 1
         host = self.fleet.hosts.get(port)
         try:
@@ -212,8 +212,11 @@ class SimApp:
         raise NotFound("no such route", code="not_found")
 
 
-def _route(method: str, path: str) -> tuple[str, str | None]:
-    for name, want, pattern in ROUTES:
+def match_route(
+    method: str, path: str, routes: tuple[tuple[str, str, re.Pattern[str]], ...] = ROUTES
+) -> tuple[str, str | None]:
+    """The agent's route a request names, and the VM in its path: ("unknown", None) if none."""
+    for name, want, pattern in routes:
         match = pattern.match(path)
         if match and method == want:
             return name, match.groupdict().get("vm")

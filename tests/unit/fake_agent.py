@@ -18,9 +18,7 @@ import asyncio
 import hashlib
 import itertools
 import json
-import re
 import time
-import uuid as uuidlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,40 +38,15 @@ from kvmotion.host.protocol import (
     IncomingResult,
     MemoryProfileOut,
 )
+from kvmotion.lab.simagent import migration_view, moved, vm_config
+from kvmotion.lab.simserve import ROUTES as AGENT_ROUTES
+from kvmotion.lab.simserve import match_route
 
 PORT = 8700
 LONG_POLL_STEP_S = 0.01  # a long-poll of an unchanged VM polls again this often
 TOKEN = "secret"
 GiB = 2**30
 ACTIVE = ("setup", "active", "pre-switchover", "device")
-
-_VM = r"/v1/vms/(?P<vm>[^/]+)"
-ROUTES: tuple[tuple[str, str, re.Pattern[str]], ...] = tuple(
-    (name, method, re.compile(f"^{path}$"))
-    for name, method, path in (
-        ("facts", "GET", "/v1/host"),
-        ("list", "GET", "/v1/vms"),
-        ("create", "POST", "/v1/vms"),
-        ("register", "POST", "/v1/vms/register"),
-        ("unregister", "POST", f"{_VM}/unregister"),
-        ("get", "GET", _VM),
-        ("power_on", "POST", f"{_VM}/power-on"),
-        ("power_off", "POST", f"{_VM}/power-off"),
-        ("delete", "DELETE", _VM),
-        ("incoming", "POST", "/v1/migrations/incoming"),
-        ("migrate", "POST", f"{_VM}/migrate"),
-        ("cancel", "POST", f"{_VM}/migration/cancel"),
-        ("finish", "POST", f"{_VM}/migration/finish"),
-        ("abort", "POST", f"{_VM}/migration/abort"),
-        ("storage_move", "POST", f"{_VM}/storage/move"),
-        ("storage_mirror", "POST", f"{_VM}/storage/mirror"),
-        ("storage_cancel", "POST", f"{_VM}/storage/cancel"),
-        ("memory_profile", "POST", f"{_VM}/memory-profile"),
-        ("load", "GET", "/v1/load"),
-        ("ha", "POST", "/v1/ha"),
-    )
-)
-
 
 # What each route answers, as the real agent does (kvmotion/host/protocol.py).
 REPLIES: dict[str, TypeAdapter[Any]] = {
@@ -101,6 +74,10 @@ REPLIES: dict[str, TypeAdapter[Any]] = {
     "storage_cancel": TypeAdapter(AbortResult),
     "abort": TypeAdapter(AbortResult),
 }
+
+
+# The real agent's routes this fake serves; the others are 404, as on an older agent.
+ROUTES = tuple(r for r in AGENT_ROUTES if r[0] in {*REPLIES, "unregister", "delete"})
 
 
 def etag(content: Any) -> str:
@@ -182,41 +159,6 @@ class FakeVm:
             "storage": self.storage,
             "incoming": self.power_state == "incoming",
         }
-
-
-def vm_config(
-    name: str,
-    *,
-    memory_mib: int = 256,
-    datastore: str = "shared",
-    networks: tuple[str, ...] = ("vm-network",),
-    cpu_model: str = "qemu64",
-) -> dict[str, Any]:
-    vm_uuid = str(uuidlib.uuid5(uuidlib.NAMESPACE_DNS, f"{name}.kvmotion.test"))
-    return {
-        "uuid": vm_uuid,
-        "name": name,
-        "datastore": datastore,
-        "vcpus": 1,
-        "memory_mib": memory_mib,
-        "disks": [
-            {
-                "datastore": datastore,
-                "path": f"{name}/{name}.qcow2",
-                "size_mib": 64,
-                "format": "qcow2",
-            }
-        ],
-        "nics": [
-            {"network": net, "mac": f"52:54:00:{vm_uuid[:2]}:{vm_uuid[2:4]}:{i:02x}"}
-            for i, net in enumerate(networks)
-        ],
-        "cpu_model": cpu_model,
-        "machine_type": "pc-q35-8.2",
-        "boot_image": "kvmotion-guest",
-        "kernel_args": "",
-        "created_at": "2024-01-01T00:00:00+00:00",
-    }
 
 
 @dataclass
@@ -416,11 +358,7 @@ class FakeAgents(httpx.AsyncBaseTransport):
         return status, content
 
     def _route(self, request: httpx.Request) -> tuple[str, str | None]:
-        for name, method, pattern in ROUTES:
-            match = pattern.match(request.url.path)
-            if match and method == request.method:
-                return name, match.groupdict().get("vm")
-        return "unknown", None
+        return match_route(request.method, request.url.path, ROUTES)
 
     async def _serve(
         self, host: FakeHost, route: str, ref: str | None, body: Any, query: dict[str, str]
@@ -547,7 +485,7 @@ class FakeAgents(httpx.AsyncBaseTransport):
             config = moved(config, datastore)
             path = f"/srv/kvmotion/{datastore}/{config['name']}/vm.json"
         vm = FakeVm(config, path, power_state="incoming", created=datastore is not None)
-        vm.migration = _view("destination", "listening", uri=uri, marks={"listening": time.time()})
+        vm.migration = migration_view("destination", "listening", uri, {"listening": time.time()})
         host.vms[vm.name] = vm
         port = next(self._ports) if datastore is not None else None
         nbd_host = host.migration_address if port else None
@@ -620,8 +558,8 @@ class FakeAgents(httpx.AsyncBaseTransport):
         peers = [h.name for h in self.hosts.values() if h.migration_address == address]
         vm.peer = peers[0] if peers else None
         vm.polls = 0
-        vm.migration = _view(
-            "source", "setup", uri=body["uri"], marks={"migrate_started": time.time()}
+        vm.migration = migration_view(
+            "source", "setup", body["uri"], {"migrate_started": time.time()}
         )
         vm.migration["stats"] = _stats(vm, "setup", 0, 1)
         return vm.info()
@@ -758,24 +696,6 @@ class FakeAgents(httpx.AsyncBaseTransport):
             self._cancel(vm)
             return "source kept running"
         return "nothing to abort"
-
-
-def moved(config: dict[str, Any], datastore: str) -> dict[str, Any]:
-    """A VM config with its record and disks on ``datastore`` (as VmConfig.moved_to)."""
-    disks = [d | {"datastore": datastore} for d in config["disks"]]
-    return config | {"datastore": datastore, "disks": disks}
-
-
-def _view(side: str, phase: str, *, uri: str, marks: dict[str, float]) -> dict[str, Any]:
-    return {
-        "side": side,
-        "phase": phase,
-        "uri": uri,
-        "stats": None,
-        "samples": [],
-        "marks": marks,
-        "error": None,
-    }
 
 
 def _stats(vm: FakeVm, phase: str, poll: int, polls: int) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""The API's list of VMs is kept between requests until a VM or a host is written (api.py): it
-must never answer with what the inventory no longer says. On SQLite, then PostgreSQL."""
+"""The API's list of VMs is kept between requests, each VM's record until it is written
+(inventory.VmList, db.VmChanges): it must never answer with what the inventory no longer says.
+On SQLite, then PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -12,6 +14,7 @@ from sqlalchemy import update
 from kvmotion.center import runs
 from kvmotion.center.api import create_app
 from kvmotion.center.db import Vm
+from kvmotion.center.inventory import VmList
 from kvmotion.center.service import Center, CenterConfig
 from kvmotion.migration.request import MigrationRequest
 from tests.databases import DatabaseServer
@@ -82,3 +85,55 @@ async def test_the_list_follows_every_change_of_the_inventory(
     fake.add_vm(DST, "vm-c")  # a VM found by a refresh
     await c.inventory.refresh_host(DST)
     assert set(await listed(api)) == {"vm-a", "vm-b", "vm-c"}
+
+
+async def test_only_written_records_are_read_again_and_readers_share_a_read(
+    center: tuple[Center, FakeAgents, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c, fake, api = center
+    await listed(api)
+    reads: list[set[int] | None] = []
+    read = VmList._read
+
+    async def counted(self: VmList, ids: set[int] | None) -> list[tuple[Vm, str | None]]:
+        reads.append(ids)
+        await asyncio.sleep(0.05)  # a slow read: the other requests arrive meanwhile
+        return await read(self, ids)
+
+    monkeypatch.setattr(VmList, "_read", counted)
+    vm_b = fake.vm(SRC, "vm-b")
+    assert vm_b is not None
+    vm_b.power_state, vm_b.qemu_status = "poweredOff", None
+    await c.inventory.refresh_host(SRC)
+    answers = await asyncio.gather(*(listed(api) for _ in range(10)))
+    assert all(a["vm-b"] == (SRC, "poweredOff") for a in answers)
+    assert reads == [{(await c.inventory.vm("vm-b")).id}]  # one read, of vm-b alone
+    await listed(api)
+    assert len(reads) == 1  # nothing written since
+
+
+async def test_a_list_read_between_a_write_and_its_commit_is_read_again(
+    center: tuple[Center, FakeAgents, httpx.AsyncClient],
+) -> None:
+    c, _, api = center
+    await listed(api)
+    async with c.db.session() as s:
+        vm = await s.get(Vm, (await c.inventory.vm("vm-a")).id)
+        assert vm is not None
+        vm.power_state = "missing"
+        await s.flush()  # written, not yet committed: a reader still sees the old record
+        assert (await listed(api))["vm-a"] == (SRC, "poweredOn")
+        await s.commit()
+    assert (await listed(api))["vm-a"] == (SRC, "missing")
+
+
+async def test_a_deleted_vm_leaves_the_list(
+    center: tuple[Center, FakeAgents, httpx.AsyncClient],
+) -> None:
+    c, fake, api = center
+    fake.add_vm(DST, "vm-c", power_state="poweredOff")
+    await c.inventory.refresh_host(DST)
+    assert set(await listed(api)) == {"vm-a", "vm-b", "vm-c"}
+    r = await api.delete("/v1/vms/vm-c")
+    assert r.status_code == 204, r.text
+    assert set(await listed(api)) == {"vm-a", "vm-b"}
