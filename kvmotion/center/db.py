@@ -117,7 +117,9 @@ class Host(Base):
     last_seen: Mapped[datetime | None] = mapped_column(UtcDateTime(), default=None)
     # Maintenance mode (center/maintenance.py): None, "entering" or "in"
     maintenance: Mapped[str | None] = mapped_column(String(20), default=None)
-    datastores: Mapped[list[Datastore]] = relationship(secondary="host_datastores", lazy="selectin")
+    # Loaded only when asked for (selectinload): every VM loads its host, and hosts are read
+    # per API call; a fleet's hosts' datastores would be read with each.
+    datastores: Mapped[list[Datastore]] = relationship(secondary="host_datastores", lazy="raise")
 
 
 class Datastore(Base):

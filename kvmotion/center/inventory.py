@@ -221,6 +221,7 @@ class Inventory:
         # When each VM's record was last written (monotonic, by uuid): a refresh whose list was
         # read before that is older than the record, and must not undo it.
         self._written: dict[str, float] = {}
+        self.rounds = 0  # refreshes of every host done
 
     async def ensure_defaults(self) -> None:
         async with self.db.session() as s:
@@ -311,6 +312,7 @@ class Inventory:
                     log.warning("refresh of %s failed: %s", name, exc.message)
 
         await asyncio.gather(*(one(h.name) for h in hosts))
+        self.rounds += 1
         log.info("refreshed %d hosts in %.2f s (%d failed)", len(hosts),
                  time.monotonic() - started, failed)  # fmt: skip
 
@@ -383,7 +385,7 @@ class Inventory:
         refreshed at once that share a datastore new to the inventory would both insert it."""
         reported = facts.get("datastores", [])
         async with self._catalog_lock, self.db.session() as s:
-            h = await s.get(Host, host.id)
+            h = await s.get(Host, host.id, options=[selectinload(Host.datastores)])
             assert h is not None
             names = [str(info["name"]) for info in reported]
             known = {d.name: d for d in await s.scalars(

@@ -107,6 +107,7 @@ async def start_center(
 @pytest.fixture
 async def center(center_db: str, fake: FakeAgents) -> AsyncIterator[Center]:
     c = await start_center(center_db, fake)
+    await wait_until(lambda: c.inventory.rounds > 0)  # its first refresh calls the hosts
     fake.calls.clear()
     yield c
     await c.close()
@@ -116,6 +117,7 @@ async def center(center_db: str, fake: FakeAgents) -> AsyncIterator[Center]:
 async def center1(center_db: str, fake: FakeAgents) -> AsyncIterator[Center]:
     """A center that runs one migration per host at a time."""
     c = await start_center(center_db, fake, limit=1)
+    await wait_until(lambda: c.inventory.rounds > 0)
     fake.calls.clear()
     yield c
     await c.close()
