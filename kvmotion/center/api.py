@@ -32,7 +32,13 @@ from kvmotion import __version__
 from kvmotion.center import images
 from kvmotion.center.console import KINDS, TICKET_TTL_S, check_console
 from kvmotion.center.db import Event, Host
-from kvmotion.center.inventory import VmList, datastore_dict, host_dict, vm_dict
+from kvmotion.center.inventory import (
+    VmList,
+    datastore_dict,
+    host_dict,
+    kept_hosts,
+    vm_dict,
+)
 from kvmotion.center.metrics import CONTENT_TYPE
 from kvmotion.center.placing import place_new_vm, place_vm
 from kvmotion.center.relocation import refusals as relocation_refusals
@@ -328,10 +334,14 @@ def create_app(center: Center) -> FastAPI:
     async def add_host(body: HostAdd) -> dict[str, Any]:
         return host_dict(await inv.add_host(body.address, body.token, body.port))
 
-    @app.get("/v1/hosts", dependencies=auth)
-    async def list_hosts() -> list[dict[str, Any]]:
+    hosts_listed = kept_hosts(center.db)
+
+    @app.get("/v1/hosts", dependencies=auth, response_model=list[dict[str, Any]])
+    async def list_hosts() -> Response:
+        """Every host (kept between requests: inventory.Kept)."""
         latest = await center.maintenance.latest_tasks()
-        return [with_task(host_dict(h), latest) for h in await inv.hosts()]
+        hosts = [with_task(h, latest) for h in await hosts_listed.values()]
+        return Response(json.dumps(hosts, separators=(",", ":")), media_type="application/json")
 
     def with_task(host: dict[str, Any], latest: dict[str, int]) -> dict[str, Any]:
         """The host, with its latest maintenance task (None if it never had one) and its HA

@@ -235,10 +235,8 @@ _MIGRATING: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] =
 MIGRATION_LOCK = 0x6B766D6F  # "kvmo": one center at a time upgrades a shared PostgreSQL
 
 
-class VmChanges:
-    """VM records written since their reader last took the changes: ids, or everything."""
-
-    KEY = "kvmotion_vms_written"  # where a session notes them until its commit (None: all)
+class Changes:
+    """Records of one table written since their reader last took the changes: ids, or all."""
 
     def __init__(self) -> None:
         self.everything = True  # nothing read yet
@@ -254,6 +252,10 @@ class VmChanges:
         taken = self.everything, self.ids
         self.everything, self.ids = False, set()
         return taken
+
+
+WATCHED = (Vm, Host)  # the tables whose readers may keep records (watch)
+WRITTEN = "kvmotion_written"  # session.info: {table: ids written} until its commit (None: all)
 
 
 class Database:
@@ -275,8 +277,10 @@ class Database:
         self.session: async_sessionmaker[AsyncSession] = async_sessionmaker(
             self.engine, expire_on_commit=False, sync_session_class=_Session
         )
-        # Who wants to know which VM records this process writes (watch_vms)
-        self._vm_watchers: weakref.WeakSet[VmChanges] = weakref.WeakSet()
+        # Who keeps records of a watched table, and must know which this process writes
+        self._watchers: dict[type[Base], weakref.WeakSet[Changes]] = {
+            t: weakref.WeakSet() for t in WATCHED
+        }
         event.listen(_Session, "after_flush", self._flushed)
         event.listen(_Session, "do_orm_execute", self._executed)
         event.listen(_Session, "after_commit", self._ended)
@@ -284,37 +288,38 @@ class Database:
 
     @staticmethod
     def _flushed(session: Session, _context: Any) -> None:
-        """Note, in the session, the VMs a flush wrote (told at its commit: a list read between
-        the flush and the commit would still find the old records)."""
-        changed = session.info.setdefault(VmChanges.KEY, set())
+        """Note, in the session, the records a flush wrote (told at its commit: a reader
+        between the flush and the commit would still find the old records)."""
+        written: dict[type[Base], set[int | None]] = session.info.setdefault(WRITTEN, {})
         for o in (*session.new, *session.dirty, *session.deleted):
-            if isinstance(o, Vm):
-                changed.add(o.id)
-            elif isinstance(o, Host) and (
+            if isinstance(o, WATCHED):
+                written.setdefault(type(o), set()).add(o.id)
+            if isinstance(o, Host) and (
                 o in session.deleted or inspect(o).attrs.name.history.has_changes()
             ):
-                changed.add(None)  # a VM's record names its host: all of them
+                written.setdefault(Vm, set()).add(None)  # a VM's record names its host
 
     @staticmethod
     def _executed(state: ORMExecuteState) -> None:
-        if (state.is_update or state.is_delete) and any(
-            m.class_ in (Vm, Host) for m in state.all_mappers
-        ):
-            state.session.info.setdefault(VmChanges.KEY, set()).add(None)  # rows unknown
+        if state.is_update or state.is_delete:  # rows unknown: all of the table
+            written = state.session.info.setdefault(WRITTEN, {})
+            for table in {m.class_ for m in state.all_mappers} & set(WATCHED):
+                written.setdefault(table, set()).add(None)
+                if table is Host:
+                    written.setdefault(Vm, set()).add(None)
 
     def _ended(self, session: Session) -> None:
         """At a commit, or a rollback (a flushed change may be in either: to read again is
-        harmless), the VMs the session wrote are changed for the readers."""
-        changed = session.info.pop(VmChanges.KEY, None)
-        if changed:
-            for watcher in self._vm_watchers:
-                watcher.add(changed)
+        harmless), the records the session wrote are changed for their readers."""
+        for table, ids in session.info.pop(WRITTEN, {}).items():
+            for watcher in self._watchers[table]:
+                watcher.add(ids)
 
-    def watch_vms(self) -> VmChanges:
-        """The VM records this process writes from now on, for a reader that keeps them (the
-        API's list of VMs, center/inventory.py VmList); each watcher takes its own."""
-        changes = VmChanges()
-        self._vm_watchers.add(changes)
+    def watch(self, table: type[Base]) -> Changes:
+        """The records of ``table`` (one of ``WATCHED``) this process writes from now on, for
+        a reader that keeps them (center/inventory.py Kept); each watcher takes its own."""
+        changes = Changes()
+        self._watchers[table].add(changes)
         return changes
 
     async def migrate(self) -> None:

@@ -1,11 +1,12 @@
 """The API's list of VMs is kept between requests, each VM's record until it is written
-(inventory.VmList, db.VmChanges): it must never answer with what the inventory no longer says.
+(inventory.VmList, db.Changes): it must never answer with what the inventory no longer says.
 On SQLite, then PostgreSQL."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +20,7 @@ from kvmotion.center.service import Center, CenterConfig
 from kvmotion.migration.request import MigrationRequest
 from tests.databases import DatabaseServer
 from tests.unit.fake_agent import PORT, TOKEN, FakeAgents
+from tests.unit.test_executor import wait_task
 
 SRC, DST = "172.16.0.172", "172.16.0.173"
 
@@ -95,7 +97,7 @@ async def test_only_written_records_are_read_again_and_readers_share_a_read(
     reads: list[set[int] | None] = []
     read = VmList._read
 
-    async def counted(self: VmList, ids: set[int] | None) -> list[tuple[Vm, str | None]]:
+    async def counted(self: VmList, ids: set[int] | None) -> list[tuple[int, str, bytes]]:
         reads.append(ids)
         await asyncio.sleep(0.05)  # a slow read: the other requests arrive meanwhile
         return await read(self, ids)
@@ -137,3 +139,30 @@ async def test_a_deleted_vm_leaves_the_list(
     r = await api.delete("/v1/vms/vm-c")
     assert r.status_code == 204, r.text
     assert set(await listed(api)) == {"vm-a", "vm-b"}
+
+
+async def test_the_host_list_follows_every_change_of_a_host(
+    center: tuple[Center, FakeAgents, httpx.AsyncClient],
+) -> None:
+    c, fake, api = center
+
+    async def hosts() -> dict[str, dict[str, Any]]:
+        r = await api.get("/v1/hosts")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        return {h["name"]: h for h in r.json()}
+
+    first = await hosts()
+    assert set(first) == {SRC, DST} and first[DST]["maintenance"] is None
+    assert await hosts() == first  # kept: nothing was written
+
+    fake.host(DST).facts["memory"]["available_bytes"] -= 2**30  # its agent says so
+    await c.inventory.refresh_host(DST)
+    seen = (await hosts())[DST]["facts"]["memory"]["available_bytes"]
+    assert seen == first[DST]["facts"]["memory"]["available_bytes"] - 2**30
+
+    r = await api.post(f"/v1/hosts/{DST}/maintenance/enter")
+    assert r.status_code == 202, r.text
+    await wait_task(c, r.json()["id"], lambda t: t.state == "success")
+    after = await hosts()
+    assert after[DST]["maintenance"] == "in" and after[DST]["maintenance_task"] == r.json()["id"]
+    assert after[SRC]["maintenance"] is None
