@@ -93,7 +93,9 @@ class Clusters:
             return cluster
 
     async def members(self, cluster: Cluster) -> list[Host]:
-        return [h for h in await self.inventory.hosts() if h.cluster_id == cluster.id]
+        async with self.db.session() as s:
+            query = select(Host).where(Host.cluster_id == cluster.id).order_by(Host.name)
+            return list(await s.scalars(query))
 
     async def describe(self, name: str) -> dict[str, Any]:
         """The cluster, its hosts, its VMs, and for each EVC mode which hosts support it."""

@@ -254,12 +254,21 @@ class HaMonitor:
             # HA off: its hosts are told so (they keep the settings they were sent, and would
             # fence and isolate on their own): at once when it was just turned off, and any
             # host whose facts say HA is on (a center that restarted, a host moved here).
-            told = [
-                h for h in await self.clusters.members(cluster)
-                if self._health.pop(h.name, None) is not None or (h.facts or {}).get("ha_enabled")
-            ]  # fmt: skip
+            told = await self._ha_on(cluster)
+            for host in told:
+                self._health.pop(host.name, None)
             await asyncio.gather(*(self._heartbeat(h, [], DEFAULTS) for h in told))
         await self._end_unneeded_restarts()
+
+    async def _ha_on(self, cluster: ClusterRow) -> list[Host]:
+        """The members of ``cluster`` (HA off) whose facts say HA is on, or whose HA was on a
+        moment ago here (read in the database: a fleet's facts, every second, would not be)."""
+        query = select(Host).where(
+            Host.cluster_id == cluster.id,
+            Host.name.in_(list(self._health)) | Host.facts["ha_enabled"].as_boolean().is_(True),
+        )
+        async with self.db.session() as s:
+            return list(await s.scalars(query))
 
     async def _end_unneeded_restarts(self) -> None:
         """A restart still waiting for a VM whose host answers again (and did not release it):

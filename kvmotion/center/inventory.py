@@ -452,6 +452,16 @@ class Inventory:
         async with self.db.session() as s:
             return list(await s.scalars(query))
 
+    async def running_on(self) -> dict[str, str]:
+        """The host of each powered-on VM, by name (names only: no record is read)."""
+        query = (
+            select(Vm.name, Host.name)
+            .join(Host, Vm.host_id == Host.id)
+            .where(Vm.power_state == "poweredOn")
+        )
+        async with self.db.session() as s:
+            return {vm: host for vm, host in await s.execute(query)}
+
     async def vm_names(self, hosts: Collection[str]) -> list[str]:
         """The names of the VMs on ``hosts``, sorted (no records read)."""
         query = (

@@ -64,11 +64,7 @@ class Rules:
 
     async def where(self) -> dict[str, str]:
         """The host each running VM is on."""
-        return {
-            v.name: v.host.name
-            for v in await self.inventory.vms()
-            if v.host is not None and v.power_state == "poweredOn"
-        }
+        return await self.inventory.running_on()
 
     async def states(self) -> list[dict[str, Any]]:
         """Each rule, and what breaks it now (running VMs only)."""
