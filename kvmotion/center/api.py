@@ -798,6 +798,10 @@ async def serve(center: Center) -> None:
         access_log=False,
         # Open task streams (a browser tab) must not hold a stopping center up.
         timeout_graceful_shutdown=3,
+        # Idle connections stay open longer than clients keep theirs (httpx: 5 s; a load
+        # balancer: 60 s): at uvicorn's 5 s, a client polling every 5 s sent its request on a
+        # connection the center was closing ("Server disconnected without sending a response").
+        timeout_keep_alive=65,
     )
     server = uvicorn.Server(config)
 
