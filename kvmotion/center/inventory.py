@@ -20,7 +20,17 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.orm import raiseload, selectinload
 
-from kvmotion.center.db import Base, Cluster, Database, Datacenter, Datastore, Host, Network, Vm
+from kvmotion.center.db import (
+    Base,
+    Cluster,
+    Database,
+    Datacenter,
+    Datastore,
+    Host,
+    HostDatastore,
+    Network,
+    Vm,
+)
 from kvmotion.center.tasks import record_event
 from kvmotion.errors import Conflict, HostUnreachable, KvmotionError, NotFound
 from kvmotion.host.client import AgentClient
@@ -178,19 +188,24 @@ class VmList:
             query = query.where(Vm.id.in_(list(ids)))
         async with self.db.session() as s:
             rows = list(await s.execute(query))
-        return [(vm.id, vm.name, json.dumps(vm_fields(vm, host), separators=(",", ":")).encode())
-                for vm, host in rows]  # fmt: skip
+        return [(vm.id, vm.name, compact_json(vm_fields(vm, host))) for vm, host in rows]
 
 
-def kept_hosts(db: Database) -> Kept[dict[str, Any]]:
-    """Every host as the API shows it (host_dict), kept: GET /v1/hosts."""
+def kept_hosts(db: Database) -> Kept[tuple[str, bytes]]:
+    """Every host as the API shows it (host_dict), kept encoded: GET /v1/hosts, whose facts
+    would take most of its time to encode again per request."""
 
-    async def read(ids: set[int] | None) -> list[tuple[int, str, dict[str, Any]]]:
+    async def read(ids: set[int] | None) -> list[tuple[int, str, tuple[str, bytes]]]:
         query = select(Host) if ids is None else select(Host).where(Host.id.in_(list(ids)))
         async with db.session() as s:
-            return [(h.id, h.name, host_dict(h)) for h in await s.scalars(query)]
+            hosts = list(await s.scalars(query))
+        return [(h.id, h.name, (h.name, compact_json(host_dict(h)))) for h in hosts]
 
     return Kept(db, Host, read)
+
+
+def compact_json(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def record_fields(info: dict[str, Any]) -> dict[str, Any]:
@@ -216,16 +231,6 @@ def same_record(vm: Vm, info: dict[str, Any], host: Host) -> bool:
 def _disk_places(info: dict[str, Any]) -> list[tuple[str, str]]:
     disks = (info.get("config") or {}).get("disks") or []
     return [(str(d.get("datastore")), str(d.get("path"))) for d in disks]
-
-
-def datastore_dict(ds: Datastore) -> dict[str, Any]:
-    return {
-        "name": ds.name,
-        "shared": ds.shared,
-        "capacity_bytes": ds.capacity_bytes,
-        "free_bytes": ds.free_bytes,
-        "hosts": sorted(h.name for h in ds.hosts),
-    }
 
 
 def host_dict(host: Host) -> dict[str, Any]:
@@ -318,6 +323,26 @@ class Inventory:
             hosts = selectinload(Datastore.hosts).load_only(Host.name)  # names, not facts
             query = select(Datastore).options(hosts)
             return list(await s.scalars(query.order_by(Datastore.name)))
+
+    async def datastore_list(self) -> list[dict[str, Any]]:
+        """Every datastore as the API shows it, with the hosts that see it; read as plain rows:
+        a fleet has a local datastore per host, too many to load as records per request."""
+        stores = select(
+            Datastore.id, Datastore.name, Datastore.shared, Datastore.capacity_bytes,
+            Datastore.free_bytes,
+        ).order_by(Datastore.name)  # fmt: skip
+        seen_by = select(HostDatastore.datastore_id, Host.name).join(
+            Host, Host.id == HostDatastore.host_id
+        )
+        async with self.db.session() as s:
+            hosts: dict[int, list[str]] = {}
+            for ds_id, host in await s.execute(seen_by):
+                hosts.setdefault(ds_id, []).append(host)
+            return [
+                {"name": name, "shared": shared, "capacity_bytes": capacity,
+                 "free_bytes": free, "hosts": sorted(hosts.get(ds_id, []))}
+                for ds_id, name, shared, capacity, free in await s.execute(stores)
+            ]  # fmt: skip
 
     async def datastore(self, name: str) -> Datastore:
         async with self.db.session() as s:
