@@ -261,7 +261,10 @@ class Step:
         except httpx.HTTPError as exc:
             lat.error("GET /v1/tasks-stream (headers)", repr(exc))
 
-    async def _get(self, http: httpx.AsyncClient, lat: Latencies, path: str) -> Any:
+    async def _get(self, http: httpx.AsyncClient, lat: Latencies, path: str) -> None:
+        """One call, timed to its whole answer read. Not parsed: each web client parses in its
+        own browser, and 20 clients' 7 MB VM lists parsed here would slow this one process's
+        timing of every call."""
         label = "GET " + re.sub(r"/(vm|sim)-[0-9-]+", "/{name}", path.split("?")[0])
         label = re.sub(r"/tasks/\d+", "/tasks/{id}", label)
         t0 = time.monotonic()
@@ -269,12 +272,10 @@ class Step:
             r = await http.get(path)
         except httpx.HTTPError as exc:
             lat.error(label, repr(exc))
-            return None
+            return
         lat.add(label, time.monotonic() - t0)
         if r.status_code != 200 and r.status_code != 404:  # a 404 is an answer (no such task)
             lat.error(label, f"{r.status_code} {r.text[:100]}")
-            return None
-        return r.json()
 
     async def cli_user(self, lat: Latencies) -> None:
         """`kvmotion vm list`, `vm show`, `host show`, `task list`, `task show`, once a second."""

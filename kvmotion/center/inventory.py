@@ -441,21 +441,27 @@ class Inventory:
             return host
 
     async def _sync_datastores(self, host: Host, facts: dict[str, Any]) -> None:
-        """The host's datastores and networks as it reports them. Made under a lock: hosts
-        refreshed at once that share a datastore new to the inventory would both insert it."""
-        reported = facts.get("datastores", [])
-        async with self._catalog_lock, self.db.session() as s:
+        """The host's datastores and networks as it reports them."""
+        reported = sorted(facts.get("datastores", []), key=lambda info: str(info["name"]))
+        names = [str(info["name"]) for info in reported]
+        nets = {str(n["name"]) for n in facts.get("networks", [])}
+        async with self.db.session() as s:
+            new_stores = set(names) - set(
+                await s.scalars(select(Datastore.name).where(Datastore.name.in_(names)))
+            )
+            new_nets = nets - set(
+                await s.scalars(select(Network.name).where(Network.name.in_(nets)))
+            )
+        if new_stores or new_nets:
+            await self._add_to_catalog(new_stores, new_nets)
+        async with self.db.session() as s:
             h = await s.get(Host, host.id, options=[selectinload(Host.datastores)])
             assert h is not None
-            names = [str(info["name"]) for info in reported]
             known = {d.name: d for d in await s.scalars(
                 select(Datastore).where(Datastore.name.in_(names)))}  # fmt: skip
             seen = []
-            for info in reported:
-                ds = known.get(info["name"])
-                if ds is None:
-                    ds = known[info["name"]] = Datastore(name=info["name"])
-                    s.add(ds)
+            for info in reported:  # by name: hosts refreshed at once update shared rows in order
+                ds = known[str(info["name"])]
                 ds.shared = bool(info.get("shared"))
                 ds.capacity_bytes = int(info.get("capacity_bytes", 0))
                 ds.free_bytes = int(info.get("free_bytes", 0))
@@ -463,7 +469,15 @@ class Inventory:
                     seen.append(ds)
             if {d.name for d in h.datastores} != {d.name for d in seen}:
                 h.datastores = seen
-            nets = {str(n["name"]) for n in facts.get("networks", [])}
+            await s.commit()
+
+    async def _add_to_catalog(self, stores: set[str], nets: set[str]) -> None:
+        """New datastores and networks, made one at a time: hosts refreshed at once that share
+        a datastore new to the inventory would both insert it. (Only then: under one lock, a
+        fleet's refresh would write its hosts' datastores one host after another.)"""
+        async with self._catalog_lock, self.db.session() as s:
+            have = set(await s.scalars(select(Datastore.name).where(Datastore.name.in_(stores))))
+            s.add_all(Datastore(name=n) for n in sorted(stores - have))
             have = set(await s.scalars(select(Network.name).where(Network.name.in_(nets))))
             s.add_all(Network(name=n) for n in sorted(nets - have))
             await s.commit()
