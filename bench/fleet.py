@@ -409,24 +409,39 @@ load generator share the two cores: the center's CPU and memory are its own (/pr
 latencies include waiting for a core. The hosts are simulated (kvmotion/lab/simagent.py): the
 center's work is real, the agents' is not.
 
-What broke first, as the fleet grew (found on the way to these steps):
+What broke first, as the fleet grew (found while building the simulated fleet):
 1. Adding hosts at once: two hosts that share a datastore new to the inventory both inserted it,
-   and the second add failed (500, a unique violation on datastores.name; 5 of 20 hosts added
-   8 at a time at 20 hosts). Fix: new datastores and networks are made under a lock, read in one
-   query per refresh.
-2. The refresh: one host after another, each reading every VM of the inventory (to find the VMs
-   gone from that host) and rewriting every VM it reported: O(hosts x VMs) per round. 18 hosts of
-   5 VMs took 2.5 s a round (140 ms a host); the "before" steps below show how it grows. Fix: a
-   host's records are read in one query (its reported VMs and those placed on it), only changed
-   records are written, and 8 hosts are refreshed at once (center/inventory.py
-   REFRESH_CONCURRENCY, within the database pool of 10 + 10).
-3. Reading every VM per request: a cluster's description (GET /v1/clusters, polled by every web
-   client) and a host's (GET /v1/hosts/{name}) read all VM records to list names. Fix: names
-   only, for that cluster or host.
-Not fixed (next): GET /v1/vms at 10,000 VMs is a 7 MB answer whose records are read and encoded
-per request (about 1.4 s of CPU in-process on SQLite); the web client asks for it every 5 s per
-tab, so under the poll load the center's one core goes to it. A snapshot of the VM list kept per
-inventory change (the refresh now writes only changes) would make it a copy of bytes.
+   and the second add failed (500, a unique violation on datastores.name). Fix: new datastores
+   and networks are made under a lock.
+2. The refresh: one host after another, each reading every VM of the inventory and rewriting
+   every VM it reported: O(hosts x VMs) per round (18 hosts: 2.5 s). Fix: a host's records are
+   read in one query, only changed records are written, 8 hosts are refreshed at once.
+3. A cluster's and a host's description read every VM record to list names. Fix: names only.
+
+Then, measured by this benchmark (the "before" rows: the center as it was at 8efa38c):
+4. At 250 hosts the center's one core was full (0.97 cores) under the 20 web clients' polls:
+   API p50 2.0 s, p99 9.3 s. A profile (py-spy) showed it rebuilding the whole VM list for almost
+   every request: the list was kept until any VM or host was written, and each refresh round
+   writes every host (last seen). Loading a VM also loaded its host's facts, and a host its
+   datastores. Fix: each VM's and host's encoded record is kept until that record is written
+   (db.Changes, told at commit; inventory.Kept), concurrent requests share one read, and hosts'
+   datastores load only when asked.
+5. At 500 hosts the database pool ran dry ("QueuePool limit of size 10 overflow 10 reached")
+   while requests held connections waiting for the core, and the step broke; at 1,000 too.
+6. Submitting a migration took 17-27 s at 250-500 hosts: its precheck's placement rules read
+   every VM with its host's facts. Fix: where VMs run, read by name. HA turned off read every
+   host's facts every second; a cluster's description read every host. Fix: the hosts HA still
+   says are on; each host's EVC modes kept per write of the host.
+7. GET /v1/datastores loaded a datastore per host with its hosts as records: a third of the
+   center's CPU at 1,000 hosts. Fix: plain rows.
+8. A poll sent as uvicorn closed its 5 s keep-alive ("Server disconnected without sending a
+   response"): the center now keeps idle connections 65 s, longer than its clients.
+9. The refresh wrote each host's datastores under the lock of point 1, one host after another:
+   12.9 s a round at 1,000 hosts. Fix: the lock only to make a new datastore or network.
+What is left (the "after" rows): see the table. One Python process serves the API and the
+refresh on one core; past that, the next steps are the refresh in its own process (or
+several centers' agents split among processes), and the web client's polls replaced by the
+task stream's pushes for inventory changes.
 """
 
 

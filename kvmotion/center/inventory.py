@@ -130,8 +130,10 @@ def vm_fields(vm: Vm, host: str | None) -> dict[str, Any]:
 
 class Kept(Generic[T]):
     """Records of one table kept between reads, each read again only after it is written
-    (db.Changes): for the lists every web client asks for every 5 s. ``read(ids)`` reads the
-    records of ``ids`` (None: all) as (id, sort key, what to keep)."""
+    (db.Changes): for the lists every web client asks for every 5 s. The active center is the
+    inventory's only writer (standbys refuse requests; center/leader.py), so what this process
+    wrote is all that changed. ``read(ids)`` reads the records of ``ids`` (None: all) as (id,
+    sort key, what to keep)."""
 
     def __init__(
         self,
