@@ -36,7 +36,6 @@ from kvmotion.center.inventory import (
     VmList,
     compact_json,
     host_dict,
-    kept_hosts,
     vm_dict,
 )
 from kvmotion.center.metrics import CONTENT_TYPE
@@ -334,17 +333,15 @@ def create_app(center: Center) -> FastAPI:
     async def add_host(body: HostAdd) -> dict[str, Any]:
         return host_dict(await inv.add_host(body.address, body.token, body.port))
 
-    hosts_listed = kept_hosts(center.db)
-
     @app.get("/v1/hosts", dependencies=auth, response_model=list[dict[str, Any]])
     async def list_hosts() -> Response:
-        """Every host (kept between requests, encoded: inventory.kept_hosts), each with its
+        """Every host (kept between requests, encoded: Inventory.kept_hosts), each with its
         maintenance task and HA state (``host_now``)."""
         latest = await center.maintenance.latest_tasks()
         hosts = []
-        for name, record in await hosts_listed.values():
-            now = compact_json(host_now(name, latest))
-            hosts.append(record[:-1] + b"," + now[1:])  # the record's object, two keys longer
+        for host in await inv.kept_hosts.values():
+            now = compact_json(host_now(host.name, latest))
+            hosts.append(host.json[:-1] + b"," + now[1:])  # the record's object, two keys longer
         return Response(b"[" + b",".join(hosts) + b"]", media_type="application/json")
 
     def host_now(name: str, latest: dict[str, int]) -> dict[str, Any]:

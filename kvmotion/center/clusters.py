@@ -10,38 +10,32 @@ functions of :mod:`kvmotion.cpu.compat`; this module gathers their inputs from h
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import select
 
 from kvmotion.center.db import Cluster, Database, Host, Vm
-from kvmotion.center.inventory import Inventory, Kept
+from kvmotion.center.inventory import Inventory, cpu_facts
 from kvmotion.center.tasks import record_event
 from kvmotion.cpu import compat
 from kvmotion.cpu.catalog import EvcMode, get_mode
 from kvmotion.errors import Conflict, NotFound, PreconditionError
 
 
-def _cpu_facts(host: Host) -> dict[str, Any]:
-    cpu: dict[str, Any] = (host.facts or {}).get("cpu_model") or {}
-    return cpu
-
-
 def host_cpu(host: Host) -> compat.HostCpu:
-    cpu = _cpu_facts(host)
+    cpu = cpu_facts(host)
     return compat.HostCpu(frozenset(cpu.get("features", ())), cpu.get("vendor"))
 
 
 def mode_baseline(mode: EvcMode, hosts: list[Host]) -> compat.Baseline:
     """The mode's features as the hosts' QEMU reports them (any host that knows the mode)."""
     for host in hosts:
-        for entry in _cpu_facts(host).get("evc_modes", []):
+        for entry in cpu_facts(host).get("evc_modes", []):
             if entry["key"] == mode.key and entry.get("features"):
                 return compat.Baseline(mode, frozenset(entry["features"]))
-    others = sorted(h.name for h in hosts if _cpu_facts(h).get("vendor") not in (None, mode.vendor))
+    others = sorted(h.name for h in hosts if cpu_facts(h).get("vendor") not in (None, mode.vendor))
     if others:
-        theirs = compat.vendor_name(_cpu_facts(hosts[0]).get("vendor"))
+        theirs = compat.vendor_name(cpu_facts(hosts[0]).get("vendor"))
         raise Conflict(
             f"host {', '.join(others)} has {theirs} CPUs; EVC mode {mode.label} is for "
             f"{compat.vendor_name(mode.vendor)} hosts "
@@ -67,30 +61,10 @@ def _refuse(refusals: list[compat.Refusal], code: str) -> None:
         )
 
 
-@dataclass(frozen=True)
-class HostModes:
-    """What a cluster's description needs of a host: its cluster and its EVC modes."""
-
-    name: str
-    cluster_id: int | None
-    evc_modes: list[dict[str, Any]]
-
-
 class Clusters:
     def __init__(self, db: Database, inventory: Inventory) -> None:
         self.db = db
         self.inventory = inventory
-        # Each host's EVC modes, kept until the host is written: every web client describes
-        # every cluster every 5 s, and a fleet's host facts are too many to read each time.
-        self.modes: Kept[HostModes] = Kept(db, Host, self._read_modes)
-
-    async def _read_modes(self, ids: set[int] | None) -> list[tuple[int, str, HostModes]]:
-        query = select(Host) if ids is None else select(Host).where(Host.id.in_(list(ids)))
-        async with self.db.session() as s:
-            hosts = list(await s.scalars(query))
-        return [(h.id, h.name, HostModes(h.name, h.cluster_id,
-                                         _cpu_facts(h).get("evc_modes", [])))
-                for h in hosts]  # fmt: skip
 
     async def all(self) -> list[Cluster]:
         async with self.db.session() as s:
@@ -121,7 +95,7 @@ class Clusters:
     async def describe(self, name: str) -> dict[str, Any]:
         """The cluster, its hosts, its VMs, and for each EVC mode which hosts support it."""
         cluster = await self.get(name)
-        hosts = [h for h in await self.modes.values() if h.cluster_id == cluster.id]
+        hosts = [h for h in await self.inventory.kept_hosts.values() if h.cluster_id == cluster.id]
         names = {h.name for h in hosts}
         modes: dict[str, dict[str, Any]] = {}
         for host in hosts:

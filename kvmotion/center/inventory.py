@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
 from typing import Any, Generic, TypeVar
@@ -193,17 +194,31 @@ class VmList:
         return [(vm.id, vm.name, compact_json(vm_fields(vm, host))) for vm, host in rows]
 
 
-def kept_hosts(db: Database) -> Kept[tuple[str, bytes]]:
-    """Every host as the API shows it (host_dict), kept encoded: GET /v1/hosts, whose facts
-    would take most of its time to encode again per request."""
+@dataclass(frozen=True)
+class KeptHost:
+    """A host as the lists read it: the API's record, encoded (its facts would take most of
+    GET /v1/hosts' time to encode again per request), and its cluster and EVC modes for a
+    cluster's description."""
 
-    async def read(ids: set[int] | None) -> list[tuple[int, str, tuple[str, bytes]]]:
-        query = select(Host) if ids is None else select(Host).where(Host.id.in_(list(ids)))
-        async with db.session() as s:
-            hosts = list(await s.scalars(query))
-        return [(h.id, h.name, (h.name, compact_json(host_dict(h)))) for h in hosts]
+    name: str
+    cluster_id: int | None
+    evc_modes: list[dict[str, Any]]
+    json: bytes
 
-    return Kept(db, Host, read)
+
+async def _read_hosts(db: Database, ids: set[int] | None) -> list[tuple[int, str, KeptHost]]:
+    query = select(Host) if ids is None else select(Host).where(Host.id.in_(list(ids)))
+    async with db.session() as s:
+        hosts = list(await s.scalars(query))
+    return [(h.id, h.name, KeptHost(h.name, h.cluster_id, cpu_facts(h).get("evc_modes", []),
+                                    compact_json(host_dict(h))))
+            for h in hosts]  # fmt: skip
+
+
+def cpu_facts(host: Host) -> dict[str, Any]:
+    """The host's CPU as its agent reports it (model, vendor, features, EVC modes)."""
+    cpu: dict[str, Any] = (host.facts or {}).get("cpu_model") or {}
+    return cpu
 
 
 def compact_json(value: Any) -> bytes:
@@ -263,6 +278,9 @@ class Inventory:
         # read before that is older than the record, and must not undo it.
         self._written: dict[str, float] = {}
         self.rounds = 0  # refreshes of every host done
+        # Every host, kept until it is written: read by every web client every 5 s (the host
+        # list, each cluster's description), while each refresh round writes every host.
+        self.kept_hosts: Kept[KeptHost] = Kept(db, Host, lambda ids: _read_hosts(db, ids))
 
     async def ensure_defaults(self) -> None:
         async with self.db.session() as s:
@@ -445,22 +463,27 @@ class Inventory:
     async def _sync_datastores(self, host: Host, facts: dict[str, Any]) -> None:
         """The host's datastores and networks as it reports them."""
         reported = sorted(facts.get("datastores", []), key=lambda info: str(info["name"]))
-        names = [str(info["name"]) for info in reported]
         nets = {str(n["name"]) for n in facts.get("networks", [])}
+        new = await self._write_datastores(host, reported, nets)
+        if new is not None:  # rarely: a datastore or network new to the inventory
+            await self._add_to_catalog(*new)
+            await self._write_datastores(host, reported, nets)
+
+    async def _write_datastores(
+        self, host: Host, reported: list[dict[str, Any]], nets: set[str]
+    ) -> tuple[set[str], set[str]] | None:
+        """Write what ``reported`` says of the host's datastores; or, if one of them or of
+        ``nets`` is new to the inventory, write nothing and return the new names."""
+        names = [str(info["name"]) for info in reported]
         async with self.db.session() as s:
-            new_stores = set(names) - set(
-                await s.scalars(select(Datastore.name).where(Datastore.name.in_(names)))
-            )
-            new_nets = nets - set(
-                await s.scalars(select(Network.name).where(Network.name.in_(nets)))
-            )
-        if new_stores or new_nets:
-            await self._add_to_catalog(new_stores, new_nets)
-        async with self.db.session() as s:
-            h = await s.get(Host, host.id, options=[selectinload(Host.datastores)])
-            assert h is not None
             known = {d.name: d for d in await s.scalars(
                 select(Datastore).where(Datastore.name.in_(names)))}  # fmt: skip
+            have_nets = await s.scalars(select(Network.name).where(Network.name.in_(nets)))
+            new_stores, new_nets = set(names) - known.keys(), nets - set(have_nets)
+            if new_stores or new_nets:
+                return new_stores, new_nets
+            h = await s.get(Host, host.id, options=[selectinload(Host.datastores)])
+            assert h is not None
             seen = []
             for info in reported:  # by name: hosts refreshed at once update shared rows in order
                 ds = known[str(info["name"])]
@@ -472,6 +495,7 @@ class Inventory:
             if {d.name for d in h.datastores} != {d.name for d in seen}:
                 h.datastores = seen
             await s.commit()
+        return None
 
     async def _add_to_catalog(self, stores: set[str], nets: set[str]) -> None:
         """New datastores and networks, made one at a time: hosts refreshed at once that share
