@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
 from kvmotion import __version__
+from kvmotion.mgmttls import server_tls
 from kvmotion.center import images
 from kvmotion.center.console import KINDS, TICKET_TTL_S, check_console
 from kvmotion.center.db import Event, Host
@@ -787,8 +788,13 @@ async def _task_events(center: Center, limit: int, task_id: int | None) -> Async
 
 
 async def serve(center: Center) -> None:
+    """Serve the center's API over HTTPS (HTTP if its config says api_plaintext). Raises
+    InvalidInput, before listening, when its certificates are missing."""
     import uvicorn
 
+    cfg = center.config
+    hint = f"kvmotion tls issue --host center --address {cfg.listen} ..."
+    tls = server_tls(cfg.tls_dir, cfg.api_plaintext, hint)
     config = uvicorn.Config(
         create_app(center),
         host=center.config.listen,
@@ -801,6 +807,7 @@ async def serve(center: Center) -> None:
         # balancer: 60 s): at uvicorn's 5 s, a client polling every 5 s sent its request on a
         # connection the center was closing ("Server disconnected without sending a response").
         timeout_keep_alive=65,
+        **tls,
     )
     server = uvicorn.Server(config)
 

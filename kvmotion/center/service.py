@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from pathlib import Path
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -66,6 +67,11 @@ class CenterConfig(ConfigFile):
     # How long the next active center waits for the hosts to finish a migration the lost one
     # left before it aborts it (center/orphans.py)
     orphan_settle_s: float = Field(SETTLE_S, ge=5.0, le=3600.0)
+    # The center's TLS directory (`kvmotion tls issue --host center --address ADDR`): its API is
+    # served over HTTPS with the server certificate (mgmttls.py); api_plaintext: true serves
+    # plaintext HTTP instead (tokens in clear: a private network only).
+    tls_dir: Path = Path("/etc/kvmotion/center-tls")
+    api_plaintext: bool = False
 
     def center_name(self) -> str:
         return self.name or f"{socket.gethostname()}:{self.port}"

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Query, Request, Response, WebSocket
 
 from kvmotion import __version__
+from kvmotion.mgmttls import server_tls
 from kvmotion.errors import KvmotionError, NotFound, Unauthorized
 from kvmotion.host import watch
 from kvmotion.host.agent import HostAgent
@@ -312,13 +313,17 @@ async def console_session(
 
 
 async def serve(agent: HostAgent, host: str, port: int) -> None:
-    """Run the agent's HTTP service until cancelled or signalled."""
+    """Run the agent's HTTPS service (HTTP if its config says api_plaintext) until cancelled or
+    signalled. Raises InvalidInput, before listening, when its certificates are missing."""
     import uvicorn
 
     from kvmotion.qemu.process import become_subreaper
 
+    cfg = agent.config
+    hint = f"kvmotion tls issue --host {cfg.name} --address {cfg.management_address} ..."
+    tls = server_tls(cfg.tls_dir, cfg.api_plaintext, hint)
     become_subreaper()
     config = uvicorn.Config(
-        create_app(agent), host=host, port=port, log_level="info", access_log=False
+        create_app(agent), host=host, port=port, log_level="info", access_log=False, **tls
     )
     await uvicorn.Server(config).serve()

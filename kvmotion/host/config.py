@@ -67,6 +67,9 @@ class HostConfig(ConfigFile):
     # migration network nobody else can reach, like the lab's).
     migration_tls: Literal["required", "off"] = "required"
     tls_dir: Path = Path("/etc/kvmotion/tls")
+    # The agent's API is HTTPS with tls_dir's server certificate (mgmttls.py); true serves
+    # plaintext HTTP instead, the center's token in clear (a private network only).
+    api_plaintext: bool = False
 
     # Run-dir layout, shared by the agent and by `lab down` (which must find QEMU pids).
     @property

@@ -86,6 +86,7 @@ def _start(log: Log) -> LabCenter:
         refresh_interval_s=3.0,
         stall_timeout_s=10.0,  # a cut migration link in the lab shows within seconds
         migrations_per_host=2,  # TCG guests on a machine of a few cores
+        api_plaintext=True,  # not yet HTTPS in the lab (issue 19, part 3)
     )
     config_path = directory / "center.json"
     config.save(config_path)

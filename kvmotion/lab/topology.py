@@ -333,6 +333,9 @@ def host_config(state: LabState, host: LabHost) -> HostConfig:
         migration_address=host.migration_address,
         port=DEFAULT_AGENT_PORT,
         token=state.token,
+        # Not yet: the lab's management plane stays HTTP until `lab up` issues each host's
+        # management certificate and the center calls agents over HTTPS (issue 19, part 3).
+        api_plaintext=True,
         run_dir=host.run_dir,
         datastores=[
             DatastoreConfig(name=SHARED_DATASTORE, path=state.shared_datastore, shared=True),

@@ -112,7 +112,7 @@ def pair(lab: topology.LabState, tmp_path_factory: pytest.TempPathFactory) -> It
             config = CenterConfig(
                 listen="127.0.0.1", port=port, db_url=db_url, token=token, name=name,
                 advertise_url=url, refresh_interval_s=3.0, stall_timeout_s=10.0,
-                migrations_per_host=2,
+                migrations_per_host=2, api_plaintext=True,
                 orphan_settle_s=45.0,  # a migration the agents cannot finish alone: aborted then
             )  # fmt: skip
             config.save(folder / f"{name}.json")

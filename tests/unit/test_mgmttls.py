@@ -1,0 +1,89 @@
+"""HTTPS on the management plane (mgmttls.py): the refusal without certificates, and the agent's
+real API served by uvicorn over TLS, verified with the cluster CA and refused without it."""
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from kvmotion import pki
+from kvmotion.errors import InvalidInput
+from kvmotion.host.agent import HostAgent
+from kvmotion.host.api import create_app, serve
+from kvmotion.host.config import HostConfig
+from kvmotion.mgmttls import client_context, server_tls
+
+TOKEN = "t0ken-over-tls"
+
+
+def _config(tmp_path: Path, tls_dir: Path) -> HostConfig:
+    return HostConfig(
+        name="h172", management_address="127.0.0.1", token=TOKEN, run_dir=tmp_path / "run",
+        tls_dir=tls_dir, accel="tcg",
+    )  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_agent_refuses_to_start_without_certificates(tmp_path: Path) -> None:
+    config = _config(tmp_path, tmp_path / "no-tls")
+    with pytest.raises(InvalidInput, match="kvmotion tls issue --host h172 --address 127.0.0.1"):
+        await serve(HostAgent(config), "127.0.0.1", _free_port())
+
+
+def test_plaintext_only_when_asked(tmp_path: Path) -> None:
+    assert server_tls(tmp_path / "no-tls", plaintext=True, issue_hint="") == {}
+
+
+@pytest.fixture
+def agent_url(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    pki.create_ca(tmp_path / "ca")
+    pki.issue_host(tmp_path / "ca", tmp_path / "agent-tls", "h172", ["127.0.0.1"])
+    pki.issue_host(tmp_path / "ca", tmp_path / "center-tls", "center", ["127.0.0.1"])
+    config = _config(tmp_path, tmp_path / "agent-tls")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(HostAgent(config)), log_level="warning", access_log=False,
+            **server_tls(config.tls_dir, config.api_plaintext, ""),
+        )
+    )  # fmt: skip
+    # In a thread, as test_center_cli runs its center: uvicorn leaves signal handlers alone there
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the agent did not start"
+            time.sleep(0.02)
+        yield f"https://127.0.0.1:{sock.getsockname()[1]}", tmp_path / "center-tls"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+async def test_agent_serves_https_verified_by_the_ca(agent_url: tuple[str, Path]) -> None:
+    url, center_tls = agent_url
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(verify=client_context(center_tls), headers=headers) as http:
+        assert (await http.get(f"{url}/v1/host")).status_code == 200
+        assert (
+            await http.get(f"{url}/v1/host", headers={"Authorization": "Bearer x"})
+        ).status_code == 401
+    async with httpx.AsyncClient() as stranger:  # the system store does not know the cluster CA
+        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            await stranger.get(f"{url}/v1/host", headers=headers)
+    async with httpx.AsyncClient() as plain:  # and it does not speak plaintext
+        with pytest.raises(httpx.HTTPError):
+            await plain.get(url.replace("https://", "http://") + "/v1/host", headers=headers)
