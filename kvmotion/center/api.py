@@ -29,7 +29,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.websockets import WebSocketClose
 
 from kvmotion import __version__
-from kvmotion.mgmttls import server_tls
 from kvmotion.center import images
 from kvmotion.center.console import KINDS, TICKET_TTL_S, check_console
 from kvmotion.center.db import Event, Host
@@ -67,6 +66,7 @@ from kvmotion.httpapi import (
     role_checker,
     ws_close_code,
 )
+from kvmotion.mgmttls import server_tls
 from kvmotion.migration.request import MigrationRequest
 from kvmotion.migration.rules import Rule
 from kvmotion.migration.strategies import Strategy

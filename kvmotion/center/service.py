@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from pathlib import Path
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Literal
 
 import httpx

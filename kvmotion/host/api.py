@@ -18,7 +18,6 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Header, Query, Request, Response, WebSocket
 
 from kvmotion import __version__
-from kvmotion.mgmttls import server_tls
 from kvmotion.errors import KvmotionError, NotFound, Unauthorized
 from kvmotion.host import watch
 from kvmotion.host.agent import HostAgent
@@ -60,6 +59,7 @@ from kvmotion.httpapi import (
     install_error_handlers,
     ws_close_code,
 )
+from kvmotion.mgmttls import server_tls
 
 # The header tell_destination sends (host/switchover.py TOKEN_HEADER)
 SwitchoverToken = Annotated[str, Header(alias="X-Switchover-Token", max_length=100)]

@@ -1,6 +1,7 @@
 """HTTPS on the management plane (mgmttls.py): the refusal without certificates, and the agent's
 real API served by uvicorn over TLS, verified with the cluster CA and refused without it."""
 
+import re
 import socket
 import threading
 import time
@@ -36,7 +37,9 @@ def _free_port() -> int:
 
 async def test_agent_refuses_to_start_without_certificates(tmp_path: Path) -> None:
     config = _config(tmp_path, tmp_path / "no-tls")
-    with pytest.raises(InvalidInput, match="kvmotion tls issue --host h172 --address 127.0.0.1"):
+    with pytest.raises(
+        InvalidInput, match=re.escape("kvmotion tls issue --host h172 --address 127.0.0.1")
+    ):
         await serve(HostAgent(config), "127.0.0.1", _free_port())
 
 
