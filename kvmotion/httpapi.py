@@ -132,17 +132,18 @@ def api_client(
     timeout: float,
     transport: httpx.AsyncBaseTransport | None = None,
     keepalive_expiry_s: float = 5.0,
+    verify: ssl.SSLContext | None = None,
 ) -> httpx.AsyncClient:
     """An HTTP client of a kvmotion API: bearer token, no proxy from the environment (lab and
-    host traffic must never leave for one), a shared TLS context; tests plug fakes in through
-    ``transport``."""
+    host traffic must never leave for one), a shared TLS context (the system's store, or
+    ``verify``: the cluster CA's); tests plug fakes in through ``transport``."""
     return httpx.AsyncClient(
         base_url=base_url,
         headers={"Authorization": f"Bearer {token}"},
         timeout=timeout,
         trust_env=False,
         transport=transport,
-        verify=tls_context(),
+        verify=verify or tls_context(),
         limits=httpx.Limits(
             max_connections=100, max_keepalive_connections=20, keepalive_expiry=keepalive_expiry_s
         ),

@@ -6,6 +6,10 @@ certificate. A service serves HTTPS with its server certificate and accepts, wit
 a client certificate signed by the CA; bearer tokens still decide who may do what, now over TLS.
 Plaintext only when the configuration asks for it (``api_plaintext``).
 
+The center calls agents over HTTPS when its own TLS directory holds the CA (``agents_context``);
+an agent URL stored as ``http://`` (a host added before) is upgraded where it is used
+(``agent_url``), so the database needs no rewrite.
+
 Raises :class:`InvalidInput` when HTTPS is required and the directory is incomplete.
 """
 
@@ -47,3 +51,16 @@ def client_context(tls_dir: Path) -> ssl.SSLContext:
     if (tls_dir / "client-cert.pem").is_file():
         context.load_cert_chain(tls_dir / "client-cert.pem", tls_dir / "client-key.pem")
     return context
+
+
+def agents_context(tls_dir: Path) -> ssl.SSLContext | None:
+    """The center's context for its agents: its CA and client certificate, or None (plaintext
+    HTTP to agents) when ``tls_dir`` holds no CA."""
+    return client_context(tls_dir) if (tls_dir / pki.CA_CERT).is_file() else None
+
+
+def agent_url(url: str, tls: ssl.SSLContext | None) -> str:
+    """An agent's stored URL with the scheme the center speaks to it: https when it has TLS."""
+    if tls is not None and url.startswith("http://"):
+        return "https://" + url.removeprefix("http://")
+    return url

@@ -181,7 +181,8 @@ class ConsoleRelay:
         """Relay between the viewer and ``host``'s console of the VM until either ends; returns
         the agent's reason and, for a serial console, the log offset reached. Raises
         AgentRefused or HostUnreachable."""
-        url = host.url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
+        url = self.inventory.agent_url(host)
+        url = url.replace("http://", "ws://", 1).replace("https://", "wss://", 1)
         url += f"/v1/vms/{vm_uuid}/console/{kind}"
         if offset is not None:
             url += f"?offset={offset}"
@@ -192,6 +193,7 @@ class ConsoleRelay:
                 open_timeout=CONNECT_TIMEOUT_S,
                 max_size=MAX_FRAME,
                 compression=None,
+                ssl=self.inventory.tls if url.startswith("wss://") else None,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code

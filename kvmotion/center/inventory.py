@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from kvmotion.center.tasks import record_event
 from kvmotion.errors import Conflict, HostUnreachable, KvmotionError, NotFound
 from kvmotion.host.client import AgentClient
 from kvmotion.host.protocol import facts_json, vm_json
+from kvmotion.mgmttls import agent_url
 from kvmotion.migration.precheck import HostView, ModeView, VmView
 
 T = TypeVar("T")
@@ -267,10 +269,12 @@ class Inventory:
         db: Database,
         migrating: Callable[[str], bool],
         transport: httpx.AsyncBaseTransport | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.db = db
         self.migrating = migrating  # is a migration of this VM (by name) in flight?
         self.transport = transport  # None: real HTTP; tests plug fake agents in here
+        self.tls = tls  # the cluster CA and the center's client certificate; None: plaintext
         self._refresh_locks: dict[str, asyncio.Lock] = {}
         self._catalog_lock = asyncio.Lock()  # datastores and networks are made one at a time
         self._agents: dict[tuple[str, str], AgentClient] = {}  # by agent URL and token
@@ -292,12 +296,19 @@ class Inventory:
                 s.add(Cluster(name=DEFAULT_CLUSTER, datacenter_id=dc.id))
             await s.commit()
 
+    def agent_url(self, host: Host) -> str:
+        """Where the center reaches ``host``'s agent (https when the center has TLS)."""
+        return agent_url(host.url, self.tls)
+
     def agent(self, host: Host) -> AgentClient:
         """The center's one client of ``host``'s agent (connections reused across calls)."""
         key = (host.url, host.token)
         client = self._agents.get(key)
         if client is None:
-            client = AgentClient(host.url, host.token, transport=self.transport, shared=True)
+            client = AgentClient(
+                self.agent_url(host), host.token, transport=self.transport, shared=True,
+                verify=self.tls,
+            )  # fmt: skip
             self._agents[key] = client
         return client
 
@@ -309,8 +320,11 @@ class Inventory:
     # -- hosts ---------------------------------------------------------------------------------
     async def add_host(self, address: str, token: str, port: int) -> Host:
         """Connect to a host's agent and add it (and its datastores, networks and VMs)."""
-        url = f"http://[{address}]:{port}" if ":" in address else f"http://{address}:{port}"
-        async with AgentClient(url, token, timeout=10, transport=self.transport) as agent:
+        scheme = "http" if self.tls is None else "https"
+        url = f"{scheme}://[{address}]:{port}" if ":" in address else f"{scheme}://{address}:{port}"
+        async with AgentClient(
+            url, token, timeout=10, transport=self.transport, verify=self.tls
+        ) as agent:
             facts = facts_json(await agent.facts())
         async with self.db.session() as s:
             if await s.scalar(select(Host).where(Host.name == facts["name"])) is not None:

@@ -30,6 +30,7 @@ from kvmotion.center.rules import Rules
 from kvmotion.center.tasks import TaskStore
 from kvmotion.configfile import ConfigFile
 from kvmotion.errors import KvmotionError
+from kvmotion.mgmttls import agents_context
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,10 @@ class Center:
         self.db = Database(config.db_url)
         self.tasks = TaskStore(self.db)
         self.inventory = Inventory(
-            self.db, migrating=lambda name: self.executor.migrating(name), transport=transport
+            self.db,
+            migrating=lambda name: self.executor.migrating(name),
+            transport=transport,
+            tls=agents_context(config.tls_dir),
         )
         self.executor = Executor(
             self.db,

@@ -9,6 +9,7 @@ agent's code and message; a reply in a shape the protocol does not have is an Ex
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
@@ -77,10 +78,13 @@ class AgentClient:
         transport: httpx.AsyncBaseTransport | None = None,
         *,
         shared: bool = False,
+        verify: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.shared = shared
-        self._http = api_client(self.base_url, token, timeout, transport, KEEPALIVE_EXPIRY_S)
+        self._http = api_client(
+            self.base_url, token, timeout, transport, KEEPALIVE_EXPIRY_S, verify=verify
+        )
 
     async def __aenter__(self) -> AgentClient:
         return self

@@ -3,6 +3,7 @@ real API served by uvicorn over TLS, verified with the cluster CA and refused wi
 
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -13,11 +14,12 @@ import pytest
 import uvicorn
 
 from kvmotion import pki
+from kvmotion.center.service import Center, CenterConfig
 from kvmotion.errors import InvalidInput
 from kvmotion.host.agent import HostAgent
 from kvmotion.host.api import create_app, serve
 from kvmotion.host.config import HostConfig
-from kvmotion.mgmttls import client_context, server_tls
+from kvmotion.mgmttls import agent_url, client_context, server_tls
 
 TOKEN = "t0ken-over-tls"
 
@@ -48,7 +50,7 @@ def test_plaintext_only_when_asked(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def agent_url(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+def tls_agent(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     pki.create_ca(tmp_path / "ca")
     pki.issue_host(tmp_path / "ca", tmp_path / "agent-tls", "h172", ["127.0.0.1"])
     pki.issue_host(tmp_path / "ca", tmp_path / "center-tls", "center", ["127.0.0.1"])
@@ -76,8 +78,8 @@ def agent_url(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         sock.close()
 
 
-async def test_agent_serves_https_verified_by_the_ca(agent_url: tuple[str, Path]) -> None:
-    url, center_tls = agent_url
+async def test_agent_serves_https_verified_by_the_ca(tls_agent: tuple[str, Path]) -> None:
+    url, center_tls = tls_agent
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(verify=client_context(center_tls), headers=headers) as http:
         assert (await http.get(f"{url}/v1/host")).status_code == 200
@@ -90,3 +92,30 @@ async def test_agent_serves_https_verified_by_the_ca(agent_url: tuple[str, Path]
     async with httpx.AsyncClient() as plain:  # and it does not speak plaintext
         with pytest.raises(httpx.HTTPError):
             await plain.get(url.replace("https://", "http://") + "/v1/host", headers=headers)
+
+
+async def test_center_adds_and_refreshes_a_host_over_https(
+    tls_agent: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, center_tls = tls_agent
+    port = int(url.rsplit(":", 1)[1])
+    config = CenterConfig(
+        db_url=f"sqlite+aiosqlite:///{tmp_path}/center.db", token="center-t0ken", tls_dir=center_tls
+    )
+    center = Center(config)
+    await center.start()
+    try:
+        host = await center.inventory.add_host("127.0.0.1", TOKEN, port)
+        assert host.url == url  # stored as https
+        host.url = url.replace("https://", "http://")  # a host added before the center had TLS
+        assert center.inventory.agent_url(host) == url
+        assert (await center.inventory.agent(host).facts()).name == "h172"
+    finally:
+        await center.close()
+
+
+def test_agent_url_upgrades_only_with_tls() -> None:
+    context = ssl.create_default_context()
+    assert agent_url("http://10.0.0.1:8700", None) == "http://10.0.0.1:8700"
+    assert agent_url("http://10.0.0.1:8700", context) == "https://10.0.0.1:8700"
+    assert agent_url("https://10.0.0.1:8700", context) == "https://10.0.0.1:8700"
