@@ -197,7 +197,7 @@ class ComputeMigration(TaskRun[ComputePhase]):
                     brake=self.conv.brake,
                     auto_converge=self.conv.auto_converge,
                     **mode_fields(self.mode),
-                    switchover_url=f"{self.dest.url}/v1/migrations/{self.vm.uuid}/switchover",
+                    switchover_url=f"{self.ex.inventory.agent_url(self.dest)}/v1/migrations/{self.vm.uuid}/switchover",
                     switchover_token=self.switchover_token if self.req.handover else None,
                 ),
             )

@@ -601,7 +601,7 @@ class HostAgent:
         vm = self.get(ref)
         cap = req.max_bandwidth_bps  # QEMU's cap: the link (not QEMU's 128 MiB/s)
         cap = cap or await asyncio.to_thread(self.link_bandwidth_bps) or UNKNOWN_LINK_CAP_BPS
-        stunned = switchover.teller(req.switchover_url, req.switchover_token)
+        stunned = switchover.teller(req.switchover_url, req.switchover_token, self.config.tls_dir)
         async with vm.lock:
             await vm.migrate_out(
                 req.uri, cap, req.downtime_limit_ms, brake=req.brake, mode=req.mode(),

@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from functools import partial
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,6 +32,7 @@ from pyroute2.netlink.rtnl.ndmsg import NTF_MASTER, NUD_REACHABLE
 from kvmotion.host.migrationview import ANNOUNCE
 from kvmotion.host.taps import tap_name
 from kvmotion.host.vmconfig import NicConfig
+from kvmotion.mgmttls import client_context
 from kvmotion.qemu.qmp import QmpSession
 
 log = logging.getLogger(__name__)
@@ -98,28 +101,48 @@ async def resume_here(qmp: QmpSession) -> None:
     await qmp.execute("announce-self", ANNOUNCE)
 
 
-def teller(url: str | None, token: str | None) -> Callable[[], Coroutine[Any, Any, None]] | None:
-    """What the source calls at the stun (None when the center gave no destination to tell)."""
-    return partial(tell_destination, url, token) if url and token else None
+def teller(
+    url: str | None, token: str | None, tls_dir: Path
+) -> Callable[[], Coroutine[Any, Any, None]] | None:
+    """What the source calls at the stun (None when the center gave no destination to tell).
+    An https URL gets its TLS context (the cluster CA and this host's client certificate from
+    ``tls_dir``) made here, before the stun: loading it is not the guest's downtime."""
+    if not (url and token):
+        return None
+    tls = None
+    if url.startswith("https://"):
+        try:
+            tls = client_context(tls_dir)
+        except (OSError, ssl.SSLError) as exc:
+            log.warning("cannot tell the destination at %s: no TLS credentials: %s", url, exc)
+            return None
+    return partial(tell_destination, url, token, tls)
 
 
-async def tell_destination(url: str, token: str) -> None:
+async def tell_destination(url: str, token: str, tls: ssl.SSLContext | None = None) -> None:
     """The source: the guest just stopped here; the destination takes its traffic. Best
     effort: without it the user's traffic still finds the VM once QEMU announces it there.
 
-    Called inside the stun, so it costs the event loop next to nothing: one plain HTTP/1.1
-    request on a fresh connection (no client library to set up), its answer read after."""
+    Called inside the stun, so it costs the event loop next to nothing: one HTTP/1.1 request
+    on a fresh connection (no client library to set up; over TLS with ``tls`` for an https
+    URL), its answer read after."""
     parts = urlsplit(url)
-    if parts.scheme != "http" or not parts.hostname:
-        log.warning("cannot tell the destination at %s: only http:// is supported", url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        log.warning("cannot tell the destination at %s: http:// or https:// only", url)
+        return
+    if parts.scheme == "https" and tls is None:
+        log.warning("cannot tell the destination at %s: https without a TLS context", url)
         return
     request = (
         f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{TOKEN_HEADER}: {token}\r\n"
         "Content-Length: 0\r\nConnection: close\r\n\r\n"
     ).encode()
+    port = parts.port or (443 if tls else 80)
     try:
         async with asyncio.timeout(NOTIFY_TIMEOUT_S):
-            reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+            reader, writer = await asyncio.open_connection(
+                parts.hostname, port, ssl=tls if parts.scheme == "https" else None
+            )
             try:
                 writer.write(request)
                 status = (await reader.readline()).decode(errors="replace").split()
@@ -127,5 +150,5 @@ async def tell_destination(url: str, token: str) -> None:
                 writer.close()
         if status[1:2] != ["204"]:
             log.warning("the destination did not take the traffic: %s", " ".join(status))
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
         log.warning("could not tell the destination to take the traffic: %s", exc)
