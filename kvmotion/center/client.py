@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,13 @@ from urllib.parse import quote
 import httpx
 
 from kvmotion.errors import ExecutionError, HostUnreachable, InvalidInput
-from kvmotion.httpapi import api_client, error_from_response
+from kvmotion.httpapi import api_client, error_from_response, tls_context
 
 CENTER_URL_ENV = "KVMOTION_CENTER_URL"
 CENTER_TOKEN_ENV = "KVMOTION_CENTER_TOKEN"
+# The cluster CA's certificate (ca-cert.pem) the center's HTTPS certificate is verified with;
+# unset: the system's store.
+CA_FILE_ENV = "KVMOTION_CA_FILE"
 
 # The center waits on agents for these (see AgentClient): its answer must not be cut short.
 _CREATE_TIMEOUT = 150.0
@@ -94,7 +98,7 @@ def find_active(urls: list[str], timeout: float = 3.0) -> str:
     the active one, as each says at ``/v1/health`` (a standby names the active one). Raises
     HostUnreachable, saying what each answered, when none is active."""
     said = []
-    with httpx.Client(timeout=timeout, trust_env=False) as http:
+    with httpx.Client(timeout=timeout, trust_env=False, verify=center_tls()) as http:
         for url in urls:
             try:
                 health = http.get(f"{url}/v1/health").json()
@@ -115,6 +119,33 @@ def find_active(urls: list[str], timeout: float = 3.0) -> str:
     )
 
 
+def center_tls() -> ssl.SSLContext:
+    """The context the center's certificate is verified with: ``$KVMOTION_CA_FILE``'s CA, else
+    the system's store. Raises InvalidInput when the file cannot be read."""
+    ca_file = os.environ.get(CA_FILE_ENV)
+    if not ca_file:
+        return tls_context()
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise InvalidInput(f"{CA_FILE_ENV}={ca_file}: not a CA certificate: {exc}") from exc
+
+
+def unreachable(url: str, exc: httpx.HTTPError) -> HostUnreachable:
+    """The center did not answer, or its certificate is not trusted here (one line saying how to
+    trust it)."""
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+        return HostUnreachable(
+            f"the center at {url} presented a certificate this machine does not trust: set "
+            f"{CA_FILE_ENV} to the cluster CA's ca-cert.pem (the one `kvmotion tls ca` made)",
+            code="tls_untrusted",
+        )
+    return HostUnreachable(
+        f"the center at {url} did not answer: {exc!r} "
+        "(is it running? `kvmotion lab up` starts the lab's)"
+    )
+
+
 class CenterClient:
     """``async with CenterClient(url, token) as center: await center.vms()``."""
 
@@ -126,7 +157,7 @@ class CenterClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        self._http = api_client(self.url, token, timeout, transport)
+        self._http = api_client(self.url, token, timeout, transport, verify=center_tls())
 
     async def __aenter__(self) -> CenterClient:
         return self
@@ -156,10 +187,7 @@ class CenterClient:
         try:
             response = await self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise HostUnreachable(
-                f"the center at {self.url} did not answer: {exc!r} "
-                "(is it running? `kvmotion lab up` starts the lab's)"
-            ) from exc
+            raise unreachable(self.url, exc) from exc
         if response.status_code >= 400:
             raise error_from_response(response, what)
         if response.status_code == 204:

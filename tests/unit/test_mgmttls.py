@@ -12,9 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from typer.testing import CliRunner
 
 from kvmotion import pki
 from kvmotion.center.service import Center, CenterConfig
+from kvmotion.cli.main import app
 from kvmotion.errors import InvalidInput
 from kvmotion.host.agent import HostAgent
 from kvmotion.host.api import create_app, serve
@@ -119,3 +121,20 @@ def test_agent_url_upgrades_only_with_tls() -> None:
     assert agent_url("http://10.0.0.1:8700", None) == "http://10.0.0.1:8700"
     assert agent_url("http://10.0.0.1:8700", context) == "https://10.0.0.1:8700"
     assert agent_url("https://10.0.0.1:8700", context) == "https://10.0.0.1:8700"
+
+
+def test_cli_says_how_to_trust_the_center(tls_agent: tuple[str, Path], tmp_path: Path) -> None:
+    """An HTTPS server signed by the cluster CA (the agent's API stands in for a center): without
+    the CA, one line saying how to pass it; with KVMOTION_CA_FILE, TLS succeeds (and the wrong
+    token is the only complaint)."""
+    url, _ = tls_agent
+    env = {"KVMOTION_CENTER_URL": None, "KVMOTION_CENTER_TOKEN": None, "KVMOTION_CA_FILE": None}
+    env |= {"KVMOTION_LAB_DIR": str(tmp_path / "no-lab"), "COLUMNS": "200"}
+    argv = ["vm", "list", "--center", url, "--token", "x" * 20]
+    refused = CliRunner().invoke(app, argv, env=env)
+    assert refused.exit_code != 0 and "Traceback" not in refused.output
+    assert "does not trust" in refused.output and "KVMOTION_CA_FILE" in refused.output
+    trusted = CliRunner().invoke(
+        app, argv, env=env | {"KVMOTION_CA_FILE": str(tmp_path / "ca/ca-cert.pem")}
+    )
+    assert "does not trust" not in trusted.output, trusted.output
