@@ -29,7 +29,7 @@ def issue(
     ca_dir: Path = typer.Option(..., "--ca", help="the CA's directory (`kvmotion tls ca`)"),
     host: str = typer.Option(..., "--host", help="the host's name, as the center knows it"),
     address: list[str] = typer.Option(
-        [], "--address", help="an address the host is reached at: its management and migration addresses"
+        [], "--address", help="an address the host is reached at (management, migration)"
     ),
     out: Path = typer.Option(..., "--out", help="where to write; copy it to the host's tls_dir"),
 ) -> None:
