@@ -15,6 +15,7 @@ import uvicorn
 from typer.testing import CliRunner
 
 from kvmotion import pki
+from kvmotion.center.api import serve as serve_center
 from kvmotion.center.service import Center, CenterConfig
 from kvmotion.cli.main import app
 from kvmotion.errors import InvalidInput
@@ -138,3 +139,12 @@ def test_cli_says_how_to_trust_the_center(tls_agent: tuple[str, Path], tmp_path:
         app, argv, env=env | {"KVMOTION_CA_FILE": str(tmp_path / "ca/ca-cert.pem")}
     )
     assert "does not trust" not in trusted.output, trusted.output
+
+
+async def test_center_refuses_to_serve_without_certificates(tmp_path: Path) -> None:
+    config = CenterConfig(
+        db_url=f"sqlite+aiosqlite:///{tmp_path}/center.db", token="center-t0ken",
+        tls_dir=tmp_path / "no-tls",
+    )  # fmt: skip
+    with pytest.raises(InvalidInput, match=re.escape("kvmotion tls issue --host center")):
+        await serve_center(Center(config))
