@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from kvmotion.center.client import CenterClient
+from kvmotion.center.client import CenterClient, center_tls
 from kvmotion.lab import labcenter, topology
 from kvmotion.lab.demo import WORKLOAD, ensure_image, guest_ip, vm_spec, wait_for_guest
 
@@ -58,7 +58,9 @@ async def until_ended(url: str, token: str, task_id: int) -> None:
     timeout = httpx.Timeout(30.0, read=60.0)
     async with (
         asyncio.timeout(120),
-        httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout) as http,
+        httpx.AsyncClient(
+            base_url=url, headers=headers, timeout=timeout, trust_env=False, verify=center_tls(url)
+        ) as http,
         http.stream("GET", "/v1/tasks-stream", params={"limit": 5}) as stream,
     ):
         async for line in stream.aiter_lines():

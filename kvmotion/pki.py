@@ -14,7 +14,9 @@ certificate against the address it connects to (``tls-hostname``).
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import ipaddress
 import os
 import tempfile
@@ -188,6 +190,16 @@ def issue_host(ca_dir: Path, out_dir: Path, host: str, addresses: list[str]) -> 
         written += [out_dir / cert_name, out_dir / key_name]
     _write(out_dir / CA_CERT, ca_cert.public_bytes(serialization.Encoding.PEM))
     return [out_dir / CA_CERT, *written]
+
+
+def spki_sha256(cert_file: Path) -> str:
+    """The base64 SHA-256 of a certificate's public key (SubjectPublicKeyInfo): what a browser
+    pins, e.g. Chromium's ``--ignore-certificate-errors-spki-list`` with the CA's."""
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
 
 
 def missing_files(directory: Path) -> list[str]:

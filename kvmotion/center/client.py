@@ -14,7 +14,7 @@ import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 
@@ -98,7 +98,8 @@ def find_active(urls: list[str], timeout: float = 3.0) -> str:
     the active one, as each says at ``/v1/health`` (a standby names the active one). Raises
     HostUnreachable, saying what each answered, when none is active."""
     said = []
-    with httpx.Client(timeout=timeout, trust_env=False, verify=center_tls()) as http:
+    verify = center_tls(urls[0] if urls else None)
+    with httpx.Client(timeout=timeout, trust_env=False, verify=verify) as http:
         for url in urls:
             try:
                 health = http.get(f"{url}/v1/health").json()
@@ -119,16 +120,29 @@ def find_active(urls: list[str], timeout: float = 3.0) -> str:
     )
 
 
-def center_tls() -> ssl.SSLContext:
-    """The context the center's certificate is verified with: ``$KVMOTION_CA_FILE``'s CA, else
-    the system's store. Raises InvalidInput when the file cannot be read."""
+def center_tls(url: str | None = None) -> ssl.SSLContext:
+    """The context the center at ``url`` is verified with: ``$KVMOTION_CA_FILE``'s CA, else the
+    lab's CA for the lab's center, else the system's store. Raises InvalidInput when the file
+    cannot be read."""
     ca_file = os.environ.get(CA_FILE_ENV)
+    if not ca_file and url is not None:
+        from kvmotion.lab.labcenter import load_center  # the lab's center: its own CA
+
+        lab = load_center()
+        if lab is not None and lab.ca_file and _origin(lab.url) == _origin(url):
+            ca_file = lab.ca_file
     if not ca_file:
         return tls_context()
     try:
         return ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise InvalidInput(f"{CA_FILE_ENV}={ca_file}: not a CA certificate: {exc}") from exc
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    return f"{scheme}://{parts.netloc}"
 
 
 def unreachable(url: str, exc: httpx.HTTPError) -> HostUnreachable:
@@ -157,7 +171,7 @@ class CenterClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url = url.rstrip("/")
-        self._http = api_client(self.url, token, timeout, transport, verify=center_tls())
+        self._http = api_client(self.url, token, timeout, transport, verify=center_tls(self.url))
 
     async def __aenter__(self) -> CenterClient:
         return self

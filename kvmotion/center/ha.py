@@ -339,7 +339,7 @@ class HaMonitor:
         body = HaSettingsIn(
             enabled=settings["enabled"] is not False, failure_s=settings["failure_s"],
             isolation_response=settings["isolation_response"],
-            peers=[m.url for m in members if m.name != host.name],
+            peers=[self.inventory.agent_url(m) for m in members if m.name != host.name],
         )  # fmt: skip
         done = sorted(self._released_done.get(host.name, ()))
         try:

@@ -81,7 +81,8 @@ class CenterConfig(ConfigFile):
         if self.advertise_url:
             return self.advertise_url.rstrip("/")
         host = socket.gethostname() if self.listen in ("0.0.0.0", "::") else self.listen
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+        scheme = "http" if self.api_plaintext else "https"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     def api_tokens(self) -> dict[str, tuple[str, str]]:
         """Every token the API accepts: token -> (name, role)."""

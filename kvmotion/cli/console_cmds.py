@@ -21,6 +21,7 @@ import typer
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from kvmotion.center.client import center_tls
 from kvmotion.cli.inventory_cmds import VmArg
 from kvmotion.cli.output import err_console, fail
 from kvmotion.cli.remote import CenterOpt, CenterRef, TokenOpt, call
@@ -64,7 +65,8 @@ def ws_url(ref: CenterRef, path: str) -> str:
 async def attach(url: str, interactive: bool) -> str:
     """Join stdin and stdout to the console at ``url`` until either ends; returns why."""
     try:
-        ws = await connect(url, open_timeout=15, compression=None, max_size=1024 * 1024)
+        ssl = center_tls(url) if url.startswith("wss://") else None
+        ws = await connect(url, open_timeout=15, compression=None, max_size=1024 * 1024, ssl=ssl)
     except (OSError, InvalidHandshake, TimeoutError) as exc:
         raise HostUnreachable(f"the center did not open the console: {exc}") from exc
     fd = sys.stdin.fileno()

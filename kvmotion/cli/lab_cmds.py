@@ -36,14 +36,23 @@ def up(
         help="run a host on another QEMU, e.g. --qemu 172=7.2 (Debian 12's, unpacked by "
         "./run setup); VERSION 'system' restores the system's",
     ),
+    api_plaintext: bool | None = typer.Option(
+        None,
+        "--api-plaintext/--api-https",
+        help="serve the agents' and the center's APIs in plain HTTP (tokens in clear on the "
+        "lab's management network) or HTTPS with the lab's CA; default: as the lab had it, "
+        "HTTPS for a new lab",
+    ),
 ) -> None:
     """Build the lab (idempotent): hosts 172.16.0.172.., networks, datastores, agents, center."""
     cpus = _per_host(cpu, "--cpu", "172=intel-merom", "real")
     qemus = _per_host(qemu, "--qemu", "172=7.2", "system")
     demo_mod.ensure_image(_log)
-    state = topology.lab_up(hosts, cpus=cpus, qemus=qemus, log=_log)
+    state = topology.lab_up(hosts, cpus=cpus, qemus=qemus, api_plaintext=api_plaintext, log=_log)
     center = labcenter.ensure_center(state, _log)
     console.print(f"center: {center.url} (the CLI finds it through the lab's state)")
+    if center.ca_file:
+        console.print(f"the lab's CA: {center.ca_file} (trust it in a browser to open the center)")
     for host in state.hosts:
         console.print(
             f"host {host.name}: agent {host.agent_url}, migration {host.migration_address}"

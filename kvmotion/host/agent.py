@@ -41,6 +41,7 @@ from kvmotion.host.vmfiles import (
     remove_vm_files,
 )
 from kvmotion.host.vmstate import PowerState, VmEnvironment, VmInfo
+from kvmotion.mgmttls import agents_context
 from kvmotion.qemu.cmdline import unpadded_refusal
 from kvmotion.qemu.process import QemuProcess
 
@@ -64,7 +65,7 @@ class HostAgent:
         self._sampling: asyncio.Task[None] | None = None
         self.ha = HostHa(
             config.name, config.datastores, config.run_dir / "ha.json", self._held,
-            self._kill_qemu, self._shutdown_for_ha,
+            self._kill_qemu, self._shutdown_for_ha, peer_tls=agents_context(config.tls_dir),
         )  # fmt: skip
         self._heartbeat: asyncio.Task[None] | None = None
 

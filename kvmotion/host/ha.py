@@ -41,6 +41,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import time
 import uuid as uuidlib
 from collections import deque
@@ -107,8 +108,10 @@ class HostHa:
         kill: Callable[[str], Awaitable[None]],
         shutdown: Callable[[str, float], Awaitable[None]],
         clock: Callable[[], float] = time.monotonic,
+        peer_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.name = name
+        self.peer_tls = peer_tls  # the cluster CA, to verify https peers (None: the system's)
         self.shared = [ds for ds in datastores if ds.shared]
         self.settings_file = settings_file
         self.held = held  # the VMs with a live QEMU here
@@ -296,7 +299,8 @@ class HostHa:
     async def _any_peer_answers(self) -> bool:
         if not self.settings.peers:
             return True  # no other host to tell an isolation from a center outage: not isolated
-        async with httpx.AsyncClient(trust_env=False, timeout=1.0) as client:
+        verify = self.peer_tls or True
+        async with httpx.AsyncClient(trust_env=False, timeout=1.0, verify=verify) as client:
 
             async def answers(url: str) -> bool:
                 try:

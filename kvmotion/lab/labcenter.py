@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from kvmotion import pki
 from kvmotion.center.service import DEFAULT_CENTER_PORT, CenterConfig
 from kvmotion.errors import LabError
 from kvmotion.lab import netns
@@ -36,6 +38,11 @@ class LabCenter:
     token: str
     pid: int
     start_ticks: int | None
+    ca_file: str | None = None  # the lab's CA, which signed the center's certificate (https)
+
+    def tls(self) -> ssl.SSLContext | None:
+        """What a client verifies the center with: the lab's CA, or None for plain http."""
+        return ssl.create_default_context(cafile=self.ca_file) if self.ca_file else None
 
 
 def center_dir() -> Path:
@@ -55,10 +62,10 @@ def _running(center: LabCenter) -> bool:
     )
 
 
-def _healthy(url: str) -> bool:
+def _healthy(center: LabCenter) -> bool:
     try:
-        with httpx.Client(trust_env=False, timeout=1.0) as client:
-            return client.get(f"{url}/v1/health").status_code == 200
+        with httpx.Client(trust_env=False, timeout=1.0, verify=center.tls() or True) as client:
+            return client.get(f"{center.url}/v1/health").status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -66,17 +73,24 @@ def _healthy(url: str) -> bool:
 def ensure_center(state: LabState, log: Log) -> LabCenter:
     """Start the lab's center unless it runs, and add the lab's hosts to it."""
     center = load_center()
-    if center is None or not _running(center):
-        center = _start(log)
+    if center is None or not _running(center) or (center.ca_file is None) != state.api_plaintext:
+        if center is not None and _running(center):
+            netns.terminate(center.pid, grace=5.0)  # the lab turned HTTPS on or off
+        center = _start(state, log)
     _add_hosts(center, state, log)
     return center
 
 
-def _start(log: Log) -> LabCenter:
+def _start(state: LabState, log: Log) -> LabCenter:
     directory = center_dir()
     directory.mkdir(parents=True, exist_ok=True)
     old = load_center()
     token = old.token if old is not None else secrets.token_urlsafe(32)
+    tls_dir = directory / "tls"
+    if not state.api_plaintext and pki.missing_files(tls_dir):
+        # The center's certificate, from the lab's CA (`lab up` made it): the name the CLI and
+        # the browser use (127.0.0.1) and the root namespace's address on the management network.
+        pki.issue_host(state.ca_dir, tls_dir, "center", ["127.0.0.1", state.root_address])
     config = CenterConfig(
         port=DEFAULT_CENTER_PORT,
         # KVMOTION_LAB_DB_URL: run the lab's center on another database (PostgreSQL)
@@ -86,7 +100,8 @@ def _start(log: Log) -> LabCenter:
         refresh_interval_s=3.0,
         stall_timeout_s=10.0,  # a cut migration link in the lab shows within seconds
         migrations_per_host=2,  # TCG guests on a machine of a few cores
-        api_plaintext=True,  # not yet HTTPS in the lab (issue 19, part 3)
+        api_plaintext=state.api_plaintext,
+        tls_dir=tls_dir,
     )
     config_path = directory / "center.json"
     config.save(config_path)
@@ -98,16 +113,17 @@ def _start(log: Log) -> LabCenter:
         )  # fmt: skip
     netns.adopt_child(proc)
     center = LabCenter(
-        f"http://{config.listen}:{config.port}",
+        f"{'http' if state.api_plaintext else 'https'}://{config.listen}:{config.port}",
         token,
         proc.pid,
         netns.process_start_ticks(proc.pid),
+        None if state.api_plaintext else str(state.ca_file),
     )
     state_path = directory / "state.json"
     state_path.write_text(json.dumps(asdict(center)))
     state_path.chmod(0o600)
     deadline = time.monotonic() + START_TIMEOUT
-    while not _healthy(center.url):
+    while not _healthy(center):
         if not _running(center) or time.monotonic() > deadline:
             raise LabError(f"the lab's center did not start; see {directory / 'center.log'}")
         time.sleep(0.2)
@@ -117,7 +133,10 @@ def _start(log: Log) -> LabCenter:
 
 def _add_hosts(center: LabCenter, state: LabState, log: Log) -> None:
     headers = {"Authorization": f"Bearer {center.token}"}
-    with httpx.Client(base_url=center.url, headers=headers, trust_env=False, timeout=30) as http:
+    verify = center.tls() or True
+    with httpx.Client(
+        base_url=center.url, headers=headers, trust_env=False, timeout=30, verify=verify
+    ) as http:
         known = {h["name"] for h in http.get("/v1/hosts").raise_for_status().json()}
         for host in state.hosts:
             if host.name in known:

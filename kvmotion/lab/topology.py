@@ -28,6 +28,7 @@ import secrets
 import shlex
 import shutil
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -135,8 +136,8 @@ def migration_address(index: int) -> str:
     return f"172.16.1.{host_octet(index)}"
 
 
-def agent_url(index: int, port: int = DEFAULT_AGENT_PORT) -> str:
-    return f"http://{management_address(index)}:{port}"
+def agent_url(index: int, port: int = DEFAULT_AGENT_PORT, *, https: bool = True) -> str:
+    return f"{'https' if https else 'http'}://{management_address(index)}:{port}"
 
 
 def switch_port(index: int, role: str) -> str:
@@ -236,6 +237,13 @@ class LabHost:
     def agent_log(self) -> Path:
         return self.host_dir / "agent.log"
 
+    def tls(self) -> ssl.SSLContext | None:
+        """What a client verifies this host's agent with: the lab's CA (a copy is in its TLS
+        directory) when it serves https, else None (plain http, nothing to verify)."""
+        if not self.agent_url.startswith("https://"):
+            return None
+        return ssl.create_default_context(cafile=str(self.host_dir / "tls" / pki.CA_CERT))
+
 
 @dataclass(frozen=True)
 class LabState:
@@ -253,6 +261,23 @@ class LabState:
     agent_argv: list[str] | None = None
     # Encrypt migration streams (`kvmotion lab tls on`): certificates from the lab's own CA.
     migration_tls: bool = False
+    # The agents' and the center's APIs in plain HTTP (`kvmotion lab up --api-plaintext`):
+    # tokens in clear on the lab's management network. Off: HTTPS with the lab's CA.
+    api_plaintext: bool = False
+
+    @property
+    def ca_dir(self) -> Path:
+        """The lab's CA (kept in the lab dir: it signs the agents' and the center's
+        certificates, and the migration ones)."""
+        return self.lab_dir / "tls-ca"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.ca_dir / pki.CA_CERT
+
+    def tls(self) -> ssl.SSLContext | None:
+        """The context lab tools verify the lab's agents and center with (None: plaintext)."""
+        return None if self.api_plaintext else ssl.create_default_context(cafile=str(self.ca_file))
 
     def host(self, ref: int | str) -> LabHost:
         """A host by index, namespace or address; raises NotFound-like InvalidInput."""
@@ -333,9 +358,7 @@ def host_config(state: LabState, host: LabHost) -> HostConfig:
         migration_address=host.migration_address,
         port=DEFAULT_AGENT_PORT,
         token=state.token,
-        # Not yet: the lab's management plane stays HTTP until `lab up` issues each host's
-        # management certificate and the center calls agents over HTTPS (issue 19, part 3).
-        api_plaintext=True,
+        api_plaintext=state.api_plaintext,
         run_dir=host.run_dir,
         datastores=[
             DatastoreConfig(name=SHARED_DATASTORE, path=state.shared_datastore, shared=True),
@@ -424,6 +447,7 @@ def lab_up(
     agent_argv: Sequence[str] | None = None,
     cpus: Mapping[int | str, str | None] | None = None,
     qemus: Mapping[int | str, str | None] | None = None,
+    api_plaintext: bool | None = None,
     log: Log = print,
 ) -> LabState:
     """Build the lab, or find it and repair what is missing; returns its state.
@@ -431,6 +455,8 @@ def lab_up(
     ``cpus`` gives hosts (by index or address) a simulated CPU generation, an EVC mode key such
     as "intel-merom" (None: the real CPU); ``qemus`` gives hosts another QEMU, a key of
     :data:`QEMUS` such as "7.2" (None: the system's); hosts not named keep what they had.
+    ``api_plaintext`` serves the agents' APIs in plain HTTP (None: as the lab had it; a new lab
+    serves HTTPS with its own CA's certificates).
 
     A lab that is up with more hosts keeps them all; one with fewer grows. ``agent_argv`` (or env
     KVMOTION_LAB_AGENT_ARGV, shell-split) replaces the agent command; ``{config}``, ``{address}``
@@ -451,7 +477,7 @@ def lab_up(
             if gen is not None:
                 get_mode(gen)  # NotFound lists the valid keys
         versions = {host_index(ref): check_qemu(q) for ref, q in (qemus or {}).items()}
-        state = _write_files(count, previous, template, generations, versions, log)
+        state = _write_files(count, previous, template, generations, versions, api_plaintext, log)
         for host in state.hosts:
             if host.migration_rate_mbit is not None:
                 _apply_rate(host.index, host.migration_rate_mbit)
@@ -548,11 +574,14 @@ def _write_files(
     template: list[str] | None,
     cpus: Mapping[int, str | None],
     qemus: Mapping[int, str | None],
+    api_plaintext: bool | None,
     log: Log,
 ) -> LabState:
     directory = lab_dir()
     token = previous.token if previous is not None else secrets.token_urlsafe(32)
     state = plan_state(count, directory, token, template)
+    plaintext = previous.api_plaintext if api_plaintext is None and previous else api_plaintext
+    state = replace(state, api_plaintext=bool(plaintext))
     if previous is not None:
         state = replace(state, migration_tls=previous.migration_tls)
         # Keep what the previous run learned: agent pids and link shaping.
@@ -571,9 +600,15 @@ def _write_files(
                 netns.terminate(host.agent_pid, grace=5.0)
                 log(f"restarting the agent of {host.name} for its new QEMU")
             host = replace(host, qemu=qemus[host.index], agent_pid=None)
-        hosts.append(host)
+        url = agent_url(host.index, https=not state.api_plaintext)
+        if host.agent_pid is not None and url != host.agent_url and agent_running(host):
+            netns.terminate(host.agent_pid, grace=5.0)
+            log(f"restarting the agent of {host.name} for its new URL {url}")
+            host = replace(host, agent_pid=None)
+        hosts.append(replace(host, agent_url=url))
     state = replace(state, hosts=hosts)
     try:
+        _ensure_certificates(state)
         for path in (state.image_dir, state.shared_datastore):
             path.mkdir(parents=True, exist_ok=True)
         for host in state.hosts:
@@ -586,6 +621,17 @@ def _write_files(
     return state
 
 
+def _ensure_certificates(state: LabState) -> None:
+    """The lab's CA, and each host's certificates naming its management and migration addresses
+    (kept once issued: a running agent keeps the files it loaded)."""
+    pki.create_ca(state.ca_dir, "kvmotion lab CA")
+    for host in state.hosts:
+        tls_dir = host.host_dir / "tls"
+        if pki.missing_files(tls_dir):
+            addresses = [host.management_address, host.migration_address]
+            pki.issue_host(state.ca_dir, tls_dir, host.name, addresses)
+
+
 def _merge_host(host: LabHost, old: LabHost | None) -> LabHost:
     if old is None:
         return host
@@ -593,6 +639,7 @@ def _merge_host(host: LabHost, old: LabHost | None) -> LabHost:
         host,
         agent_pid=old.agent_pid,
         agent_start_ticks=old.agent_start_ticks,
+        agent_url=old.agent_url,
         migration_rate_mbit=old.migration_rate_mbit,
         cpu_generation=old.cpu_generation,
         qemu=old.qemu,
@@ -632,10 +679,11 @@ def agent_running(host: LabHost) -> bool:
 
 
 def agent_healthy(host: LabHost, timeout: float = 1.0) -> bool:
-    """True if ``GET /v1/health`` on the agent answers 200 (asked from this namespace)."""
+    """True if ``GET /v1/health`` on the agent answers 200 (asked from this namespace; an https
+    agent's certificate verified with the lab's CA)."""
     # trust_env=False: a proxy from the environment must never see lab traffic.
     try:
-        with httpx.Client(trust_env=False, timeout=timeout) as client:
+        with httpx.Client(trust_env=False, timeout=timeout, verify=host.tls() or True) as client:
             return client.get(host.agent_url + AGENT_HEALTH_PATH).status_code == 200
     except httpx.HTTPError:
         return False
@@ -696,22 +744,15 @@ def _tail(path: Path, lines: int = 20) -> str:
 def set_migration_tls(on: bool, log: Log = print) -> LabState:
     """Turn TLS for migration streams on or off in the whole lab (like a site's policy).
 
-    On: the lab's CA (``tls-ca`` in the lab dir, made once) issues each host a certificate
-    directory naming its management and migration addresses. Every agent restarts with the new
+    The certificates are the ones ``lab up`` issued each host from the lab's CA (naming its
+    management and migration addresses). Every agent restarts with the new
     ``migration_tls`` (its VMs keep running). Raises LabError if the lab is not up.
     """
     with _lab_lock():
         state = load_state()
         if state is None:
             raise LabError("the lab is not up: run `kvmotion lab up` first")
-        if on:
-            ca = state.lab_dir / "tls-ca"
-            pki.create_ca(ca, "kvmotion lab CA")
-            for host in state.hosts:
-                pki.issue_host(
-                    ca, host.host_dir / "tls", host.name,
-                    [host.management_address, host.migration_address],
-                )  # fmt: skip
+        _ensure_certificates(state)
         hosts = []
         for host in state.hosts:
             if host.agent_pid is not None and agent_running(host):

@@ -135,7 +135,10 @@ def center_http(state: topology.LabState) -> Iterator[httpx.Client]:
     """The lab's center (started if needed) as an HTTP client, as a user's script would use it."""
     c = labcenter.ensure_center(state, lambda _m: None)
     headers = {"Authorization": f"Bearer {c.token}"}
-    with httpx.Client(base_url=c.url, headers=headers, trust_env=False, timeout=60) as http:
+    verify = c.tls() or True  # the lab's CA signed its certificate
+    with httpx.Client(
+        base_url=c.url, headers=headers, trust_env=False, timeout=60, verify=verify
+    ) as http:
         yield http
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import secrets
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from kvmotion import pki
 from kvmotion.center.service import CenterConfig
 from kvmotion.lab import labcenter, netns, topology
 from kvmotion.lab.demo import WORKLOAD, guest_ip, vm_spec, wait_for_guest
@@ -49,7 +51,11 @@ class CenterProcess:
     name: str
     url: str
     config: Path
+    ca_file: Path  # the lab's CA, which signed the centers' certificate
     proc: subprocess.Popen[bytes] | None = None
+
+    def tls(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_file))
 
     def start(self) -> None:
         argv = [sys.executable, "-m", "kvmotion", "center", "serve", "--config", str(self.config)]
@@ -67,7 +73,7 @@ class CenterProcess:
 
     def role(self) -> str | None:
         try:
-            with httpx.Client(trust_env=False, timeout=2) as http:
+            with httpx.Client(trust_env=False, timeout=2, verify=self.tls()) as http:
                 return str(http.get(f"{self.url}/v1/health").json()["role"])
         except (httpx.HTTPError, ValueError, KeyError):
             return None
@@ -91,11 +97,17 @@ class Pair:
 
     def client(self, center: CenterProcess) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.token}"}
-        return httpx.Client(base_url=center.url, headers=headers, trust_env=False, timeout=60)
+        return httpx.Client(
+            base_url=center.url, headers=headers, trust_env=False, timeout=60, verify=center.tls()
+        )
 
     def cli(self, urls: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """The CLI, as an operator runs it: the centers' URLs, its token, the cluster's CA."""
         argv = [sys.executable, "-m", "kvmotion", *args, "--center", urls, "--token", self.token]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        env = {**os.environ, "KVMOTION_CA_FILE": str(self.a.ca_file)}
+        return subprocess.run(
+            argv, capture_output=True, text=True, timeout=60, check=False, env=env
+        )
 
 
 @pytest.fixture(scope="module")
@@ -107,16 +119,20 @@ def pair(lab: topology.LabState, tmp_path_factory: pytest.TempPathFactory) -> It
     try:
         db_url = postgres.create_database("failover")
         token = secrets.token_urlsafe(32)
+        # Both centers serve HTTPS and call the agents over it, with a certificate from the
+        # lab's CA (the agents' CA): as `kvmotion tls issue --host center` makes one.
+        tls_dir = folder / "tls"
+        pki.issue_host(lab.ca_dir, tls_dir, "center", ["127.0.0.1"])
         for name, port in NAMES.items():
-            url = f"http://127.0.0.1:{port}"
+            url = f"https://127.0.0.1:{port}"
             config = CenterConfig(
                 listen="127.0.0.1", port=port, db_url=db_url, token=token, name=name,
                 advertise_url=url, refresh_interval_s=3.0, stall_timeout_s=10.0,
-                migrations_per_host=2, api_plaintext=True,
+                migrations_per_host=2, tls_dir=tls_dir,
                 orphan_settle_s=45.0,  # a migration the agents cannot finish alone: aborted then
             )  # fmt: skip
             config.save(folder / f"{name}.json")
-            centers.append(CenterProcess(name, url, folder / f"{name}.json"))
+            centers.append(CenterProcess(name, url, folder / f"{name}.json", lab.ca_file))
         a, b = centers
         a.start()
         a.wait_role("active")
@@ -141,7 +157,8 @@ def agents_running(lab: topology.LabState) -> list[str]:
     """The hosts whose agent runs the VM (its guest running, not an incoming copy)."""
     headers = {"Authorization": f"Bearer {lab.token}"}
     found = []
-    with httpx.Client(trust_env=False, headers=headers, timeout=30) as http:
+    verify = lab.tls() or True
+    with httpx.Client(trust_env=False, headers=headers, timeout=30, verify=verify) as http:
         for host in lab.hosts:
             for vm in http.get(f"{host.agent_url}/v1/vms").json():
                 if vm["name"] == VM and vm["power_state"] == "poweredOn" and not vm["incoming"]:

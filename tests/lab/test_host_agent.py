@@ -27,7 +27,8 @@ pytestmark = pytest.mark.lab
 
 
 def agent(state: topology.LabState, index: int) -> AgentClient:
-    return AgentClient(state.hosts[index].agent_url, state.token)
+    host = state.hosts[index]
+    return AgentClient(host.agent_url, state.token, verify=host.tls())
 
 
 def qemu_pids_of(uuid: str) -> list[int]:
@@ -124,7 +125,7 @@ def test_agent_restart_keeps_the_vm_running_once(
     assert restarted.hosts[0].agent_pid != agent_pid
 
     async def check() -> None:
-        async with AgentClient(host.agent_url, lab.token) as a:
+        async with AgentClient(host.agent_url, lab.token, verify=host.tls()) as a:
             vm = await a.get_vm("vm-a")
             assert vm.power_state == "poweredOn" and vm.pid == pid
             with pytest.raises(Conflict):
@@ -152,10 +153,11 @@ async def test_bad_input_is_refused_and_changes_nothing(
         with pytest.raises(NotFound, match="no VM"):
             await a.get_vm("ghost")
         assert await a.list_vms() == before
-    async with AgentClient(lab.hosts[0].agent_url, "wrong-token") as bad:
+    tls = lab.hosts[0].tls()
+    async with AgentClient(lab.hosts[0].agent_url, "wrong-token", verify=tls) as bad:
         with pytest.raises(Unauthorized):
             await bad.list_vms()
-    async with httpx.AsyncClient(trust_env=False) as http:
+    async with httpx.AsyncClient(trust_env=False, verify=tls or True) as http:
         r = await http.get(f"{lab.hosts[0].agent_url}/openapi.json")
         assert r.status_code == 200 and "/v1/vms" in r.json()["paths"]
 

@@ -2,12 +2,20 @@
 its disks (change both) cross the migration link as TLS; a sniffer on the destination's link sees
 QEMU's stream magic and NBD's requests in plaintext runs and never in TLS runs. The user stays
 connected and every acknowledged disk write arrives. A host without certificates is refused.
+
+And the management plane (the lab's default, HTTPS): sniffers on both hosts' management links
+and on the center's loopback see no token and no bearer header in clear while the CLI, the
+center and the agents (the source's switchover word included) do their work; a decoy token
+sent in clear on the same link shows the sniffer would have seen one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kvmotion.lab import topology
+from kvmotion.lab import labcenter, topology
 from tests.lab.conftest import assert_user_noticed_nothing, center_http, user_ping_loop
 from tests.lab.test_storage import assert_records_kept, create_vm, migrate, remove_vm
 
@@ -33,15 +41,18 @@ SRC, DST = "172.16.0.172", "172.16.0.173"
 SNIFF_LIMIT_S = 120.0
 
 # Reads every TCP payload on one interface until SIGTERM (or the limit); prints what it saw.
+# argv[3], if given: a JSON list of hex strings; "needles" lists those seen (case-insensitive).
 _SNIFFER = r"""
 import json, re, signal, socket, struct, sys, time
 iface, limit = sys.argv[1], float(sys.argv[2])
+needles = [bytes.fromhex(n).lower() for n in json.loads(sys.argv[3])] if len(sys.argv) > 3 else []
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
 s.bind((iface, 0)); s.settimeout(0.2)
 NBD_WRITE = re.compile(rb"(\x25\x60\x95\x13|\x21\xe4\x1c\x71)..\x00[\x01\x03\x06]", re.S)
 stop = []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-seen = {"payload_bytes": 0, "qevm": False, "tls_handshakes": 0, "nbd_requests": False}
+seen = {"payload_bytes": 0, "qevm": False, "tls_handshakes": 0, "nbd_requests": False,
+        "needles": []}
 tail = b""
 end = time.monotonic() + limit
 while not stop and time.monotonic() < end:
@@ -62,19 +73,29 @@ while not stop and time.monotonic() < end:
     window = tail + payload
     seen["qevm"] = seen["qevm"] or b"QEVM\x00\x00\x00\x03" in window
     seen["nbd_requests"] = seen["nbd_requests"] or NBD_WRITE.search(window) is not None
-    tail = payload[-16:]
+    low = window.lower()
+    seen["needles"] = sorted(set(seen["needles"]) | {n.hex() for n in needles if n in low})
+    tail = payload[-64:]
 print(json.dumps(seen))
 """
 
 
 class Sniffer:
-    """The destination host's migration link, watched from inside its namespace."""
+    """A link watched from inside a namespace: by default the destination host's migration
+    link; ``needles``: byte strings to look for in every payload."""
 
-    def __init__(self, lab: topology.LabState, index: int) -> None:
-        host = lab.hosts[index]
+    def __init__(
+        self,
+        lab: topology.LabState,
+        index: int,
+        link: str = topology.HOST_MIGRATION_LINK,
+        needles: list[bytes] | None = None,
+        in_root: bool = False,
+    ) -> None:
+        where = [] if in_root else ["ip", "netns", "exec", lab.hosts[index].netns]
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, sys.executable, "-c", _SNIFFER,
-             topology.HOST_MIGRATION_LINK, str(SNIFF_LIMIT_S)],
+            [*where, sys.executable, "-c", _SNIFFER, link, str(SNIFF_LIMIT_S),
+             json.dumps([n.hex() for n in needles or []])],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         time.sleep(0.5)  # bound and reading
@@ -202,3 +223,54 @@ def test_missing_certificates_are_refused(lab: topology.LabState, center: httpx.
         topology.set_migration_tls(False, lambda _m: None)
         wait_center_sees_tls(center, "off")
     remove_vm(center, "vm-v", guest)
+
+
+def test_management_plane_shows_no_token(lab: topology.LabState, center: httpx.Client) -> None:
+    """The lab's management plane is HTTPS: the center's calls to the agents, the source's
+    switchover word to the destination and the CLI's calls to the center carry their tokens
+    inside TLS. A decoy sent in clear on the same link is seen: the sniffer would see a token."""
+    lc = labcenter.load_center()
+    assert lc is not None and lc.url.startswith("https://") and lc.ca_file, lc
+    assert all(h.agent_url.startswith("https://") for h in lab.hosts), lab.hosts
+    decoy = secrets.token_urlsafe(32).encode()
+    needles = [lab.token.encode(), lc.token.encode(), b"bearer ", b"x-switchover-token", decoy]
+    guest = create_vm(lab, center, "vm-m", 10, "shared")
+    logs = [h.agent_log.stat().st_size for h in lab.hosts]
+    mgmt = topology.HOST_MGMT_LINK
+    sniffers = {
+        SRC: Sniffer(lab, 0, mgmt, needles),
+        DST: Sniffer(lab, 1, mgmt, needles),
+        "center": Sniffer(lab, 0, "lo", needles, in_root=True),  # the CLI's calls
+    }
+    try:
+        tasks = [migrate(center, "vm-m", host=DST), migrate(center, "vm-m", host=SRC)]
+        cli = subprocess.run(
+            [sys.executable, "-m", "kvmotion", "vm", "list", "--json"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        # The control: a request with the decoy in clear, to .173's agent, on .173's link.
+        with socket.create_connection((DST, topology.DEFAULT_AGENT_PORT), timeout=5) as sock:
+            sock.sendall(b"GET /v1/vms HTTP/1.1\r\nHost: x\r\nX-Decoy: " + decoy + b"\r\n\r\n")
+            with contextlib.suppress(OSError):
+                sock.recv(100)
+    finally:
+        seen = {name: sniffer.stop() for name, sniffer in sniffers.items()}
+    for task in tasks:
+        assert task["state"] == "success", task["error"]
+    assert cli.returncode == 0, cli.stderr
+    assert "vm-m" in {vm["name"] for vm in json.loads(cli.stdout)}
+    assert seen[DST]["needles"] == [decoy.hex()], seen  # the control, and nothing else
+    for name in (SRC, "center"):
+        assert seen[name]["needles"] == [], (name, seen[name])
+    for name in (SRC, DST, "center"):
+        assert seen[name]["payload_bytes"] > 0 and seen[name]["tls_handshakes"] >= 1, seen
+    # The source told the destination over TLS (host/switchover.py): no failure in its log,
+    # and the destination took the traffic at least once (its resume may come first).
+    for host, size in zip(lab.hosts, logs, strict=True):
+        with host.agent_log.open("rb") as log:
+            log.seek(size)
+            said = log.read().decode(errors="replace")
+        assert "tell the destination" not in said, said[-2000:]
+    steps = [{t["step"] for t in task["timeline"]} for task in tasks]
+    assert any("traffic_taken" in s for s in steps), steps
+    remove_vm(center, "vm-m", guest)

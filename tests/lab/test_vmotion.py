@@ -106,7 +106,8 @@ def qemus_on(host_ns: str, uuid: str) -> list[int]:
 
 def agent_vm_names(lab: topology.LabState, index: int) -> list[str]:
     headers = {"Authorization": f"Bearer {lab.token}"}
-    with httpx.Client(trust_env=False, headers=headers, timeout=30) as http:
+    verify = lab.hosts[index].tls() or True
+    with httpx.Client(trust_env=False, headers=headers, timeout=30, verify=verify) as http:
         return [v["name"] for v in http.get(f"{lab.hosts[index].agent_url}/v1/vms").json()]
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from kvmotion.lab import labcenter, topology
 from kvmotion.lab.demo import guest_ip, vm_spec, wait_for_guest
+from kvmotion.pki import spki_sha256
 from tests.lab.conftest import ARTIFACTS, center_http
 
 pytestmark = pytest.mark.lab
@@ -67,6 +68,10 @@ def chromium() -> Iterator[WebDriver]:
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1600,1000"):
         options.add_argument(arg)
+    state = topology.load_state()
+    if state is not None and state.ca_file.is_file():
+        # The user trusted the lab's CA: its certificates (the center's) pass, no others.
+        options.add_argument(f"--ignore-certificate-errors-spki-list={spki_sha256(state.ca_file)}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
     driver = webdriver.Chrome(options=options, service=service)

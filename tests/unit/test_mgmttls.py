@@ -22,7 +22,9 @@ from kvmotion.errors import InvalidInput
 from kvmotion.host.agent import HostAgent
 from kvmotion.host.api import create_app, serve
 from kvmotion.host.config import HostConfig
-from kvmotion.mgmttls import agent_url, client_context, server_tls
+from kvmotion.host.ha import HostHa
+from kvmotion.host.protocol import HaSettingsIn
+from kvmotion.mgmttls import agent_url, agents_context, client_context, server_tls
 
 TOKEN = "t0ken-over-tls"
 
@@ -148,3 +150,23 @@ async def test_center_refuses_to_serve_without_certificates(tmp_path: Path) -> N
     )  # fmt: skip
     with pytest.raises(InvalidInput, match=re.escape("kvmotion tls issue --host center")):
         await serve_center(Center(config))
+
+
+async def test_ha_peers_are_asked_over_https_with_the_cluster_ca(
+    tls_agent: tuple[str, Path], tmp_path: Path
+) -> None:
+    """An HA host tells an isolation from a center outage by asking its peers (host/ha.py):
+    over HTTPS it verifies them with the cluster CA. Without it no peer would seem to answer,
+    and a host that still reaches its peers would take itself for isolated."""
+    url, _center_tls = tls_agent
+
+    def ha(peer_tls: ssl.SSLContext | None) -> HostHa:
+        async def never(*_args: object) -> None:
+            raise AssertionError("no VM is stopped here")
+
+        h = HostHa("h173", [], tmp_path / "ha.json", list, never, never, peer_tls=peer_tls)
+        h.settings = HaSettingsIn(enabled=True, peers=[url])
+        return h
+
+    assert await ha(agents_context(tmp_path / "agent-tls"))._any_peer_answers()
+    assert not await ha(None)._any_peer_answers()  # the system store: the peer seems silent

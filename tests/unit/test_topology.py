@@ -33,7 +33,8 @@ def test_the_seeds_hosts_are_the_first_two() -> None:
     assert [topology.management_address(i) for i in (0, 1)] == ["172.16.0.172", "172.16.0.173"]
     assert [topology.migration_address(i) for i in (0, 1)] == ["172.16.1.172", "172.16.1.173"]
     assert [topology.host_netns(i) for i in (0, 1)] == ["kvm-h172", "kvm-h173"]
-    assert topology.agent_url(0) == "http://172.16.0.172:8700"
+    assert topology.agent_url(0) == "https://172.16.0.172:8700"
+    assert topology.agent_url(0, https=False) == "http://172.16.0.172:8700"
     assert topology.management_address(7) == "172.16.0.179"
 
 
