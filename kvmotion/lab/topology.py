@@ -1113,7 +1113,7 @@ def _delete_network(state: LabState | None, log: Log) -> bool:
 def _delete_files(directory: Path, log: Log) -> bool:
     did = False
     try:
-        for name in ("datastores", "hosts", "images", "dhcp"):
+        for name in ("datastores", "hosts", "images", "dhcp", "tls-ca"):
             path = directory / name
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)

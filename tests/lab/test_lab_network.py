@@ -171,7 +171,9 @@ def test_lab_up_again_is_idempotent_and_repairs(lab_dir: Path) -> None:
 
 
 def test_stand_in_agents_are_started_watched_and_restarted(lab_dir: Path) -> None:
-    state = topology.lab_up(2, agent_argv=STAND_IN_ARGV, log=quiet)
+    # The stand-in serves plain HTTP: the lab asked for it (its default is HTTPS).
+    state = topology.lab_up(2, agent_argv=STAND_IN_ARGV, api_plaintext=True, log=quiet)
+    assert all(h.agent_url.startswith("http://") for h in state.hosts), state.hosts
     pids = [h.agent_pid for h in state.hosts]
     assert all(pid is not None and netns.pid_alive(pid) for pid in pids)
     assert all(topology.agent_healthy(h) for h in state.hosts)
@@ -189,8 +191,8 @@ def test_stand_in_agents_are_started_watched_and_restarted(lab_dir: Path) -> Non
         time.sleep(0.05)
     status = topology.lab_status()
     assert status is not None and any("not running" in p for p in status.problems)
-    again = topology.lab_up(2, log=quiet)
-    assert again.hosts[0].agent_pid == pids[0]
+    again = topology.lab_up(2, log=quiet)  # as the lab had it: plaintext
+    assert again.hosts[0].agent_pid == pids[0] and again.api_plaintext
     assert again.hosts[1].agent_pid not in (None, pids[1])
     assert all(topology.agent_healthy(h) for h in again.hosts)
 
@@ -245,7 +247,7 @@ def test_three_hosts_and_growing(lab_dir: Path) -> None:
 
 
 def test_lab_down_cleans_up_without_state_and_spares_recycled_pids(lab_dir: Path) -> None:
-    state = topology.lab_up(2, agent_argv=STAND_IN_ARGV, log=quiet)
+    state = topology.lab_up(2, agent_argv=STAND_IN_ARGV, api_plaintext=True, log=quiet)
     agents = [h.agent_pid for h in state.hosts if h.agent_pid is not None]
     qemu = shutil.which("qemu-system-x86_64")
     vms = state.hosts[0].run_dir / "vms"

@@ -259,7 +259,7 @@ def test_management_plane_shows_no_token(lab: topology.LabState, center: httpx.C
         assert task["state"] == "success", task["error"]
     assert cli.returncode == 0, cli.stderr
     assert "vm-m" in {vm["name"] for vm in json.loads(cli.stdout)}
-    assert seen[DST]["needles"] == [decoy.hex()], seen  # the control, and nothing else
+    assert seen[DST]["needles"] == [decoy.lower().hex()], seen  # the control, nothing else
     for name in (SRC, "center"):
         assert seen[name]["needles"] == [], (name, seen[name])
     for name in (SRC, DST, "center"):
