@@ -73,12 +73,24 @@ def _healthy(center: LabCenter) -> bool:
 def ensure_center(state: LabState, log: Log) -> LabCenter:
     """Start the lab's center unless it runs, and add the lab's hosts to it."""
     center = load_center()
-    if center is None or not _running(center) or (center.ca_file is None) != state.api_plaintext:
+    tls_changed = center is not None and (
+        (center.ca_file is None) != state.api_plaintext or _other_ca(state)
+    )
+    if center is None or not _running(center) or tls_changed:
         if center is not None and _running(center):
-            netns.terminate(center.pid, grace=5.0)  # the lab turned HTTPS on or off
+            netns.terminate(center.pid, grace=5.0)  # the lab turned HTTPS on or off, or its CA
         center = _start(state, log)
     _add_hosts(center, state, log)
     return center
+
+
+def _other_ca(state: LabState) -> bool:
+    """Whether the center's certificate is from another CA than the lab's (the lab was taken
+    down and built again without its center): it is issued again."""
+    try:
+        return (center_dir() / "tls" / pki.CA_CERT).read_bytes() != state.ca_file.read_bytes()
+    except FileNotFoundError:
+        return False
 
 
 def _start(state: LabState, log: Log) -> LabCenter:
@@ -87,6 +99,8 @@ def _start(state: LabState, log: Log) -> LabCenter:
     old = load_center()
     token = old.token if old is not None else secrets.token_urlsafe(32)
     tls_dir = directory / "tls"
+    if _other_ca(state):
+        shutil.rmtree(tls_dir)
     if not state.api_plaintext and pki.missing_files(tls_dir):
         # The center's certificate, from the lab's CA (`lab up` made it): the name the CLI and
         # the browser use (127.0.0.1) and the root namespace's address on the management network.

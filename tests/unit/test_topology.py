@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from kvmotion import pki
 from kvmotion.errors import InvalidInput, LabError
 from kvmotion.host.config import HostConfig
-from kvmotion.lab import topology
+from kvmotion.lab import labcenter, topology
 from kvmotion.lab.topology import (
     LabState,
     agent_argv_for,
@@ -251,3 +252,20 @@ def test_shaping_refuses_bad_rates_before_touching_anything() -> None:
             topology.shape_link(0, rate)
     with pytest.raises(InvalidInput):
         topology.shape_link("kvm-h999", 100.0)
+
+
+def test_the_lab_center_is_issued_again_for_a_new_lab_ca(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lab built again (a new CA) without its center's directory removed: the center's old
+    certificate would not verify the new agents, so it is seen as from another CA."""
+    monkeypatch.setenv(topology.LAB_DIR_ENV, str(tmp_path / "lab"))
+    state = plan_state(2, tmp_path / "lab", "t")
+    pki.create_ca(state.ca_dir)
+    assert not labcenter._other_ca(state)  # no center yet
+    pki.issue_host(state.ca_dir, labcenter.center_dir() / "tls", "center", ["127.0.0.1"])
+    assert not labcenter._other_ca(state)
+    for name in (pki.CA_CERT, pki.CA_KEY):
+        (state.ca_dir / name).unlink()
+    pki.create_ca(state.ca_dir)  # lab down, lab up: a new CA
+    assert labcenter._other_ca(state)
