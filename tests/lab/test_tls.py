@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -42,10 +43,12 @@ SNIFF_LIMIT_S = 120.0
 
 # Reads every TCP payload on one interface until SIGTERM (or the limit); prints what it saw.
 # argv[3], if given: a JSON list of hex strings; "needles" lists those seen (case-insensitive).
+# argv[4], if given and not 0: only TCP segments from or to that port.
 _SNIFFER = r"""
 import json, re, signal, socket, struct, sys, time
 iface, limit = sys.argv[1], float(sys.argv[2])
 needles = [bytes.fromhex(n).lower() for n in json.loads(sys.argv[3])] if len(sys.argv) > 3 else []
+port = int(sys.argv[4]) if len(sys.argv) > 4 else 0
 s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.ntohs(3))
 s.bind((iface, 0)); s.settimeout(0.2)
 NBD_WRITE = re.compile(rb"(\x25\x60\x95\x13|\x21\xe4\x1c\x71)..\x00[\x01\x03\x06]", re.S)
@@ -64,6 +67,8 @@ while not stop and time.monotonic() < end:
         continue
     ihl = (frame[14] & 0x0F) * 4
     tcp = 14 + ihl
+    if port and port not in struct.unpack("!HH", frame[tcp:tcp + 4]):
+        continue
     payload = frame[tcp + (frame[tcp + 12] >> 4) * 4:]
     if not payload:
         continue
@@ -91,11 +96,12 @@ class Sniffer:
         link: str = topology.HOST_MIGRATION_LINK,
         needles: list[bytes] | None = None,
         in_root: bool = False,
+        port: int = 0,
     ) -> None:
         where = [] if in_root else ["ip", "netns", "exec", lab.hosts[index].netns]
         self.proc = subprocess.Popen(
             [*where, sys.executable, "-c", _SNIFFER, link, str(SNIFF_LIMIT_S),
-             json.dumps([n.hex() for n in needles or []])],
+             json.dumps([n.hex() for n in needles or []]), str(port)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         time.sleep(0.5)  # bound and reading
@@ -240,7 +246,9 @@ def test_management_plane_shows_no_token(lab: topology.LabState, center: httpx.C
     sniffers = {
         SRC: Sniffer(lab, 0, mgmt, needles),
         DST: Sniffer(lab, 1, mgmt, needles),
-        "center": Sniffer(lab, 0, "lo", needles, in_root=True),  # the CLI's calls
+        # The CLI's calls to the center (the only traffic on its port: other programs on this
+        # machine may speak plain HTTP on the loopback)
+        "center": Sniffer(lab, 0, "lo", needles, in_root=True, port=urlsplit(lc.url).port or 0),
     }
     try:
         tasks = [migrate(center, "vm-m", host=DST), migrate(center, "vm-m", host=SRC)]
