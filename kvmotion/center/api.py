@@ -33,9 +33,9 @@ from kvmotion.center import images
 from kvmotion.center.console import KINDS, TICKET_TTL_S, check_console
 from kvmotion.center.db import Event, Host
 from kvmotion.center.inventory import (
+    DatastoreList,
     VmList,
     compact_json,
-    host_dict,
     vm_dict,
 )
 from kvmotion.center.metrics import CONTENT_TYPE
@@ -331,29 +331,37 @@ def create_app(center: Center) -> FastAPI:
     # -- hosts ---------------------------------------------------------------------------------
     @app.post("/v1/hosts", dependencies=auth, status_code=201)
     async def add_host(body: HostAdd) -> dict[str, Any]:
-        return host_dict(await inv.add_host(body.address, body.token, body.port))
+        return inv.host_record(await inv.add_host(body.address, body.token, body.port))
 
     @app.get("/v1/hosts", dependencies=auth, response_model=list[dict[str, Any]])
     async def list_hosts() -> Response:
-        """Every host (kept between requests, encoded: Inventory.kept_hosts), each with its
-        maintenance task and HA state (``host_now``)."""
+        """Every host (kept between requests, encoded: Inventory.kept_hosts; its last-seen
+        time spliced in: Inventory.host_json), each with its maintenance task and HA state
+        (``host_now``)."""
         latest = await center.maintenance.latest_tasks()
         hosts = []
         for host in await inv.kept_hosts.values():
-            now = compact_json(host_now(host.name, latest))
-            hosts.append(host.json[:-1] + b"," + now[1:])  # the record's object, two keys longer
+            now = host_now(host.name, latest)
+            tail = NOTHING_NOW if now == NOTHING_NOW_DICT else compact_json(now)[1:]
+            hosts.append(inv.host_json(host)[:-1] + b"," + tail)  # two keys longer
         return Response(b"[" + b",".join(hosts) + b"]", media_type="application/json")
+
+    # Most hosts, most of the time: encoded once (the end of an object, as spliced above)
+    NOTHING_NOW_DICT: dict[str, Any] = {"maintenance_task": None, "ha": None}
+    NOTHING_NOW = compact_json(NOTHING_NOW_DICT)[1:]
 
     def host_now(name: str, latest: dict[str, int]) -> dict[str, Any]:
         """A host's latest maintenance task (None if it never had one) and its HA state (None
         outside an HA cluster)."""
         return {"maintenance_task": latest.get(name), "ha": center.ha.host_state(name)}
 
-    @app.get("/v1/datastores", dependencies=auth)
-    async def list_datastores() -> list[dict[str, Any]]:
+    datastore_list = DatastoreList(inv)
+
+    @app.get("/v1/datastores", dependencies=auth, response_model=list[dict[str, Any]])
+    async def list_datastores() -> Response:
         """Every datastore a host reported, with capacity, free space and the hosts that see
-        it (shared: more than one)."""
-        return await inv.datastore_list()
+        it (shared: more than one); kept between requests (inventory.DatastoreList)."""
+        return Response(await datastore_list.json(), media_type="application/json")
 
     # -- OS images -----------------------------------------------------------------------------
     @app.get("/v1/images", dependencies=auth)
@@ -388,7 +396,7 @@ def create_app(center: Center) -> FastAPI:
 
     @app.get("/v1/hosts/{name}", dependencies=auth)
     async def get_host(name: str) -> dict[str, Any]:
-        host = host_dict(await inv.host(name))
+        host = inv.host_record(await inv.host(name))
         host |= host_now(host["name"], await center.maintenance.latest_tasks())
         host["vms"] = await inv.vm_names([host["name"]])
         return host
@@ -418,7 +426,7 @@ def create_app(center: Center) -> FastAPI:
     async def exit_maintenance(name: str, body: ExitBody | None = None) -> dict[str, Any]:
         """End maintenance mode; with ``move_back``, what its evacuation moved off comes back
         (``moved_back``: a task, or why not, per VM)."""
-        host = host_dict(await center.maintenance.exit(name))
+        host = inv.host_record(await center.maintenance.exit(name))
         if body is not None and body.move_back:
             host["moved_back"] = await center.maintenance.move_back(name)
         return host

@@ -113,7 +113,7 @@ class Clusters:
             "name": cluster.name,
             "evc_mode": cluster.evc_mode,
             "hosts": sorted(names),
-            "vms": await self.inventory.vm_names(names),
+            "vms": await self.inventory.vm_names_on([h.id for h in hosts]),
             "evc_modes": list(modes.values()),
         }
 
