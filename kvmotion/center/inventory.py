@@ -338,6 +338,7 @@ class Inventory:
         # datastores and its connected state: a host that answers the same is not written again
         # (most rounds change nothing). Forgotten when this process marks it disconnected.
         self._written_facts: dict[int, dict[str, Any]] = {}
+        self._written_stores: dict[int, tuple[Any, Any]] = {}  # its datastores and networks
         # Each host's (by id) VM list as it was when the inventory last agreed with it, and
         # the VM epoch then (``_vm_epoch``): the same list, with no VM written since, needs no
         # comparison.
@@ -579,7 +580,12 @@ class Inventory:
             host.name, connection="connected", facts=facts, last_seen=self.seen[host.id]
         )
         if sync:
-            await self._sync_datastores(host, facts)
+            # Most changes are of the host's memory: its datastores and networks are written
+            # only if what it says of them changed since this process last wrote them.
+            stores = (facts.get("datastores"), facts.get("networks"))
+            if self._written_stores.get(host.id) != stores:
+                await self._sync_datastores(host, facts)
+                self._written_stores[host.id] = stores
             self._written_facts[host.id] = facts
         return host
 
