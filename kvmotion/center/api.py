@@ -624,9 +624,10 @@ def create_app(center: Center) -> FastAPI:
         return answer
 
     # -- clusters and EVC ------------------------------------------------------------------------
-    @app.get("/v1/clusters", dependencies=auth)
-    async def list_clusters() -> list[dict[str, Any]]:
-        return [await center.clusters.describe(c.name) for c in await center.clusters.all()]
+    @app.get("/v1/clusters", dependencies=auth, response_model=list[dict[str, Any]])
+    async def list_clusters() -> Response:
+        """Every cluster described (kept between requests: Clusters.list_json)."""
+        return Response(await center.clusters.list_json(), media_type="application/json")
 
     @app.post("/v1/clusters", dependencies=auth, status_code=201)
     async def create_cluster(body: ClusterCreate) -> dict[str, Any]:

@@ -321,3 +321,23 @@ async def test_a_host_whose_vms_did_not_change_is_compared_again_after_a_vm_is_w
     fake.host(SRC).vms.pop("vm-a")  # unregistered on its host, behind the center's back
     await c.inventory.refresh_all()
     assert (await listed(api))["vm-a"] == (SRC, "missing")
+
+
+async def test_the_cluster_list_follows_a_new_cluster_and_a_host_moved_into_it(
+    center: tuple[Center, FakeAgents, httpx.AsyncClient],
+) -> None:
+    _, _, api = center
+
+    async def clusters() -> dict[str, tuple[list[str], list[str]]]:
+        r = await api.get("/v1/clusters")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        return {x["name"]: (x["hosts"], x["vms"]) for x in r.json()}
+
+    assert await clusters() == {"Cluster": ([SRC, DST], ["vm-a", "vm-b"])}
+    assert await clusters() == {"Cluster": ([SRC, DST], ["vm-a", "vm-b"])}  # kept
+    r = await api.post("/v1/clusters", json={"name": "rack-2"})
+    assert r.status_code == 201, r.text
+    assert (await clusters())["rack-2"] == ([], [])
+    r = await api.post("/v1/clusters/rack-2/hosts", json={"host": SRC})
+    assert r.status_code == 200, r.text
+    assert await clusters() == {"Cluster": ([DST], []), "rack-2": ([SRC], ["vm-a", "vm-b"])}
