@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import ipaddress
 import json
 import logging
@@ -823,6 +824,10 @@ async def serve(center: Center) -> None:
         os._exit(LOST_EXIT)
 
     fencing = asyncio.create_task(fence(), name="fence")
+    # What exists now (modules, classes, functions, the app: most of the process's objects)
+    # lives as long as the process: out of the garbage collector's full passes, which walked
+    # it all and held every request for 0.1-0.2 s at a time in a 1,000-host fleet.
+    gc.freeze()
     try:
         await server.serve()
     finally:
