@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select
 
 from kvmotion.center.db import Cluster, Database, Host, Vm
-from kvmotion.center.inventory import Inventory, cpu_facts
+from kvmotion.center.inventory import Inventory, compact_json, cpu_facts
 from kvmotion.center.tasks import record_event
 from kvmotion.cpu import compat
 from kvmotion.cpu.catalog import EvcMode, get_mode
@@ -65,6 +65,9 @@ class Clusters:
     def __init__(self, db: Database, inventory: Inventory) -> None:
         self.db = db
         self.inventory = inventory
+        # GET /v1/clusters' answer and what it was made from (``list_json``)
+        self._listed: tuple[list[tuple[int, str, str | None]], list[Any], list[Any], bytes] | None
+        self._listed = None
 
     async def all(self) -> list[Cluster]:
         async with self.db.session() as s:
@@ -94,7 +97,25 @@ class Clusters:
 
     async def describe(self, name: str) -> dict[str, Any]:
         """The cluster, its hosts, its VMs, and for each EVC mode which hosts support it."""
-        cluster = await self.get(name)
+        return await self.describe_record(await self.get(name))
+
+    async def list_json(self) -> bytes:
+        """Every cluster described (``describe``), encoded: GET /v1/clusters, which every web
+        client asks for every 5 s. Kept while the clusters' rows and the kept hosts and VM
+        places (inventory.Kept: the same list objects until a record is written) are the
+        same."""
+        clusters = await self.all()
+        key = [(c.id, c.name, c.evc_mode) for c in clusters]
+        hosts = await self.inventory.kept_hosts.values()
+        places = await self.inventory.kept_vm_places.values()
+        kept = self._listed
+        if kept is not None and kept[0] == key and kept[1] is hosts and kept[2] is places:
+            return kept[3]
+        body = compact_json([await self.describe_record(c) for c in clusters])
+        self._listed = key, hosts, places, body
+        return body
+
+    async def describe_record(self, cluster: Cluster) -> dict[str, Any]:
         hosts = [h for h in await self.inventory.kept_hosts.values() if h.cluster_id == cluster.id]
         names = {h.name for h in hosts}
         modes: dict[str, dict[str, Any]] = {}
@@ -113,7 +134,7 @@ class Clusters:
             "name": cluster.name,
             "evc_mode": cluster.evc_mode,
             "hosts": sorted(names),
-            "vms": await self.inventory.vm_names(names),
+            "vms": await self.inventory.vm_names_on([h.id for h in hosts]),
             "evc_modes": list(modes.values()),
         }
 

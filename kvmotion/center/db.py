@@ -247,6 +247,10 @@ class Changes:
             self.everything = True
         self.ids |= {i for i in ids if i is not None}
 
+    def pending(self) -> bool:
+        """Was any record written since the changes were last taken?"""
+        return self.everything or bool(self.ids)
+
     def take(self) -> tuple[bool, set[int]]:
         """(everything changed, else the ids that did), and forget them."""
         taken = self.everything, self.ids
@@ -254,7 +258,7 @@ class Changes:
         return taken
 
 
-WATCHED = (Vm, Host)  # the tables whose readers may keep records (watch)
+WATCHED = (Vm, Host, Datastore)  # the tables whose readers may keep records (watch)
 WRITTEN = "kvmotion_written"  # session.info: {table: ids written} until its commit (None: all)
 
 

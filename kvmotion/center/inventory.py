@@ -8,6 +8,7 @@ raises an alarm and changes nothing.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import ssl
@@ -19,8 +20,8 @@ from operator import itemgetter
 from typing import Any, Generic, TypeVar
 
 import httpx
-from sqlalchemy import select
-from sqlalchemy.orm import raiseload, selectinload
+from sqlalchemy import Table, bindparam, select, update
+from sqlalchemy.orm import load_only, raiseload, selectinload
 
 from kvmotion.center.db import (
     Base,
@@ -45,9 +46,13 @@ log = logging.getLogger(__name__)
 
 ENDED = ("failed", "cancelled")  # a migration phase after which nothing follows
 
-# Hosts refreshed at once: enough to hide the agents' round trips, few enough to leave most of
-# the database pool (db.py) to the API and the migrations.
-REFRESH_CONCURRENCY = 8
+# Hosts refreshed at once: enough to hide the agents' round trips (most rounds, most hosts
+# need nothing of the database: 8 at once left a 1,000-host round waiting on the agents for
+# 6.4 s, 32 took 2.5 s)...
+REFRESH_CONCURRENCY = 32
+# ...and of them, those writing or comparing at once: few enough to leave most of the database
+# pool (db.py: 10 + 10) to the API and the migrations.
+REFRESH_DB_CONCURRENCY = 8
 
 DEFAULT_DATACENTER = "Datacenter"
 DEFAULT_CLUSTER = "Cluster"
@@ -199,22 +204,78 @@ class VmList:
 @dataclass(frozen=True)
 class KeptHost:
     """A host as the lists read it: the API's record, encoded (its facts would take most of
-    GET /v1/hosts' time to encode again per request), and its cluster and EVC modes for a
-    cluster's description."""
+    GET /v1/hosts' time to encode again per request) in two parts around its last-seen time,
+    which is spliced in at answer time (``Inventory.host_json``: the refresh keeps it in
+    memory), and its cluster and EVC modes for a cluster's description."""
 
+    id: int
     name: str
     cluster_id: int | None
     evc_modes: list[dict[str, Any]]
-    json: bytes
+    last_seen: datetime | None  # as the record was read
+    head: bytes  # the record's object up to its last-seen time's value
+    tail: bytes  # the rest of it, from the key after last_seen
+
+
+LAST_SEEN = b'"last_seen":'
+
+
+def _kept_host(h: Host) -> KeptHost:
+    record = compact_json(host_dict(h))
+    cut = record.index(LAST_SEEN) + len(LAST_SEEN)  # "name" and "url" come first: JSON strings
+    end = record.index(b',"maintenance":', cut)  # the next key, after an ISO time or null
+    return KeptHost(h.id, h.name, h.cluster_id, cpu_facts(h).get("evc_modes", []), h.last_seen,
+                    record[:cut], record[end:])  # fmt: skip
 
 
 async def _read_hosts(db: Database, ids: set[int] | None) -> list[tuple[int, str, KeptHost]]:
     query = select(Host) if ids is None else select(Host).where(Host.id.in_(list(ids)))
     async with db.session() as s:
         hosts = list(await s.scalars(query))
-    return [(h.id, h.name, KeptHost(h.name, h.cluster_id, cpu_facts(h).get("evc_modes", []),
-                                    compact_json(host_dict(h))))
-            for h in hosts]  # fmt: skip
+    return [(h.id, h.name, _kept_host(h)) for h in hosts]
+
+
+async def _read_vm_places(
+    db: Database, ids: set[int] | None
+) -> list[tuple[int, str, tuple[str, int | None]]]:
+    query = select(Vm.id, Vm.name, Vm.host_id)
+    if ids is not None:
+        query = query.where(Vm.id.in_(list(ids)))
+    async with db.session() as s:
+        return [(i, name, (name, host)) for i, name, host in await s.execute(query)]
+
+
+class DatastoreList:
+    """GET /v1/datastores' answer, encoded, kept until a datastore or a host is written (a
+    host's datastores are its record's): a fleet has a local datastore per host, and a refresh
+    that finds nothing new writes none."""
+
+    def __init__(self, inventory: Inventory) -> None:
+        self.inventory = inventory
+        self.changes = (inventory.db.watch(Datastore), inventory.db.watch(Host))
+        self._body: bytes | None = None
+        self._lock = asyncio.Lock()  # one reader at a time: the others get what it read
+
+    async def json(self) -> bytes:
+        async with self._lock:
+            taken = [c.take() for c in self.changes]
+            if self._body is not None and not any(e or ids for e, ids in taken):
+                return self._body
+            try:
+                self._body = compact_json(await self.inventory.datastore_list())
+            except BaseException:
+                for c in self.changes:
+                    c.add({None})  # read again next time
+                raise
+            return self._body
+
+
+def _digest(value: Any) -> bytes:
+    """A fingerprint of a JSON value (kept instead of the value: 10,000 VMs' records held as
+    objects lengthen every full pass of the garbage collector)."""
+    return hashlib.blake2b(
+        json.dumps(value, separators=(",", ":")).encode(), digest_size=16
+    ).digest()
 
 
 def cpu_facts(host: Host) -> dict[str, Any]:
@@ -282,9 +343,34 @@ class Inventory:
         # read before that is older than the record, and must not undo it.
         self._written: dict[str, float] = {}
         self.rounds = 0  # refreshes of every host done
+        # When each host (by id) last answered a refresh: kept here, not written per host per
+        # round (a write would make every kept host record stale: ``kept_hosts``); written to
+        # the database in one statement per round (``_write_seen``), and spliced into the
+        # API's host records (``host_json``, ``host_record``). Only the active center refreshes
+        # (center/leader.py), so only its memory is newer than the database, by a round.
+        self.seen: dict[int, datetime] = {}
+        self._seen_json: dict[int, bytes] = {}  # each encoded, as the kept records splice it
+        self._seen_unwritten: set[int] = set()
+        # The facts each host (by id) answered with, as this process last wrote them with its
+        # datastores and its connected state: a host that answers the same is not written again
+        # (most rounds change nothing). Forgotten when this process marks it disconnected.
+        self._written_facts: dict[int, dict[str, Any]] = {}
+        self._written_stores: dict[int, tuple[Any, Any]] = {}  # its datastores and networks
+        # Each host's (by id) VM list as it was when the inventory last agreed with it, and
+        # the VM epoch then (``_vm_epoch``): the same list, with no VM written since, needs no
+        # comparison.
+        self._settled: dict[int, tuple[int, bytes]] = {}  # the list's digest (_digest)
+        self._vm_changes = db.watch(Vm)
+        self._vm_epoch_now = 0
+        self._db_gate = asyncio.Semaphore(REFRESH_DB_CONCURRENCY)  # refreshes at the database
         # Every host, kept until it is written: read by every web client every 5 s (the host
         # list, each cluster's description), while each refresh round writes every host.
         self.kept_hosts: Kept[KeptHost] = Kept(db, Host, lambda ids: _read_hosts(db, ids))
+        # Each VM's name and host (by id), kept until the VM is written: the names of a
+        # cluster's VMs, which every web client asks for every 5 s.
+        self.kept_vm_places: Kept[tuple[str, int | None]] = Kept(
+            db, Vm, lambda ids: _read_vm_places(db, ids)
+        )
 
     async def ensure_defaults(self) -> None:
         async with self.db.session() as s:
@@ -351,6 +437,54 @@ class Inventory:
                 raise NotFound(f"no host {name[:80]!r} (known: {known})", code="host_not_found")
             return host
 
+    def last_seen(self, host: Host) -> datetime | None:
+        """When the host last answered: this center's memory, else the database's record."""
+        seen = self.seen.get(host.id)
+        if seen is None or (host.last_seen is not None and host.last_seen > seen):
+            return host.last_seen
+        return seen
+
+    def host_record(self, host: Host) -> dict[str, Any]:
+        """The host as the API shows it (``host_dict``), seen as of now."""
+        record = host_dict(host)
+        seen = self.last_seen(host)
+        record["last_seen"] = seen.isoformat() if seen else None
+        return record
+
+    def host_json(self, kept: KeptHost) -> bytes:
+        """A kept host's encoded record (``host_record``, encoded), seen as of now."""
+        seen = self._seen_json.get(kept.id)
+        mine = self.seen.get(kept.id)
+        if seen is None or mine is None or (kept.last_seen is not None and kept.last_seen > mine):
+            seen = compact_json(kept.last_seen.isoformat() if kept.last_seen else None)
+        return kept.head + seen + kept.tail
+
+    def _saw(self, host_id: int, when: datetime) -> None:
+        self.seen[host_id] = when
+        self._seen_json[host_id] = compact_json(when.isoformat())
+        self._seen_unwritten.add(host_id)
+
+    async def _write_seen(self) -> None:
+        """Write the hosts' last-seen times, one statement for all, outside the ORM's session:
+        the kept host records stay valid (their last-seen time is spliced in from memory)."""
+        ids, self._seen_unwritten = self._seen_unwritten, set()
+        if not ids:
+            return
+        table = Host.__table__
+        assert isinstance(table, Table)
+        statement = (
+            update(table)
+            .where(table.c.id == bindparam("host_id"))
+            .values(last_seen=bindparam("seen"))
+        )
+        rows = [{"host_id": i, "seen": self.seen[i]} for i in sorted(ids) if i in self.seen]
+        try:
+            async with self.db.engine.begin() as conn:
+                await conn.execute(statement, rows)
+        except BaseException:
+            self._seen_unwritten |= ids  # with the next round's
+            raise
+
     # -- datastores ----------------------------------------------------------------------------
     async def datastores(self) -> list[Datastore]:
         async with self.db.session() as s:
@@ -390,22 +524,32 @@ class Inventory:
             return ds
 
     async def refresh_all(self) -> None:
-        """Refresh every host, ``REFRESH_CONCURRENCY`` at a time: one after another, a fleet's
-        round is the sum of its hosts' round trips and writes (1,000 hosts: minutes)."""
+        """Refresh every host, ``REFRESH_CONCURRENCY`` at a time (``REFRESH_DB_CONCURRENCY``
+        of them at the database): one after another, a fleet's round is the sum of its hosts'
+        round trips and writes (1,000 hosts: minutes)."""
         started, failed = time.monotonic(), 0
-        hosts = await self.hosts()
+        # What a refresh needs of each host, not its facts: 1,000 hosts' facts, decoded and
+        # made into records at once, hold the event loop (and every request) for about 0.1 s.
+        async with self.db.session() as s:
+            query = select(Host).options(
+                load_only(Host.id, Host.name, Host.url, Host.token, Host.connection)
+            )
+            hosts = list(await s.scalars(query.order_by(Host.name)))
         gate = asyncio.Semaphore(REFRESH_CONCURRENCY)
 
-        async def one(name: str) -> None:
+        async def one(host: Host) -> None:
             nonlocal failed
             async with gate:
                 try:
-                    await self.refresh_host(name)
+                    lock = self._refresh_locks.setdefault(host.name, asyncio.Lock())
+                    async with lock:
+                        await self._refresh_host(host)
                 except KvmotionError as exc:
                     failed += 1
-                    log.warning("refresh of %s failed: %s", name, exc.message)
+                    log.warning("refresh of %s failed: %s", host.name, exc.message)
 
-        await asyncio.gather(*(one(h.name) for h in hosts))
+        await asyncio.gather(*(one(h) for h in hosts))
+        await self._write_seen()
         self.rounds += 1
         log.info("refreshed %d hosts in %.2f s (%d failed)", len(hosts),
                  time.monotonic() - started, failed)  # fmt: skip
@@ -415,28 +559,70 @@ class Inventory:
         One refresh per host at a time: two at once would both insert a newly found VM."""
         lock = self._refresh_locks.setdefault(name, asyncio.Lock())
         async with lock:
-            return await self._refresh_host(name)
+            host = await self._refresh_host(await self.host(name))
+        await self._write_seen()
+        return host
 
-    async def _refresh_host(self, name: str) -> Host:
-        host = await self.host(name)
+    async def _refresh_host(self, host: Host) -> Host:
+        """Refresh ``host`` (as read at most a round ago, perhaps without its facts: a round
+        reads every host at once)."""
+        name = host.name
         try:
             async with self.agent(host) as agent:
                 facts = facts_json(await agent.facts())
                 listed_at = time.monotonic()
                 vms = [vm_json(info) for info in await agent.list_vms()]
         except HostUnreachable:
-            if host.connection != "disconnected":
-                await record_event(
-                    self.db, f"host {name} stopped answering", severity="warning", host=name
-                )
-            await self._set_host(name, connection="disconnected")
+            async with self._db_gate:
+                if host.connection != "disconnected":
+                    await record_event(
+                        self.db, f"host {name} stopped answering", severity="warning", host=name
+                    )
+                await self._set_host(name, connection="disconnected")
             raise
+        async with self._db_gate:
+            host = await self._answered(host, facts)
+            # The same list as when the inventory last agreed with it, and no VM written
+            # since: nothing to compare (most rounds).
+            epoch, listed = self._vm_epoch(), _digest(vms)
+            if self._settled.get(host.id) == (epoch, listed):
+                return host
+            self._settled.pop(host.id, None)
+            if await self._reconcile(host, vms, listed_at) and not self._vm_changes.pending():
+                self._settled[host.id] = (epoch, listed)
+        return host
+
+    def _vm_epoch(self) -> int:
+        """A number that grows whenever this process has written a VM record since it was
+        last asked (db.Changes: the active center is the inventory's only writer)."""
+        everything, ids = self._vm_changes.take()
+        if everything or ids:
+            self._vm_epoch_now += 1
+        return self._vm_epoch_now
+
+    async def _answered(self, host: Host, facts: dict[str, Any], *, sync: bool = True) -> Host:
+        """``host`` answered with ``facts``: it is seen now (in memory: ``seen``), and its
+        record, datastores and networks are written only if they changed. The record read
+        may be a round old: it is trusted only if this process wrote these facts last and has
+        not marked the host disconnected since (``_written_facts``). Without ``sync`` (a
+        precheck, outside the host's refresh lock) the datastores wait for the next refresh."""
+        self._saw(host.id, datetime.now(UTC))
+        # (This process wrote the record's facts last: the active center is its only writer.)
+        unchanged = host.connection == "connected" and self._written_facts.get(host.id) == facts
+        if unchanged:
+            return host
         host = await self._set_host(
-            name, connection="connected", facts=facts, last_seen=datetime.now(UTC)
+            host.name, connection="connected", facts=facts, last_seen=self.seen[host.id]
         )
-        await self._sync_datastores(host, facts)
-        await self._reconcile(host, vms, listed_at)
-        return await self.host(name)
+        if sync:
+            # Most changes are of the host's memory: its datastores and networks are written
+            # only if what it says of them changed since this process last wrote them.
+            stores = (facts.get("datastores"), facts.get("networks"))
+            if self._written_stores.get(host.id) != stores:
+                await self._sync_datastores(host, facts)
+                self._written_stores[host.id] = stores
+            self._written_facts[host.id] = facts
+        return host
 
     async def fresh_facts(self, name: str, *, unreachable_ok: bool = False) -> Host:
         """Ask one agent for its facts now (no reconciliation): the precheck's input. A host
@@ -450,9 +636,9 @@ class Inventory:
             if unreachable_ok:
                 return host
             raise
-        return await self._set_host(
-            name, connection="connected", facts=facts, last_seen=datetime.now(UTC)
-        )
+        host = await self._answered(host, facts, sync=False)
+        await self._write_seen()
+        return host
 
     async def mark_disconnected(self, name: str) -> None:
         """HA found the host failed or isolated: no placement chooses it until it answers."""
@@ -469,6 +655,8 @@ class Inventory:
         async with self.db.session() as s:
             host = await s.scalar(select(Host).where(Host.name == name))
             assert host is not None
+            if fields.get("connection", "connected") != "connected" or "facts" in fields:
+                self._written_facts.pop(host.id, None)  # written again at its next answer
             for key, value in fields.items():
                 setattr(host, key, value)
             await s.commit()
@@ -541,6 +729,12 @@ class Inventory:
         async with self.db.session() as s:
             return {vm: host for vm, host in await s.execute(query)}
 
+    async def vm_names_on(self, host_ids: Collection[int]) -> list[str]:
+        """The names of the VMs on the hosts of ``host_ids``, sorted (kept: no read unless a VM
+        was written)."""
+        ids = set(host_ids)
+        return [vm for vm, host in await self.kept_vm_places.values() if host in ids]
+
     async def vm_names(self, hosts: Collection[str]) -> list[str]:
         """The names of the VMs on ``hosts``, sorted (no records read)."""
         query = (
@@ -594,32 +788,49 @@ class Inventory:
 
     async def _reconcile(
         self, host: Host, reported: list[dict[str, Any]], listed_at: float
-    ) -> None:
+    ) -> bool:
         """Agents are the truth about what runs where; alarms where the truth is impossible.
-        A record written after the list was read (a power-on, a create) is newer: left as is."""
+        A record written after the list was read (a power-on, a create) is newer: left as is.
+        True if the inventory agreed with ``reported`` on every VM, and nothing was done or
+        left for later."""
+        settled = True
         # Every record this refresh may compare, in one read (not one per VM): those reported
-        # and those the inventory places here.
+        # and those the inventory places here; without their hosts' records (``host_id`` tells
+        # whose; the rare case that needs another host's record reads the VM again).
         async with self.db.session() as s:
             uuids = [info["uuid"] for info in reported]
-            records = {vm.uuid: vm for vm in await s.scalars(
-                select(Vm).where(Vm.uuid.in_(uuids) | (Vm.host_id == host.id)))}  # fmt: skip
+            query = select(Vm).where(Vm.uuid.in_(uuids) | (Vm.host_id == host.id))
+            records = {vm.uuid: vm for vm in await s.scalars(query.options(raiseload(Vm.host)))}
         for info in reported:
             if self.migrating(info["name"]):
+                settled = False
                 continue  # the executor owns this VM's record until its migration ends
             if self._newer_than(info["uuid"], listed_at):
+                settled = False
                 continue
             if info["power_state"] == "incoming" or info.get("incoming"):
+                settled = False
                 await self._end_orphan_incoming(host, info)
                 continue
             known = records.get(info["uuid"])
             if known is None:
+                settled = False
                 await self.upsert_vm(info, host)
                 continue
             runs_here = info["power_state"] == "poweredOn" and info.get("qemu_status") == "running"
-            if known.host is None or known.host.name == host.name:
+            if known.host_id is not None and known.host_id != host.id:
+                settled = False
+                try:
+                    known = await self.vm(known.uuid)  # with its host's record
+                except NotFound:
+                    continue  # removed meanwhile: the next refresh finds it new
+            if known.host_id is None or known.host_id == host.id:
                 if not same_record(known, info, host):  # most refreshes change nothing
+                    settled = False
                     await self.upsert_vm(info, host)
-            elif runs_here and known.power_state == "poweredOn":
+                continue
+            assert known.host is not None
+            if runs_here and known.power_state == "poweredOn":
                 await self._resolve_two_reports(known, host, info)
             elif runs_here:
                 await record_event(
@@ -637,8 +848,12 @@ class Inventory:
         for vm in records.values():
             gone = vm.host_id == host.id and vm.uuid not in names
             if gone and self._newer_than(vm.uuid, listed_at):
+                settled = False
                 continue  # created (or moved here) after the list was read
-            if gone and not self.migrating(vm.name) and vm.power_state != "missing":
+            if gone and self.migrating(vm.name):
+                settled = False
+            elif gone and vm.power_state != "missing":
+                settled = False
                 await record_event(
                     self.db,
                     f"VM {vm.name} is no longer registered on its host {host.name}",
@@ -647,6 +862,7 @@ class Inventory:
                     host=host.name,
                 )
                 await self.set_vm(vm.uuid, power_state="missing")
+        return settled
 
     async def _drop_stale_registration(self, host: Host, vm: Vm) -> None:
         """``host`` still registers, powered off, a VM that runs on another host (HA restarted

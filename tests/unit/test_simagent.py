@@ -115,3 +115,14 @@ async def test_a_refresh_that_finds_nothing_new_writes_no_vm(center: Center) -> 
     vm_reads = [s for s in statements if "FROM vms" in s]
     assert vm_writes == []
     assert len(vm_reads) == HOSTS  # one per host
+
+    # The next round finds the same lists, and no VM was written since: nothing to compare.
+    statements.clear()
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        await center.inventory.refresh_all()
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert [s for s in statements if "FROM vms" in s] == []
+    writes = [s for s in statements if s.lstrip().upper().startswith(("UPDATE", "INSERT"))]
+    assert len(writes) == 1 and "last_seen" in writes[0]  # the hosts' last-seen times, at once

@@ -10,12 +10,12 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import event, update
 
 from kvmotion.center import runs
 from kvmotion.center.api import create_app
 from kvmotion.center.db import Vm
-from kvmotion.center.inventory import VmList
+from kvmotion.center.inventory import Inventory, VmList
 from kvmotion.center.service import Center, CenterConfig
 from kvmotion.migration.request import MigrationRequest
 from tests.databases import DatabaseServer
@@ -166,3 +166,178 @@ async def test_the_host_list_follows_every_change_of_a_host(
     after = await hosts()
     assert after[DST]["maintenance"] == "in" and after[DST]["maintenance_task"] == r.json()["id"]
     assert after[SRC]["maintenance"] is None
+
+
+async def test_a_round_that_changes_nothing_writes_no_host_and_keeps_the_host_list(
+    center: tuple[Center, FakeAgents, httpx.AsyncClient],
+) -> None:
+    """Hosts that answer as before are not written again (their last-seen time alone, in one
+    statement outside the kept records' watch): GET /v1/hosts reads no host again, and still
+    says when each host was last seen."""
+    c, _, api = center
+    await c.inventory.refresh_all()
+    first = {h["name"]: h for h in (await api.get("/v1/hosts")).json()}
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(" ".join(statement.split()).upper())
+
+    engine = c.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        await c.inventory.refresh_all()
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    writes = [s for s in statements if s.startswith(("UPDATE", "INSERT", "DELETE"))]
+    assert writes == [s for s in writes if s.startswith("UPDATE HOSTS SET LAST_SEEN")]
+    assert len(writes) == 1  # every host's last-seen time, at once
+    assert c.inventory.kept_hosts.changes.take() == (False, set())  # the kept list stays
+
+    after = {h["name"]: h for h in (await api.get("/v1/hosts")).json()}
+    for name in (SRC, DST):
+        assert after[name]["last_seen"] > first[name]["last_seen"]  # ISO times, both UTC
+        assert {k: v for k, v in after[name].items() if k != "last_seen"} == {
+            k: v for k, v in first[name].items() if k != "last_seen"
+        }
+        one = (await api.get(f"/v1/hosts/{name}")).json()
+        assert one["last_seen"] == after[name]["last_seen"]
+        stored = await c.inventory.host(name)  # and the database has it too
+        assert stored.last_seen is not None
+        assert stored.last_seen.isoformat() == after[name]["last_seen"]
+
+
+async def test_a_host_marked_disconnected_is_connected_again_by_its_next_answer(
+    center: tuple[Center, FakeAgents, httpx.AsyncClient],
+) -> None:
+    """HA marks a host disconnected; its facts did not change, yet the refresh that finds it
+    answering writes it connected again (the round's record, read before, says connected)."""
+    c, _, api = center
+    await c.inventory.refresh_all()
+    hosts = {h.name: h for h in await c.inventory.hosts()}
+    await c.inventory.mark_disconnected(DST)
+    assert (await c.inventory.host(DST)).connection == "disconnected"
+    await c.inventory._refresh_host(hosts[DST])  # as a round read it, before HA's mark
+    assert (await c.inventory.host(DST)).connection == "connected"
+    listed = {h["name"]: h["connection"] for h in (await api.get("/v1/hosts")).json()}
+    assert listed == {SRC: "connected", DST: "connected"}
+
+
+async def test_a_change_of_facts_is_written_and_listed(
+    center: tuple[Center, FakeAgents, httpx.AsyncClient],
+) -> None:
+    c, fake, api = center
+    await c.inventory.refresh_all()
+    await api.get("/v1/hosts")
+    fake.host(SRC).facts["memory"]["available_bytes"] -= 2**20
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    engine = c.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        await c.inventory.refresh_all()
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert not [s for s in statements if "datastores" in s]  # its memory changed, not they
+    assert c.inventory.kept_hosts.changes.take() == (False, {(await c.inventory.host(SRC)).id})
+    c.inventory.kept_hosts.changes.add({None})  # what was taken, to read again
+    listed = {h["name"]: h for h in (await api.get("/v1/hosts")).json()}
+    memory = fake.host(SRC).facts["memory"]
+    assert listed[SRC]["facts"]["memory"] == memory
+    assert (await c.inventory.host(SRC)).facts["memory"] == memory
+
+
+async def test_the_datastore_list_and_the_clusters_vms_are_kept_until_written(
+    center: tuple[Center, FakeAgents, httpx.AsyncClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GET /v1/datastores is read again only after a datastore or a host is written, and a
+    cluster's VM names only after a VM is: each follows every change."""
+    c, fake, api = center
+    reads: list[int] = []
+    read = Inventory.datastore_list
+
+    async def counted(self: Inventory) -> list[dict[str, Any]]:
+        reads.append(1)
+        return await read(self)
+
+    monkeypatch.setattr(Inventory, "datastore_list", counted)
+
+    async def free() -> dict[str, int]:
+        r = await api.get("/v1/datastores")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        return {d["name"]: d["free_bytes"] for d in r.json()}
+
+    async def cluster_vms() -> list[str]:
+        r = await api.get("/v1/clusters")
+        assert r.status_code == 200
+        (cluster,) = r.json()
+        return list(cluster["vms"])
+
+    await c.inventory.refresh_all()
+    before = await free()
+    assert await free() == before and len(reads) == 1  # kept
+    await c.inventory.refresh_all()  # nothing new: nothing written
+    assert await free() == before and len(reads) == 1
+    local = next(d for d in fake.host(DST).facts["datastores"] if not d.get("shared"))
+    local["free_bytes"] -= 2**30
+    await c.inventory.refresh_all()
+    assert (await free())[local["name"]] == before[local["name"]] - 2**30
+    assert len(reads) == 2
+
+    assert await cluster_vms() == ["vm-a", "vm-b"]
+    fake.add_vm(DST, "vm-c")
+    await c.inventory.refresh_host(DST)
+    assert await cluster_vms() == ["vm-a", "vm-b", "vm-c"]
+    r = await api.delete("/v1/vms/vm-c")
+    assert r.status_code in (204, 409), r.text  # a running VM may be refused: then it stays
+    expected = ["vm-a", "vm-b"] if r.status_code == 204 else ["vm-a", "vm-b", "vm-c"]
+    assert await cluster_vms() == expected
+
+
+async def test_a_host_whose_vms_did_not_change_is_compared_again_after_a_vm_is_written(
+    center: tuple[Center, FakeAgents, httpx.AsyncClient],
+) -> None:
+    """A round skips comparing a host's VMs when its agent lists the same VMs as when they
+    last agreed and no VM was written since; a write (here one behind the inventory's back,
+    a bulk update) or a change on the host makes the next refresh compare again."""
+    c, fake, api = center
+    await c.inventory.refresh_all()
+    await c.inventory.refresh_all()  # agreed: settled
+    async with c.db.session() as s:
+        await s.execute(update(Vm).where(Vm.name == "vm-b").values(power_state="missing"))
+        await s.commit()
+    assert (await listed(api))["vm-b"] == (SRC, "missing")
+    await c.inventory.refresh_all()  # its host says it runs: put right
+    assert (await listed(api))["vm-b"] == (SRC, "poweredOn")
+
+    await c.inventory.refresh_all()  # settled again
+    vm_a = fake.vm(SRC, "vm-a")
+    assert vm_a is not None
+    vm_a.power_state, vm_a.qemu_status = "poweredOff", None
+    await c.inventory.refresh_all()
+    assert (await listed(api))["vm-a"] == (SRC, "poweredOff")
+    fake.host(SRC).vms.pop("vm-a")  # unregistered on its host, behind the center's back
+    await c.inventory.refresh_all()
+    assert (await listed(api))["vm-a"] == (SRC, "missing")
+
+
+async def test_the_cluster_list_follows_a_new_cluster_and_a_host_moved_into_it(
+    center: tuple[Center, FakeAgents, httpx.AsyncClient],
+) -> None:
+    _, _, api = center
+
+    async def clusters() -> dict[str, tuple[list[str], list[str]]]:
+        r = await api.get("/v1/clusters")
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+        return {x["name"]: (x["hosts"], x["vms"]) for x in r.json()}
+
+    assert await clusters() == {"Cluster": ([SRC, DST], ["vm-a", "vm-b"])}
+    assert await clusters() == {"Cluster": ([SRC, DST], ["vm-a", "vm-b"])}  # kept
+    r = await api.post("/v1/clusters", json={"name": "rack-2"})
+    assert r.status_code == 201, r.text
+    assert (await clusters())["rack-2"] == ([], [])
+    r = await api.post("/v1/clusters/rack-2/hosts", json={"host": SRC})
+    assert r.status_code == 200, r.text
+    assert await clusters() == {"Cluster": ([DST], []), "rack-2": ([SRC], ["vm-a", "vm-b"])}
