@@ -14,12 +14,14 @@ import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
+from kvmotion.center.db import Database
 from kvmotion.lab.postgres import Postgres
 
 KINDS = [k for k in os.environ.get("KVMOTION_TEST_DATABASES", "sqlite,postgresql").split(",") if k]
@@ -89,3 +91,19 @@ def db_url(database_server: DatabaseServer) -> Iterator[str]:
         yield url
     finally:
         database_server.drop(url)
+
+
+async def statements_during(db: Database, work: Awaitable[object]) -> list[str]:
+    """The SQL statements ``db`` sent while ``work`` ran, as sent."""
+    statements: list[str] = []
+
+    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        statements.append(statement)
+
+    engine = db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        await work
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    return statements

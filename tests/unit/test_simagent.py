@@ -11,13 +11,13 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from sqlalchemy import event
 
 from kvmotion.center.service import Center, CenterConfig
 from kvmotion.center.tasks import TaskState
 from kvmotion.lab.simagent import SimSpeed
 from kvmotion.lab.simserve import SimApp, build_fleet
 from kvmotion.migration.request import MigrationRequest
+from tests.databases import statements_during
 
 HOSTS, VMS, GROUP = 20, 10, 10
 TOKEN = "sim-token"
@@ -98,17 +98,7 @@ async def test_storage_migration_and_a_refused_one(center: Center) -> None:
 async def test_a_refresh_that_finds_nothing_new_writes_no_vm(center: Center) -> None:
     """A fleet's refresh reads each host's records once and rewrites none that did not change
     (it read every VM of the inventory per host, and rewrote each reported VM, before)."""
-    statements: list[str] = []
-
-    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        statements.append(statement)
-
-    engine = center.db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
-        await center.inventory.refresh_all()
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
+    statements = await statements_during(center.db, center.inventory.refresh_all())
     vm_writes = [
         s for s in statements if s.lstrip().upper().startswith(("UPDATE VMS", "INSERT INTO VMS"))
     ]
@@ -117,12 +107,7 @@ async def test_a_refresh_that_finds_nothing_new_writes_no_vm(center: Center) -> 
     assert len(vm_reads) == HOSTS  # one per host
 
     # The next round finds the same lists, and no VM was written since: nothing to compare.
-    statements.clear()
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
-        await center.inventory.refresh_all()
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
+    statements = await statements_during(center.db, center.inventory.refresh_all())
     assert [s for s in statements if "FROM vms" in s] == []
     writes = [s for s in statements if s.lstrip().upper().startswith(("UPDATE", "INSERT"))]
     assert len(writes) == 1 and "last_seen" in writes[0]  # the hosts' last-seen times, at once

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import event, update
+from sqlalchemy import update
 
 from kvmotion.center import runs
 from kvmotion.center.api import create_app
@@ -18,7 +18,7 @@ from kvmotion.center.db import Vm
 from kvmotion.center.inventory import Inventory, VmList
 from kvmotion.center.service import Center, CenterConfig
 from kvmotion.migration.request import MigrationRequest
-from tests.databases import DatabaseServer
+from tests.databases import DatabaseServer, statements_during
 from tests.unit.fake_agent import PORT, TOKEN, FakeAgents
 from tests.unit.test_executor import wait_task
 
@@ -177,17 +177,8 @@ async def test_a_round_that_changes_nothing_writes_no_host_and_keeps_the_host_li
     c, _, api = center
     await c.inventory.refresh_all()
     first = {h["name"]: h for h in (await api.get("/v1/hosts")).json()}
-    statements: list[str] = []
-
-    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        statements.append(" ".join(statement.split()).upper())
-
-    engine = c.db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
-        await c.inventory.refresh_all()
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
+    sent = await statements_during(c.db, c.inventory.refresh_all())
+    statements = [" ".join(statement.split()).upper() for statement in sent]
     writes = [s for s in statements if s.startswith(("UPDATE", "INSERT", "DELETE"))]
     assert writes == [s for s in writes if s.startswith("UPDATE HOSTS SET LAST_SEEN")]
     assert len(writes) == 1  # every host's last-seen time, at once
@@ -229,17 +220,7 @@ async def test_a_change_of_facts_is_written_and_listed(
     await c.inventory.refresh_all()
     await api.get("/v1/hosts")
     fake.host(SRC).facts["memory"]["available_bytes"] -= 2**20
-    statements: list[str] = []
-
-    def seen(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        statements.append(statement)
-
-    engine = c.db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", seen)
-    try:
-        await c.inventory.refresh_all()
-    finally:
-        event.remove(engine, "before_cursor_execute", seen)
+    statements = await statements_during(c.db, c.inventory.refresh_all())
     assert not [s for s in statements if "datastores" in s]  # its memory changed, not they
     assert c.inventory.kept_hosts.changes.take() == (False, {(await c.inventory.host(SRC)).id})
     c.inventory.kept_hosts.changes.add({None})  # what was taken, to read again
