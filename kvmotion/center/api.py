@@ -7,10 +7,8 @@ Every route but ``/v1/health`` needs the center's token. Errors use the shared t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -44,7 +42,7 @@ from kvmotion.center.placing import place_new_vm, place_vm
 from kvmotion.center.relocation import refusals as relocation_refusals
 from kvmotion.center.relocation import relocate
 from kvmotion.center.service import Center
-from kvmotion.center.tasks import TaskState, task_dict
+from kvmotion.center.tasks import task_dict
 from kvmotion.errors import (
     Conflict,
     Forbidden,
@@ -759,23 +757,28 @@ def _sse(events: AsyncIterator[str]) -> StreamingResponse:
 async def _task_events(center: Center, limit: int, task_id: int | None) -> AsyncIterator[str]:
     """Each task (``task_id``, or the ``limit`` newest) whenever it changed: woken by the task
     store's pulse, reading only the tasks changed since the last look (a run's live figures are
-    in memory, not polled from the database)."""
+    in memory, not polled from the database), each read once for every stream
+    (``TaskStore.shown``)."""
     store = center.tasks
     seq, _ = store.changes(0)
-    if task_id is not None:
-        tasks = [await store.get(task_id)]
-    else:
-        tasks = list(reversed(await store.list(limit)))
+    ids = [task_id] if task_id is not None else await store.newest_shown(limit)
     seen: dict[int, str] = {}
     said_at = time.monotonic()
     while True:
-        for task in tasks:
-            body = json.dumps(task_dict(task), default=str)
-            if seen.get(task.id) != body:
-                seen[task.id] = body
+        final = False
+        for changed in ids:
+            try:
+                task = await store.shown(changed)
+            except NotFound:
+                if changed == task_id:
+                    raise
+                continue
+            final = task.final
+            if seen.get(task.id) != task.body:
+                seen[task.id] = task.body
                 said_at = time.monotonic()
-                yield f"event: task\ndata: {body}\n\n"
-        if task_id is not None and TaskState(tasks[0].state).final:
+                yield f"event: task\ndata: {task.body}\n\n"
+        if task_id is not None and final:
             return
         while True:
             beat = store.changed.next()
@@ -790,10 +793,6 @@ async def _task_events(center: Center, limit: int, task_id: int | None) -> Async
                 yield ": keep-alive\n\n"
                 continue
             await wait_beat(beat, STREAM_KEEPALIVE_S - quiet)
-        tasks = []
-        for changed in ids:
-            with contextlib.suppress(NotFound):
-                tasks.append(await store.get(changed))
         await asyncio.sleep(STREAM_GAP_S)
 
 

@@ -356,12 +356,16 @@ class Inventory:
         # (most rounds change nothing). Forgotten when this process marks it disconnected.
         self._written_facts: dict[int, dict[str, Any]] = {}
         self._written_stores: dict[int, tuple[Any, Any]] = {}  # its datastores and networks
-        # Each host's (by id) VM list as it was when the inventory last agreed with it, and
-        # the VM epoch then (``_vm_epoch``): the same list, with no VM written since, needs no
-        # comparison.
-        self._settled: dict[int, tuple[int, bytes]] = {}  # the list's digest (_digest)
+        # Each host's (by id) VM list as it was when the inventory last agreed with it (its
+        # digest: _digest), and the VM records (ids) compared then: the same list, with none
+        # of those records written since and none written onto the host, needs no comparison.
+        # A VM written unsettles only the hosts it concerns (_take_vm_changes): during 50
+        # migrations, the fleet's other hosts stay settled.
+        self._settled: dict[int, tuple[bytes, frozenset[int]]] = {}
+        self._settled_by_vm: dict[int, set[int]] = {}  # VM id -> settled hosts that compared it
         self._vm_changes = db.watch(Vm)
-        self._vm_epoch_now = 0
+        self._vm_changes_lock = asyncio.Lock()
+        self._vm_batches = 0  # VM writes taken (_take_vm_changes) so far
         self._db_gate = asyncio.Semaphore(REFRESH_DB_CONCURRENCY)  # refreshes at the database
         # Every host, kept until it is written: read by every web client every 5 s (the host
         # list, each cluster's description), while each refresh round writes every host.
@@ -584,21 +588,58 @@ class Inventory:
             host = await self._answered(host, facts)
             # The same list as when the inventory last agreed with it, and no VM written
             # since: nothing to compare (most rounds).
-            epoch, listed = self._vm_epoch(), _digest(vms)
-            if self._settled.get(host.id) == (epoch, listed):
+            await self._take_vm_changes()
+            listed = _digest(vms)
+            settled = self._settled.get(host.id)
+            if settled is not None and settled[0] == listed:
                 return host
-            self._settled.pop(host.id, None)
-            if await self._reconcile(host, vms, listed_at) and not self._vm_changes.pending():
-                self._settled[host.id] = (epoch, listed)
+            self._unsettle(host.id)
+            batches = self._vm_batches
+            compared = await self._reconcile(host, vms, listed_at)
+            # Settled only if no VM was written meanwhile (by anyone: a write taken by
+            # another host's refresh would not have unsettled this host, not yet settled).
+            unwritten = self._vm_batches == batches and not self._vm_changes.pending()
+            if compared is not None and unwritten:
+                self._settle(host.id, listed, compared)
         return host
 
-    def _vm_epoch(self) -> int:
-        """A number that grows whenever this process has written a VM record since it was
-        last asked (db.Changes: the active center is the inventory's only writer)."""
-        everything, ids = self._vm_changes.take()
-        if everything or ids:
-            self._vm_epoch_now += 1
-        return self._vm_epoch_now
+    def _settle(self, host_id: int, listed: bytes, compared: frozenset[int]) -> None:
+        self._settled[host_id] = (listed, compared)
+        for vm_id in compared:
+            self._settled_by_vm.setdefault(vm_id, set()).add(host_id)
+
+    def _unsettle(self, host_id: int) -> None:
+        settled = self._settled.pop(host_id, None)
+        if settled is None:
+            return
+        for vm_id in settled[1]:
+            hosts = self._settled_by_vm.get(vm_id)
+            if hosts is not None:
+                hosts.discard(host_id)
+                if not hosts:
+                    del self._settled_by_vm[vm_id]
+
+    async def _take_vm_changes(self) -> None:
+        """Unsettle the hosts that the VM records written since the last look concern (db.Changes:
+        the active center is the inventory's only writer): those that compared a written
+        record, and those a written record now places on them."""
+        async with self._vm_changes_lock:
+            everything, ids = self._vm_changes.take()
+            if not everything and not ids:
+                return
+            self._vm_batches += 1
+            if everything:
+                self._settled.clear()
+                self._settled_by_vm.clear()
+                return
+            hosts: set[int] = set()
+            for vm_id in ids:
+                hosts |= self._settled_by_vm.get(vm_id, set())
+            async with self.db.session() as s:
+                query = select(Vm.host_id).where(Vm.id.in_(ids), Vm.host_id.is_not(None))
+                hosts |= {h for h in await s.scalars(query) if h is not None}
+            for host_id in hosts:
+                self._unsettle(host_id)
 
     async def _answered(self, host: Host, facts: dict[str, Any], *, sync: bool = True) -> Host:
         """``host`` answered with ``facts``: it is seen now (in memory: ``seen``), and its
@@ -788,11 +829,11 @@ class Inventory:
 
     async def _reconcile(
         self, host: Host, reported: list[dict[str, Any]], listed_at: float
-    ) -> bool:
+    ) -> frozenset[int] | None:
         """Agents are the truth about what runs where; alarms where the truth is impossible.
         A record written after the list was read (a power-on, a create) is newer: left as is.
-        True if the inventory agreed with ``reported`` on every VM, and nothing was done or
-        left for later."""
+        If the inventory agreed with ``reported`` on every VM, and nothing was done or left
+        for later: the ids of the records compared (else None)."""
         settled = True
         # Every record this refresh may compare, in one read (not one per VM): those reported
         # and those the inventory places here; without their hosts' records (``host_id`` tells
@@ -862,7 +903,7 @@ class Inventory:
                     host=host.name,
                 )
                 await self.set_vm(vm.uuid, power_state="missing")
-        return settled
+        return frozenset(vm.id for vm in records.values()) if settled else None
 
     async def _drop_stale_registration(self, host: Host, vm: Vm) -> None:
         """``host`` still registers, powered off, a VM that runs on another host (HA restarted

@@ -70,16 +70,23 @@ class Maintenance:
         self.rules = rules
         self.overcommit = overcommit or Overcommit()
         self._runs: dict[str, tuple[int, asyncio.Task[None]]] = {}  # host -> (task, runner)
+        self._latest: tuple[int, dict[str, int]] | None = None  # (tasks made, latest_tasks)
 
     async def latest_tasks(self) -> dict[str, int]:
-        """Each host's latest maintenance task (from the task store: it outlives a restart)."""
+        """Each host's latest maintenance task (from the task store: it outlives a restart);
+        kept until this center creates another (every web client's host list asks)."""
+        made = self.tasks.made("maintenance")
+        if self._latest is not None and self._latest[0] == made:
+            return dict(self._latest[1])
         async with self.db.session() as s:
             rows = await s.execute(
                 select(Task.target, func.max(Task.id))
                 .where(Task.kind == "maintenance")
                 .group_by(Task.target)
             )
-            return {str(target): int(task_id) for target, task_id in rows}
+            latest = {str(target): int(task_id) for target, task_id in rows}
+        self._latest = (made, latest)
+        return dict(latest)
 
     async def enter(self, host_name: str, *, evacuate_powered_off: bool = False) -> int:
         """Start emptying the host; returns the maintenance task's id. With

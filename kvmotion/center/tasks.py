@@ -12,8 +12,11 @@ listeners (the center's metrics) of each task that reached a final state.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -54,6 +57,18 @@ STEPS = (
 )
 
 
+SHOWN_KEPT = 256  # tasks whose stream form is kept (the streams show the newest 100 at most)
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A task as a stream shows it: its id, whether it ended, its ``task_dict`` as JSON."""
+
+    id: int
+    final: bool
+    body: str
+
+
 def task_dict(task: Task) -> dict[str, Any]:
     return {
         "id": task.id,
@@ -84,6 +99,11 @@ class TaskStore:
         # (:meth:`changes`) and reads only those tasks.
         self._seq = 0
         self._changed_at: dict[int, int] = {}  # task id -> the number of its last change
+        # Each changed task read and encoded once, however many task streams show it (every
+        # open web client holds one): by task id, the number of the change it was read after
+        # and the read (shared by the streams that ask meanwhile). See :meth:`shown`.
+        self._shown: dict[int, tuple[int, asyncio.Future[Shown]]] = {}
+        self._made: dict[str, int] = {}  # tasks created by this process, by kind
         # Told of each task that reached a final state, once, after it was written.
         self.on_end: list[Callable[[Task], None]] = []
 
@@ -126,8 +146,14 @@ class TaskStore:
             task.warnings = warnings or []
             s.add(task)
             await s.commit()
+        self._made[kind] = self._made.get(kind, 0) + 1
         self._touch(task.id)
         return task
+
+    def made(self, kind: str) -> int:
+        """How many tasks of ``kind`` this process has created (the active center creates
+        them all): what is read of them may be kept while this stays the same."""
+        return self._made.get(kind, 0)
 
     async def get(self, task_id: int) -> Task:
         async with self.db.session() as s:
@@ -135,6 +161,41 @@ class TaskStore:
             if task is None:
                 raise NotFound(f"no task {task_id}", code="task_not_found")
         return self._seen(task)
+
+    async def shown(self, task_id: int) -> Shown:
+        """The task as of its latest change, as a task stream shows it: read and encoded once
+        per change, whatever the number of streams (50 migrations' figures, each change read
+        by each of 20 open web clients, were a thousand reads a second of the same rows).
+        Raises NotFound."""
+        seq = self._changed_at.get(task_id, 0)
+        kept = self._shown.pop(task_id, None)  # put back last: the dict is oldest first
+        if kept is None or kept[0] != seq or (kept[1].done() and kept[1].exception()):
+            kept = (seq, asyncio.ensure_future(self._show(task_id)))
+        self._shown[task_id] = kept
+        while len(self._shown) > SHOWN_KEPT:
+            del self._shown[next(iter(self._shown))]
+        # A stream that stops waiting must not cancel the read the others wait for.
+        return await asyncio.shield(kept[1])
+
+    async def newest_shown(self, limit: int) -> list[int]:
+        """The ids of the ``limit`` newest tasks, oldest first, read in one query: what
+        :meth:`shown` keeps of them is from this read when no task changed meanwhile."""
+        seq = self._seq
+        tasks = list(reversed(await self.list(limit)))
+        if self._seq == seq:
+            for task in tasks:
+                if task.id not in self._shown:
+                    done = asyncio.get_running_loop().create_future()
+                    done.set_result(self._shown_of(task))
+                    self._shown[task.id] = (self._changed_at.get(task.id, 0), done)
+        return [t.id for t in tasks]
+
+    @staticmethod
+    def _shown_of(task: Task) -> Shown:
+        return Shown(task.id, TaskState(task.state).final, json.dumps(task_dict(task), default=str))
+
+    async def _show(self, task_id: int) -> Shown:
+        return self._shown_of(await self.get(task_id))
 
     async def list(self, limit: int = 50) -> list[Task]:
         async with self.db.session() as s:

@@ -304,6 +304,36 @@ async def test_a_host_whose_vms_did_not_change_is_compared_again_after_a_vm_is_w
     assert (await listed(api))["vm-a"] == (SRC, "missing")
 
 
+async def test_a_vm_written_makes_only_the_hosts_it_concerns_compare_again(
+    center: tuple[Center, FakeAgents, httpx.AsyncClient],
+) -> None:
+    """During a fleet's migrations, VMs are written all the time: each write makes the next
+    round compare only the hosts that compared that VM and the host it is now on."""
+    c, fake, api = center
+    fake.add_vm(DST, "vm-c")
+    await c.inventory.refresh_all()
+    await c.inventory.refresh_all()  # agreed: settled
+    ids = {h.name: h.id for h in await c.inventory.hosts()}
+    assert set(c.inventory._settled) == {ids[SRC], ids[DST]}
+    vm_c = await c.inventory.vm("vm-c")
+    await c.inventory.set_vm(vm_c.uuid, power_state="missing")
+    await c.inventory._take_vm_changes()
+    assert set(c.inventory._settled) == {ids[SRC]}  # the other host stays settled
+    await c.inventory.refresh_all()  # its host says it runs: put right
+    assert (await listed(api))["vm-c"] == (DST, "poweredOn")
+
+    # The record of a VM that its host still runs moved to another host (a migration the
+    # center believes went through): the host that runs it compares again and says so.
+    await c.inventory.refresh_all()
+    vm_b = await c.inventory.vm("vm-b")
+    await c.inventory.set_vm(vm_b.uuid, host_id=ids[DST])
+    await c.inventory._take_vm_changes()
+    assert set(c.inventory._settled) == set()  # the host that compared it, the one it is on
+    for _ in range(2):  # the two hosts' answers, in either order: by the second, agreed
+        await c.inventory.refresh_all()
+    assert (await listed(api))["vm-b"] == (SRC, "poweredOn")
+
+
 async def test_the_cluster_list_follows_a_new_cluster_and_a_host_moved_into_it(
     center: tuple[Center, FakeAgents, httpx.AsyncClient],
 ) -> None:

@@ -183,12 +183,8 @@ async def test_server_sent_events_are_read_as_the_center_writes_them() -> None:
     ]
 
 
-async def test_a_stream_reads_only_the_tasks_changed_since_its_last_look(
-    store: TaskStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(api, "STREAM_GAP_S", 0.0)
-    first = await store.create("migrate", "vm-a", {})
-    second = await store.create("migrate", "vm-b", {})
+def count_reads(store: TaskStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ids of the tasks ``store`` reads from now on, in order."""
     reads: list[int] = []
     real_get = store.get
 
@@ -197,6 +193,16 @@ async def test_a_stream_reads_only_the_tasks_changed_since_its_last_look(
         return await real_get(task_id)
 
     monkeypatch.setattr(store, "get", counted_get)
+    return reads
+
+
+async def test_a_stream_reads_only_the_tasks_changed_since_its_last_look(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(api, "STREAM_GAP_S", 0.0)
+    first = await store.create("migrate", "vm-a", {})
+    second = await store.create("migrate", "vm-b", {})
+    reads = count_reads(store, monkeypatch)
     stream = api._task_events(SimpleNamespace(tasks=store), 10, None)  # type: ignore[arg-type]
     said = [json.loads(e.split("data: ", 1)[1])["id"] for e in [await anext(stream) for _ in "ab"]]
     assert said == [first.id, second.id]
@@ -205,6 +211,27 @@ async def test_a_stream_reads_only_the_tasks_changed_since_its_last_look(
     assert json.loads(event.split("data: ", 1)[1])["progress"] == 10.0
     assert reads == [first.id]  # the other task was not read again
     await stream.aclose()
+
+
+async def test_streams_share_one_read_of_each_change(
+    store: TaskStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every open web client holds a task stream: twenty streams read a changed task once."""
+    monkeypatch.setattr(api, "STREAM_GAP_S", 0.0)
+    task = await store.create("migrate", "vm-a", {})
+    reads = count_reads(store, monkeypatch)
+    center = SimpleNamespace(tasks=store)
+    streams = [api._task_events(center, 10, None) for _ in range(20)]  # type: ignore[arg-type]
+    first = await asyncio.gather(*(anext(s) for s in streams))
+    assert {json.loads(e.split("data: ", 1)[1])["id"] for e in first} == {task.id}
+    assert reads == []  # the newest tasks' list read them
+    for n in (10.0, 20.0):
+        store.publish(task.id, progress=n)
+        events = await asyncio.wait_for(asyncio.gather(*(anext(s) for s in streams)), 5)
+        assert {json.loads(e.split("data: ", 1)[1])["progress"] for e in events} == {n}
+    assert reads == [task.id, task.id]  # once a change, not once a stream
+    for stream in streams:
+        await stream.aclose()
 
 
 async def test_a_task_stream_keeps_alive_while_only_other_tasks_change_and_ends_with_its_task(
