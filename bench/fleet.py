@@ -461,17 +461,40 @@ Then (issue 19 part 5; the "after refresh fixes" rows):
     time (6.4 s for 1,000 hosts with no API load). Fix: 32 hosts at once at the agents, 8 of
     them at once at the database (2.5 s, then bound by the center's CPU: about 1 ms per agent
     call, two a host, in the HTTP client).
-What is left: see the table. The simulated hosts' facts never change; a real host's available
+What was left then (the "after refresh fixes" rows): API p99 178-244 ms at 1,000 hosts, 1.7-2.0 s
+during the 50 migrations. The simulated hosts' facts never change; a real host's available
 memory does, so a real fleet's round writes most hosts' records (two statements each; in one
-process, 1,000 hosts changed each round: 2.3 s CPU a round against 0.67 s) and the host list
-is read again once a round. The API's p99 (178 ms) misses its goal: the center is busy a
-third of a core, and every call, even one kept encoded, has a tail of 100-250 ms: pauses, not
-work. The garbage collector's full passes measured 110-200 ms (in one process with the
-simulated agents; gc.freeze before serving now keeps what lives as long as the process out of
-them: 200 -> 178 ms, within the runs' noise); the load generator, reading twenty 8 MB VM lists
-every 5 s, shares the two cores. During the 50 migrations p99 is 1.7 s. Past that, the next
-steps are as before: the refresh in its own process, and the web client's polls replaced by
-the task stream's pushes for inventory changes.
+process, 1,000 hosts changed each round: 2.3 s CPU a round against 0.67 s). The garbage
+collector's full passes measured 110-200 ms (in one process with the simulated agents);
+gc.freeze before serving keeps what lives as long as the process out of them.
+
+Then (the "task stream shared, hosts settled one by one" rows):
+13. Where the tail comes from, seen from outside: a probe process asking small calls (a task,
+    a VM) every 0.1 s beside the load, and py-spy on the center (250 samples a second). Under
+    the poll load alone the probe's p50 was 4 ms; its spikes (90-150 ms) fell within refresh
+    rounds, when the center's event loop was 80-92 % busy (the round's HTTP client, and its
+    answers decoded and fingerprinted: about 2 ms of the loop per host), against 5-15 %
+    between rounds. Tried and not kept: the round's questions to the agents on a thread of
+    their own, with its own event loop. The API's p99 did not move (184 ms) and rounds grew
+    from 2.5 to 3-3.8 s: Python's interpreter lock, handed over every 5 ms, turned each of a
+    request's waits for I/O into a wait for the lock.
+14. During the 50 migrations the probe waited 140 ms at p50 and up to 1.5 s, the loop 95-99 %
+    busy: each of the 20 web clients' task streams read every changed task from the database
+    itself (50 migrations' figures, 20 reads of each change); every VM written made every
+    host's next refresh compare all its VMs again (10,000 records loaded a round); each
+    migration's precheck read where all 10,000 VMs run, with no placement rule to check; and
+    every host list asked the database for each host's latest maintenance task. Fix: a
+    changed task is read and encoded once for all streams (TaskStore.shown); a VM written
+    makes only the hosts that compared it, and the host it is on now, compare again; where
+    VMs run is read only if a rule exists; the latest maintenance tasks are kept until this
+    center makes one. At 1,000 hosts: p99 during the migrations 2.0 s -> 0.71 s (p50 155 ->
+    48 ms), submit p50 2.6 -> 1.1 s; under the poll load alone p99 244 -> 115 ms.
+What is left: the goal (p99 under 100 ms) is met up to 500 hosts, not at 1,000 (115 ms in this
+run; the p99 of about 380 calls moves by tens of ms between runs). The refresh round still
+runs on the API's event loop, about 2 ms of it per host; its next step is a process of its
+own (a thread does not help: see 13), or conditional answers from the agents (an unchanged
+VM list not sent, decoded or fingerprinted again). The load generator, reading twenty 8 MB VM
+lists every 5 s, shares the two cores; so do PostgreSQL and the simulated hosts.
 """
 
 
