@@ -10,7 +10,7 @@ process (kvmotion/lab/simserve.py: the agent's API over in-memory VMs, one port 
   does (every 5 s /v1/hosts, /v1/vms, /v1/datastores, /v1/clusters at once; a task stream held
   open; a quarter of them on the events page) and one CLI user (vm list, vm/host/task show);
 - the center's CPU (seconds per second, from /proc/PID/stat) idle and under that load, and its
-  memory (RSS, and its peak);
+  memory (RSS, and its peak); the same of its poller process (center/poller.py), apart;
 - ``--migrations`` concurrent live migrations (4 in 5 compute, 1 in 5 "change both") submitted
   at once through the API, under the same load, each followed to its end: every task must end
   in success.
@@ -60,6 +60,24 @@ REFRESH_RE = re.compile(r"refreshed (\d+) hosts in ([0-9.]+) s")
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (the center's poller, center/poller.py)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+def tree_cpu_s(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_s(pid)
+    return total
 
 
 def memory_mib(pid: int) -> tuple[float, float]:
@@ -347,9 +365,11 @@ class Step:
         rounds = await self.whole_rounds(2, added_rounds)
         row["refresh_idle_s"] = rounds
         pid = self.center.pid
-        c0, t0 = cpu_s(pid), time.monotonic()
+        poller = children(pid)  # started at its first refresh: there by now
+        c0, p0, t0 = cpu_s(pid), tree_cpu_s(poller), time.monotonic()
         await asyncio.sleep(self.args.idle)
         row["center_cpu_idle"] = round((cpu_s(pid) - c0) / (time.monotonic() - t0), 3)
+        row["poller_cpu_idle"] = round((tree_cpu_s(poller) - p0) / (time.monotonic() - t0), 3)
         row["rss_idle_mib"] = round(memory_mib(pid)[0])
         lat = Latencies()
         clients = [asyncio.create_task(self.web_client(lat, i % 4 == 0))
@@ -357,9 +377,11 @@ class Step:
         clients.append(asyncio.create_task(self.cli_user(lat)))
         before_load = len(self.refresh_rounds())
         c0, s0, t0 = cpu_s(pid), cpu_s(self.sim.pid), time.monotonic()
+        p0 = tree_cpu_s(poller)
         await asyncio.sleep(self.args.load)
         wall = time.monotonic() - t0
         row["center_cpu_load"] = round((cpu_s(pid) - c0) / wall, 3)
+        row["poller_cpu_load"] = round((tree_cpu_s(poller) - p0) / wall, 3)
         row["sim_cpu_load"] = round((cpu_s(self.sim.pid) - s0) / wall, 3)
         row["api"] = lat.summary()
         row["refresh_load_s"] = [
@@ -374,6 +396,8 @@ class Step:
         await asyncio.gather(*clients, return_exceptions=True)
         rss, peak = memory_mib(pid)
         row |= {"rss_mib": round(rss), "rss_peak_mib": round(peak)}
+        with contextlib.suppress(OSError):
+            row["poller_rss_peak_mib"] = round(sum(memory_mib(p)[1] for p in poller))
         return row
 
 
@@ -400,6 +424,8 @@ def summary_line(row: dict[str, Any]) -> dict[str, Any]:
         "api_p50_ms": api.get("p50_ms"), "api_p99_ms": api.get("p99_ms"),
         "cpu_idle": row.get("center_cpu_idle"), "cpu_load": row.get("center_cpu_load"),
         "rss_mib": row.get("rss_peak_mib"),
+        "poller": (f" (poller: {row['poller_cpu_idle']} / {row['poller_cpu_load']}, "
+                   f"{row.get('poller_rss_peak_mib')} MiB)" if "poller_cpu_load" in row else ""),
         "migrations": f"{mig.get('success')}/{mig.get('count')}" if mig else None,
         "broke": row.get("broke"),
     }  # fmt: skip
@@ -521,8 +547,8 @@ def report(results: dict[str, Any]) -> str:
                 continue
             lines.append(
                 f"| {s['hosts']} | {s['vms']} | {s['add_s']} | {s['refresh_s']} | "
-                f"{s['api_p50_ms']} | {s['api_p99_ms']} | {s['cpu_idle']} / {s['cpu_load']} | "
-                f"{s['rss_mib']} | {s['migrations']} |"
+                f"{s['api_p50_ms']} | {s['api_p99_ms']} | {s['cpu_idle']} / {s['cpu_load']}"
+                f"{s['poller']} | {s['rss_mib']} | {s['migrations']} |"
             )
         lines.append("")
         for row in run["steps"]:

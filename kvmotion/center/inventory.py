@@ -8,7 +8,6 @@ raises an alarm and changes nothing.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import ssl
@@ -17,6 +16,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from operator import itemgetter
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import httpx
@@ -34,6 +34,7 @@ from kvmotion.center.db import (
     Network,
     Vm,
 )
+from kvmotion.center.poller import Poller, PollerStopped
 from kvmotion.center.tasks import record_event
 from kvmotion.errors import Conflict, HostUnreachable, KvmotionError, NotFound
 from kvmotion.host.client import AgentClient
@@ -53,6 +54,9 @@ REFRESH_CONCURRENCY = 32
 # ...and of them, those writing or comparing at once: few enough to leave most of the database
 # pool (db.py: 10 + 10) to the API and the migrations.
 REFRESH_DB_CONCURRENCY = 8
+# More VMs written at once than this (a bulk change): every host compares its VMs again,
+# rather than look up whose they are.
+UNSETTLE_LOOKUP_MAX = 500
 
 DEFAULT_DATACENTER = "Datacenter"
 DEFAULT_CLUSTER = "Cluster"
@@ -270,14 +274,6 @@ class DatastoreList:
             return self._body
 
 
-def _digest(value: Any) -> bytes:
-    """A fingerprint of a JSON value (kept instead of the value: 10,000 VMs' records held as
-    objects lengthen every full pass of the garbage collector)."""
-    return hashlib.blake2b(
-        json.dumps(value, separators=(",", ":")).encode(), digest_size=16
-    ).digest()
-
-
 def cpu_facts(host: Host) -> dict[str, Any]:
     """The host's CPU as its agent reports it (model, vendor, features, EVC modes)."""
     cpu: dict[str, Any] = (host.facts or {}).get("cpu_model") or {}
@@ -331,6 +327,7 @@ class Inventory:
         migrating: Callable[[str], bool],
         transport: httpx.AsyncBaseTransport | None = None,
         tls: ssl.SSLContext | None = None,
+        tls_dir: Path | None = None,
     ) -> None:
         self.db = db
         self.migrating = migrating  # is a migration of this VM (by name) in flight?
@@ -339,6 +336,9 @@ class Inventory:
         self._refresh_locks: dict[str, asyncio.Lock] = {}
         self._catalog_lock = asyncio.Lock()  # datastores and networks are made one at a time
         self._agents: dict[tuple[str, str], AgentClient] = {}  # by agent URL and token
+        # A refresh's questions to the agents, asked by a process of its own (poller.py), which
+        # trusts the agents as this center does (``tls_dir``: the same CA and certificate).
+        self.poller = Poller(tls_dir if tls is not None else None, transport)
         # When each VM's record was last written (monotonic, by uuid): a refresh whose list was
         # read before that is older than the record, and must not undo it.
         self._written: dict[str, float] = {}
@@ -357,11 +357,11 @@ class Inventory:
         self._written_facts: dict[int, dict[str, Any]] = {}
         self._written_stores: dict[int, tuple[Any, Any]] = {}  # its datastores and networks
         # Each host's (by id) VM list as it was when the inventory last agreed with it (its
-        # digest: _digest), and the VM records (ids) compared then: the same list, with none
+        # digest: poller.digest), and the VM records (ids) compared then: the same list, with none
         # of those records written since and none written onto the host, needs no comparison.
         # A VM written unsettles only the hosts it concerns (_take_vm_changes): during 50
         # migrations, the fleet's other hosts stay settled.
-        self._settled: dict[int, tuple[bytes, frozenset[int]]] = {}
+        self._settled: dict[int, tuple[str, frozenset[int]]] = {}
         self._settled_by_vm: dict[int, set[int]] = {}  # VM id -> settled hosts that compared it
         self._vm_changes = db.watch(Vm)
         self._vm_changes_lock = asyncio.Lock()
@@ -406,6 +406,7 @@ class Inventory:
         agents, self._agents = list(self._agents.values()), {}
         for client in agents:
             await client.aclose()
+        await self.poller.close()
 
     # -- hosts ---------------------------------------------------------------------------------
     async def add_host(self, address: str, token: str, port: int) -> Host:
@@ -541,6 +542,8 @@ class Inventory:
             hosts = list(await s.scalars(query.order_by(Host.name)))
         gate = asyncio.Semaphore(REFRESH_CONCURRENCY)
 
+        unasked: list[str] = []
+
         async def one(host: Host) -> None:
             nonlocal failed
             async with gate:
@@ -548,6 +551,9 @@ class Inventory:
                     lock = self._refresh_locks.setdefault(host.name, asyncio.Lock())
                     async with lock:
                         await self._refresh_host(host)
+                except PollerStopped as exc:  # said once for the round, below
+                    failed += 1
+                    unasked.append(exc.message)
                 except KvmotionError as exc:
                     failed += 1
                     log.warning("refresh of %s failed: %s", host.name, exc.message)
@@ -555,6 +561,8 @@ class Inventory:
         await asyncio.gather(*(one(h) for h in hosts))
         await self._write_seen()
         self.rounds += 1
+        if unasked:
+            log.warning("%d hosts were not asked this round: %s", len(unasked), unasked[-1])
         log.info("refreshed %d hosts in %.2f s (%d failed)", len(hosts),
                  time.monotonic() - started, failed)  # fmt: skip
 
@@ -571,11 +579,15 @@ class Inventory:
         """Refresh ``host`` (as read at most a round ago, perhaps without its facts: a round
         reads every host at once)."""
         name = host.name
+        url = self.agent_url(host)
         try:
-            async with self.agent(host) as agent:
-                facts = facts_json(await agent.facts())
-                listed_at = time.monotonic()
-                vms = [vm_json(info) for info in await agent.list_vms()]
+            # The poller sends the list only if it is not the one last agreed with.
+            await self._take_vm_changes()
+            polled = await self.poller.poll(url, host.token, self._settled_digest(host.id))
+            if polled.vms is None:
+                await self._take_vm_changes()
+                if self._settled_digest(host.id) != polled.vms_digest:
+                    polled = await self.poller.poll(url, host.token)  # unsettled meanwhile
         except HostUnreachable:
             async with self._db_gate:
                 if host.connection != "disconnected":
@@ -585,17 +597,16 @@ class Inventory:
                 await self._set_host(name, connection="disconnected")
             raise
         async with self._db_gate:
-            host = await self._answered(host, facts)
+            host = await self._answered(host, polled.facts)
             # The same list as when the inventory last agreed with it, and no VM written
             # since: nothing to compare (most rounds).
             await self._take_vm_changes()
-            listed = _digest(vms)
-            settled = self._settled.get(host.id)
-            if settled is not None and settled[0] == listed:
-                return host
+            listed, vms = polled.vms_digest, polled.vms
+            if self._settled_digest(host.id) == listed or vms is None:
+                return host  # (no list: unsettled this instant; compared next round)
             self._unsettle(host.id)
             batches = self._vm_batches
-            compared = await self._reconcile(host, vms, listed_at)
+            compared = await self._reconcile(host, vms, polled.listed_at)
             # Settled only if no VM was written meanwhile (by anyone: a write taken by
             # another host's refresh would not have unsettled this host, not yet settled).
             unwritten = self._vm_batches == batches and not self._vm_changes.pending()
@@ -603,7 +614,11 @@ class Inventory:
                 self._settle(host.id, listed, compared)
         return host
 
-    def _settle(self, host_id: int, listed: bytes, compared: frozenset[int]) -> None:
+    def _settled_digest(self, host_id: int) -> str | None:
+        settled = self._settled.get(host_id)
+        return settled[0] if settled is not None else None
+
+    def _settle(self, host_id: int, listed: str, compared: frozenset[int]) -> None:
         self._settled[host_id] = (listed, compared)
         for vm_id in compared:
             self._settled_by_vm.setdefault(vm_id, set()).add(host_id)
@@ -628,16 +643,22 @@ class Inventory:
             if not everything and not ids:
                 return
             self._vm_batches += 1
-            if everything:
+            if everything or len(ids) > UNSETTLE_LOOKUP_MAX:
                 self._settled.clear()
                 self._settled_by_vm.clear()
                 return
-            hosts: set[int] = set()
-            for vm_id in ids:
-                hosts |= self._settled_by_vm.get(vm_id, set())
-            async with self.db.session() as s:
-                query = select(Vm.host_id).where(Vm.id.in_(ids), Vm.host_id.is_not(None))
-                hosts |= {h for h in await s.scalars(query) if h is not None}
+            try:
+                hosts: set[int] = set()
+                for vm_id in ids:
+                    hosts |= self._settled_by_vm.get(vm_id, set())
+                async with self.db.session() as s:
+                    query = select(Vm.host_id).where(Vm.id.in_(ids), Vm.host_id.is_not(None))
+                    hosts |= {h for h in await s.scalars(query) if h is not None}
+            except BaseException:
+                # The changes are taken: unsettle everything rather than lose them.
+                self._settled.clear()
+                self._settled_by_vm.clear()
+                raise
             for host_id in hosts:
                 self._unsettle(host_id)
 

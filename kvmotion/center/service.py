@@ -103,6 +103,7 @@ class Center:
             migrating=lambda name: self.executor.migrating(name),
             transport=transport,
             tls=agents_context(config.tls_dir),
+            tls_dir=config.tls_dir,
         )
         self.executor = Executor(
             self.db,

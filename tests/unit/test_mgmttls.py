@@ -115,6 +115,12 @@ async def test_center_adds_and_refreshes_a_host_over_https(
         host.url = url.replace("https://", "http://")  # a host added before the center had TLS
         assert center.inventory.agent_url(host) == url
         assert (await center.inventory.agent(host).facts()).name == "h172"
+        # A refresh's questions, asked by the poller process with the center's CA and
+        # certificate (a plaintext or unverified ask would leave the host disconnected).
+        await center.inventory.refresh_all()
+        assert center.inventory.poller.starts == 1 and center.inventory.poller.pid
+        assert (await center.inventory.host(host.name)).connection == "connected"
+        assert host.id in center.inventory.seen
     finally:
         await center.close()
 
