@@ -296,7 +296,12 @@ def create_app(center: Center) -> FastAPI:
         """Up, and which center is active (any client may ask any center, unauthenticated;
         a web client whose center was lost asks the others, from its own origin)."""
         response.headers["Access-Control-Allow-Origin"] = "*"
-        active = await center.active_center() if center.role != "active" else None
+        active = None
+        if center.role != "active":
+            try:
+                active = await center.active_center()
+            except Exception as exc:  # no database (yet): up, but no active center known
+                log.debug("health: the active center is not known: %s", exc)
         return {
             "status": "ok",
             "role": center.role,
