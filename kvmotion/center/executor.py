@@ -150,8 +150,11 @@ class Executor:
         result = precheck_migration(
             vm_view(vm, vm.name in self.active), host_view(source), host_view(dest), req.datastore
         )
-        rules = await self.rules.all() if self.rules is not None else []
-        if self.rules is not None and rules and dest.name != source.name:
+        if (
+            self.rules is not None
+            and dest.name != source.name
+            and (rules := await self.rules.all())
+        ):
             # The placement rules (center/rules.py): a must rule refuses, a should rule warns.
             # (Where every VM runs is read only if there is a rule: 10,000 VMs a migration.)
             hard, soft = findings(vm.name, dest.name, rules, await self.rules.where())

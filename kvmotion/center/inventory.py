@@ -34,7 +34,7 @@ from kvmotion.center.db import (
     Network,
     Vm,
 )
-from kvmotion.center.poller import Poller, PollerStopped
+from kvmotion.center.poller import Agents, Poller, PollerStopped
 from kvmotion.center.tasks import record_event
 from kvmotion.errors import Conflict, HostUnreachable, KvmotionError, NotFound
 from kvmotion.host.client import AgentClient
@@ -335,10 +335,13 @@ class Inventory:
         self.tls = tls  # the cluster CA and the center's client certificate; None: plaintext
         self._refresh_locks: dict[str, asyncio.Lock] = {}
         self._catalog_lock = asyncio.Lock()  # datastores and networks are made one at a time
-        self._agents: dict[tuple[str, str], AgentClient] = {}  # by agent URL and token
+        self._agents = Agents(transport, tls)
         # A refresh's questions to the agents, asked by a process of its own (poller.py), which
-        # trusts the agents as this center does (``tls_dir``: the same CA and certificate).
-        self.poller = Poller(tls_dir if tls is not None else None, transport)
+        # trusts the agents as this center does (``tls_dir``: the same CA and certificate);
+        # with a transport (tests' fake agents), in this process.
+        self.poller = Poller(
+            tls_dir if tls is not None else None, self._agents if transport is not None else None
+        )
         # When each VM's record was last written (monotonic, by uuid): a refresh whose list was
         # read before that is older than the record, and must not undo it.
         self._written: dict[str, float] = {}
@@ -392,21 +395,11 @@ class Inventory:
 
     def agent(self, host: Host) -> AgentClient:
         """The center's one client of ``host``'s agent (connections reused across calls)."""
-        key = (host.url, host.token)
-        client = self._agents.get(key)
-        if client is None:
-            client = AgentClient(
-                self.agent_url(host), host.token, transport=self.transport, shared=True,
-                verify=self.tls,
-            )  # fmt: skip
-            self._agents[key] = client
-        return client
+        return self._agents.get(self.agent_url(host), host.token)
 
     async def close(self) -> None:
-        agents, self._agents = list(self._agents.values()), {}
-        for client in agents:
-            await client.aclose()
         await self.poller.close()
+        await self._agents.close()
 
     # -- hosts ---------------------------------------------------------------------------------
     async def add_host(self, address: str, token: str, port: int) -> Host:
@@ -634,6 +627,10 @@ class Inventory:
                 if not hosts:
                     del self._settled_by_vm[vm_id]
 
+    def _unsettle_all(self) -> None:
+        self._settled.clear()
+        self._settled_by_vm.clear()
+
     async def _take_vm_changes(self) -> None:
         """Unsettle the hosts that the VM records written since the last look concern (db.Changes:
         the active center is the inventory's only writer): those that compared a written
@@ -644,8 +641,7 @@ class Inventory:
                 return
             self._vm_batches += 1
             if everything or len(ids) > UNSETTLE_LOOKUP_MAX:
-                self._settled.clear()
-                self._settled_by_vm.clear()
+                self._unsettle_all()
                 return
             try:
                 hosts: set[int] = set()
@@ -655,9 +651,7 @@ class Inventory:
                     query = select(Vm.host_id).where(Vm.id.in_(ids), Vm.host_id.is_not(None))
                     hosts |= {h for h in await s.scalars(query) if h is not None}
             except BaseException:
-                # The changes are taken: unsettle everything rather than lose them.
-                self._settled.clear()
-                self._settled_by_vm.clear()
+                self._unsettle_all()  # the changes are taken: rather than lose them
                 raise
             for host_id in hosts:
                 self._unsettle(host_id)

@@ -14,9 +14,9 @@ fingerprint, and the list itself only when the fingerprint differs (most rounds,
 no list). The center compares and writes (center/inventory.py); the poller only asks.
 
 The poller is started at the first question, and again if it dies (the questions in flight
-fail with ``PollerStopped``, which does not mark a host disconnected). With a ``transport``
-(tests' fake agents, whose state lives in the caller) the questions are asked in-process,
-the same way.
+fail with ``PollerStopped``, which does not mark a host disconnected). Given the caller's
+``Agents`` (tests' fake agents over a transport, whose state lives in the caller), the
+questions are asked in-process, the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import signal
+import ssl
 import sys
 import time
 from dataclasses import dataclass
@@ -99,11 +100,14 @@ def _polled(answer: dict[str, Any]) -> Polled:
 
 
 class Agents:
-    """One client per agent (by URL and token), reused across rounds."""
+    """One client per agent (by URL and token), its connections reused across calls: the
+    center's (center/inventory.py), and the poller's own."""
 
-    def __init__(self, transport: httpx.AsyncBaseTransport | None, tls_dir: Path | None) -> None:
+    def __init__(
+        self, transport: httpx.AsyncBaseTransport | None, tls: ssl.SSLContext | None
+    ) -> None:
         self.transport = transport
-        self.tls = agents_context(tls_dir) if tls_dir is not None else None
+        self.tls = tls
         self._clients: dict[tuple[str, str], AgentClient] = {}
 
     def get(self, url: str, token: str) -> AgentClient:
@@ -133,12 +137,9 @@ class Poller:
     """``await poller.poll(url, token, known)``: the agent's :class:`Polled`. Errors are the
     agent client's (``HostUnreachable`` and the rest), or :class:`PollerStopped`."""
 
-    def __init__(
-        self, tls_dir: Path | None = None, transport: httpx.AsyncBaseTransport | None = None
-    ) -> None:
+    def __init__(self, tls_dir: Path | None = None, inline: Agents | None = None) -> None:
         self.tls_dir = tls_dir  # the center's: the poller trusts the agents as the center does
-        self.transport = transport
-        self._inline = Agents(transport, tls_dir) if transport is not None else None
+        self._inline = inline  # the caller's clients, when it asks in-process (not closed here)
         self._child: _Child | None = None
         self._next_id = 0
         self._started_at = -RESTART_GAP_S
@@ -234,7 +235,6 @@ class Poller:
         """Stop the poller process: its stdin closed, it ends; after ``STOP_TIMEOUT_S`` it is
         killed (by its pid)."""
         if self._inline is not None:
-            await self._inline.close()
             return
         async with self._start_lock:
             self._closed = True
@@ -264,7 +264,7 @@ async def serve(tls_dir: Path | None) -> None:
     reader = asyncio.StreamReader(limit=LINE_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     out = sys.stdout.buffer
-    agents = Agents(None, tls_dir)
+    agents = Agents(None, agents_context(tls_dir) if tls_dir is not None else None)
     pending: set[asyncio.Task[None]] = set()
 
     async def answer(question: dict[str, Any]) -> None:

@@ -171,9 +171,7 @@ class TaskStore:
         kept = self._shown.pop(task_id, None)  # put back last: the dict is oldest first
         if kept is None or kept[0] != seq or (kept[1].done() and kept[1].exception()):
             kept = (seq, asyncio.ensure_future(self._show(task_id)))
-        self._shown[task_id] = kept
-        while len(self._shown) > SHOWN_KEPT:
-            del self._shown[next(iter(self._shown))]
+        self._keep_shown(task_id, kept)
         # A stream that stops waiting must not cancel the read the others wait for.
         return await asyncio.shield(kept[1])
 
@@ -187,8 +185,15 @@ class TaskStore:
                 if task.id not in self._shown:
                     done = asyncio.get_running_loop().create_future()
                     done.set_result(self._shown_of(task))
-                    self._shown[task.id] = (self._changed_at.get(task.id, 0), done)
+                    self._keep_shown(task.id, (self._changed_at.get(task.id, 0), done))
         return [t.id for t in tasks]
+
+    def _keep_shown(self, task_id: int, kept: tuple[int, asyncio.Future[Shown]]) -> None:
+        """Keep what :meth:`shown` read of a task, newest last, the oldest dropped past
+        ``SHOWN_KEPT``."""
+        self._shown[task_id] = kept
+        while len(self._shown) > SHOWN_KEPT:
+            del self._shown[next(iter(self._shown))]
 
     @staticmethod
     def _shown_of(task: Task) -> Shown:
